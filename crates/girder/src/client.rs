@@ -1,0 +1,94 @@
+//! Calling functions: the [`Caller`] trait shared by [`Client`] and [`crate::Ctx`], the
+//! typed helpers the `#[girder::function]` attribute generates calls to, and the dynamic
+//! (name plus JSON) calls used by HTTP and the CLI.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+
+use crate::codec;
+use crate::error::CallError;
+use crate::function::{encode_args, Function};
+use crate::node::core::{NodeCore, Target};
+use crate::request::{Outcome, Request};
+use crate::statekeeper::QueueId;
+
+/// Something that can send a request through the grid and wait for its outcome.
+pub trait Caller: Send + Sync {
+    /// Sends `request` and waits for its outcome.
+    fn call_request(&self, request: Request) -> BoxFuture<'_, Outcome>;
+
+    /// Sends `request` and blocks this thread until its outcome is there. Do not call it
+    /// on an async runtime's thread; inside a blocking grid function it is the right call.
+    fn call_request_blocking(&self, request: Request) -> Outcome;
+}
+
+fn decode_output<F: Function>(bytes: &[u8]) -> Result<F::Output, CallError> {
+    codec::decode(bytes).map_err(|message| CallError::BadResult { function: F::NAME.to_owned(), message })
+}
+
+/// Calls `F` with `args` through `caller` and decodes its result.
+pub async fn call<F: Function, C: Caller + ?Sized>(caller: &C, args: F::Args) -> Result<F::Output, CallError> {
+    let request = Request::new(F::NAME, F::VERSION, encode_args::<F>(&args)?);
+    let bytes = caller.call_request(request).await?;
+    decode_output::<F>(&bytes)
+}
+
+/// Calls `F` with `args` through `caller`, blocking this thread until the result is there.
+pub fn call_blocking<F: Function, C: Caller + ?Sized>(caller: &C, args: F::Args) -> Result<F::Output, CallError> {
+    let request = Request::new(F::NAME, F::VERSION, encode_args::<F>(&args)?);
+    let bytes = caller.call_request_blocking(request)?;
+    decode_output::<F>(&bytes)
+}
+
+/// A top-level caller: submits requests at the back of a pool's queue.
+#[derive(Clone)]
+pub struct Client {
+    core: Arc<NodeCore>,
+    queue: QueueId,
+    deadline: Option<Duration>,
+}
+
+impl Client {
+    pub(crate) fn new(core: Arc<NodeCore>, queue: QueueId) -> Client {
+        Client { core, queue, deadline: None }
+    }
+
+    /// A client whose calls give up after `deadline` with [`CallError::DeadlineExceeded`].
+    pub fn with_deadline(&self, deadline: Duration) -> Client {
+        Client { deadline: Some(deadline), ..self.clone() }
+    }
+
+    /// Calls the function `name` with JSON arguments (an array, one element per parameter)
+    /// and returns its result as JSON. The version comes from this node's registry, or from
+    /// the statekeeper's directory when this node does not serve the function.
+    pub async fn call_json(&self, name: &str, args: &serde_json::Value) -> Result<serde_json::Value, CallError> {
+        let version = match self.core.registry.version_of(name) {
+            Some(version) => version,
+            None => match self.core.statekeeper.function_version(name).await {
+                Ok(Some(version)) => version,
+                Ok(None) => return Err(CallError::UnknownFunction { function: name.to_owned() }),
+                Err(err) => return Err(CallError::statekeeper(name, &err)),
+            },
+        };
+        let encoded = codec::json_args_to_msgpack(args)
+            .map_err(|message| CallError::BadArguments { function: name.to_owned(), message })?;
+        let bytes = self.call_request(Request::new(name, version, encoded)).await?;
+        codec::msgpack_to_json(&bytes).map_err(|message| CallError::BadResult { function: name.to_owned(), message })
+    }
+
+    fn target(&self) -> Target<'_> {
+        Target { queue: &self.queue, front: false }
+    }
+}
+
+impl Caller for Client {
+    fn call_request(&self, request: Request) -> BoxFuture<'_, Outcome> {
+        Box::pin(async move { self.core.call(&request, self.target(), self.deadline).await })
+    }
+
+    fn call_request_blocking(&self, request: Request) -> Outcome {
+        self.core.handle.block_on(self.core.call(&request, self.target(), self.deadline))
+    }
+}

@@ -1,0 +1,149 @@
+//! The node's HTTP API (axum).
+//!
+//! - `POST /v1/call/{function}` with a JSON array of arguments returns the JSON result.
+//!   `?timeout_ms=N` sets a deadline. Errors are `{"kind": ..., "message": ...}` with a
+//!   fitting status: 400 bad request or arguments, 404 unknown function, 422 the function
+//!   returned an error, 500 it panicked, 503 the grid is unavailable, 504 the deadline passed.
+//! - `GET /v1/health` returns `{"status": "ok", "node": ID}`.
+//! - `GET /v1/stats` returns the node's counters.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CallError, ErrorKind};
+use crate::node::Node;
+
+/// Limits of the HTTP API.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpConfig {
+    /// Largest request body accepted, in bytes.
+    pub body_bytes_max: usize,
+    /// Largest `timeout_ms` a caller may ask for.
+    pub timeout_ms_max: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig { body_bytes_max: 4 << 20, timeout_ms_max: 3_600_000 }
+    }
+}
+
+struct AppState {
+    node: Arc<Node>,
+    config: HttpConfig,
+}
+
+/// The JSON body of every error response.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    /// The error's kind, e.g. `unknown_function`.
+    pub kind: ErrorKind,
+    /// A message a person can act on.
+    pub message: String,
+}
+
+/// An error response.
+struct ApiError(StatusCode, ErrorBody);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(self.1)).into_response()
+    }
+}
+
+impl From<CallError> for ApiError {
+    fn from(err: CallError) -> ApiError {
+        let status = match err.kind() {
+            ErrorKind::BadArguments | ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::UnknownFunction => StatusCode::NOT_FOUND,
+            ErrorKind::FunctionError => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorKind::Panic => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorKind::BadResult => StatusCode::BAD_GATEWAY,
+            ErrorKind::Statekeeper | ErrorKind::Shutdown => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        };
+        ApiError(status, ErrorBody { kind: err.kind(), message: err.to_string() })
+    }
+}
+
+fn bad_request(message: String) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, ErrorBody { kind: ErrorKind::BadRequest, message })
+}
+
+/// The query string of a call.
+#[derive(Debug, Deserialize)]
+struct CallQuery {
+    timeout_ms: Option<u64>,
+}
+
+/// The router serving `node`.
+pub fn router(node: Arc<Node>, config: HttpConfig) -> Router {
+    let state = Arc::new(AppState { node, config });
+    Router::new()
+        .route("/v1/call/{*function}", post(call))
+        .route("/v1/health", get(health))
+        .route("/v1/stats", get(stats))
+        .layer(DefaultBodyLimit::max(config.body_bytes_max))
+        .with_state(state)
+}
+
+async fn call(
+    State(state): State<Arc<AppState>>,
+    Path(function): Path<String>,
+    query: Result<Query<CallQuery>, axum::extract::rejection::QueryRejection>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(query) = query.map_err(|e| bad_request(format!("bad query string: {e}")))?;
+    let args: serde_json::Value = if body.iter().all(u8::is_ascii_whitespace) {
+        serde_json::Value::Array(Vec::new())
+    } else {
+        serde_json::from_slice(&body).map_err(|e| bad_request(format!("the body is not valid JSON: {e}")))?
+    };
+    if !args.is_array() {
+        return Err(bad_request("the body must be a JSON array with one element per argument, e.g. [90]".to_owned()));
+    }
+    let mut client = state.node.client();
+    if let Some(timeout_ms) = query.timeout_ms {
+        if timeout_ms > state.config.timeout_ms_max {
+            return Err(bad_request(format!("timeout_ms is at most {}, got {timeout_ms}", state.config.timeout_ms_max)));
+        }
+        client = client.with_deadline(Duration::from_millis(timeout_ms));
+    }
+    Ok(Json(client.call_json(&function, &args).await?))
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok", "node": state.node.id() }))
+}
+
+async fn stats(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    let stats = state.node.stats().await;
+    let workers: Vec<_> = stats
+        .workers
+        .iter()
+        .map(|w| serde_json::json!({"id": w.id, "pool": w.pool, "slots": w.slots, "executed": w.executed}))
+        .collect();
+    let pools: Vec<_> = stats
+        .pools
+        .iter()
+        .map(|(name, c)| serde_json::json!({"pool": name, "handed_off": c.handed_off, "hoisted": c.hoisted, "queue_len": c.queue_len}))
+        .collect();
+    Json(serde_json::json!({
+        "node": stats.node,
+        "calls": stats.calls,
+        "memo_hits": stats.memo_hits,
+        "joined": stats.joined,
+        "queued": stats.queued,
+        "workers": workers,
+        "pools": pools,
+        "evaluations": stats.evaluations.iter().map(|(n, c)| serde_json::json!({"function": n, "count": c})).collect::<Vec<_>>(),
+    }))
+}

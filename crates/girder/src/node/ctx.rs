@@ -1,0 +1,148 @@
+//! [`Ctx`]: what a running function gets, to make nested requests.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use parking_lot::Mutex;
+use tokio::sync::oneshot::error::TryRecvError;
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::core::{NodeCore, Target};
+use super::worker::{self, Worker};
+use crate::client::Caller;
+use crate::error::CallError;
+use crate::function::FnKind;
+use crate::request::{Outcome, Request};
+
+enum Mode {
+    /// Counts the nested requests the evaluation is parked on; the slot is given back
+    /// while the count is above zero.
+    Async(Arc<AtomicUsize>),
+    /// The slot held by the evaluation's thread, given back while the thread blocks.
+    Blocking(Arc<Mutex<Option<OwnedSemaphorePermit>>>),
+}
+
+/// The context of one evaluation: the handle a function uses to call other functions.
+///
+/// Nested requests go to the front of this worker's own queue, so the deepest work runs
+/// first and idle workers can take the oldest from the far end (through the pool's helper).
+/// In an `async` function use [`Caller`]'s async calls (e.g. `fib::call(&ctx, n).await`);
+/// in a blocking function use the blocking ones (`fib::call_blocking(&ctx, n)`), which work
+/// through this worker's queue on the function's own thread while they wait.
+pub struct Ctx {
+    core: Arc<NodeCore>,
+    worker: Arc<Worker>,
+    mode: Mode,
+}
+
+impl Ctx {
+    pub(crate) fn for_async(core: Arc<NodeCore>, worker: Arc<Worker>, nested: Arc<AtomicUsize>) -> Ctx {
+        Ctx { core, worker, mode: Mode::Async(nested) }
+    }
+
+    pub(crate) fn for_blocking(core: Arc<NodeCore>, worker: Arc<Worker>, slot: Arc<Mutex<Option<OwnedSemaphorePermit>>>) -> Ctx {
+        Ctx { core, worker, mode: Mode::Blocking(slot) }
+    }
+
+    /// The id of the node running this evaluation.
+    pub fn node_id(&self) -> &str {
+        self.core.id.as_str()
+    }
+
+    /// The id of the worker running this evaluation.
+    pub fn worker_id(&self) -> &str {
+        &self.worker.id
+    }
+
+    fn target(&self) -> Target<'_> {
+        Target { queue: &self.worker.queue, front: true }
+    }
+
+    async fn call_async(&self, request: Request) -> Outcome {
+        let rx = match self.core.begin_call(&request, self.target()).await {
+            Ok(outcome) => return outcome,
+            Err(rx) => rx,
+        };
+        let nested = match &self.mode {
+            Mode::Async(nested) => Some(nested),
+            // An async call from a blocking function's thread (through `block_on`) keeps its slot.
+            Mode::Blocking(_) => None,
+        };
+        if let Some(nested) = nested {
+            nested.fetch_add(1, Ordering::AcqRel);
+        }
+        let outcome = self.core.finish_call(&request.function, rx, None).await;
+        if let Some(nested) = nested {
+            nested.fetch_sub(1, Ordering::AcqRel);
+        }
+        outcome
+    }
+
+    /// A nested call from a blocking function: submit to our own queue, run what is in it
+    /// on this thread until the outcome is there, and only then block, giving the slot back
+    /// while blocked.
+    fn call_on_thread(&self, request: Request) -> Outcome {
+        let core = &self.core;
+        let mut rx = match core.handle.block_on(core.begin_call(&request, self.target())) {
+            Ok(outcome) => return outcome,
+            Err(rx) => rx,
+        };
+        let Mode::Blocking(slot) = &self.mode else {
+            return core.handle.block_on(core.finish_call(&request.function, rx, None));
+        };
+        loop {
+            match rx.try_recv() {
+                Ok(outcome) => return outcome,
+                Err(TryRecvError::Closed) => return Err(CallError::Shutdown { function: request.function.to_string() }),
+                Err(TryRecvError::Empty) => {}
+            }
+            let claimed = match core.handle.block_on(core.statekeeper.claim(&self.worker.queue, &core.id, 1)) {
+                Ok(mut claimed) => claimed.pop(),
+                Err(err) => {
+                    tracing::warn!(worker = %self.worker.id, error = %err, "claim failed while waiting; blocking instead");
+                    None
+                }
+            };
+            let Some(next) = claimed else { break };
+            match core.registry.get(&next.function).cloned() {
+                Some(registered) if registered.function.kind() == FnKind::Blocking => {
+                    self.worker.executed.fetch_add(1, Ordering::Relaxed);
+                    core.count_evaluation(registered.name);
+                    worker::run_blocking(core, &self.worker, &registered, slot, next);
+                }
+                _ => {
+                    // Async work (or work we cannot run) goes to a task of its own, which
+                    // takes a slot when one is free.
+                    let permit_wait = self.worker.semaphore.clone().acquire_owned();
+                    let core_for_task = core.clone();
+                    let worker_for_task = self.worker.clone();
+                    core.handle.spawn(async move {
+                        if let Ok(permit) = permit_wait.await {
+                            worker::start(&core_for_task, &worker_for_task, next, permit);
+                        }
+                    });
+                }
+            }
+        }
+        // Nothing left to do here: give the slot back while blocked, take one again after.
+        if let Some(permit) = slot.lock().take() {
+            self.worker.release(permit);
+        }
+        let outcome = core.handle.block_on(core.finish_call(&request.function, rx, None));
+        if let Ok(permit) = core.handle.block_on(self.worker.semaphore.clone().acquire_owned()) {
+            *slot.lock() = Some(permit);
+        }
+        outcome
+    }
+}
+
+impl Caller for Ctx {
+    fn call_request(&self, request: Request) -> BoxFuture<'_, Outcome> {
+        Box::pin(self.call_async(request))
+    }
+
+    fn call_request_blocking(&self, request: Request) -> Outcome {
+        self.call_on_thread(request)
+    }
+}

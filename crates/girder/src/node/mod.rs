@@ -1,0 +1,396 @@
+//! A node: one process's share of the grid. It hosts workers, the distributors and helpers
+//! of its pools, and the clients that submit work, all on one statekeeper.
+
+pub(crate) mod core;
+mod ctx;
+mod roles;
+mod waiters;
+mod worker;
+
+pub use ctx::Ctx;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use self::core::{CallCounters, NodeCore};
+use self::waiters::Waiters;
+use self::worker::Worker;
+use crate::client::Client;
+use crate::error::StatekeeperError;
+use crate::function::Registry;
+use crate::statekeeper::{Embedded, NodeId, PoolCounters, PoolId, QueueId, Statekeeper};
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The statekeeper refused or failed an operation.
+    #[error(transparent)]
+    Statekeeper(#[from] StatekeeperError),
+    /// The node's configuration is inconsistent.
+    #[error("invalid node configuration: {0}")]
+    Config(String),
+    /// `start` was called outside a tokio runtime.
+    #[error("a node must be started inside a tokio runtime")]
+    NoRuntime,
+}
+
+/// A pool this node declares and serves roles for.
+#[derive(Debug, Clone)]
+pub struct PoolSpec {
+    /// The pool's name.
+    pub name: String,
+    /// The pool it volunteers at when idle.
+    pub parent: Option<String>,
+    /// Run this pool's distributor on this node.
+    pub distributor: bool,
+    /// Run a helper for this pool on this node, hoisting every `helper_interval_ms`.
+    pub helper: bool,
+    /// How often the helper looks for surplus work.
+    pub helper_interval_ms: u64,
+    /// Most requests one helper round copies up.
+    pub hoist_max: usize,
+}
+
+impl PoolSpec {
+    /// A top-level pool with a distributor and a helper.
+    pub fn new(name: impl Into<String>) -> PoolSpec {
+        PoolSpec { name: name.into(), parent: None, distributor: true, helper: true, helper_interval_ms: 2, hoist_max: 64 }
+    }
+
+    /// Sets the parent pool.
+    pub fn parent(mut self, parent: impl Into<String>) -> PoolSpec {
+        self.parent = Some(parent.into());
+        self
+    }
+
+    /// Turns the helper on or off.
+    pub fn helper(mut self, on: bool) -> PoolSpec {
+        self.helper = on;
+        self
+    }
+}
+
+/// Workers this node runs in one pool.
+#[derive(Debug, Clone)]
+pub struct WorkerSpec {
+    /// The pool the workers are members of.
+    pub pool: String,
+    /// How many workers.
+    pub count: usize,
+    /// Evaluation slots per worker: at most this many evaluations run at once on it.
+    pub slots: usize,
+    /// Requests taken ahead of free slots, to keep the worker busy between hand-offs.
+    pub prefetch: u32,
+}
+
+impl WorkerSpec {
+    /// `count` workers of `slots` slots in `pool`.
+    pub fn new(pool: impl Into<String>, count: usize, slots: usize) -> WorkerSpec {
+        WorkerSpec { pool: pool.into(), count, slots, prefetch: 0 }
+    }
+
+    /// Sets the prefetch.
+    pub fn prefetch(mut self, prefetch: u32) -> WorkerSpec {
+        self.prefetch = prefetch;
+        self
+    }
+}
+
+/// Builds and starts a [`Node`].
+pub struct NodeBuilder {
+    id: String,
+    registry: Registry,
+    statekeeper: Option<Arc<dyn Statekeeper>>,
+    pools: Vec<PoolSpec>,
+    workers: Vec<WorkerSpec>,
+    entry_pool: Option<String>,
+}
+
+/// Most slots a worker may have; a guard against typos, not a tuning limit.
+pub const SLOTS_MAX: usize = 4_096;
+/// Most workers one node may run.
+pub const WORKERS_MAX: usize = 1_024;
+
+impl NodeBuilder {
+    /// Sets the node id (default `node`). Ids are unique among live nodes.
+    pub fn id(mut self, id: impl Into<String>) -> NodeBuilder {
+        self.id = id.into();
+        self
+    }
+
+    /// Sets the functions this node serves.
+    pub fn registry(mut self, registry: Registry) -> NodeBuilder {
+        self.registry = registry;
+        self
+    }
+
+    /// Sets the statekeeper (default: a fresh [`Embedded`] one).
+    pub fn statekeeper(mut self, statekeeper: Arc<dyn Statekeeper>) -> NodeBuilder {
+        self.statekeeper = Some(statekeeper);
+        self
+    }
+
+    /// Declares a pool; parents must be declared before their children.
+    pub fn pool(mut self, pool: PoolSpec) -> NodeBuilder {
+        self.pools.push(pool);
+        self
+    }
+
+    /// Adds workers.
+    pub fn workers(mut self, workers: WorkerSpec) -> NodeBuilder {
+        self.workers.push(workers);
+        self
+    }
+
+    /// Sets the pool whose queue [`Node::client`] submits to (default: the first pool).
+    pub fn entry_pool(mut self, pool: impl Into<String>) -> NodeBuilder {
+        self.entry_pool = Some(pool.into());
+        self
+    }
+
+    fn validate(&self) -> Result<(), NodeError> {
+        if self.id.is_empty() || self.id.contains(char::is_whitespace) {
+            return Err(NodeError::Config(format!("node id {:?} must be non-empty and without spaces", self.id)));
+        }
+        let names: Vec<&str> = self.pools.iter().map(|p| p.name.as_str()).collect();
+        for (i, pool) in self.pools.iter().enumerate() {
+            if names[..i].contains(&pool.name.as_str()) {
+                return Err(NodeError::Config(format!("pool {:?} is declared twice", pool.name)));
+            }
+            if let Some(parent) = &pool.parent {
+                if !names[..i].contains(&parent.as_str()) {
+                    return Err(NodeError::Config(format!(
+                        "pool {:?} names parent {parent:?}, which must be declared before it",
+                        pool.name
+                    )));
+                }
+            }
+        }
+        let mut total = 0;
+        for spec in &self.workers {
+            if !names.contains(&spec.pool.as_str()) {
+                return Err(NodeError::Config(format!("workers name pool {:?}, which is not declared", spec.pool)));
+            }
+            if spec.slots == 0 || spec.slots > SLOTS_MAX {
+                return Err(NodeError::Config(format!("slots must be between 1 and {SLOTS_MAX}, got {}", spec.slots)));
+            }
+            total += spec.count;
+        }
+        if total > WORKERS_MAX {
+            return Err(NodeError::Config(format!("at most {WORKERS_MAX} workers per node, got {total}")));
+        }
+        if let Some(entry) = &self.entry_pool {
+            if !names.contains(&entry.as_str()) {
+                return Err(NodeError::Config(format!("entry pool {entry:?} is not declared")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Registers the node, declares its pools and starts its roles.
+    pub async fn start(self) -> Result<Node, NodeError> {
+        self.validate()?;
+        let handle = tokio::runtime::Handle::try_current().map_err(|_| NodeError::NoRuntime)?;
+        let statekeeper = self.statekeeper.unwrap_or_else(|| Arc::new(Embedded::default()));
+        let id = NodeId::new(self.id);
+        let functions: Vec<(String, u32)> = self.registry.names().into_iter().map(|(n, v)| (n.to_owned(), v)).collect();
+        statekeeper.register_node(&id, &functions).await?;
+        for pool in &self.pools {
+            let parent = pool.parent.as_deref().map(PoolId::new);
+            statekeeper.declare_pool(&PoolId::new(pool.name.as_str()), parent.as_ref()).await?;
+        }
+        let evaluations = self.registry.names().into_iter().map(|(name, _)| (name, AtomicU64::new(0))).collect();
+        let core = Arc::new(NodeCore {
+            id: id.clone(),
+            statekeeper: statekeeper.clone(),
+            registry: self.registry,
+            waiters: Waiters::default(),
+            handle: handle.clone(),
+            cancel: CancellationToken::new(),
+            counters: CallCounters::default(),
+            evaluations,
+        });
+        let mut workers = Vec::new();
+        for spec in &self.workers {
+            for _ in 0..spec.count {
+                let worker_id: Arc<str> = format!("{id}/w{}", workers.len()).into();
+                let worker = Arc::new(Worker::new(worker_id, PoolId::new(spec.pool.as_str()), spec.slots, spec.prefetch));
+                statekeeper.join_pool(&worker.pool, &worker.queue).await?;
+                workers.push(worker);
+            }
+        }
+        let mut tasks = Vec::new();
+        let events = statekeeper.open_inbox(&id).await?;
+        tasks.push(handle.spawn(roles::inbox(core.clone(), events)));
+        for pool in &self.pools {
+            let pool_id = PoolId::new(pool.name.as_str());
+            if pool.distributor {
+                tasks.push(handle.spawn(roles::distributor(core.clone(), pool_id.clone())));
+            }
+            if pool.helper {
+                let interval = Duration::from_millis(pool.helper_interval_ms.max(1));
+                tasks.push(handle.spawn(roles::helper(core.clone(), pool_id, interval, pool.hoist_max)));
+            }
+        }
+        for worker in &workers {
+            tasks.push(handle.spawn(worker::dispatch(core.clone(), worker.clone())));
+        }
+        let entry = self.entry_pool.or_else(|| self.pools.first().map(|p| p.name.clone()));
+        let entry_queue = entry.map(|name| QueueId::pool(&PoolId::new(name)));
+        let pools = self.pools.iter().map(|p| PoolId::new(p.name.as_str())).collect();
+        tracing::info!(node = %id, workers = workers.len(), "node started");
+        Ok(Node { core, workers, tasks: parking_lot::Mutex::new(tasks), entry_queue, pools })
+    }
+}
+
+/// A running node. Dropping it without [`Node::shutdown`] leaves its tasks running until
+/// the runtime stops.
+pub struct Node {
+    core: Arc<NodeCore>,
+    workers: Vec<Arc<Worker>>,
+    tasks: parking_lot::Mutex<Vec<JoinHandle<()>>>,
+    entry_queue: Option<QueueId>,
+    pools: Vec<PoolId>,
+}
+
+/// What one worker has done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerStats {
+    /// The worker's id, `NODE/wN`.
+    pub id: String,
+    /// Its pool.
+    pub pool: String,
+    /// Its slots.
+    pub slots: usize,
+    /// Evaluations it started.
+    pub executed: u64,
+    /// Most slots in use at once so far.
+    pub peak_busy: usize,
+}
+
+/// What a node has done so far.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeStats {
+    /// The node's id.
+    pub node: String,
+    /// Calls made through this node (top level and nested).
+    pub calls: u64,
+    /// Calls answered from memoized results.
+    pub memo_hits: u64,
+    /// Calls that joined a request already in flight.
+    pub joined: u64,
+    /// Calls that queued a new request.
+    pub queued: u64,
+    /// Per worker.
+    pub workers: Vec<WorkerStats>,
+    /// Evaluations started per function on this node, sorted by name.
+    pub evaluations: Vec<(String, u64)>,
+    /// Distribution counters per pool this node declared.
+    pub pools: Vec<(String, PoolCounters)>,
+}
+
+impl Node {
+    /// Starts building a node with the default id and an embedded statekeeper.
+    pub fn builder() -> NodeBuilder {
+        NodeBuilder {
+            id: "node".to_owned(),
+            registry: Registry::new(),
+            statekeeper: None,
+            pools: Vec::new(),
+            workers: Vec::new(),
+            entry_pool: None,
+        }
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> &str {
+        self.core.id.as_str()
+    }
+
+    /// A client that submits top-level requests to the entry pool.
+    ///
+    /// # Panics
+    /// When the node declared no pool: a node without pools has nowhere to submit to.
+    pub fn client(&self) -> Client {
+        let queue = self.entry_queue.clone().expect("a node that takes calls declares at least one pool");
+        Client::new(self.core.clone(), queue)
+    }
+
+    /// A client that submits top-level requests to `pool`'s queue.
+    pub fn client_for(&self, pool: &str) -> Client {
+        Client::new(self.core.clone(), QueueId::pool(&PoolId::new(pool)))
+    }
+
+    /// The functions this node serves.
+    pub fn registry(&self) -> &Registry {
+        &self.core.registry
+    }
+
+    /// The statekeeper this node runs on.
+    pub fn statekeeper(&self) -> &Arc<dyn Statekeeper> {
+        &self.core.statekeeper
+    }
+
+    /// Evaluations of `function` started on this node.
+    pub fn evaluations_of(&self, function: &str) -> u64 {
+        self.core.evaluations.get(function).map_or(0, |c| c.load(Ordering::Relaxed))
+    }
+
+    /// A snapshot of the node's counters.
+    pub async fn stats(&self) -> NodeStats {
+        let counters = &self.core.counters;
+        let mut evaluations: Vec<(String, u64)> =
+            self.core.evaluations.iter().map(|(name, c)| ((*name).to_owned(), c.load(Ordering::Relaxed))).collect();
+        evaluations.sort();
+        let mut pools = Vec::new();
+        for pool in &self.pools {
+            if let Ok(counters) = self.core.statekeeper.pool_counters(pool).await {
+                pools.push((pool.to_string(), counters));
+            }
+        }
+        NodeStats {
+            node: self.core.id.to_string(),
+            calls: counters.calls.load(Ordering::Relaxed),
+            memo_hits: counters.memo_hits.load(Ordering::Relaxed),
+            joined: counters.joined.load(Ordering::Relaxed),
+            queued: counters.queued.load(Ordering::Relaxed),
+            workers: self
+                .workers
+                .iter()
+                .map(|w| WorkerStats {
+                    id: w.id.to_string(),
+                    pool: w.pool.to_string(),
+                    slots: w.slots,
+                    executed: w.executed.load(Ordering::Relaxed),
+                    peak_busy: w.peak_busy.load(Ordering::Relaxed),
+                })
+                .collect(),
+            evaluations,
+            pools,
+        }
+    }
+
+    /// Stops the node's roles, withdraws its workers and deregisters it. Callers still
+    /// waiting on this node get [`crate::CallError::Shutdown`].
+    pub async fn shutdown(&self) {
+        self.core.cancel.cancel();
+        let tasks = std::mem::take(&mut *self.tasks.lock());
+        for task in tasks {
+            let _ = task.await;
+        }
+        for worker in &self.workers {
+            let _ = self.core.statekeeper.leave_pool(&worker.pool, &worker.queue).await;
+        }
+        if let Err(err) = self.core.statekeeper.deregister_node(&self.core.id).await {
+            tracing::warn!(node = %self.core.id, error = %err, "could not deregister");
+        }
+        let waiting = self.core.waiters.len();
+        // Dropping the senders wakes every local caller with a shutdown error.
+        self.core.waiters.clear();
+        tracing::info!(node = %self.core.id, waiting, "node stopped");
+    }
+}

@@ -1,0 +1,61 @@
+//! The pool roles a node runs besides its workers: distributors, helpers, and the inbox.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use super::core::NodeCore;
+use crate::statekeeper::{Event, PoolId, QueueId};
+
+/// Longest a distributor waits without a signal before it looks at its queue again.
+const DISTRIBUTOR_RECHECK_MS: u64 = 1_000;
+/// Most requests one distributor round hands off, so one round stays short.
+const DISTRIBUTE_BATCH_MAX: usize = 1_024;
+
+/// Hands the queued work of `pool` to its volunteers whenever work or volunteers arrive.
+pub(crate) async fn distributor(core: Arc<NodeCore>, pool: PoolId) {
+    let queue = QueueId::pool(&pool);
+    loop {
+        match core.statekeeper.distribute(&pool, DISTRIBUTE_BATCH_MAX).await {
+            Ok(moved) if moved == DISTRIBUTE_BATCH_MAX => continue,
+            Ok(_) => {}
+            Err(err) => tracing::warn!(pool = %pool, error = %err, "distribution failed; retrying"),
+        }
+        tokio::select! {
+            _ = core.cancel.cancelled() => break,
+            _ = core.statekeeper.wait_work(&queue, DISTRIBUTOR_RECHECK_MS) => {}
+        }
+    }
+}
+
+/// Every `interval`, copies surplus queued work of busy members of `pool` up to the pool's
+/// queue, where idle members can take it before the busy member reaches it.
+pub(crate) async fn helper(core: Arc<NodeCore>, pool: PoolId, interval: Duration, hoist_max: usize) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = core.cancel.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
+        match core.statekeeper.hoist(&pool, hoist_max).await {
+            Ok(0) => {}
+            Ok(hoisted) => tracing::trace!(pool = %pool, hoisted, "helper hoisted work"),
+            Err(err) => tracing::warn!(pool = %pool, error = %err, "hoisting failed; retrying"),
+        }
+    }
+}
+
+/// Delivers the events addressed to this node to the callers waiting here.
+pub(crate) async fn inbox(core: Arc<NodeCore>, mut events: futures::stream::BoxStream<'static, Event>) {
+    loop {
+        tokio::select! {
+            _ = core.cancel.cancelled() => break,
+            event = events.next() => match event {
+                Some(Event::Done { id, outcome }) => core.waiters.deliver(&id, &outcome),
+                None => break,
+            },
+        }
+    }
+}

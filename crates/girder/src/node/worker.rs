@@ -1,0 +1,233 @@
+//! A worker: its own queue, a fixed number of evaluation slots, and the loop that claims
+//! work from its queue and volunteers at its pool when it has room.
+//!
+//! A slot is a permit of the worker's semaphore. An async evaluation holds one while it is
+//! polled and gives it back whenever it is parked on nested requests, so a worker never
+//! runs more than `slots` evaluations at once and never starves on its own nesting. A
+//! blocking evaluation holds one on its thread; see [`super::ctx::Ctx::call_blocking`].
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::FutureExt;
+use parking_lot::Mutex;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::PollSemaphore;
+
+use super::core::NodeCore;
+use super::ctx::Ctx;
+use crate::error::CallError;
+use crate::function::{FnKind, Registered};
+use crate::request::{Outcome, Request};
+use crate::statekeeper::{PoolId, QueueId};
+
+/// How long the dispatcher sleeps without any signal before it looks again anyway.
+const IDLE_RECHECK_MS: u64 = 1_000;
+
+/// A worker's fixed part and counters.
+pub(crate) struct Worker {
+    pub(crate) id: Arc<str>,
+    pub(crate) queue: QueueId,
+    pub(crate) pool: PoolId,
+    pub(crate) slots: usize,
+    pub(crate) prefetch: u32,
+    pub(crate) semaphore: Arc<Semaphore>,
+    /// Signalled when an evaluation gives its slot back.
+    pub(crate) slot_freed: Notify,
+    /// Evaluations started on this worker.
+    pub(crate) executed: AtomicU64,
+    /// Most slots ever in use at once.
+    pub(crate) peak_busy: AtomicUsize,
+}
+
+impl Worker {
+    pub(crate) fn new(id: Arc<str>, pool: PoolId, slots: usize, prefetch: u32) -> Worker {
+        Worker {
+            queue: QueueId::worker(&id),
+            id,
+            pool,
+            slots,
+            prefetch,
+            semaphore: Arc::new(Semaphore::new(slots)),
+            slot_freed: Notify::new(),
+            executed: AtomicU64::new(0),
+            peak_busy: AtomicUsize::new(0),
+        }
+    }
+
+    fn note_busy(&self) {
+        let busy = self.slots.saturating_sub(self.semaphore.available_permits());
+        self.peak_busy.fetch_max(busy, Ordering::Relaxed);
+    }
+
+    pub(crate) fn release(&self, permit: OwnedSemaphorePermit) {
+        drop(permit);
+        self.slot_freed.notify_one();
+    }
+}
+
+/// Claims work into free slots and volunteers for more, until the node shuts down.
+pub(crate) async fn dispatch(core: Arc<NodeCore>, worker: Arc<Worker>) {
+    loop {
+        let mut permits = Vec::new();
+        while let Ok(permit) = worker.semaphore.clone().try_acquire_owned() {
+            permits.push(permit);
+        }
+        if !permits.is_empty() {
+            let asked = permits.len();
+            let claimed = match core.statekeeper.claim(&worker.queue, &core.id, asked).await {
+                Ok(claimed) => claimed,
+                Err(err) => {
+                    tracing::warn!(worker = %worker.id, error = %err, "claim failed; retrying");
+                    Vec::new()
+                }
+            };
+            let drained = claimed.len() < asked;
+            for (request, permit) in claimed.into_iter().zip(permits.drain(..)) {
+                start(&core, &worker, request, permit);
+            }
+            drop(permits);
+            if drained {
+                // Our queue is empty: offer the free slots, plus the prefetch, to the pool.
+                let credits = u32::try_from(worker.semaphore.available_permits()).unwrap_or(u32::MAX) + worker.prefetch;
+                if let Err(err) = core.statekeeper.volunteer(&worker.pool, &worker.queue, credits).await {
+                    tracing::warn!(worker = %worker.id, error = %err, "volunteering failed; retrying");
+                }
+            }
+        }
+        tokio::select! {
+            _ = core.cancel.cancelled() => break,
+            _ = core.statekeeper.wait_work(&worker.queue, IDLE_RECHECK_MS) => {}
+            _ = worker.slot_freed.notified() => {}
+        }
+    }
+    // Withdraw, so no more work is handed to a worker that is gone.
+    let _ = core.statekeeper.volunteer(&worker.pool, &worker.queue, 0).await;
+}
+
+/// Starts evaluating a claimed request in the slot `permit`.
+pub(crate) fn start(core: &Arc<NodeCore>, worker: &Arc<Worker>, request: Request, permit: OwnedSemaphorePermit) {
+    worker.executed.fetch_add(1, Ordering::Relaxed);
+    worker.note_busy();
+    let Some(registered) = core.registry.get(&request.function).cloned() else {
+        // Claimed work this node cannot run: answer it so nobody waits on it forever.
+        let core = core.clone();
+        let worker = worker.clone();
+        core.handle.clone().spawn(async move {
+            worker.release(permit);
+            let outcome = Err(CallError::UnknownFunction { function: request.function.to_string() });
+            core.complete(&request, outcome).await;
+        });
+        return;
+    };
+    core.count_evaluation(registered.name);
+    match registered.function.kind() {
+        FnKind::Async => {
+            let nested = Arc::new(AtomicUsize::new(0));
+            let ctx = Ctx::for_async(core.clone(), worker.clone(), nested.clone());
+            let evaluation = evaluate_async(core.clone(), registered, ctx, request);
+            let slotted = Slotted::new(evaluation, permit, worker.clone(), nested);
+            core.handle.spawn(slotted);
+        }
+        FnKind::Blocking => {
+            let core = core.clone();
+            let worker = worker.clone();
+            core.handle.clone().spawn_blocking(move || {
+                let slot = Arc::new(Mutex::new(Some(permit)));
+                run_blocking(&core, &worker, &registered, &slot, request);
+                let permit = slot.lock().take();
+                if let Some(permit) = permit {
+                    worker.release(permit);
+                }
+            });
+        }
+    }
+}
+
+async fn evaluate_async(core: Arc<NodeCore>, registered: Registered, ctx: Ctx, request: Request) {
+    let running = AssertUnwindSafe(async { registered.function.invoke_async(ctx, &request.args).await });
+    let outcome = running.catch_unwind().await.unwrap_or_else(|payload| Err(panic_error(&request, payload)));
+    core.complete(&request, outcome).await;
+}
+
+/// Runs a blocking function on this thread, holding the slot in `slot`, and records the
+/// outcome. Also used for nested requests run inline by [`Ctx::call_blocking`].
+pub(crate) fn run_blocking(
+    core: &Arc<NodeCore>,
+    worker: &Arc<Worker>,
+    registered: &Registered,
+    slot: &Arc<Mutex<Option<OwnedSemaphorePermit>>>,
+    request: Request,
+) {
+    let ctx = Ctx::for_blocking(core.clone(), worker.clone(), slot.clone());
+    let outcome: Outcome = std::panic::catch_unwind(AssertUnwindSafe(|| registered.function.invoke_blocking(ctx, &request.args)))
+        .unwrap_or_else(|payload| Err(panic_error(&request, payload)));
+    core.handle.block_on(core.complete(&request, outcome));
+}
+
+fn panic_error(request: &Request, payload: Box<dyn std::any::Any + Send>) -> CallError {
+    let message = if let Some(text) = payload.downcast_ref::<&str>() {
+        (*text).to_owned()
+    } else if let Some(text) = payload.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "a non-string panic payload".to_owned()
+    };
+    tracing::warn!(function = %request.function, request = %request.id, %message, "function panicked");
+    CallError::Panic { function: request.function.to_string(), message }
+}
+
+/// An async evaluation that holds a slot while it runs and gives it back while it is
+/// parked on nested requests (`nested > 0`), taking one again before it is polled.
+struct Slotted<F> {
+    inner: Pin<Box<F>>,
+    permit: Option<OwnedSemaphorePermit>,
+    semaphore: PollSemaphore,
+    worker: Arc<Worker>,
+    nested: Arc<AtomicUsize>,
+}
+
+impl<F> Slotted<F> {
+    fn new(inner: F, permit: OwnedSemaphorePermit, worker: Arc<Worker>, nested: Arc<AtomicUsize>) -> Slotted<F> {
+        let semaphore = PollSemaphore::new(worker.semaphore.clone());
+        Slotted { inner: Box::pin(inner), permit: Some(permit), semaphore, worker, nested }
+    }
+}
+
+impl<F: Future<Output = ()>> Future for Slotted<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if this.permit.is_none() {
+            match this.semaphore.poll_acquire(cx) {
+                Poll::Ready(permit) => {
+                    // `None` means the semaphore closed, which girder never does; run anyway.
+                    this.permit = permit;
+                    this.worker.note_busy();
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        match this.inner.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                if let Some(permit) = this.permit.take() {
+                    this.worker.release(permit);
+                }
+                Poll::Ready(())
+            }
+            Poll::Pending => {
+                if this.nested.load(Ordering::Acquire) > 0 {
+                    if let Some(permit) = this.permit.take() {
+                        this.worker.release(permit);
+                    }
+                }
+                Poll::Pending
+            }
+        }
+    }
+}

@@ -1,0 +1,54 @@
+//! `girder call`: one function call against a running node's HTTP API.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+/// Arguments of `girder call`.
+#[derive(Debug, clap::Args)]
+pub struct CallArgs {
+    /// The function, e.g. `examples/fib`.
+    function: String,
+    /// The arguments, each one JSON value: `90`, `'"text"'`, `'[1,2]'`.
+    args: Vec<String>,
+    /// The node's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:7070", env = "GIRDER_NODE")]
+    node: String,
+    /// Give up after this many milliseconds.
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+}
+
+pub async fn run(args: CallArgs) -> anyhow::Result<()> {
+    let mut values = Vec::with_capacity(args.args.len());
+    for (index, text) in args.args.iter().enumerate() {
+        let value: serde_json::Value = serde_json::from_str(text).with_context(|| {
+            format!("argument {} ({text:?}) is not JSON; quote strings as '\"{text}\"'", index + 1)
+        })?;
+        values.push(value);
+    }
+    let base = args.node.trim_end_matches('/');
+    let mut url = format!("{base}/v1/call/{}", args.function);
+    if let Some(timeout_ms) = args.timeout_ms {
+        url.push_str(&format!("?timeout_ms={timeout_ms}"));
+    }
+    // The node enforces the deadline; the client waits a little longer to hear about it.
+    let client_timeout = Duration::from_millis(args.timeout_ms.unwrap_or(3_600_000).saturating_add(5_000));
+    let client = reqwest::Client::builder().timeout(client_timeout).build().context("cannot build an HTTP client")?;
+    let response = client
+        .post(&url)
+        .json(&serde_json::Value::Array(values))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the girder node at {base} (is `girder node` running there?)"))?;
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.with_context(|| format!("the node at {base} answered {status} without a JSON body"))?;
+    if status.is_success() {
+        println!("{body}");
+        return Ok(());
+    }
+    match body.get("message").and_then(|m| m.as_str()) {
+        Some(message) => bail!("{message}"),
+        None => bail!("the node answered {status}: {body}"),
+    }
+}

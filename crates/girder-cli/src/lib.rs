@@ -1,0 +1,93 @@
+//! girder's command line, as a library so that a binary with its own functions can reuse
+//! it: `fn main() -> ExitCode { girder_cli::main_with(my_registry()) }`.
+
+mod bench;
+mod call;
+mod demo;
+mod serve;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use girder::Registry;
+
+/// girder: a distributed cache and compute grid.
+#[derive(Debug, Parser)]
+#[command(name = "girder", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a realistic workload on an in-process grid and summarize what happened.
+    Demo(demo::DemoArgs),
+    /// Run a long-lived node serving the HTTP API.
+    Node(serve::NodeArgs),
+    /// Call a function on a running node and print its JSON result.
+    Call(call::CallArgs),
+    /// Measure round trip, throughput, memo hits and nested fan-out on an in-process grid.
+    Bench(bench::BenchArgs),
+}
+
+/// Parses the command line and runs the verb with `registry`'s functions. Errors are printed
+/// as one line on stderr and turn into a non-zero exit code.
+pub fn main_with(registry: Registry) -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return clap_error(err),
+    };
+    init_tracing(matches!(cli.command, Command::Node(_)));
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("girder: error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Demo(args) => demo::run(registry, args).await,
+            Command::Node(args) => serve::run(registry, args).await,
+            Command::Call(args) => call::run(args).await,
+            Command::Bench(args) => bench::run(registry, args).await,
+        }
+    });
+    // Tasks of a stopped node may still be parked; do not wait for them.
+    runtime.shutdown_background();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("girder: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Help and version go out whole; a usage error becomes one line.
+fn clap_error(err: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match err.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = err.print();
+            if err.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        _ => {
+            let text = err.to_string();
+            let first = text.lines().next().unwrap_or("invalid command line").trim_start_matches("error: ");
+            eprintln!("girder: error: {first} (see girder --help)");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_tracing(serving: bool) {
+    let default = if serving { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}

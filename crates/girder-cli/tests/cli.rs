@@ -1,0 +1,154 @@
+//! End to end: a real `girder node` process, its HTTP API, and `girder call` against it.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+
+const GIRDER: &str = env!("CARGO_BIN_EXE_girder");
+
+/// A `girder node` child process, killed when dropped.
+struct NodeProcess {
+    child: Child,
+    url: String,
+}
+
+impl NodeProcess {
+    fn start(extra: &[&str]) -> NodeProcess {
+        let mut child = Command::new(GIRDER)
+            .args(["node", "--listen", "127.0.0.1:0", "--workers", "2", "--slots", "2"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("girder binary starts");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        // The node prints its address once it listens: that line is the ready signal.
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("node prints its address");
+        let url = line.split_whitespace().last().expect("address on the line").to_owned();
+        assert!(url.starts_with("http://127.0.0.1:"), "unexpected first line: {line:?}");
+        NodeProcess { child, url }
+    }
+
+    fn call(&self, args: &[&str]) -> Output {
+        Command::new(GIRDER).arg("call").args(args).args(["--node", &self.url]).output().expect("girder call runs")
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).trim().to_owned()
+}
+
+#[test]
+fn girder_call_against_a_running_node() {
+    let node = NodeProcess::start(&[]);
+    let out = node.call(&["examples/fib", "90"]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "2880067194370816120");
+
+    let out = node.call(&["examples/tree", "4", "3", "0"]);
+    assert_eq!(text(&out.stdout), "121");
+
+    let out = node.call(&["examples/echo", r#"{"a":[1,"x",null]}"#]);
+    assert_eq!(text(&out.stdout), r#"{"a":[1,"x",null]}"#);
+
+    let out = node.call(&["nobody/nothing"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("no live node has registered function nobody/nothing"), "{}", text(&out.stderr));
+
+    let out = node.call(&["examples/fail", r#""out of paper""#]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("examples/fail returned an error: out of paper"), "{}", text(&out.stderr));
+
+    let out = node.call(&["examples/fib", "ninety"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("is not JSON"), "{}", text(&out.stderr));
+
+    let out = node.call(&["examples/sleep", "3000", "--timeout-ms", "50"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("deadline of 50 ms"), "{}", text(&out.stderr));
+
+    // The node served everything above and still answers.
+    let out = node.call(&["examples/fib", "10"]);
+    assert_eq!(text(&out.stdout), "55");
+}
+
+#[tokio::test]
+async fn http_api_statuses_and_error_bodies() {
+    let node = NodeProcess::start(&[]);
+    let http = reqwest::Client::new();
+    let post = |function: &str, body: &'static str| {
+        http.post(format!("{}/v1/call/{function}", node.url)).header("content-type", "application/json").body(body).send()
+    };
+    let check = |response: reqwest::Response, status: u16, kind: &'static str| async move {
+        assert_eq!(response.status().as_u16(), status);
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["kind"], kind, "{body}");
+        assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+        body
+    };
+
+    let ok = post("examples/fib", "[20]").await.unwrap();
+    assert_eq!(ok.status().as_u16(), 200);
+    assert_eq!(ok.json::<serde_json::Value>().await.unwrap(), serde_json::json!(6765));
+
+    check(post("examples/fib", "[20").await.unwrap(), 400, "bad_request").await;
+    check(post("examples/fib", r#"{"n": 20}"#).await.unwrap(), 400, "bad_request").await;
+    check(post("examples/fib", r#"["x"]"#).await.unwrap(), 400, "bad_arguments").await;
+    check(post("no/such", "[]").await.unwrap(), 404, "unknown_function").await;
+    let body = check(post("examples/fail", r#"["boom"]"#).await.unwrap(), 422, "function_error").await;
+    assert!(body["message"].as_str().unwrap().contains("boom"));
+    check(post("examples/panic", "[]").await.unwrap(), 500, "panic").await;
+    let slow = http.post(format!("{}/v1/call/examples/sleep?timeout_ms=20", node.url)).body("[5000]").send().await.unwrap();
+    check(slow, 504, "deadline_exceeded").await;
+    let bad_query = http.post(format!("{}/v1/call/examples/sleep?timeout_ms=soon", node.url)).body("[1]").send().await.unwrap();
+    check(bad_query, 400, "bad_request").await;
+
+    let health: serde_json::Value = http.get(format!("{}/v1/health", node.url)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(health["status"], "ok");
+    let stats: serde_json::Value = http.get(format!("{}/v1/stats", node.url)).send().await.unwrap().json().await.unwrap();
+    // fib(20) evaluates 21 distinct requests; the ["x"] call was one more attempt that
+    // failed to decode its arguments on the worker.
+    assert!(stats["evaluations"].as_array().unwrap().iter().any(|e| e["function"] == "examples/fib" && e["count"] == 22), "{stats}");
+
+    // After all of that the node still computes.
+    let ok = post("examples/fib", "[30]").await.unwrap();
+    assert_eq!(ok.json::<serde_json::Value>().await.unwrap(), serde_json::json!(832040));
+}
+
+#[test]
+fn bad_flags_get_one_clear_line() {
+    let out = Command::new(GIRDER).args(["node", "--slots", "0"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("--slots"), "{err}");
+
+    let out = Command::new(GIRDER).args(["call"]).output().unwrap();
+    assert!(!out.status.success());
+
+    let out = Command::new(GIRDER).args(["call", "examples/fib", "1", "--node", "http://127.0.0.1:1"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("cannot reach the girder node"), "{}", text(&out.stderr));
+
+    for verb in ["demo", "node", "call", "bench"] {
+        let out = Command::new(GIRDER).args([verb, "--help"]).output().unwrap();
+        assert!(out.status.success(), "{verb} --help");
+        assert!(text(&out.stdout).contains("Usage"), "{verb} --help");
+    }
+}
+
+#[test]
+fn demo_runs_and_verifies_its_answers() {
+    let out = Command::new(GIRDER).args(["demo", "--quiet", "--requests", "300"]).output().unwrap();
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("all 300 answers verified"), "{stdout}");
+    assert!(stdout.contains("served from cache"), "{stdout}");
+}

@@ -22,9 +22,8 @@ pub struct CallArgs {
 pub async fn run(args: CallArgs) -> anyhow::Result<()> {
     let mut values = Vec::with_capacity(args.args.len());
     for (index, text) in args.args.iter().enumerate() {
-        let value: serde_json::Value = serde_json::from_str(text).with_context(|| {
-            format!("argument {} ({text:?}) is not JSON; quote strings as '\"{text}\"'", index + 1)
-        })?;
+        let value: serde_json::Value = serde_json::from_str(text)
+            .with_context(|| format!("argument {} ({text:?}) is not JSON; quote strings as '\"{text}\"'", index + 1))?;
         values.push(value);
     }
     let base = args.node.trim_end_matches('/');
@@ -42,7 +41,8 @@ pub async fn run(args: CallArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot reach the girder node at {base} (is `girder node` running there?)"))?;
     let status = response.status();
-    let body: serde_json::Value = response.json().await.with_context(|| format!("the node at {base} answered {status} without a JSON body"))?;
+    let body: serde_json::Value =
+        response.json().await.with_context(|| format!("the node at {base} answered {status} without a JSON body"))?;
     if status.is_success() {
         println!("{body}");
         return Ok(());

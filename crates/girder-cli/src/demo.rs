@@ -164,7 +164,12 @@ fn print_summary(args: &DemoArgs, wall: Duration, latencies: &Histogram<u64>, st
     let secs = wall.as_secs_f64().max(1e-9);
     let evaluations: u64 = stats.evaluations.iter().map(|(_, n)| n).sum();
     println!("\n== summary ==");
-    println!("top-level requests   {:>10}   in {:.3} s   ({:.0} requests/s)", args.requests, secs, args.requests as f64 / secs);
+    println!(
+        "top-level requests   {:>10}   in {:.3} s   ({:.0} requests/s)",
+        args.requests,
+        secs,
+        args.requests as f64 / secs
+    );
     println!("calls incl. nested   {:>10}", stats.calls);
     println!("  computed           {:>10}   (evaluations run)", evaluations);
     println!("  served from cache  {:>10}   (memoized results)", stats.memo_hits);
@@ -189,6 +194,9 @@ fn print_summary(args: &DemoArgs, wall: Duration, latencies: &Histogram<u64>, st
     }
     println!("\npools:");
     for (pool, counters) in &stats.pools {
-        println!("  {pool:<5} distributor handed off {:>7}   helper hoisted {:>6}", counters.handed_off, counters.hoisted);
+        println!(
+            "  {pool:<5} distributor handed off {:>7}   helper hoisted {:>6}",
+            counters.handed_off, counters.hoisted
+        );
     }
 }

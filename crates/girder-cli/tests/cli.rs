@@ -84,7 +84,10 @@ async fn http_api_statuses_and_error_bodies() {
     let node = NodeProcess::start(&[]);
     let http = reqwest::Client::new();
     let post = |function: &str, body: &'static str| {
-        http.post(format!("{}/v1/call/{function}", node.url)).header("content-type", "application/json").body(body).send()
+        http.post(format!("{}/v1/call/{function}", node.url))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
     };
     let check = |response: reqwest::Response, status: u16, kind: &'static str| async move {
         assert_eq!(response.status().as_u16(), status);
@@ -105,17 +108,24 @@ async fn http_api_statuses_and_error_bodies() {
     let body = check(post("examples/fail", r#"["boom"]"#).await.unwrap(), 422, "function_error").await;
     assert!(body["message"].as_str().unwrap().contains("boom"));
     check(post("examples/panic", "[]").await.unwrap(), 500, "panic").await;
-    let slow = http.post(format!("{}/v1/call/examples/sleep?timeout_ms=20", node.url)).body("[5000]").send().await.unwrap();
+    let slow =
+        http.post(format!("{}/v1/call/examples/sleep?timeout_ms=20", node.url)).body("[5000]").send().await.unwrap();
     check(slow, 504, "deadline_exceeded").await;
-    let bad_query = http.post(format!("{}/v1/call/examples/sleep?timeout_ms=soon", node.url)).body("[1]").send().await.unwrap();
+    let bad_query =
+        http.post(format!("{}/v1/call/examples/sleep?timeout_ms=soon", node.url)).body("[1]").send().await.unwrap();
     check(bad_query, 400, "bad_request").await;
 
-    let health: serde_json::Value = http.get(format!("{}/v1/health", node.url)).send().await.unwrap().json().await.unwrap();
+    let health: serde_json::Value =
+        http.get(format!("{}/v1/health", node.url)).send().await.unwrap().json().await.unwrap();
     assert_eq!(health["status"], "ok");
-    let stats: serde_json::Value = http.get(format!("{}/v1/stats", node.url)).send().await.unwrap().json().await.unwrap();
+    let stats: serde_json::Value =
+        http.get(format!("{}/v1/stats", node.url)).send().await.unwrap().json().await.unwrap();
     // fib(20) evaluates 21 distinct requests; the ["x"] call was one more attempt that
     // failed to decode its arguments on the worker.
-    assert!(stats["evaluations"].as_array().unwrap().iter().any(|e| e["function"] == "examples/fib" && e["count"] == 22), "{stats}");
+    assert!(
+        stats["evaluations"].as_array().unwrap().iter().any(|e| e["function"] == "examples/fib" && e["count"] == 22),
+        "{stats}"
+    );
 
     // After all of that the node still computes.
     let ok = post("examples/fib", "[30]").await.unwrap();
@@ -133,7 +143,8 @@ fn bad_flags_get_one_clear_line() {
     let out = Command::new(GIRDER).args(["call"]).output().unwrap();
     assert!(!out.status.success());
 
-    let out = Command::new(GIRDER).args(["call", "examples/fib", "1", "--node", "http://127.0.0.1:1"]).output().unwrap();
+    let out =
+        Command::new(GIRDER).args(["call", "examples/fib", "1", "--node", "http://127.0.0.1:1"]).output().unwrap();
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("cannot reach the girder node"), "{}", text(&out.stderr));
 

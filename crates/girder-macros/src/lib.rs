@@ -91,14 +91,12 @@ fn expand(attr: Tokens, item: Tokens) -> syn::Result<Tokens> {
     inner.sig.ident = inner_ident.clone();
     inner.vis = syn::Visibility::Inherited;
     inner.attrs.retain(|a| !a.path().is_ident("doc"));
-    let args_ty: Type = if arg_types.is_empty() { syn::parse_quote!([u8; 0]) } else { syn::parse_quote!((#(#arg_types,)*)) };
+    let args_ty: Type =
+        if arg_types.is_empty() { syn::parse_quote!([u8; 0]) } else { syn::parse_quote!((#(#arg_types,)*)) };
     let args_pat = if arg_names.is_empty() { quote!(_) } else { quote!((#(#arg_names,)*)) };
     let args_expr = if arg_names.is_empty() { quote!([]) } else { quote!((#(#arg_names,)*)) };
-    let to_result = if fallible {
-        quote!(.map_err(::girder::error_text))
-    } else {
-        quote!(; ::core::result::Result::Ok(__value))
-    };
+    let to_result =
+        if fallible { quote!(.map_err(::girder::error_text)) } else { quote!(; ::core::result::Result::Ok(__value)) };
     let bind = if fallible { quote!() } else { quote!(let __value = ) };
     let (kind, run_async, run_blocking) = if is_async {
         (
@@ -132,7 +130,8 @@ fn expand(attr: Tokens, item: Tokens) -> syn::Result<Tokens> {
         )
     };
     let call_doc = format!("Calls `{}` through the grid and waits for its result.", name.value());
-    let blocking_doc = format!("Calls `{}` through the grid, blocking this thread until its result is there.", name.value());
+    let blocking_doc =
+        format!("Calls `{}` through the grid, blocking this thread until its result is there.", name.value());
     Ok(quote! {
         #(#docs)*
         #[allow(non_camel_case_types)]

@@ -79,7 +79,10 @@ fn tree_check(depth: u32, fanout: u32, id: u64) -> Result<(), String> {
         return Err(format!("tree({depth}, {fanout}) would make {total} requests; the limit is {TREE_REQUESTS_MAX}"));
     }
     // The deepest ids are about id * fanout^depth; refuse before they overflow.
-    id.checked_mul(level.max(1)).and_then(|x| x.checked_add(total)).map(|_| ()).ok_or_else(|| format!("tree ids overflow from id {id}"))
+    id.checked_mul(level.max(1))
+        .and_then(|x| x.checked_add(total))
+        .map(|_| ())
+        .ok_or_else(|| format!("tree ids overflow from id {id}"))
 }
 
 fn child_id(id: u64, fanout: u32, k: u32) -> u64 {
@@ -108,7 +111,8 @@ pub fn tree_blocking(ctx: Ctx, depth: u32, fanout: u32, id: u64) -> Result<u64, 
     let mut count = 1;
     if depth > 0 {
         for k in 1..=fanout {
-            count += tree_blocking::call_blocking(&ctx, depth - 1, fanout, child_id(id, fanout, k)).map_err(|e| e.to_string())?;
+            count += tree_blocking::call_blocking(&ctx, depth - 1, fanout, child_id(id, fanout, k))
+                .map_err(|e| e.to_string())?;
         }
     }
     Ok(count)

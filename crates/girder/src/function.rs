@@ -62,8 +62,9 @@ fn decode_args<F: Function>(args: &[u8]) -> Result<F::Args, CallError> {
 
 fn encode_output<F: Function>(result: Result<F::Output, String>) -> Outcome {
     match result {
-        Ok(value) => codec::encode(&value)
-            .map_err(|message| CallError::BadResult { function: F::NAME.to_owned(), message }),
+        Ok(value) => {
+            codec::encode(&value).map_err(|message| CallError::BadResult { function: F::NAME.to_owned(), message })
+        }
         Err(message) => Err(CallError::Function { function: F::NAME.to_owned(), message }),
     }
 }

@@ -113,7 +113,10 @@ async fn call(
     let mut client = state.node.client();
     if let Some(timeout_ms) = query.timeout_ms {
         if timeout_ms > state.config.timeout_ms_max {
-            return Err(bad_request(format!("timeout_ms is at most {}, got {timeout_ms}", state.config.timeout_ms_max)));
+            return Err(bad_request(format!(
+                "timeout_ms is at most {}, got {timeout_ms}",
+                state.config.timeout_ms_max
+            )));
         }
         client = client.with_deadline(Duration::from_millis(timeout_ms));
     }

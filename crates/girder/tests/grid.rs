@@ -95,7 +95,10 @@ async fn every_error_reaches_the_caller_as_its_own_kind_and_the_node_keeps_servi
     assert_eq!(serves().await.unwrap(), rmpv::Value::from("still here"));
 
     let err = panic::call(&client).await.unwrap_err();
-    assert!(matches!(&err, CallError::Panic { function, message } if function == "examples/panic" && message.contains("was called")), "{err:?}");
+    assert!(
+        matches!(&err, CallError::Panic { function, message } if function == "examples/panic" && message.contains("was called")),
+        "{err:?}"
+    );
     // Panics are not memoized: a second call runs the body again.
     let _ = panic::call(&client).await.unwrap_err();
     assert_eq!(node.evaluations_of("examples/panic"), 2);
@@ -109,7 +112,10 @@ async fn every_error_reaches_the_caller_as_its_own_kind_and_the_node_keeps_servi
 
     for bad in [serde_json::json!(["ninety"]), serde_json::json!([1, 2]), serde_json::json!([])] {
         let err = client.call_json("examples/fib", &bad).await.unwrap_err();
-        assert!(matches!(&err, CallError::BadArguments { function, .. } if function == "examples/fib"), "{bad}: {err:?}");
+        assert!(
+            matches!(&err, CallError::BadArguments { function, .. } if function == "examples/fib"),
+            "{bad}: {err:?}"
+        );
     }
     let err = client.call_json("examples/fib", &serde_json::json!({"n": 3})).await.unwrap_err();
     assert!(matches!(err, CallError::BadArguments { .. }), "{err:?}");

@@ -51,7 +51,11 @@ pub(crate) struct Target<'a> {
 impl NodeCore {
     /// Looks up memoized results, then registers the caller and submits the request if no
     /// other local caller did. Returns the outcome now, or a receiver for it.
-    pub(crate) async fn begin_call(&self, request: &Request, target: Target<'_>) -> Result<Outcome, oneshot::Receiver<Outcome>> {
+    pub(crate) async fn begin_call(
+        &self,
+        request: &Request,
+        target: Target<'_>,
+    ) -> Result<Outcome, oneshot::Receiver<Outcome>> {
         self.counters.calls.fetch_add(1, Ordering::Relaxed);
         match self.statekeeper.result(&request.id).await {
             Ok(Some(outcome)) => {
@@ -85,14 +89,21 @@ impl NodeCore {
                 self.counters.memo_hits.fetch_add(1, Ordering::Relaxed);
                 outcome
             }
-            Ok(Submitted::UnknownFunction) => Err(CallError::UnknownFunction { function: request.function.to_string() }),
+            Ok(Submitted::UnknownFunction) => {
+                Err(CallError::UnknownFunction { function: request.function.to_string() })
+            }
             Err(err) => Err(CallError::statekeeper(&request.function, &err)),
         };
         self.waiters.deliver(&request.id, &outcome);
     }
 
     /// Waits for an outcome, up to `deadline` when one is set.
-    pub(crate) async fn finish_call(&self, function: &str, rx: oneshot::Receiver<Outcome>, deadline: Option<Duration>) -> Outcome {
+    pub(crate) async fn finish_call(
+        &self,
+        function: &str,
+        rx: oneshot::Receiver<Outcome>,
+        deadline: Option<Duration>,
+    ) -> Outcome {
         let received = match deadline {
             None => rx.await,
             Some(limit) => match tokio::time::timeout(limit, rx).await {

@@ -41,7 +41,11 @@ impl Ctx {
         Ctx { core, worker, mode: Mode::Async(nested) }
     }
 
-    pub(crate) fn for_blocking(core: Arc<NodeCore>, worker: Arc<Worker>, slot: Arc<Mutex<Option<OwnedSemaphorePermit>>>) -> Ctx {
+    pub(crate) fn for_blocking(
+        core: Arc<NodeCore>,
+        worker: Arc<Worker>,
+        slot: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
+    ) -> Ctx {
         Ctx { core, worker, mode: Mode::Blocking(slot) }
     }
 
@@ -94,7 +98,9 @@ impl Ctx {
         loop {
             match rx.try_recv() {
                 Ok(outcome) => return outcome,
-                Err(TryRecvError::Closed) => return Err(CallError::Shutdown { function: request.function.to_string() }),
+                Err(TryRecvError::Closed) => {
+                    return Err(CallError::Shutdown { function: request.function.to_string() })
+                }
                 Err(TryRecvError::Empty) => {}
             }
             let claimed = match core.handle.block_on(core.statekeeper.claim(&self.worker.queue, &core.id, 1)) {

@@ -58,7 +58,14 @@ pub struct PoolSpec {
 impl PoolSpec {
     /// A top-level pool with a distributor and a helper.
     pub fn new(name: impl Into<String>) -> PoolSpec {
-        PoolSpec { name: name.into(), parent: None, distributor: true, helper: true, helper_interval_ms: 2, hoist_max: 64 }
+        PoolSpec {
+            name: name.into(),
+            parent: None,
+            distributor: true,
+            helper: true,
+            helper_interval_ms: 2,
+            hoist_max: 64,
+        }
     }
 
     /// Sets the parent pool.
@@ -218,7 +225,8 @@ impl NodeBuilder {
         for spec in &self.workers {
             for _ in 0..spec.count {
                 let worker_id: Arc<str> = format!("{id}/w{}", workers.len()).into();
-                let worker = Arc::new(Worker::new(worker_id, PoolId::new(spec.pool.as_str()), spec.slots, spec.prefetch));
+                let worker =
+                    Arc::new(Worker::new(worker_id, PoolId::new(spec.pool.as_str()), spec.slots, spec.prefetch));
                 statekeeper.join_pool(&worker.pool, &worker.queue).await?;
                 workers.push(worker);
             }

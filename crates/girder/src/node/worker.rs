@@ -164,8 +164,9 @@ pub(crate) fn run_blocking(
     request: Request,
 ) {
     let ctx = Ctx::for_blocking(core.clone(), worker.clone(), slot.clone());
-    let outcome: Outcome = std::panic::catch_unwind(AssertUnwindSafe(|| registered.function.invoke_blocking(ctx, &request.args)))
-        .unwrap_or_else(|payload| Err(panic_error(&request, payload)));
+    let outcome: Outcome =
+        std::panic::catch_unwind(AssertUnwindSafe(|| registered.function.invoke_blocking(ctx, &request.args)))
+            .unwrap_or_else(|payload| Err(panic_error(&request, payload)));
     core.handle.block_on(core.complete(&request, outcome));
 }
 

@@ -162,9 +162,8 @@ impl Inner {
         let state = self.pools.get(pool)?;
         let count = state.members.len();
         let start = state.next_member;
-        let chosen = (0..count)
-            .map(|k| (start + k) % count)
-            .find(|&i| self.capacity(pool, &state.members[i], depth) > 0)?;
+        let chosen =
+            (0..count).map(|k| (start + k) % count).find(|&i| self.capacity(pool, &state.members[i], depth) > 0)?;
         let state = self.pools.get_mut(pool)?;
         let member = state.members[chosen].clone();
         state.next_member = (chosen + 1) % count;
@@ -216,7 +215,7 @@ impl Inner {
         // Busiest member first: its queue is where work waits longest.
         let mut by_len: Vec<(usize, QueueId)> =
             members.iter().map(|m| (self.queues.get(m).map_or(0, |q| q.items.len()), m.clone())).collect();
-        by_len.sort_by(|a, b| b.0.cmp(&a.0));
+        by_len.sort_by_key(|entry| std::cmp::Reverse(entry.0));
         for (len, member) in by_len {
             if copied.len() >= budget || len < 2 {
                 break;
@@ -431,12 +430,9 @@ impl Statekeeper for Embedded {
     }
 
     async fn open_inbox(&self, node: &NodeId) -> SkResult<BoxStream<'static, Event>> {
-        let rx = self
-            .inner
-            .lock()
-            .inboxes
-            .remove(node)
-            .ok_or_else(|| StatekeeperError::Unavailable(format!("no inbox for node {node}: register it first, and open it once")))?;
+        let rx = self.inner.lock().inboxes.remove(node).ok_or_else(|| {
+            StatekeeperError::Unavailable(format!("no inbox for node {node}: register it first, and open it once"))
+        })?;
         Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|event| (event, rx)) })))
     }
 }

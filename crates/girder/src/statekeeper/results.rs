@@ -53,12 +53,7 @@ fn outcome_bytes(outcome: &Outcome) -> usize {
 impl ResultStore {
     /// An empty store with the given limits.
     pub fn new(config: ResultStoreConfig) -> ResultStore {
-        ResultStore {
-            config,
-            entries: LruCache::unbounded_with_hasher(IdBuild::default()),
-            bytes: 0,
-            evictions: 0,
-        }
+        ResultStore { config, entries: LruCache::unbounded_with_hasher(IdBuild::default()), bytes: 0, evictions: 0 }
     }
 
     /// The outcome of `id`, if stored and not expired; marks it recently used.

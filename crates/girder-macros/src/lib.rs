@@ -1,6 +1,6 @@
 //! `#[girder::function]`: turns a Rust `fn` into a function callable through the grid.
 //!
-//! ```ignore
+//! ```text
 //! #[girder::function(name = "examples/fib", version = 1)]
 //! pub async fn fib(ctx: Ctx, n: u64) -> Result<u64, String> { ... }
 //! ```

@@ -120,6 +120,7 @@ mod tests {
         let value = serde_json::json!({"a": [1, -2, 2.5, "x", null, true], "b": 18446744073709551615u64});
         let bytes = encode(&value).unwrap();
         assert_eq!(msgpack_to_json(&bytes).unwrap(), value);
-        assert!(msgpack_to_json(&[0xc1]).is_err());
+        assert!(msgpack_to_json(&[0x92, 0x01]).is_err(), "truncated array");
+        assert!(msgpack_to_json(&[0x01, 0x02]).is_err(), "trailing bytes");
     }
 }

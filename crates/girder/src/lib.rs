@@ -41,6 +41,7 @@ mod id;
 mod node;
 mod request;
 pub mod statekeeper;
+pub mod testing;
 
 pub use client::{call, call_blocking, Caller, Client};
 pub use error::{CallError, ErrorKind, StatekeeperError};
@@ -52,4 +53,6 @@ pub use node::{
     Ctx, Node, NodeBuilder, NodeError, NodeStats, PoolSpec, WorkerSpec, WorkerStats, SLOTS_MAX, WORKERS_MAX,
 };
 pub use request::{Outcome, Request};
-pub use statekeeper::{Embedded, EmbeddedConfig, ResultStoreConfig, Statekeeper};
+pub use statekeeper::{
+    Embedded, EmbeddedConfig, NodeInfo, RedisConfig, RedisStatekeeper, ResultStoreConfig, Statekeeper,
+};

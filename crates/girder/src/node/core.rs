@@ -9,11 +9,12 @@ use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use super::waiters::Waiters;
-use crate::error::CallError;
+use super::waiters::{Submission, Waiters};
+use super::worker::Worker;
+use crate::error::{CallError, StatekeeperError};
 use crate::function::Registry;
 use crate::request::{Outcome, Request};
-use crate::statekeeper::{NodeId, QueueId, Statekeeper, Submitted};
+use crate::statekeeper::{NodeId, PoolId, QueueId, Statekeeper, Submitted};
 
 /// Counters of the call path, shared by all callers on a node.
 #[derive(Default)]
@@ -26,7 +27,23 @@ pub(crate) struct CallCounters {
     pub(crate) joined: AtomicU64,
     /// Calls that queued a new request.
     pub(crate) queued: AtomicU64,
+    /// Requests submitted again because they were waited on for long.
+    pub(crate) resubmitted: AtomicU64,
 }
+
+/// A pool this node declared, as it must be declared again after the statekeeper forgot it.
+#[derive(Debug, Clone)]
+pub(crate) struct DeclaredPool {
+    pub(crate) pool: PoolId,
+    pub(crate) parent: Option<PoolId>,
+}
+
+/// Longest a completion is retried while the statekeeper is unreachable; after that the
+/// request's lease runs out and another node evaluates it again.
+const COMPLETE_RETRY_MS_MAX: u64 = 120_000;
+/// Backoff bounds for retries against an unreachable statekeeper.
+pub(crate) const RETRY_MIN_MS: u64 = 20;
+pub(crate) const RETRY_MAX_MS: u64 = 1_000;
 
 /// The parts of a node that clients, workers and functions share.
 pub(crate) struct NodeCore {
@@ -39,6 +56,9 @@ pub(crate) struct NodeCore {
     pub(crate) counters: CallCounters,
     /// Evaluations started per function, by name.
     pub(crate) evaluations: HashMap<&'static str, AtomicU64>,
+    pub(crate) pools: Vec<DeclaredPool>,
+    pub(crate) workers: Vec<Arc<Worker>>,
+    pub(crate) http: Option<String>,
 }
 
 /// Where a call's request goes when it must be queued.
@@ -63,19 +83,23 @@ impl NodeCore {
                 return Ok(outcome);
             }
             Ok(None) => {}
-            Err(err) => return Ok(Err(CallError::statekeeper(&request.function, &err))),
+            // Treated as a miss: the submission below retries until the statekeeper is back.
+            Err(err) => tracing::debug!(error = %err, "memo lookup failed"),
         }
-        let (rx, first) = self.waiters.register(request.id);
+        let submission = Submission { request: request.clone(), queue: target.queue.clone(), front: target.front };
+        let (rx, first) = self.waiters.register(&submission);
         if !first {
             self.counters.joined.fetch_add(1, Ordering::Relaxed);
             return Err(rx);
         }
-        let submitted = self.statekeeper.submit(request, target.queue, target.front, &self.id).await;
-        self.after_submit(request, submitted);
+        self.submit(&submission).await;
         Err(rx)
     }
 
-    fn after_submit(&self, request: &Request, submitted: Result<Submitted, crate::error::StatekeeperError>) {
+    /// Submits and handles the answer: an outcome known now goes to the local callers.
+    pub(crate) async fn submit(&self, submission: &Submission) {
+        let request = &submission.request;
+        let submitted = self.statekeeper.submit(request, &submission.queue, submission.front, &self.id).await;
         let outcome = match submitted {
             Ok(Submitted::Queued) => {
                 self.counters.queued.fetch_add(1, Ordering::Relaxed);
@@ -92,9 +116,23 @@ impl NodeCore {
             Ok(Submitted::UnknownFunction) => {
                 Err(CallError::UnknownFunction { function: request.function.to_string() })
             }
+            Err(StatekeeperError::Unavailable(message)) => {
+                // The callers keep waiting; the resubmission sweep tries again.
+                tracing::warn!(function = %request.function, %message, "submission failed; will retry");
+                return;
+            }
             Err(err) => Err(CallError::statekeeper(&request.function, &err)),
         };
         self.waiters.deliver(&request.id, &outcome);
+    }
+
+    /// Submits again the requests waited on for longer than `age`: idempotent for requests
+    /// the statekeeper still has, and recovers those it lost.
+    pub(crate) async fn resubmit_overdue(&self, age: Duration, max: usize) {
+        for submission in self.waiters.overdue(age, max) {
+            self.counters.resubmitted.fetch_add(1, Ordering::Relaxed);
+            self.submit(&submission).await;
+        }
     }
 
     /// Waits for an outcome, up to `deadline` when one is set.
@@ -129,20 +167,35 @@ impl NodeCore {
     }
 
     /// Records `outcome` as the result of `request`: memoizes it when it is a value, wakes
-    /// the waiting nodes, and hands it to the callers waiting here.
+    /// the waiting nodes, and hands it to the callers waiting here. Retries while the
+    /// statekeeper is unreachable.
     pub(crate) async fn complete(&self, request: &Request, outcome: Outcome) {
         let memoize = match &outcome {
             Ok(_) => true,
             Err(err) => err.is_memoizable(),
         };
-        match self.statekeeper.complete(&request.id, &outcome, memoize, &self.id).await {
-            Ok(true) => self.waiters.deliver(&request.id, &outcome),
-            Ok(false) => {}
-            Err(err) => {
-                // Local callers learn it now; remote ones are re-served when the request's
-                // lease runs out and it is evaluated again.
-                tracing::error!(request = %request.id, function = %request.function, error = %err, "could not record an outcome");
-                self.waiters.deliver(&request.id, &Err(CallError::statekeeper(&request.function, &err)));
+        let mut backoff_ms = RETRY_MIN_MS;
+        let mut waited_ms = 0;
+        loop {
+            match self.statekeeper.complete(&request.id, &outcome, memoize, &self.id).await {
+                Ok(true) => return self.waiters.deliver(&request.id, &outcome),
+                Ok(false) => return,
+                Err(StatekeeperError::Unavailable(message)) if waited_ms < COMPLETE_RETRY_MS_MAX => {
+                    if waited_ms == 0 {
+                        tracing::warn!(request = %request.id, function = %request.function, %message,
+                            "statekeeper unreachable; retrying the completion with backoff");
+                    }
+                    tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+                    waited_ms += backoff_ms;
+                    backoff_ms = (backoff_ms * 2).min(RETRY_MAX_MS);
+                }
+                Err(err) => {
+                    // Local callers learn it now; remote ones are served when the request is
+                    // re-run after this node's claims expire, or by their resubmission.
+                    tracing::error!(request = %request.id, function = %request.function, error = %err,
+                        "could not record an outcome");
+                    return self.waiters.deliver(&request.id, &Err(CallError::statekeeper(&request.function, &err)));
+                }
             }
         }
     }
@@ -151,5 +204,21 @@ impl NodeCore {
         if let Some(counter) = self.evaluations.get(function) {
             counter.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Registers this node again with everything it declared, after the statekeeper forgot
+    /// it (it was declared dead, or the store lost its state).
+    pub(crate) async fn rejoin(&self) -> Result<(), StatekeeperError> {
+        let functions: Vec<(String, u32)> = self.registry.names().into_iter().map(|(n, v)| (n.to_owned(), v)).collect();
+        self.statekeeper.register_node(&self.id, &functions).await?;
+        for declared in &self.pools {
+            self.statekeeper.declare_pool(&declared.pool, declared.parent.as_ref(), &self.id).await?;
+        }
+        for worker in &self.workers {
+            self.statekeeper.join_pool(&worker.pool, &worker.queue, &self.id).await?;
+            // Its dispatcher volunteers again on its next round.
+            worker.slot_freed.notify_one();
+        }
+        Ok(())
     }
 }

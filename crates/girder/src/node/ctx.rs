@@ -14,6 +14,7 @@ use crate::client::Caller;
 use crate::error::CallError;
 use crate::function::FnKind;
 use crate::request::{Outcome, Request};
+use crate::statekeeper::QueueId;
 
 enum Mode {
     /// Counts the nested requests the evaluation is parked on; the slot is given back
@@ -59,12 +60,19 @@ impl Ctx {
         &self.worker.id
     }
 
-    fn target(&self) -> Target<'_> {
-        Target { queue: &self.worker.queue, front: true }
+    /// Nested requests this node serves go to the front of our own queue; others to the
+    /// back of our pool's queue, whose distributor hands them to a node that serves them.
+    fn target<'a>(&'a self, request: &Request, pool_queue: &'a QueueId) -> Target<'a> {
+        if self.core.registry.get(&request.function).is_some() {
+            Target { queue: &self.worker.queue, front: true }
+        } else {
+            Target { queue: pool_queue, front: false }
+        }
     }
 
     async fn call_async(&self, request: Request) -> Outcome {
-        let rx = match self.core.begin_call(&request, self.target()).await {
+        let pool_queue = QueueId::pool(&self.worker.pool);
+        let rx = match self.core.begin_call(&request, self.target(&request, &pool_queue)).await {
             Ok(outcome) => return outcome,
             Err(rx) => rx,
         };
@@ -88,7 +96,8 @@ impl Ctx {
     /// while blocked.
     fn call_on_thread(&self, request: Request) -> Outcome {
         let core = &self.core;
-        let mut rx = match core.handle.block_on(core.begin_call(&request, self.target())) {
+        let pool_queue = QueueId::pool(&self.worker.pool);
+        let mut rx = match core.handle.block_on(core.begin_call(&request, self.target(&request, &pool_queue))) {
             Ok(outcome) => return outcome,
             Err(rx) => rx,
         };

@@ -16,13 +16,13 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use self::core::{CallCounters, NodeCore};
+use self::core::{CallCounters, DeclaredPool, NodeCore};
 use self::waiters::Waiters;
 use self::worker::Worker;
 use crate::client::Client;
 use crate::error::StatekeeperError;
 use crate::function::Registry;
-use crate::statekeeper::{Embedded, NodeId, PoolCounters, PoolId, QueueId, Statekeeper};
+use crate::statekeeper::{Embedded, NodeId, NodeInfo, PoolCounters, PoolId, QueueId, Statekeeper, WorkerInfo};
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +115,9 @@ pub struct NodeBuilder {
     pools: Vec<PoolSpec>,
     workers: Vec<WorkerSpec>,
     entry_pool: Option<String>,
+    heartbeat_ms: u64,
+    resubmit_ms: u64,
+    http: Option<String>,
 }
 
 /// Most slots a worker may have; a guard against typos, not a tuning limit.
@@ -150,6 +153,26 @@ impl NodeBuilder {
     /// Adds workers.
     pub fn workers(mut self, workers: WorkerSpec) -> NodeBuilder {
         self.workers.push(workers);
+        self
+    }
+
+    /// Sets how often the node renews its lease, reports its state and reaps dead nodes
+    /// (default 500 ms). Keep it well under the statekeeper's node TTL.
+    pub fn heartbeat_ms(mut self, heartbeat_ms: u64) -> NodeBuilder {
+        self.heartbeat_ms = heartbeat_ms.max(1);
+        self
+    }
+
+    /// Sets how long a caller waits before its request is submitted again (default 2 s):
+    /// this recovers requests a statekeeper lost and fails those whose function vanished.
+    pub fn resubmit_ms(mut self, resubmit_ms: u64) -> NodeBuilder {
+        self.resubmit_ms = resubmit_ms.max(1);
+        self
+    }
+
+    /// Records the address of this node's HTTP API, reported in its status.
+    pub fn http_address(mut self, address: impl Into<String>) -> NodeBuilder {
+        self.http = Some(address.into());
         self
     }
 
@@ -204,13 +227,20 @@ impl NodeBuilder {
         let handle = tokio::runtime::Handle::try_current().map_err(|_| NodeError::NoRuntime)?;
         let statekeeper = self.statekeeper.unwrap_or_else(|| Arc::new(Embedded::default()));
         let id = NodeId::new(self.id);
-        let functions: Vec<(String, u32)> = self.registry.names().into_iter().map(|(n, v)| (n.to_owned(), v)).collect();
-        statekeeper.register_node(&id, &functions).await?;
-        for pool in &self.pools {
-            let parent = pool.parent.as_deref().map(PoolId::new);
-            statekeeper.declare_pool(&PoolId::new(pool.name.as_str()), parent.as_ref()).await?;
-        }
         let evaluations = self.registry.names().into_iter().map(|(name, _)| (name, AtomicU64::new(0))).collect();
+        let pools: Vec<DeclaredPool> = self
+            .pools
+            .iter()
+            .map(|p| DeclaredPool { pool: PoolId::new(p.name.as_str()), parent: p.parent.as_deref().map(PoolId::new) })
+            .collect();
+        let mut workers = Vec::new();
+        for spec in &self.workers {
+            for _ in 0..spec.count {
+                let worker_id: Arc<str> = format!("{id}/w{}", workers.len()).into();
+                let pool = PoolId::new(spec.pool.as_str());
+                workers.push(Arc::new(Worker::new(worker_id, pool, spec.slots, spec.prefetch)));
+            }
+        }
         let core = Arc::new(NodeCore {
             id: id.clone(),
             statekeeper: statekeeper.clone(),
@@ -220,20 +250,23 @@ impl NodeBuilder {
             cancel: CancellationToken::new(),
             counters: CallCounters::default(),
             evaluations,
+            pools,
+            workers: workers.clone(),
+            http: self.http,
         });
-        let mut workers = Vec::new();
-        for spec in &self.workers {
-            for _ in 0..spec.count {
-                let worker_id: Arc<str> = format!("{id}/w{}", workers.len()).into();
-                let worker =
-                    Arc::new(Worker::new(worker_id, PoolId::new(spec.pool.as_str()), spec.slots, spec.prefetch));
-                statekeeper.join_pool(&worker.pool, &worker.queue).await?;
-                workers.push(worker);
+        if let Err(err) = core.rejoin().await {
+            // Do not leave a half-registered node behind (a duplicate id registered nothing).
+            if !matches!(err, StatekeeperError::DuplicateNode(_)) {
+                let _ = statekeeper.deregister_node(&id).await;
             }
+            return Err(err.into());
         }
         let mut tasks = Vec::new();
         let events = statekeeper.open_inbox(&id).await?;
         tasks.push(handle.spawn(roles::inbox(core.clone(), events)));
+        let heartbeat = Duration::from_millis(self.heartbeat_ms);
+        let resubmit = Duration::from_millis(self.resubmit_ms);
+        tasks.push(handle.spawn(roles::membership(core.clone(), heartbeat, resubmit)));
         for pool in &self.pools {
             let pool_id = PoolId::new(pool.name.as_str());
             if pool.distributor {
@@ -249,9 +282,32 @@ impl NodeBuilder {
         }
         let entry = self.entry_pool.or_else(|| self.pools.first().map(|p| p.name.clone()));
         let entry_queue = entry.map(|name| QueueId::pool(&PoolId::new(name)));
-        let pools = self.pools.iter().map(|p| PoolId::new(p.name.as_str())).collect();
         tracing::info!(node = %id, workers = workers.len(), "node started");
-        Ok(Node { core, workers, tasks: parking_lot::Mutex::new(tasks), entry_queue, pools })
+        Ok(Node { core, tasks: parking_lot::Mutex::new(tasks), entry_queue })
+    }
+}
+
+/// What this node reports about itself with each heartbeat.
+pub(crate) fn node_info(core: &NodeCore) -> NodeInfo {
+    let counters = &core.counters;
+    NodeInfo {
+        id: core.id.to_string(),
+        http: core.http.clone(),
+        workers: core
+            .workers
+            .iter()
+            .map(|w| WorkerInfo {
+                id: w.id.to_string(),
+                pool: w.pool.to_string(),
+                slots: u32::try_from(w.slots).unwrap_or(u32::MAX),
+                busy: u32::try_from(w.slots.saturating_sub(w.semaphore.available_permits())).unwrap_or(u32::MAX),
+                executed: w.executed.load(Ordering::Relaxed),
+            })
+            .collect(),
+        calls: counters.calls.load(Ordering::Relaxed),
+        memo_hits: counters.memo_hits.load(Ordering::Relaxed),
+        evaluations: core.evaluations.values().map(|c| c.load(Ordering::Relaxed)).sum(),
+        heartbeat_age_ms: 0,
     }
 }
 
@@ -259,10 +315,8 @@ impl NodeBuilder {
 /// the runtime stops.
 pub struct Node {
     core: Arc<NodeCore>,
-    workers: Vec<Arc<Worker>>,
     tasks: parking_lot::Mutex<Vec<JoinHandle<()>>>,
     entry_queue: Option<QueueId>,
-    pools: Vec<PoolId>,
 }
 
 /// What one worker has done.
@@ -311,6 +365,9 @@ impl Node {
             pools: Vec::new(),
             workers: Vec::new(),
             entry_pool: None,
+            heartbeat_ms: 500,
+            resubmit_ms: 2_000,
+            http: None,
         }
     }
 
@@ -348,6 +405,11 @@ impl Node {
         self.core.evaluations.get(function).map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
+    /// What this node reports about itself to the statekeeper.
+    pub fn info(&self) -> NodeInfo {
+        node_info(&self.core)
+    }
+
     /// A snapshot of the node's counters.
     pub async fn stats(&self) -> NodeStats {
         let counters = &self.core.counters;
@@ -355,9 +417,9 @@ impl Node {
             self.core.evaluations.iter().map(|(name, c)| ((*name).to_owned(), c.load(Ordering::Relaxed))).collect();
         evaluations.sort();
         let mut pools = Vec::new();
-        for pool in &self.pools {
-            if let Ok(counters) = self.core.statekeeper.pool_counters(pool).await {
-                pools.push((pool.to_string(), counters));
+        for declared in &self.core.pools {
+            if let Ok(counters) = self.core.statekeeper.pool_counters(&declared.pool).await {
+                pools.push((declared.pool.to_string(), counters));
             }
         }
         NodeStats {
@@ -367,6 +429,7 @@ impl Node {
             joined: counters.joined.load(Ordering::Relaxed),
             queued: counters.queued.load(Ordering::Relaxed),
             workers: self
+                .core
                 .workers
                 .iter()
                 .map(|w| WorkerStats {
@@ -390,9 +453,7 @@ impl Node {
         for task in tasks {
             let _ = task.await;
         }
-        for worker in &self.workers {
-            let _ = self.core.statekeeper.leave_pool(&worker.pool, &worker.queue).await;
-        }
+        // Deregistering withdraws the workers and hands what they held back to their pools.
         if let Err(err) = self.core.statekeeper.deregister_node(&self.core.id).await {
             tracing::warn!(node = %self.core.id, error = %err, "could not deregister");
         }

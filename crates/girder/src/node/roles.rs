@@ -59,3 +59,47 @@ pub(crate) async fn inbox(core: Arc<NodeCore>, mut events: futures::stream::BoxS
         }
     }
 }
+
+/// Most requests one resubmission round submits again.
+const RESUBMIT_BATCH_MAX: usize = 10_000;
+
+/// Keeps this node's lease alive, reports its state, declares dead nodes dead, and submits
+/// again the requests its callers have waited on for long.
+pub(crate) async fn membership(core: Arc<NodeCore>, heartbeat: Duration, resubmit_after: Duration) {
+    let mut ticker = tokio::time::interval(heartbeat);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = core.cancel.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
+        let info = super::node_info(&core);
+        let result = match core.statekeeper.heartbeat(&core.id, &info).await {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                tracing::warn!(node = %core.id, "the statekeeper does not know this node any more; registering again");
+                core.rejoin().await
+            }
+            Err(err) => Err(err),
+        };
+        match result {
+            Ok(()) if failing => {
+                tracing::info!(node = %core.id, "statekeeper reachable again");
+                failing = false;
+            }
+            Ok(()) => {}
+            Err(err) => {
+                if !failing {
+                    tracing::error!(node = %core.id, error = %err, "heartbeat failed; the node keeps running and retries");
+                }
+                failing = true;
+                continue;
+            }
+        }
+        if let Err(err) = core.statekeeper.reap().await {
+            tracing::debug!(error = %err, "reaping failed");
+        }
+        core.resubmit_overdue(resubmit_after, RESUBMIT_BATCH_MAX).await;
+    }
+}

@@ -2,41 +2,82 @@
 //!
 //! The statekeeper only knows which *nodes* wait for a request; this table knows which
 //! callers on this node do, so one notification reaches all of them, and so a second local
-//! caller of a request already submitted from this node does not submit it again.
+//! caller of a request already submitted from this node does not submit it again. It also
+//! remembers how each request was submitted, so that requests waited on for long can be
+//! submitted again: if the statekeeper lost them (a Redis restart without persistence) they
+//! are queued anew, and if their function vanished their callers learn it.
+
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
 use crate::id::{IdMap, ReqId};
-use crate::request::Outcome;
+use crate::request::{Outcome, Request};
+use crate::statekeeper::QueueId;
+
+/// How a request was submitted, to submit it again.
+#[derive(Clone)]
+pub(crate) struct Submission {
+    pub(crate) request: Request,
+    pub(crate) queue: QueueId,
+    pub(crate) front: bool,
+}
+
+struct Entry {
+    senders: Vec<oneshot::Sender<Outcome>>,
+    submission: Submission,
+    /// When the request was last submitted.
+    submitted_at: Instant,
+}
 
 /// Callers waiting on this node, by request.
 #[derive(Default)]
 pub(crate) struct Waiters {
-    map: Mutex<IdMap<Vec<oneshot::Sender<Outcome>>>>,
+    map: Mutex<IdMap<Entry>>,
 }
 
 impl Waiters {
-    /// Registers a caller. Returns its receiver and whether it is the first local caller of
-    /// `id` (which must then submit the request; later ones only wait).
-    pub(crate) fn register(&self, id: ReqId) -> (oneshot::Receiver<Outcome>, bool) {
+    /// Registers a caller of `submission`. Returns its receiver and whether it is the first
+    /// local caller (which must then submit the request; later ones only wait).
+    pub(crate) fn register(&self, submission: &Submission) -> (oneshot::Receiver<Outcome>, bool) {
         let (tx, rx) = oneshot::channel();
         let mut map = self.map.lock();
-        let entry = map.entry(id).or_default();
+        let entry = map.entry(submission.request.id).or_insert_with(|| Entry {
+            senders: Vec::new(),
+            submission: submission.clone(),
+            submitted_at: Instant::now(),
+        });
         // Callers that gave up (deadline) left closed senders behind; they do not count.
-        entry.retain(|sender| !sender.is_closed());
-        let first = entry.is_empty();
-        entry.push(tx);
+        entry.senders.retain(|sender| !sender.is_closed());
+        let first = entry.senders.is_empty();
+        entry.senders.push(tx);
         (rx, first)
     }
 
     /// Hands `outcome` to every local caller of `id`.
     pub(crate) fn deliver(&self, id: &ReqId, outcome: &Outcome) {
-        let senders = self.map.lock().remove(id);
-        for sender in senders.into_iter().flatten() {
+        let entry = self.map.lock().remove(id);
+        for sender in entry.into_iter().flat_map(|e| e.senders) {
             // A dropped receiver is a caller that stopped waiting; nothing to do.
             let _ = sender.send(outcome.clone());
         }
+    }
+
+    /// Up to `max` submissions waited on for longer than `age`, marked as submitted now.
+    /// Entries whose callers all gave up are dropped instead.
+    pub(crate) fn overdue(&self, age: Duration, max: usize) -> Vec<Submission> {
+        let now = Instant::now();
+        let mut map = self.map.lock();
+        map.retain(|_, entry| entry.senders.iter().any(|s| !s.is_closed()));
+        map.values_mut()
+            .filter(|entry| now.duration_since(entry.submitted_at) >= age)
+            .take(max)
+            .map(|entry| {
+                entry.submitted_at = now;
+                entry.submission.clone()
+            })
+            .collect()
     }
 
     /// Number of requests with local callers.

@@ -18,7 +18,7 @@ use parking_lot::Mutex;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::PollSemaphore;
 
-use super::core::NodeCore;
+use super::core::{NodeCore, RETRY_MAX_MS, RETRY_MIN_MS};
 use super::ctx::Ctx;
 use crate::error::CallError;
 use crate::function::{FnKind, Registered};
@@ -72,7 +72,15 @@ impl Worker {
 
 /// Claims work into free slots and volunteers for more, until the node shuts down.
 pub(crate) async fn dispatch(core: Arc<NodeCore>, worker: Arc<Worker>) {
+    let mut backoff_ms = 0;
     loop {
+        if backoff_ms > 0 {
+            // The statekeeper failed us last round: do not spin against it.
+            tokio::select! {
+                _ = core.cancel.cancelled() => break,
+                _ = tokio::time::sleep(std::time::Duration::from_millis(backoff_ms)) => {}
+            }
+        }
         let mut permits = Vec::new();
         while let Ok(permit) = worker.semaphore.clone().try_acquire_owned() {
             permits.push(permit);
@@ -80,10 +88,16 @@ pub(crate) async fn dispatch(core: Arc<NodeCore>, worker: Arc<Worker>) {
         if !permits.is_empty() {
             let asked = permits.len();
             let claimed = match core.statekeeper.claim(&worker.queue, &core.id, asked).await {
-                Ok(claimed) => claimed,
+                Ok(claimed) => {
+                    backoff_ms = 0;
+                    claimed
+                }
                 Err(err) => {
-                    tracing::warn!(worker = %worker.id, error = %err, "claim failed; retrying");
-                    Vec::new()
+                    if backoff_ms == 0 {
+                        tracing::warn!(worker = %worker.id, error = %err, "claim failed; retrying with backoff");
+                    }
+                    backoff_ms = (backoff_ms * 2).clamp(RETRY_MIN_MS, RETRY_MAX_MS);
+                    continue;
                 }
             };
             let drained = claimed.len() < asked;

@@ -4,12 +4,12 @@
 //! distributor's hand-off runs inside the operations that make it possible: work entering
 //! a pool's queue goes straight to a volunteer that has credits, and a member volunteering
 //! pulls the queued work of its pool and of the pool's ancestors. The distributor tasks of
-//! the nodes call [`Statekeeper::distribute`] as well, which finds nothing to do here but
-//! keeps the protocol the same for statekeepers that do not hand off eagerly.
+//! the nodes call [`Statekeeper::distribute`] as well, which finds little to do here but
+//! keeps the protocol the same for every statekeeper.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
@@ -17,9 +17,10 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, Notify};
 
 use super::{
-    Event, NodeId, PoolCounters, PoolId, QueueId, ResultStore, ResultStoreConfig, SkResult, Statekeeper, Submitted,
+    Event, NodeId, NodeInfo, PoolCounters, PoolId, QueueId, ResultStore, ResultStoreConfig, SkResult, Statekeeper,
+    Submitted,
 };
-use crate::error::StatekeeperError;
+use crate::error::{CallError, StatekeeperError};
 use crate::id::{IdMap, ReqId};
 use crate::request::{Outcome, Request};
 
@@ -31,20 +32,31 @@ pub struct EmbeddedConfig {
     /// At most this many requests may be in flight (queued or running); submissions
     /// beyond fail with [`StatekeeperError::Overloaded`] instead of growing without bound.
     pub in_flight_max: usize,
+    /// A node whose last heartbeat is older than this is dead.
+    pub node_ttl_ms: u64,
 }
 
 impl Default for EmbeddedConfig {
     fn default() -> Self {
-        EmbeddedConfig { results: ResultStoreConfig::default(), in_flight_max: 4_000_000 }
+        EmbeddedConfig { results: ResultStoreConfig::default(), in_flight_max: 4_000_000, node_ttl_ms: 3_000 }
     }
 }
 
+/// How deep pools may nest; guards the recursive hand-off against a cycle of parents.
+pub(crate) const POOL_DEPTH_MAX: usize = 16;
+/// Most queued requests one distribution round looks at, so a queue whose head no member
+/// can take (wrong functions) does not block the work behind it, nor make a round long.
+pub(crate) const DISTRIBUTE_SCAN_MAX: usize = 1_000;
+
 struct ReqState {
     request: Request,
+    /// The node that claimed it, while running.
     running: Option<NodeId>,
     waiters: Vec<NodeId>,
     /// A helper already copied it up once; one copy is enough.
     hoisted: bool,
+    /// The pool queue it goes back to when its owner dies.
+    home: QueueId,
 }
 
 #[derive(Default)]
@@ -66,15 +78,28 @@ struct PoolState {
     counters: PoolCounters,
 }
 
+struct NodeState {
+    expires_at: Instant,
+    info: NodeInfo,
+    inbox: mpsc::UnboundedSender<Event>,
+    functions: Vec<String>,
+    /// Worker queues it owns.
+    queues: HashSet<QueueId>,
+    /// Requests it has claimed and not completed.
+    running: HashSet<ReqId>,
+}
+
 #[derive(Default)]
 struct Inner {
     results: Option<ResultStore>,
     requests: IdMap<ReqState>,
     queues: HashMap<QueueId, QueueState>,
     pools: HashMap<PoolId, PoolState>,
+    /// Worker queue -> (owning node, pool).
+    queue_owner: HashMap<QueueId, (NodeId, PoolId)>,
     /// name -> (version, nodes serving it)
     functions: HashMap<String, (u32, HashSet<NodeId>)>,
-    nodes: HashMap<NodeId, mpsc::UnboundedSender<Event>>,
+    nodes: HashMap<NodeId, NodeState>,
     inboxes: HashMap<NodeId, mpsc::UnboundedReceiver<Event>>,
 }
 
@@ -103,9 +128,6 @@ impl Embedded {
     }
 }
 
-/// How deep pools may nest; guards the recursive hand-off against a cycle of parents.
-const POOL_DEPTH_MAX: usize = 16;
-
 impl Inner {
     fn results(&mut self) -> &mut ResultStore {
         self.results.get_or_insert_with(|| ResultStore::new(ResultStoreConfig::default()))
@@ -115,34 +137,47 @@ impl Inner {
         self.queues.entry(queue.clone()).or_default()
     }
 
+    fn queue_is_empty(&self, queue: &QueueId) -> bool {
+        self.queues.get(queue).is_none_or(|q| q.items.is_empty())
+    }
+
     fn is_pending(&self, id: &ReqId) -> bool {
         self.requests.get(id).is_some_and(|state| state.running.is_none())
     }
 
-    /// Credits a member can take now: a worker's volunteered credits, or for a child pool
-    /// with an empty queue the sum over its own members.
-    fn capacity(&self, pool: &PoolId, member: &QueueId, depth: usize) -> u32 {
+    fn serves(&self, node: &NodeId, function: &str) -> bool {
+        self.functions.get(function).is_some_and(|(_, nodes)| nodes.contains(node))
+    }
+
+    /// Credits `member` of `pool` can take now for `function`: a worker's volunteered
+    /// credits if its node serves the function, or for a child pool with an empty queue
+    /// the sum over its own members.
+    fn capacity(&self, pool: &PoolId, member: &QueueId, function: &str, depth: usize) -> u32 {
         match member.as_pool() {
-            Some(child) if depth < POOL_DEPTH_MAX => {
-                let empty = self.queues.get(member).is_none_or(|q| q.items.is_empty());
-                match self.pools.get(&child) {
-                    Some(state) if empty => {
-                        state.members.iter().map(|m| self.capacity(&child, m, depth + 1)).fold(0, u32::saturating_add)
-                    }
+            Some(child) if depth < POOL_DEPTH_MAX && self.queue_is_empty(member) => match self.pools.get(&child) {
+                Some(state) => state
+                    .members
+                    .iter()
+                    .map(|m| self.capacity(&child, m, function, depth + 1))
+                    .fold(0, u32::saturating_add),
+                None => 0,
+            },
+            Some(_) => 0,
+            None => {
+                let credits = self.pools.get(pool).and_then(|p| p.credits.get(member)).copied().unwrap_or(0);
+                match self.queue_owner.get(member) {
+                    Some((node, _)) if credits > 0 && self.serves(node, function) => credits,
                     _ => 0,
                 }
             }
-            Some(_) => 0,
-            None => self.pools.get(pool).and_then(|p| p.credits.get(member)).copied().unwrap_or(0),
         }
     }
 
     /// Puts `id` into `queue`; a pool queue with an idle member hands it straight down.
     fn place(&mut self, queue: &QueueId, id: ReqId, front: bool, depth: usize) {
         if let Some(pool) = queue.as_pool() {
-            let empty = self.queues.get(queue).is_none_or(|q| q.items.is_empty());
-            if empty && depth < POOL_DEPTH_MAX {
-                if let Some(member) = self.pick_member(&pool, depth) {
+            if depth < POOL_DEPTH_MAX && self.queue_is_empty(queue) {
+                if let Some(member) = self.pick_member(&pool, id, depth) {
                     self.place(&member, id, false, depth + 1);
                     return;
                 }
@@ -157,13 +192,16 @@ impl Inner {
         state.signal.notify_one();
     }
 
-    /// Chooses the next member of `pool` with credits, round robin, and charges it one.
-    fn pick_member(&mut self, pool: &PoolId, depth: usize) -> Option<QueueId> {
+    /// Chooses the next member of `pool` that can take `id`, round robin, and charges it
+    /// one credit.
+    fn pick_member(&mut self, pool: &PoolId, id: ReqId, depth: usize) -> Option<QueueId> {
+        let function = self.requests.get(&id)?.request.function.clone();
         let state = self.pools.get(pool)?;
         let count = state.members.len();
         let start = state.next_member;
-        let chosen =
-            (0..count).map(|k| (start + k) % count).find(|&i| self.capacity(pool, &state.members[i], depth) > 0)?;
+        let chosen = (0..count)
+            .map(|k| (start + k) % count)
+            .find(|&i| self.capacity(pool, &state.members[i], &function, depth) > 0)?;
         let state = self.pools.get_mut(pool)?;
         let member = state.members[chosen].clone();
         state.next_member = (chosen + 1) % count;
@@ -177,20 +215,29 @@ impl Inner {
         Some(member)
     }
 
-    /// Hands queued work of `pool` to members with credits, at most `max` requests.
+    /// Hands queued work of `pool` to members that can take it, at most `max` requests.
     fn distribute(&mut self, pool: &PoolId, max: usize) -> usize {
         let queue = QueueId::pool(pool);
+        let Some(state) = self.queues.get_mut(&queue) else { return 0 };
+        let scan = state.items.len().min(DISTRIBUTE_SCAN_MAX);
+        let head: Vec<ReqId> = state.items.drain(..scan).collect();
+        let mut kept = Vec::new();
         let mut moved = 0;
-        while moved < max {
-            let Some(&id) = self.queues.get(&queue).and_then(|q| q.items.front()) else { break };
+        for id in head {
             if !self.is_pending(&id) {
-                self.queue(&queue).items.pop_front();
-                continue;
+                continue; // stale copy: drop it
             }
-            let Some(member) = self.pick_member(pool, 0) else { break };
-            self.queue(&queue).items.pop_front();
-            self.place(&member, id, false, 1);
-            moved += 1;
+            match (moved < max).then(|| self.pick_member(pool, id, 0)).flatten() {
+                Some(member) => {
+                    self.place(&member, id, false, 1);
+                    moved += 1;
+                }
+                None => kept.push(id),
+            }
+        }
+        let state = self.queue(&queue);
+        for id in kept.into_iter().rev() {
+            state.items.push_front(id);
         }
         moved
     }
@@ -198,7 +245,7 @@ impl Inner {
     fn ancestors(&self, pool: &PoolId) -> Vec<PoolId> {
         let mut chain = vec![pool.clone()];
         while chain.len() < POOL_DEPTH_MAX {
-            match self.pools.get(chain.last().expect("chain is never empty")).and_then(|p| p.parent.clone()) {
+            match chain.last().and_then(|last| self.pools.get(last)).and_then(|p| p.parent.clone()) {
                 Some(parent) if !chain.contains(&parent) => chain.push(parent),
                 _ => break,
             }
@@ -206,11 +253,26 @@ impl Inner {
         chain
     }
 
+    fn idle_credits(&self, pool: &PoolId) -> u32 {
+        let Some(state) = self.pools.get(pool) else { return 0 };
+        let mut total = state.credits.values().fold(0u32, |a, b| a.saturating_add(*b));
+        for member in &state.members {
+            if let Some(child) = member.as_pool() {
+                if self.queue_is_empty(member) && child != *pool {
+                    total = total.saturating_add(self.idle_credits(&child));
+                }
+            }
+        }
+        total
+    }
+
     fn hoist(&mut self, pool: &PoolId, max: usize) -> usize {
         let Some(state) = self.pools.get(pool) else { return 0 };
         let members = state.members.clone();
-        let idle: u32 = members.iter().map(|m| self.capacity(pool, m, 0)).fold(0, u32::saturating_add);
-        let budget = max.min(idle as usize);
+        let budget = max.min(self.idle_credits(pool) as usize);
+        if budget == 0 {
+            return 0;
+        }
         let mut copied = Vec::new();
         // Busiest member first: its queue is where work waits longest.
         let mut by_len: Vec<(usize, QueueId)> =
@@ -251,17 +313,87 @@ impl Inner {
         }
         copied.len()
     }
+
+    /// The pool queue a request submitted into `queue` returns to if its owner dies.
+    fn home_of(&self, queue: &QueueId) -> QueueId {
+        match self.queue_owner.get(queue) {
+            Some((_, pool)) => QueueId::pool(pool),
+            None => queue.clone(),
+        }
+    }
+
+    /// Puts a request whose owner is gone back in flight.
+    fn requeue(&mut self, id: ReqId, front: bool) {
+        let Some(state) = self.requests.get_mut(&id) else { return };
+        state.running = None;
+        let home = state.home.clone();
+        self.place(&home, id, front, 0);
+    }
+
+    /// Removes `node` and gives everything it held back to the grid.
+    fn remove_node(&mut self, node: &NodeId) {
+        self.inboxes.remove(node);
+        let Some(state) = self.nodes.remove(node) else { return };
+        for name in &state.functions {
+            if let Some((_, nodes)) = self.functions.get_mut(name) {
+                nodes.remove(node);
+                if nodes.is_empty() {
+                    self.functions.remove(name);
+                }
+            }
+        }
+        for id in state.running {
+            if self.requests.get(&id).is_some_and(|r| r.running.as_ref() == Some(node)) {
+                self.requeue(id, true);
+            }
+        }
+        for queue in state.queues {
+            let Some((_, pool)) = self.queue_owner.remove(&queue) else { continue };
+            if let Some(pool_state) = self.pools.get_mut(&pool) {
+                pool_state.members.retain(|m| m != &queue);
+                pool_state.credits.remove(&queue);
+                pool_state.next_member = 0;
+            }
+            let items = self.queues.remove(&queue).map(|q| q.items).unwrap_or_default();
+            for id in items {
+                if self.is_pending(&id) {
+                    self.requeue(id, false);
+                }
+            }
+        }
+    }
+
+    fn fail_waiters(&mut self, id: &ReqId, outcome: &Outcome) {
+        if let Some(state) = self.requests.remove(id) {
+            for waiter in state.waiters {
+                if let Some(node) = self.nodes.get(&waiter) {
+                    let _ = node.inbox.send(Event::Done { id: *id, outcome: outcome.clone() });
+                }
+            }
+        }
+    }
 }
 
 #[async_trait]
 impl Statekeeper for Embedded {
     async fn register_node(&self, node: &NodeId, functions: &[(String, u32)]) -> SkResult<()> {
         let mut inner = self.inner.lock();
-        if inner.nodes.contains_key(node) {
-            return Err(StatekeeperError::DuplicateNode(node.to_string()));
+        let now = Instant::now();
+        match inner.nodes.get(node) {
+            Some(state) if state.expires_at > now => return Err(StatekeeperError::DuplicateNode(node.to_string())),
+            Some(_) => inner.remove_node(node),
+            None => {}
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        inner.nodes.insert(node.clone(), tx);
+        let state = NodeState {
+            expires_at: now + Duration::from_millis(self.config.node_ttl_ms),
+            info: NodeInfo { id: node.to_string(), ..Default::default() },
+            inbox: tx,
+            functions: functions.iter().map(|(name, _)| name.clone()).collect(),
+            queues: HashSet::new(),
+            running: HashSet::new(),
+        };
+        inner.nodes.insert(node.clone(), state);
         inner.inboxes.insert(node.clone(), rx);
         for (name, version) in functions {
             let entry = inner.functions.entry(name.clone()).or_insert_with(|| (*version, HashSet::new()));
@@ -272,21 +404,57 @@ impl Statekeeper for Embedded {
     }
 
     async fn deregister_node(&self, node: &NodeId) -> SkResult<()> {
-        let mut inner = self.inner.lock();
-        inner.nodes.remove(node);
-        inner.inboxes.remove(node);
-        inner.functions.retain(|_, (_, nodes)| {
-            nodes.remove(node);
-            !nodes.is_empty()
-        });
+        self.inner.lock().remove_node(node);
         Ok(())
+    }
+
+    async fn heartbeat(&self, node: &NodeId, info: &NodeInfo) -> SkResult<bool> {
+        let mut inner = self.inner.lock();
+        match inner.nodes.get_mut(node) {
+            Some(state) => {
+                state.expires_at = Instant::now() + Duration::from_millis(self.config.node_ttl_ms);
+                state.info = info.clone();
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    async fn reap(&self) -> SkResult<Vec<NodeId>> {
+        let mut inner = self.inner.lock();
+        let now = Instant::now();
+        let dead: Vec<NodeId> =
+            inner.nodes.iter().filter(|(_, s)| s.expires_at <= now).map(|(n, _)| n.clone()).collect();
+        for node in &dead {
+            tracing::warn!(node = %node, "node missed its heartbeats; re-running its work elsewhere");
+            inner.remove_node(node);
+        }
+        Ok(dead)
+    }
+
+    async fn live_nodes(&self) -> SkResult<Vec<NodeInfo>> {
+        let inner = self.inner.lock();
+        let now = Instant::now();
+        let ttl = Duration::from_millis(self.config.node_ttl_ms);
+        let mut nodes: Vec<NodeInfo> = inner
+            .nodes
+            .values()
+            .filter(|s| s.expires_at > now)
+            .map(|s| {
+                let beat = s.expires_at.checked_sub(ttl).unwrap_or(now);
+                let age = now.saturating_duration_since(beat);
+                NodeInfo { heartbeat_age_ms: u64::try_from(age.as_millis()).unwrap_or(u64::MAX), ..s.info.clone() }
+            })
+            .collect();
+        nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(nodes)
     }
 
     async fn function_version(&self, function: &str) -> SkResult<Option<u32>> {
         Ok(self.inner.lock().functions.get(function).map(|(version, _)| *version))
     }
 
-    async fn declare_pool(&self, pool: &PoolId, parent: Option<&PoolId>) -> SkResult<()> {
+    async fn declare_pool(&self, pool: &PoolId, parent: Option<&PoolId>, _node: &NodeId) -> SkResult<()> {
         let mut inner = self.inner.lock();
         if let Some(parent) = parent {
             if !inner.pools.contains_key(parent) {
@@ -304,11 +472,15 @@ impl Statekeeper for Embedded {
         Ok(())
     }
 
-    async fn join_pool(&self, pool: &PoolId, member: &QueueId) -> SkResult<()> {
+    async fn join_pool(&self, pool: &PoolId, member: &QueueId, node: &NodeId) -> SkResult<()> {
         let mut inner = self.inner.lock();
         let state = inner.pools.get_mut(pool).ok_or_else(|| StatekeeperError::UnknownPool(pool.to_string()))?;
         if !state.members.contains(member) {
             state.members.push(member.clone());
+        }
+        inner.queue_owner.insert(member.clone(), (node.clone(), pool.clone()));
+        if let Some(state) = inner.nodes.get_mut(node) {
+            state.queues.insert(member.clone());
         }
         Ok(())
     }
@@ -332,22 +504,34 @@ impl Statekeeper for Embedded {
         if let Some(outcome) = inner.results().get(&request.id) {
             return Ok(Submitted::Done(outcome));
         }
+        if !inner.functions.contains_key(&*request.function) {
+            let unknown = Err(CallError::UnknownFunction { function: request.function.to_string() });
+            inner.fail_waiters(&request.id, &unknown);
+            return Ok(Submitted::UnknownFunction);
+        }
+        let inner = &mut *inner;
         if let Some(state) = inner.requests.get_mut(&request.id) {
             if !state.waiters.contains(waiter) {
                 state.waiters.push(waiter.clone());
             }
-            if front && state.running.is_none() {
+            let now = Instant::now();
+            let nodes = &inner.nodes;
+            let owner_dead =
+                state.running.as_ref().is_some_and(|owner| nodes.get(owner).is_none_or(|n| n.expires_at <= now));
+            let pending = state.running.is_none();
+            if owner_dead {
+                inner.requeue(request.id, true);
+            } else if front && pending {
                 inner.place(queue, request.id, true, 0);
             }
             return Ok(Submitted::Joined);
         }
-        if !inner.functions.contains_key(&*request.function) {
-            return Ok(Submitted::UnknownFunction);
-        }
         if inner.requests.len() >= self.config.in_flight_max {
             return Err(StatekeeperError::Overloaded(self.config.in_flight_max));
         }
-        let state = ReqState { request: request.clone(), running: None, waiters: vec![waiter.clone()], hoisted: false };
+        let home = inner.home_of(queue);
+        let state =
+            ReqState { request: request.clone(), running: None, waiters: vec![waiter.clone()], hoisted: false, home };
         inner.requests.insert(request.id, state);
         inner.place(queue, request.id, front, 0);
         Ok(Submitted::Queued)
@@ -364,6 +548,9 @@ impl Statekeeper for Embedded {
                 if req.running.is_none() {
                     req.running = Some(owner.clone());
                     claimed.push(req.request.clone());
+                    if let Some(node) = inner.nodes.get_mut(owner) {
+                        node.running.insert(id);
+                    }
                 }
             }
         }
@@ -376,13 +563,16 @@ impl Statekeeper for Embedded {
             inner.results().insert(*id, outcome.clone());
         }
         let Some(state) = inner.requests.remove(id) else { return Ok(false) };
+        if let Some(owner) = state.running.as_ref().and_then(|owner| inner.nodes.get_mut(owner)) {
+            owner.running.remove(id);
+        }
         let mut local_waits = false;
         for waiter in state.waiters {
             if &waiter == local {
                 local_waits = true;
-            } else if let Some(inbox) = inner.nodes.get(&waiter) {
-                // A closed inbox means the node is gone; nobody there waits any more.
-                let _ = inbox.send(Event::Done { id: *id, outcome: outcome.clone() });
+            } else if let Some(node) = inner.nodes.get(&waiter) {
+                // A closed inbox means the node is stopping; nobody there waits any more.
+                let _ = node.inbox.send(Event::Done { id: *id, outcome: outcome.clone() });
             }
         }
         Ok(local_waits)

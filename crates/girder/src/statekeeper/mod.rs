@@ -18,9 +18,12 @@
 //! - [`Statekeeper::complete`] memoizes the outcome and wakes exactly the nodes that wait
 //!   for it, each through its own inbox.
 
+pub mod conformance;
 mod embedded;
+mod redis;
 mod results;
 
+pub use self::redis::{RedisConfig, RedisStatekeeper};
 pub use embedded::{Embedded, EmbeddedConfig};
 pub use results::{ResultStore, ResultStoreConfig};
 
@@ -29,6 +32,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
+use serde::{Deserialize, Serialize};
 
 use crate::error::StatekeeperError;
 use crate::id::ReqId;
@@ -135,6 +139,40 @@ pub struct PoolCounters {
     pub queue_len: usize,
 }
 
+/// What a live node reports about itself with each heartbeat, for `girder status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// The node's id.
+    pub id: String,
+    /// Where its HTTP API listens, if it serves one.
+    pub http: Option<String>,
+    /// Its workers.
+    pub workers: Vec<WorkerInfo>,
+    /// Calls made through it (top level and nested).
+    pub calls: u64,
+    /// Calls it answered from memoized results.
+    pub memo_hits: u64,
+    /// Evaluations it started.
+    pub evaluations: u64,
+    /// Milliseconds since its last heartbeat, filled in by [`Statekeeper::live_nodes`].
+    pub heartbeat_age_ms: u64,
+}
+
+/// One worker in a [`NodeInfo`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    /// The worker's id.
+    pub id: String,
+    /// Its pool.
+    pub pool: String,
+    /// Its slots.
+    pub slots: u32,
+    /// Slots in use.
+    pub busy: u32,
+    /// Evaluations it started.
+    pub executed: u64,
+}
+
 /// The control plane shared by all nodes of a grid. See the module docs for the protocol.
 #[async_trait]
 pub trait Statekeeper: Send + Sync + 'static {
@@ -142,17 +180,33 @@ pub trait Statekeeper: Send + Sync + 'static {
     /// [`StatekeeperError::DuplicateNode`] when a live node already has this id.
     async fn register_node(&self, node: &NodeId, functions: &[(String, u32)]) -> SkResult<()>;
 
-    /// Removes a node and its functions from the directory.
+    /// Removes a node: its functions leave the directory, its workers leave their pools,
+    /// and the requests it had queued or claimed go back to their pools' queues.
     async fn deregister_node(&self, node: &NodeId) -> SkResult<()>;
+
+    /// Renews `node`'s lease and publishes `info`. Returns `false` when the statekeeper
+    /// does not know the node (it was declared dead, or the store lost its state): the node
+    /// must then register again and re-declare its pools and workers.
+    async fn heartbeat(&self, node: &NodeId, info: &NodeInfo) -> SkResult<bool>;
+
+    /// Declares dead every node whose lease ran out and deregisters it (see
+    /// [`Statekeeper::deregister_node`]), so its work is run elsewhere. Any node may call
+    /// it; returns the nodes reaped.
+    async fn reap(&self) -> SkResult<Vec<NodeId>>;
+
+    /// The live nodes, with what they last reported.
+    async fn live_nodes(&self) -> SkResult<Vec<NodeInfo>>;
 
     /// The version of `function` served by some live node, if any.
     async fn function_version(&self, function: &str) -> SkResult<Option<u32>>;
 
-    /// Declares `pool`, with `parent` as the pool it volunteers at when idle.
-    async fn declare_pool(&self, pool: &PoolId, parent: Option<&PoolId>) -> SkResult<()>;
+    /// Declares `pool`, with `parent` as the pool it volunteers at when idle; `node` runs a
+    /// distributor for it and is woken when work waits in its queue.
+    async fn declare_pool(&self, pool: &PoolId, parent: Option<&PoolId>, node: &NodeId) -> SkResult<()>;
 
-    /// Makes `member` (a worker queue or a child pool's queue) a member of `pool`.
-    async fn join_pool(&self, pool: &PoolId, member: &QueueId) -> SkResult<()>;
+    /// Makes the worker queue `member`, owned by `node`, a member of `pool`. Work is handed
+    /// to it only for functions `node` serves.
+    async fn join_pool(&self, pool: &PoolId, member: &QueueId, node: &NodeId) -> SkResult<()>;
 
     /// Removes `member` from `pool` and its volunteer list.
     async fn leave_pool(&self, pool: &PoolId, member: &QueueId) -> SkResult<()>;
@@ -163,11 +217,13 @@ pub trait Statekeeper: Send + Sync + 'static {
     /// Submits `request` into `queue` (at the front when `front`) on behalf of `waiter`,
     /// unless it is memoized or in flight. A nested (`front`) submission of a request that
     /// is pending elsewhere also puts a copy at the front of `queue`, so the caller can
-    /// run it itself instead of waiting (the copy that is claimed first wins).
+    /// run it itself instead of waiting (the copy that is claimed first wins). A request in
+    /// flight whose owner died is queued again. When no live node serves the function, a
+    /// request in flight for it is failed for all its waiters.
     async fn submit(&self, request: &Request, queue: &QueueId, front: bool, waiter: &NodeId) -> SkResult<Submitted>;
 
     /// Claims up to `max` pending requests from the front of `queue` for `owner`, skipping
-    /// and dropping ids that are running or done.
+    /// and dropping ids that are running or done. The claims are held under `owner`'s lease.
     async fn claim(&self, queue: &QueueId, owner: &NodeId, max: usize) -> SkResult<Vec<Request>>;
 
     /// Records the outcome of `id`, memoizing it when `memoize`, and wakes every waiting
@@ -178,7 +234,8 @@ pub trait Statekeeper: Send + Sync + 'static {
     /// withdraws it. Queued work of the pool and its ancestors flows to it at once.
     async fn volunteer(&self, pool: &PoolId, member: &QueueId, credits: u32) -> SkResult<()>;
 
-    /// Hands up to `max` requests from `pool`'s queue to volunteers; returns how many.
+    /// Hands up to `max` requests from `pool`'s queue to volunteers whose node serves the
+    /// request's function; returns how many.
     async fn distribute(&self, pool: &PoolId, max: usize) -> SkResult<usize>;
 
     /// When `pool` has idle volunteers, copies up to `max` pending requests from the far end

@@ -1,0 +1,348 @@
+//! The statekeeper conformance suite: one set of checks every [`Statekeeper`]
+//! implementation must pass (like openraft's shared store suite). The embedded and the
+//! Redis statekeepers both run it in the integration tests.
+//!
+//! Each case gets a fresh, empty statekeeper from a factory, which is told the node lease
+//! (TTL) to use, so lease cases stay short.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::StreamExt;
+
+use super::{Event, NodeId, NodeInfo, PoolId, QueueId, Statekeeper, Submitted};
+use crate::error::{CallError, StatekeeperError};
+use crate::request::Request;
+
+/// Makes a fresh, empty statekeeper whose nodes die `node_ttl_ms` after their last heartbeat.
+pub type Factory = Arc<dyn Fn(u64) -> BoxFuture<'static, Arc<dyn Statekeeper>> + Send + Sync>;
+
+type Case = fn(Factory) -> BoxFuture<'static, ()>;
+
+/// Every case, by name.
+pub const CASES: &[(&str, Case)] = &[
+    ("submit_queues_joins_and_memoizes", |f| Box::pin(submit_queues_joins_and_memoizes(f))),
+    ("unknown_functions_are_refused", |f| Box::pin(unknown_functions_are_refused(f))),
+    ("unmemoized_outcomes_are_not_kept", |f| Box::pin(unmemoized_outcomes_are_not_kept(f))),
+    ("each_request_is_claimed_once_across_copies", |f| Box::pin(each_request_is_claimed_once_across_copies(f))),
+    ("volunteers_get_work_until_their_credits_run_out", |f| Box::pin(volunteers_get_work_until_credits_run_out(f))),
+    ("work_goes_only_to_nodes_serving_its_function", |f| Box::pin(work_goes_only_to_nodes_serving_its_function(f))),
+    ("nested_pools_hand_work_down", |f| Box::pin(nested_pools_hand_work_down(f))),
+    ("helpers_copy_surplus_work_to_idle_members", |f| Box::pin(helpers_copy_surplus_work_to_idle_members(f))),
+    ("duplicate_node_ids_are_refused", |f| Box::pin(duplicate_node_ids_are_refused(f))),
+    ("the_directory_follows_registration", |f| Box::pin(the_directory_follows_registration(f))),
+    ("dead_nodes_are_reaped_and_their_work_requeued", |f| Box::pin(dead_nodes_are_reaped_and_their_work_requeued(f))),
+    ("a_request_whose_owner_died_is_requeued_on_submit", |f| Box::pin(a_request_whose_owner_died_is_requeued(f))),
+    ("waiters_fail_when_the_function_vanishes", |f| Box::pin(waiters_fail_when_the_function_vanishes(f))),
+    ("wait_work_wakes_on_new_work", |f| Box::pin(wait_work_wakes_on_new_work(f))),
+];
+
+/// Runs every case against statekeepers from `factory`, naming the case that fails.
+pub async fn run_all(factory: Factory) {
+    for (name, case) in CASES {
+        tracing::info!(case = name, "conformance case");
+        let result = tokio::spawn(case(factory.clone())).await;
+        if let Err(err) = result {
+            panic!("conformance case {name} failed: {err}");
+        }
+    }
+}
+
+const LONG_TTL_MS: u64 = 60_000;
+
+fn node(name: &str) -> NodeId {
+    NodeId::new(name)
+}
+
+fn worker(name: &str) -> QueueId {
+    QueueId::worker(name)
+}
+
+fn request(function: &str, n: u32) -> Request {
+    Request::new(function, 1, Bytes::from(n.to_le_bytes().to_vec()))
+}
+
+fn functions(names: &[&str]) -> Vec<(String, u32)> {
+    names.iter().map(|n| ((*n).to_owned(), 1)).collect()
+}
+
+/// Node `n1` serving `f`, pool `p` with worker queue `n1/w0`.
+async fn one_node(factory: &Factory, ttl_ms: u64) -> Arc<dyn Statekeeper> {
+    let sk = factory(ttl_ms).await;
+    sk.register_node(&node("n1"), &functions(&["f"])).await.expect("register n1");
+    sk.declare_pool(&PoolId::new("p"), None, &node("n1")).await.expect("declare p");
+    sk.join_pool(&PoolId::new("p"), &worker("n1/w0"), &node("n1")).await.expect("join");
+    sk
+}
+
+async fn next_event(events: &mut futures::stream::BoxStream<'static, Event>) -> Event {
+    tokio::time::timeout(Duration::from_secs(10), events.next())
+        .await
+        .expect("an event arrives within 10 s")
+        .expect("the inbox stays open")
+}
+
+async fn submit_queues_joins_and_memoizes(factory: Factory) {
+    let sk = one_node(&factory, LONG_TTL_MS).await;
+    sk.register_node(&node("n2"), &[]).await.unwrap();
+    let mut n2_events = sk.open_inbox(&node("n2")).await.unwrap();
+    let pool_queue = QueueId::pool(&PoolId::new("p"));
+    let req = request("f", 1);
+    assert_eq!(sk.submit(&req, &pool_queue, false, &node("n1")).await.unwrap(), Submitted::Queued);
+    assert_eq!(sk.submit(&req, &pool_queue, false, &node("n2")).await.unwrap(), Submitted::Joined);
+    assert_eq!(sk.queue_len(&pool_queue).await.unwrap(), 1, "single flight: queued once");
+    let claimed = sk.claim(&pool_queue, &node("n1"), 10).await.unwrap();
+    assert_eq!(claimed, vec![req.clone()]);
+    assert!(sk.claim(&pool_queue, &node("n1"), 10).await.unwrap().is_empty());
+    assert_eq!(sk.submit(&req, &pool_queue, false, &node("n2")).await.unwrap(), Submitted::Joined);
+    let outcome = Ok(Bytes::from_static(b"value"));
+    assert!(sk.complete(&req.id, &outcome, true, &node("n1")).await.unwrap(), "n1 waits for it");
+    assert_eq!(next_event(&mut n2_events).await, Event::Done { id: req.id, outcome: outcome.clone() });
+    assert_eq!(sk.result(&req.id).await.unwrap(), Some(outcome.clone()));
+    assert_eq!(sk.submit(&req, &pool_queue, false, &node("n1")).await.unwrap(), Submitted::Done(outcome));
+    assert_eq!(sk.queue_len(&pool_queue).await.unwrap(), 0);
+    // A function error is a value: memoized too.
+    let failing = request("f", 2);
+    sk.submit(&failing, &pool_queue, false, &node("n1")).await.unwrap();
+    let error = Err(CallError::Function { function: "f".into(), message: "no".into() });
+    sk.claim(&pool_queue, &node("n1"), 1).await.unwrap();
+    sk.complete(&failing.id, &error, true, &node("n1")).await.unwrap();
+    assert_eq!(sk.result(&failing.id).await.unwrap(), Some(error));
+}
+
+async fn unknown_functions_are_refused(factory: Factory) {
+    let sk = one_node(&factory, LONG_TTL_MS).await;
+    let pool_queue = QueueId::pool(&PoolId::new("p"));
+    let req = request("nobody/serves", 1);
+    assert_eq!(sk.submit(&req, &pool_queue, false, &node("n1")).await.unwrap(), Submitted::UnknownFunction);
+    assert_eq!(sk.queue_len(&pool_queue).await.unwrap(), 0);
+    assert_eq!(sk.result(&req.id).await.unwrap(), None);
+    assert_eq!(sk.function_version("nobody/serves").await.unwrap(), None);
+}
+
+async fn unmemoized_outcomes_are_not_kept(factory: Factory) {
+    let sk = one_node(&factory, LONG_TTL_MS).await;
+    let pool_queue = QueueId::pool(&PoolId::new("p"));
+    let req = request("f", 3);
+    sk.submit(&req, &pool_queue, false, &node("n1")).await.unwrap();
+    sk.claim(&pool_queue, &node("n1"), 1).await.unwrap();
+    let panic = Err(CallError::Panic { function: "f".into(), message: "boom".into() });
+    assert!(sk.complete(&req.id, &panic, false, &node("n1")).await.unwrap());
+    assert_eq!(sk.result(&req.id).await.unwrap(), None);
+    assert_eq!(sk.submit(&req, &pool_queue, false, &node("n1")).await.unwrap(), Submitted::Queued, "runs again");
+}
+
+async fn each_request_is_claimed_once_across_copies(factory: Factory) {
+    let sk = one_node(&factory, LONG_TTL_MS).await;
+    let own = worker("n1/w0");
+    let req = request("f", 4);
+    assert_eq!(sk.submit(&req, &own, true, &node("n1")).await.unwrap(), Submitted::Queued);
+    // A nested re-submission of a pending request puts a copy at the front.
+    assert_eq!(sk.submit(&req, &own, true, &node("n1")).await.unwrap(), Submitted::Joined);
+    assert_eq!(sk.queue_len(&own).await.unwrap(), 2);
+    assert_eq!(sk.claim(&own, &node("n1"), 10).await.unwrap(), vec![req]);
+    assert_eq!(sk.queue_len(&own).await.unwrap(), 0, "the stale copy is dropped");
+}
+
+async fn volunteers_get_work_until_credits_run_out(factory: Factory) {
+    let sk = one_node(&factory, LONG_TTL_MS).await;
+    let pool = PoolId::new("p");
+    let pool_queue = QueueId::pool(&pool);
+    let own = worker("n1/w0");
+    sk.volunteer(&pool, &own, 2).await.unwrap();
+    for n in 10..13 {
+        sk.submit(&request("f", n), &pool_queue, false, &node("n1")).await.unwrap();
+    }
+    assert_eq!(sk.queue_len(&own).await.unwrap(), 2, "two credits, two hand-offs");
+    assert_eq!(sk.queue_len(&pool_queue).await.unwrap(), 1);
+    assert_eq!(sk.pool_counters(&pool).await.unwrap().handed_off, 2);
+    sk.volunteer(&pool, &own, 1).await.unwrap();
+    assert_eq!(sk.queue_len(&own).await.unwrap(), 3, "a new volunteer pulls queued work");
+    assert_eq!(sk.queue_len(&pool_queue).await.unwrap(), 0);
+    assert_eq!(sk.distribute(&pool, 100).await.unwrap(), 0);
+    let claimed = sk.claim(&own, &node("n1"), 10).await.unwrap();
+    let order: Vec<Request> = (10..13).map(|n| request("f", n)).collect();
+    assert_eq!(claimed, order, "hand-offs keep submission order");
+    assert!(matches!(sk.volunteer(&PoolId::new("nope"), &own, 1).await, Err(StatekeeperError::UnknownPool(_))));
+}
+
+async fn work_goes_only_to_nodes_serving_its_function(factory: Factory) {
+    let sk = one_node(&factory, LONG_TTL_MS).await;
+    let pool = PoolId::new("p");
+    sk.register_node(&node("n2"), &functions(&["g"])).await.unwrap();
+    sk.join_pool(&pool, &worker("n2/w0"), &node("n2")).await.unwrap();
+    sk.volunteer(&pool, &worker("n1/w0"), 5).await.unwrap();
+    sk.volunteer(&pool, &worker("n2/w0"), 5).await.unwrap();
+    let pool_queue = QueueId::pool(&pool);
+    for n in 0..3 {
+        sk.submit(&request("g", n), &pool_queue, false, &node("n1")).await.unwrap();
+        sk.submit(&request("f", n), &pool_queue, false, &node("n1")).await.unwrap();
+    }
+    let on_n1 = sk.claim(&worker("n1/w0"), &node("n1"), 10).await.unwrap();
+    let on_n2 = sk.claim(&worker("n2/w0"), &node("n2"), 10).await.unwrap();
+    assert!(on_n1.iter().all(|r| &*r.function == "f") && on_n1.len() == 3, "{on_n1:?}");
+    assert!(on_n2.iter().all(|r| &*r.function == "g") && on_n2.len() == 3, "{on_n2:?}");
+}
+
+async fn nested_pools_hand_work_down(factory: Factory) {
+    let sk = factory(LONG_TTL_MS).await;
+    sk.register_node(&node("n1"), &functions(&["f"])).await.unwrap();
+    let (top, child) = (PoolId::new("top"), PoolId::new("child"));
+    sk.declare_pool(&top, None, &node("n1")).await.unwrap();
+    sk.declare_pool(&child, Some(&top), &node("n1")).await.unwrap();
+    assert!(matches!(
+        sk.declare_pool(&PoolId::new("orphan"), Some(&PoolId::new("missing")), &node("n1")).await,
+        Err(StatekeeperError::UnknownPool(_))
+    ));
+    let own = worker("n1/w0");
+    sk.join_pool(&child, &own, &node("n1")).await.unwrap();
+    let top_queue = QueueId::pool(&top);
+    // No volunteer yet: the work waits at the top.
+    sk.submit(&request("f", 1), &top_queue, false, &node("n1")).await.unwrap();
+    assert_eq!(sk.queue_len(&top_queue).await.unwrap(), 1);
+    // The child's member volunteers: the child counts as a volunteer at the top.
+    sk.volunteer(&child, &own, 2).await.unwrap();
+    assert_eq!(sk.queue_len(&top_queue).await.unwrap(), 0);
+    assert_eq!(sk.queue_len(&own).await.unwrap(), 1);
+    sk.submit(&request("f", 2), &top_queue, false, &node("n1")).await.unwrap();
+    assert_eq!(sk.queue_len(&own).await.unwrap(), 2, "straight down to the idle member");
+    assert_eq!(sk.pool_counters(&top).await.unwrap().handed_off, 2);
+}
+
+async fn helpers_copy_surplus_work_to_idle_members(factory: Factory) {
+    let sk = one_node(&factory, LONG_TTL_MS).await;
+    let pool = PoolId::new("p");
+    sk.join_pool(&pool, &worker("n1/w1"), &node("n1")).await.unwrap();
+    let busy = worker("n1/w0");
+    for n in 0..6 {
+        sk.submit(&request("f", n), &busy, true, &node("n1")).await.unwrap();
+    }
+    assert_eq!(sk.hoist(&pool, 10).await.unwrap(), 0, "nobody idle: nothing to hoist");
+    sk.volunteer(&pool, &worker("n1/w1"), 2).await.unwrap();
+    let hoisted = sk.hoist(&pool, 10).await.unwrap();
+    assert_eq!(hoisted, 2, "limited by the idle member's credits");
+    assert_eq!(sk.pool_counters(&pool).await.unwrap().hoisted, 2);
+    let idle = sk.claim(&worker("n1/w1"), &node("n1"), 10).await.unwrap();
+    assert_eq!(idle.len(), 2);
+    // Copies come from the far end of the busy queue: the oldest nested requests.
+    assert!(idle.contains(&request("f", 0)) && idle.contains(&request("f", 1)), "{idle:?}");
+    let rest = sk.claim(&busy, &node("n1"), 10).await.unwrap();
+    assert_eq!(rest.len(), 4, "each request is claimed once: {rest:?}");
+}
+
+async fn duplicate_node_ids_are_refused(factory: Factory) {
+    let sk = one_node(&factory, LONG_TTL_MS).await;
+    let err = sk.register_node(&node("n1"), &[]).await.unwrap_err();
+    assert!(matches!(err, StatekeeperError::DuplicateNode(ref id) if id == "n1"), "{err:?}");
+    sk.deregister_node(&node("n1")).await.unwrap();
+    sk.register_node(&node("n1"), &[]).await.expect("a deregistered id is free again");
+}
+
+async fn the_directory_follows_registration(factory: Factory) {
+    let sk = one_node(&factory, LONG_TTL_MS).await;
+    assert_eq!(sk.function_version("f").await.unwrap(), Some(1));
+    let info = NodeInfo { id: "n1".into(), calls: 7, ..Default::default() };
+    assert!(sk.heartbeat(&node("n1"), &info).await.unwrap());
+    let live = sk.live_nodes().await.unwrap();
+    assert_eq!(live.len(), 1);
+    assert_eq!(live[0].calls, 7);
+    sk.deregister_node(&node("n1")).await.unwrap();
+    assert_eq!(sk.function_version("f").await.unwrap(), None);
+    assert!(!sk.heartbeat(&node("n1"), &info).await.unwrap(), "a removed node must register again");
+    assert!(sk.live_nodes().await.unwrap().is_empty());
+}
+
+/// Polls `reap` until it declares `dead` dead; lease expiry is the event awaited.
+async fn reap_until(sk: &Arc<dyn Statekeeper>, dead: &NodeId, keep_alive: &[NodeId]) {
+    let begun = Instant::now();
+    loop {
+        for alive in keep_alive {
+            sk.heartbeat(alive, &NodeInfo::default()).await.unwrap();
+        }
+        if sk.reap().await.unwrap().contains(dead) {
+            return;
+        }
+        assert!(begun.elapsed() < Duration::from_secs(10), "{dead} was never reaped");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn dead_nodes_are_reaped_and_their_work_requeued(factory: Factory) {
+    let ttl_ms = 300;
+    let sk = one_node(&factory, ttl_ms).await;
+    let pool = PoolId::new("p");
+    sk.register_node(&node("n2"), &functions(&["f"])).await.unwrap();
+    sk.join_pool(&pool, &worker("n2/w0"), &node("n2")).await.unwrap();
+    let pool_queue = QueueId::pool(&pool);
+    let (running, queued) = (request("f", 1), request("f", 2));
+    sk.submit(&running, &pool_queue, false, &node("n2")).await.unwrap();
+    assert_eq!(sk.claim(&pool_queue, &node("n1"), 1).await.unwrap(), vec![running.clone()]);
+    sk.submit(&queued, &worker("n1/w0"), true, &node("n2")).await.unwrap();
+    reap_until(&sk, &node("n1"), &[node("n2")]).await;
+    assert!(sk.live_nodes().await.unwrap().iter().all(|n| n.id != "n1"));
+    // Both are back in the pool's queue, for n2 to take.
+    let mut taken = sk.claim(&pool_queue, &node("n2"), 10).await.unwrap();
+    taken.sort_by_key(|r| r.args.clone());
+    assert_eq!(taken, vec![running, queued]);
+    // The dead node's worker is no longer a member: it gets no more work.
+    sk.volunteer(&pool, &worker("n1/w0"), 5).await.unwrap();
+    sk.submit(&request("f", 3), &pool_queue, false, &node("n2")).await.unwrap();
+    assert_eq!(sk.queue_len(&worker("n1/w0")).await.unwrap(), 0);
+}
+
+async fn a_request_whose_owner_died_is_requeued(factory: Factory) {
+    let ttl_ms = 300;
+    let sk = one_node(&factory, ttl_ms).await;
+    sk.register_node(&node("n2"), &functions(&["f"])).await.unwrap();
+    let pool_queue = QueueId::pool(&PoolId::new("p"));
+    let req = request("f", 1);
+    sk.submit(&req, &pool_queue, false, &node("n2")).await.unwrap();
+    sk.claim(&pool_queue, &node("n1"), 1).await.unwrap();
+    assert_eq!(sk.submit(&req, &pool_queue, false, &node("n2")).await.unwrap(), Submitted::Joined);
+    assert_eq!(sk.queue_len(&pool_queue).await.unwrap(), 0, "its owner is alive: not requeued");
+    // n1 stops heartbeating; n2 keeps asking for the request until it is queued again.
+    let begun = Instant::now();
+    loop {
+        sk.heartbeat(&node("n2"), &NodeInfo::default()).await.unwrap();
+        sk.submit(&req, &pool_queue, false, &node("n2")).await.unwrap();
+        if sk.queue_len(&pool_queue).await.unwrap() > 0 {
+            break;
+        }
+        assert!(begun.elapsed() < Duration::from_secs(10), "never requeued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(sk.claim(&pool_queue, &node("n2"), 1).await.unwrap(), vec![req]);
+}
+
+async fn waiters_fail_when_the_function_vanishes(factory: Factory) {
+    let sk = one_node(&factory, LONG_TTL_MS).await;
+    sk.register_node(&node("n2"), &[]).await.unwrap();
+    let mut n2_events = sk.open_inbox(&node("n2")).await.unwrap();
+    let pool_queue = QueueId::pool(&PoolId::new("p"));
+    let req = request("f", 1);
+    assert_eq!(sk.submit(&req, &pool_queue, false, &node("n2")).await.unwrap(), Submitted::Queued);
+    sk.deregister_node(&node("n1")).await.unwrap();
+    assert_eq!(sk.submit(&req, &pool_queue, false, &node("n2")).await.unwrap(), Submitted::UnknownFunction);
+    let unknown = Err(CallError::UnknownFunction { function: "f".into() });
+    assert_eq!(next_event(&mut n2_events).await, Event::Done { id: req.id, outcome: unknown });
+}
+
+async fn wait_work_wakes_on_new_work(factory: Factory) {
+    let sk = one_node(&factory, LONG_TTL_MS).await;
+    let _events = sk.open_inbox(&node("n1")).await.unwrap();
+    let own = worker("n1/w0");
+    let waiter = {
+        let sk = sk.clone();
+        let own = own.clone();
+        tokio::spawn(async move {
+            let begun = Instant::now();
+            sk.wait_work(&own, 20_000).await.unwrap();
+            begun.elapsed()
+        })
+    };
+    sk.submit(&request("f", 1), &own, true, &node("n1")).await.unwrap();
+    let waited = waiter.await.unwrap();
+    assert!(waited < Duration::from_secs(10), "woken by the new work, not the timeout ({waited:?})");
+}

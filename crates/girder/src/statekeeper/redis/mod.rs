@@ -1,0 +1,522 @@
+//! The Redis statekeeper: one grid across processes and machines (Redis 7+, Valkey).
+//!
+//! Every operation of the trait is one Lua script, run atomically on the server in one
+//! round trip; the scripts live in `prelude.lua` (shared helpers and the key layout) and
+//! `ops.lua` (one section per operation). All keys of a grid start with
+//! `girder:{NAMESPACE}:`, so each script touches keys of one cluster slot.
+//!
+//! Besides the scripts, each node has:
+//! - an inbox reader on a connection of its own, blocking on the node's inbox list; it
+//!   turns `W` events into wake-ups of the local queue waiters and `D` events into
+//!   outcomes for the local callers;
+//! - a bounded near cache of memoized outcomes: outcomes never change for an identity, so
+//!   repeated hits are served locally without crossing the network.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use parking_lot::Mutex;
+use redis::aio::ConnectionManager;
+use redis::{FromRedisValue, IntoConnectionInfo, Script};
+use tokio::sync::{mpsc, Notify};
+
+use super::{
+    Event, NodeId, NodeInfo, PoolCounters, PoolId, QueueId, ResultStore, ResultStoreConfig, SkResult, Statekeeper,
+    Submitted,
+};
+use crate::codec;
+use crate::error::{CallError, StatekeeperError};
+use crate::id::ReqId;
+use crate::request::{Outcome, Request};
+
+const PRELUDE: &str = include_str!("prelude.lua");
+const OPS: &str = include_str!("ops.lua");
+
+/// Settings of a [`RedisStatekeeper`].
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// `redis://[:password@]host:port/db` or `rediss://...` for TLS.
+    pub url: String,
+    /// Grids with different namespaces share a Redis without seeing each other.
+    pub namespace: String,
+    /// A node whose lease is older than this is dead and its work is run elsewhere.
+    pub node_ttl_ms: u64,
+    /// Memoized outcomes expire after this long in Redis (`None`: only Redis's
+    /// `maxmemory-policy` bounds them; use `volatile-*` policies so only results are evicted).
+    pub results_ttl_ms: Option<u64>,
+    /// Limits of the node-local near cache of outcomes.
+    pub near_cache: ResultStoreConfig,
+    /// Longest an inbox may grow; older events are dropped (their callers re-sync by
+    /// resubmitting).
+    pub inbox_len_max: u64,
+    /// At most this many requests in flight grid-wide.
+    pub in_flight_max: u64,
+    /// Longest one Redis command may take before it counts as failed.
+    pub response_timeout_ms: u64,
+}
+
+impl RedisConfig {
+    /// Defaults for `url`.
+    pub fn new(url: impl Into<String>) -> RedisConfig {
+        RedisConfig {
+            url: url.into(),
+            namespace: "girder".to_owned(),
+            node_ttl_ms: 3_000,
+            results_ttl_ms: Some(24 * 3_600_000),
+            near_cache: ResultStoreConfig { entries_max: 100_000, bytes_max: 64 << 20, ttl_ms: None },
+            inbox_len_max: 1_000_000,
+            in_flight_max: 4_000_000,
+            response_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// Blocking reads wait at most this long, so a reader notices when it should stop.
+const INBOX_BLOCK_S: f64 = 1.0;
+/// Events taken from an inbox per round trip once one has arrived.
+const INBOX_BATCH_MAX: usize = 256;
+/// Backoff bounds for an inbox reader that lost its connection.
+const RECONNECT_MIN_MS: u64 = 50;
+const RECONNECT_MAX_MS: u64 = 2_000;
+
+struct Scripts {
+    register: Script,
+    deregister: Script,
+    heartbeat: Script,
+    reap: Script,
+    live_nodes: Script,
+    declare_pool: Script,
+    join_pool: Script,
+    leave_pool: Script,
+    submit: Script,
+    claim: Script,
+    complete: Script,
+    volunteer: Script,
+    distribute: Script,
+    hoist: Script,
+    pool_counters: Script,
+}
+
+impl Scripts {
+    fn load(config: &RedisConfig) -> Scripts {
+        let mut sections: HashMap<&str, String> = HashMap::new();
+        let mut current: Option<(&str, String)> = None;
+        for line in OPS.lines() {
+            if let Some(header) = line.strip_prefix("--@@ ") {
+                if let Some((name, body)) = current.take() {
+                    sections.insert(name, body);
+                }
+                let name = header.split(':').next().unwrap_or(header).trim();
+                current = Some((name, String::new()));
+            } else if let Some((_, body)) = current.as_mut() {
+                body.push_str(line);
+                body.push('\n');
+            }
+        }
+        if let Some((name, body)) = current.take() {
+            sections.insert(name, body);
+        }
+        let head = format!("local INBOX_LEN_MAX = {}\n{PRELUDE}\n", config.inbox_len_max.max(1));
+        let mut script = |name: &str| {
+            // The sections are compiled into the binary; a missing one is a bug caught by
+            // every test that touches Redis.
+            let body = sections.remove(name).unwrap_or_else(|| panic!("ops.lua has no section {name}"));
+            Script::new(&format!("{head}{body}"))
+        };
+        Scripts {
+            register: script("register"),
+            deregister: script("deregister"),
+            heartbeat: script("heartbeat"),
+            reap: script("reap"),
+            live_nodes: script("live_nodes"),
+            declare_pool: script("declare_pool"),
+            join_pool: script("join_pool"),
+            leave_pool: script("leave_pool"),
+            submit: script("submit"),
+            claim: script("claim"),
+            complete: script("complete"),
+            volunteer: script("volunteer"),
+            distribute: script("distribute"),
+            hoist: script("hoist"),
+            pool_counters: script("pool_counters"),
+        }
+    }
+}
+
+type Signals = Arc<Mutex<HashMap<QueueId, Arc<Notify>>>>;
+
+/// The statekeeper on Redis. Cheap to share behind an `Arc`; one per process is enough.
+pub struct RedisStatekeeper {
+    client: redis::Client,
+    conn: ConnectionManager,
+    prefix: String,
+    scripts: Scripts,
+    config: RedisConfig,
+    near: Mutex<ResultStore>,
+    signals: Signals,
+}
+
+fn unavailable(err: redis::RedisError) -> StatekeeperError {
+    StatekeeperError::Unavailable(format!("redis: {err}"))
+}
+
+fn corrupt(what: &str, err: impl std::fmt::Display) -> StatekeeperError {
+    StatekeeperError::Corrupt(format!("{what}: {err}"))
+}
+
+fn encode_outcome(outcome: &Outcome) -> SkResult<Vec<u8>> {
+    codec::encode(outcome).map(|b| b.to_vec()).map_err(|e| corrupt("cannot encode an outcome", e))
+}
+
+fn decode_outcome(bytes: &[u8]) -> SkResult<Outcome> {
+    codec::decode(bytes).map_err(|e| corrupt("an outcome in Redis does not decode", e))
+}
+
+impl RedisStatekeeper {
+    /// Connects to the Redis at `config.url` and checks that it answers.
+    pub async fn connect(config: RedisConfig) -> SkResult<RedisStatekeeper> {
+        let info = config
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| StatekeeperError::Unavailable(format!("bad Redis URL {:?}: {e}", config.url)))?;
+        let info = info.set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+        let client = redis::Client::open(info).map_err(unavailable)?;
+        let timeout = Duration::from_millis(config.response_timeout_ms);
+        let manager_config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(timeout))
+            .set_connection_timeout(Some(timeout))
+            .set_max_delay(Duration::from_millis(RECONNECT_MAX_MS));
+        let conn = ConnectionManager::new_with_config(client.clone(), manager_config)
+            .await
+            .map_err(|e| StatekeeperError::Unavailable(format!("cannot connect to Redis at {}: {e}", config.url)))?;
+        let prefix = format!("girder:{{{}}}:", config.namespace);
+        Ok(RedisStatekeeper {
+            client,
+            conn,
+            prefix,
+            scripts: Scripts::load(&config),
+            near: Mutex::new(ResultStore::new(config.near_cache)),
+            signals: Signals::default(),
+            config,
+        })
+    }
+
+    /// The key prefix of this grid, `girder:{NAMESPACE}:`.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// A bare `PING` round trip: the floor under every statekeeper operation.
+    pub async fn ping(&self) -> SkResult<()> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING").query_async::<String>(&mut conn).await.map(|_| ()).map_err(unavailable)
+    }
+
+    async fn run<T: FromRedisValue>(&self, script: &Script, args: &[&[u8]]) -> SkResult<T> {
+        let mut invocation = script.prepare_invoke();
+        invocation.key(&self.prefix);
+        for arg in args {
+            invocation.arg(*arg);
+        }
+        let mut conn = self.conn.clone();
+        invocation.invoke_async(&mut conn).await.map_err(unavailable)
+    }
+
+    fn signal(&self, queue: &QueueId) -> Arc<Notify> {
+        self.signals.lock().entry(queue.clone()).or_default().clone()
+    }
+
+    fn remember(&self, id: ReqId, outcome: &Outcome) {
+        self.near.lock().insert(id, outcome.clone());
+    }
+}
+
+fn expect_ok(reply: String, pool: &PoolId) -> SkResult<()> {
+    match reply.as_str() {
+        "OK" => Ok(()),
+        "UNKNOWN_POOL" => Err(StatekeeperError::UnknownPool(pool.to_string())),
+        other => Err(corrupt("unexpected reply", other)),
+    }
+}
+
+#[async_trait]
+impl Statekeeper for RedisStatekeeper {
+    async fn register_node(&self, node: &NodeId, functions: &[(String, u32)]) -> SkResult<()> {
+        let ttl = self.config.node_ttl_ms.to_string();
+        let versions: Vec<String> = functions.iter().map(|(_, v)| v.to_string()).collect();
+        let mut args: Vec<&[u8]> = vec![node.as_str().as_bytes(), ttl.as_bytes()];
+        for ((name, _), version) in functions.iter().zip(&versions) {
+            args.push(name.as_bytes());
+            args.push(version.as_bytes());
+        }
+        match self.run::<String>(&self.scripts.register, &args).await?.as_str() {
+            "OK" => Ok(()),
+            "DUPLICATE" => Err(StatekeeperError::DuplicateNode(node.to_string())),
+            other => Err(corrupt("unexpected reply to register", other)),
+        }
+    }
+
+    async fn deregister_node(&self, node: &NodeId) -> SkResult<()> {
+        self.run::<String>(&self.scripts.deregister, &[node.as_str().as_bytes()]).await.map(|_| ())
+    }
+
+    async fn heartbeat(&self, node: &NodeId, info: &NodeInfo) -> SkResult<bool> {
+        let ttl = self.config.node_ttl_ms.to_string();
+        let info = codec::encode(info).map_err(|e| corrupt("cannot encode node info", e))?;
+        let known: i64 = self.run(&self.scripts.heartbeat, &[node.as_str().as_bytes(), ttl.as_bytes(), &info]).await?;
+        Ok(known == 1)
+    }
+
+    async fn reap(&self) -> SkResult<Vec<NodeId>> {
+        let dead: Vec<String> = self.run(&self.scripts.reap, &[]).await?;
+        for node in &dead {
+            tracing::warn!(node = %node, "node missed its heartbeats; re-running its work elsewhere");
+        }
+        Ok(dead.into_iter().map(NodeId::new).collect())
+    }
+
+    async fn live_nodes(&self) -> SkResult<Vec<NodeInfo>> {
+        let reply: Vec<Vec<u8>> = self.run(&self.scripts.live_nodes, &[]).await?;
+        let parse = |bytes: &[u8]| std::str::from_utf8(bytes).ok().and_then(|t| t.parse::<u64>().ok());
+        let now = reply.first().and_then(|b| parse(b)).ok_or_else(|| corrupt("live_nodes", "no clock"))?;
+        let mut nodes = Vec::new();
+        for triple in reply[1..].chunks(3) {
+            let [id, expiry, info] = triple else { break };
+            let mut parsed: NodeInfo = if info.is_empty() {
+                NodeInfo::default()
+            } else {
+                codec::decode(info).map_err(|e| corrupt("node info", e))?
+            };
+            parsed.id = String::from_utf8_lossy(id).into_owned();
+            let beat = parse(expiry).unwrap_or(now).saturating_sub(self.config.node_ttl_ms);
+            parsed.heartbeat_age_ms = now.saturating_sub(beat);
+            nodes.push(parsed);
+        }
+        nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(nodes)
+    }
+
+    async fn function_version(&self, function: &str) -> SkResult<Option<u32>> {
+        let mut conn = self.conn.clone();
+        let version: Option<u32> = redis::cmd("HGET")
+            .arg(format!("{}fver", self.prefix))
+            .arg(function)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(version)
+    }
+
+    async fn declare_pool(&self, pool: &PoolId, parent: Option<&PoolId>, node: &NodeId) -> SkResult<()> {
+        let parent_name = parent.map_or("", |p| p.as_str());
+        let args = [pool.as_str().as_bytes(), parent_name.as_bytes(), node.as_str().as_bytes()];
+        let reply: String = self.run(&self.scripts.declare_pool, &args).await?;
+        expect_ok(reply, parent.unwrap_or(pool))
+    }
+
+    async fn join_pool(&self, pool: &PoolId, member: &QueueId, node: &NodeId) -> SkResult<()> {
+        self.signal(member);
+        let args = [pool.as_str().as_bytes(), member.as_str().as_bytes(), node.as_str().as_bytes()];
+        expect_ok(self.run(&self.scripts.join_pool, &args).await?, pool)
+    }
+
+    async fn leave_pool(&self, pool: &PoolId, member: &QueueId) -> SkResult<()> {
+        let args = [pool.as_str().as_bytes(), member.as_str().as_bytes()];
+        expect_ok(self.run(&self.scripts.leave_pool, &args).await?, pool)
+    }
+
+    async fn result(&self, id: &ReqId) -> SkResult<Option<Outcome>> {
+        if let Some(outcome) = self.near.lock().get(id) {
+            return Ok(Some(outcome));
+        }
+        let mut conn = self.conn.clone();
+        let bytes: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(format!("{}res:{}", self.prefix, id.to_hex()))
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        match bytes {
+            None => Ok(None),
+            Some(bytes) => {
+                let outcome = decode_outcome(&bytes)?;
+                self.remember(*id, &outcome);
+                Ok(Some(outcome))
+            }
+        }
+    }
+
+    async fn submit(&self, request: &Request, queue: &QueueId, front: bool, waiter: &NodeId) -> SkResult<Submitted> {
+        let id = request.id.to_hex();
+        let encoded = codec::encode(request).map_err(|e| corrupt("cannot encode a request", e))?;
+        let unknown = encode_outcome(&Err(CallError::UnknownFunction { function: request.function.to_string() }))?;
+        let in_flight_max = self.config.in_flight_max.to_string();
+        let args = [
+            id.as_bytes(),
+            &encoded,
+            request.function.as_bytes(),
+            queue.as_str().as_bytes(),
+            if front { b"1" } else { b"0" },
+            waiter.as_str().as_bytes(),
+            &unknown,
+            in_flight_max.as_bytes(),
+        ];
+        let reply: Vec<Vec<u8>> = self.run(&self.scripts.submit, &args).await?;
+        match reply.first().map(Vec::as_slice) {
+            Some(b"DONE") => {
+                let outcome = decode_outcome(reply.get(1).map_or(&[][..], Vec::as_slice))?;
+                self.remember(request.id, &outcome);
+                Ok(Submitted::Done(outcome))
+            }
+            Some(b"QUEUED") => Ok(Submitted::Queued),
+            Some(b"JOINED") => Ok(Submitted::Joined),
+            Some(b"UNKNOWN") => Ok(Submitted::UnknownFunction),
+            Some(b"OVERLOADED") => Err(StatekeeperError::Overloaded(self.config.in_flight_max as usize)),
+            _ => Err(corrupt("unexpected reply to submit", format!("{reply:?}"))),
+        }
+    }
+
+    async fn claim(&self, queue: &QueueId, owner: &NodeId, max: usize) -> SkResult<Vec<Request>> {
+        let max = max.to_string();
+        let args = [queue.as_str().as_bytes(), owner.as_str().as_bytes(), max.as_bytes()];
+        let reply: Vec<Vec<u8>> = self.run(&self.scripts.claim, &args).await?;
+        reply.iter().map(|bytes| codec::decode::<Request>(bytes).map_err(|e| corrupt("a queued request", e))).collect()
+    }
+
+    async fn complete(&self, id: &ReqId, outcome: &Outcome, memoize: bool, local: &NodeId) -> SkResult<bool> {
+        let encoded = encode_outcome(outcome)?;
+        let ttl = self.config.results_ttl_ms.unwrap_or(0).to_string();
+        let hex = id.to_hex();
+        let args =
+            [hex.as_bytes(), &encoded, if memoize { b"1" } else { b"0" }, local.as_str().as_bytes(), ttl.as_bytes()];
+        let local_waits: i64 = self.run(&self.scripts.complete, &args).await?;
+        if memoize {
+            self.remember(*id, outcome);
+        }
+        Ok(local_waits == 1)
+    }
+
+    async fn volunteer(&self, pool: &PoolId, member: &QueueId, credits: u32) -> SkResult<()> {
+        let credits = credits.to_string();
+        let args = [pool.as_str().as_bytes(), member.as_str().as_bytes(), credits.as_bytes()];
+        expect_ok(self.run(&self.scripts.volunteer, &args).await?, pool)
+    }
+
+    async fn distribute(&self, pool: &PoolId, max: usize) -> SkResult<usize> {
+        let max = max.to_string();
+        self.run(&self.scripts.distribute, &[pool.as_str().as_bytes(), max.as_bytes()]).await
+    }
+
+    async fn hoist(&self, pool: &PoolId, max: usize) -> SkResult<usize> {
+        let max = max.to_string();
+        self.run(&self.scripts.hoist, &[pool.as_str().as_bytes(), max.as_bytes()]).await
+    }
+
+    async fn queue_len(&self, queue: &QueueId) -> SkResult<usize> {
+        let mut conn = self.conn.clone();
+        redis::cmd("LLEN").arg(format!("{}q:{}", self.prefix, queue)).query_async(&mut conn).await.map_err(unavailable)
+    }
+
+    async fn pool_counters(&self, pool: &PoolId) -> SkResult<PoolCounters> {
+        let reply: redis::Value = self.run(&self.scripts.pool_counters, &[pool.as_str().as_bytes()]).await?;
+        let (handed_off, hoisted, queue_len) = <(u64, u64, usize)>::from_redis_value(reply)
+            .map_err(|_| StatekeeperError::UnknownPool(pool.to_string()))?;
+        Ok(PoolCounters { handed_off, hoisted, queue_len })
+    }
+
+    async fn wait_work(&self, queue: &QueueId, timeout_ms: u64) -> SkResult<()> {
+        let signal = self.signal(queue);
+        let _ = tokio::time::timeout(Duration::from_millis(timeout_ms), signal.notified()).await;
+        Ok(())
+    }
+
+    async fn open_inbox(&self, node: &NodeId) -> SkResult<BoxStream<'static, Event>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let reader = InboxReader {
+            client: self.client.clone(),
+            key: format!("{}inbox:{}", self.prefix, node),
+            signals: self.signals.clone(),
+            tx,
+        };
+        tokio::spawn(reader.run());
+        Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|event| (event, rx)) })))
+    }
+}
+
+/// Reads one node's inbox on a connection of its own (blocking reads must not hold up the
+/// shared connection), until the node drops its event stream.
+struct InboxReader {
+    client: redis::Client,
+    key: String,
+    signals: Signals,
+    tx: mpsc::UnboundedSender<Event>,
+}
+
+impl InboxReader {
+    async fn run(self) {
+        let mut backoff_ms = RECONNECT_MIN_MS;
+        let mut failing = false;
+        while !self.tx.is_closed() {
+            let config = redis::AsyncConnectionConfig::new()
+                .set_response_timeout(Some(Duration::from_secs_f64(INBOX_BLOCK_S + 5.0)))
+                .set_connection_timeout(Some(Duration::from_secs(5)));
+            let mut conn = match self.client.get_multiplexed_async_connection_with_config(&config).await {
+                Ok(conn) => conn,
+                Err(err) => {
+                    if !failing {
+                        tracing::error!(inbox = %self.key, error = %err, "Redis unreachable; retrying with backoff");
+                        failing = true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+                    backoff_ms = (backoff_ms * 2).min(RECONNECT_MAX_MS);
+                    continue;
+                }
+            };
+            if failing {
+                tracing::info!(inbox = %self.key, "Redis reachable again");
+                failing = false;
+            }
+            backoff_ms = RECONNECT_MIN_MS;
+            if let Err(err) = self.read(&mut conn).await {
+                tracing::warn!(inbox = %self.key, error = %err, "inbox connection lost; reconnecting");
+            }
+        }
+    }
+
+    async fn read(&self, conn: &mut redis::aio::MultiplexedConnection) -> redis::RedisResult<()> {
+        while !self.tx.is_closed() {
+            let popped: Option<(String, Vec<u8>)> =
+                redis::cmd("BLPOP").arg(&self.key).arg(INBOX_BLOCK_S).query_async(conn).await?;
+            let Some((_, first)) = popped else { continue };
+            self.handle(&first);
+            let more: Option<Vec<Vec<u8>>> =
+                redis::cmd("LPOP").arg(&self.key).arg(INBOX_BATCH_MAX).query_async(conn).await?;
+            for event in more.unwrap_or_default() {
+                self.handle(&event);
+            }
+        }
+        Ok(())
+    }
+
+    fn handle(&self, event: &[u8]) {
+        match event.split_first() {
+            Some((b'W', queue)) => {
+                let queue = QueueId::new(String::from_utf8_lossy(queue).into_owned());
+                self.signals.lock().entry(queue).or_default().notify_one();
+            }
+            Some((b'D', rest)) if rest.len() >= 64 => {
+                let id = std::str::from_utf8(&rest[..64]).ok().and_then(ReqId::from_hex);
+                match (id, decode_outcome(&rest[64..])) {
+                    (Some(id), Ok(outcome)) => {
+                        let _ = self.tx.send(Event::Done { id, outcome });
+                    }
+                    _ => tracing::warn!(inbox = %self.key, "dropped an undecodable event"),
+                }
+            }
+            _ => tracing::warn!(inbox = %self.key, "dropped an unknown event"),
+        }
+    }
+}

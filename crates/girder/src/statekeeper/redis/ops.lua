@@ -1,0 +1,199 @@
+--@@ register: ARGV = node, ttl_ms, fn1, version1, fn2, version2, ...
+local node, ttl = ARGV[1], tonumber(ARGV[2])
+local now = now_ms()
+local exp = redis.call('HGET', P .. 'nodes', node)
+if exp and tonumber(exp) > now then return 'DUPLICATE' end
+if exp then remove_node(node) end
+redis.call('HSET', P .. 'nodes', node, now + ttl)
+for i = 3, #ARGV, 2 do
+  redis.call('HSET', P .. 'fver', ARGV[i], ARGV[i + 1])
+  redis.call('SADD', P .. 'fnodes:' .. ARGV[i], node)
+  redis.call('SADD', P .. 'nodefns:' .. node, ARGV[i])
+end
+return 'OK'
+--@@ deregister: ARGV = node
+remove_node(ARGV[1])
+return 'OK'
+--@@ heartbeat: ARGV = node, ttl_ms, info
+if redis.call('HEXISTS', P .. 'nodes', ARGV[1]) == 0 then return 0 end
+redis.call('HSET', P .. 'nodes', ARGV[1], now_ms() + tonumber(ARGV[2]))
+redis.call('HSET', P .. 'info', ARGV[1], ARGV[3])
+return 1
+--@@ reap: ARGV = (none)
+local now = now_ms()
+local all = redis.call('HGETALL', P .. 'nodes')
+local dead = {}
+for i = 1, #all, 2 do
+  if tonumber(all[i + 1]) <= now then table.insert(dead, all[i]) end
+end
+for _, node in ipairs(dead) do remove_node(node) end
+return dead
+--@@ live_nodes: ARGV = (none); returns now, then node, expiry, info triples
+local now = now_ms()
+local all = redis.call('HGETALL', P .. 'nodes')
+local out = {tostring(now)}
+for i = 1, #all, 2 do
+  if tonumber(all[i + 1]) > now then
+    table.insert(out, all[i])
+    table.insert(out, all[i + 1])
+    table.insert(out, redis.call('HGET', P .. 'info', all[i]) or '')
+  end
+end
+return out
+--@@ declare_pool: ARGV = pool, parent ('' for none), node
+local pool, parent, node = ARGV[1], ARGV[2], ARGV[3]
+if parent ~= '' and redis.call('EXISTS', P .. 'pool:' .. parent) == 0 then return 'UNKNOWN_POOL' end
+redis.call('HSET', P .. 'pool:' .. pool, 'parent', parent)
+redis.call('HSETNX', P .. 'pool:' .. pool, 'next', 0)
+if parent ~= '' and not redis.call('LPOS', P .. 'members:' .. parent, 'pool:' .. pool) then
+  redis.call('RPUSH', P .. 'members:' .. parent, 'pool:' .. pool)
+end
+redis.call('SADD', P .. 'pdist:' .. pool, node)
+redis.call('SADD', P .. 'nodepools:' .. node, pool)
+return 'OK'
+--@@ join_pool: ARGV = pool, member, node
+local pool, member, node = ARGV[1], ARGV[2], ARGV[3]
+if redis.call('EXISTS', P .. 'pool:' .. pool) == 0 then return 'UNKNOWN_POOL' end
+if not redis.call('LPOS', P .. 'members:' .. pool, member) then redis.call('RPUSH', P .. 'members:' .. pool, member) end
+redis.call('HSET', P .. 'qowner', member, node)
+redis.call('HSET', P .. 'qpool', member, pool)
+redis.call('SADD', P .. 'nodequeues:' .. node, member)
+return 'OK'
+--@@ leave_pool: ARGV = pool, member
+local pool, member = ARGV[1], ARGV[2]
+redis.call('LREM', P .. 'members:' .. pool, 0, member)
+redis.call('HDEL', P .. 'credits:' .. pool, member)
+local owner = redis.call('HGET', P .. 'qowner', member)
+if owner then redis.call('SREM', P .. 'nodequeues:' .. owner, member) end
+redis.call('HDEL', P .. 'qowner', member)
+return 'OK'
+--@@ submit: ARGV = id, request, fn, queue, front ('1'/'0'), waiter, unknown-function outcome, in_flight_max
+local id, request, fn, queue, front, waiter = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5] == '1', ARGV[6]
+local res = redis.call('GET', P .. 'res:' .. id)
+if res then return {'DONE', res} end
+local rkey = P .. 'req:' .. id
+if redis.call('HEXISTS', P .. 'fver', fn) == 0 then
+  if redis.call('EXISTS', rkey) == 1 then fail_waiters(id, ARGV[7]) end
+  return {'UNKNOWN'}
+end
+local owner = redis.call('HGET', rkey, 'owner')
+if owner then
+  redis.call('SADD', P .. 'wait:' .. id, waiter)
+  if owner ~= '' and not node_alive(owner, now_ms()) then
+    redis.call('SREM', P .. 'running:' .. owner, id)
+    requeue(id, true)
+  elseif owner == '' and front then
+    place(queue, id, true, 0)
+  end
+  return {'JOINED'}
+end
+if tonumber(redis.call('GET', P .. 'inflight') or '0') >= tonumber(ARGV[8]) then return {'OVERLOADED'} end
+local home = queue
+local pool = redis.call('HGET', P .. 'qpool', queue)
+if pool then home = 'pool:' .. pool end
+redis.call('HSET', rkey, 'req', request, 'fn', fn, 'owner', '', 'hoisted', '0', 'home', home)
+redis.call('INCR', P .. 'inflight')
+redis.call('SADD', P .. 'wait:' .. id, waiter)
+place(queue, id, front, 0)
+return {'QUEUED'}
+--@@ claim: ARGV = queue, owner, max
+local qkey, owner, max = P .. 'q:' .. ARGV[1], ARGV[2], tonumber(ARGV[3])
+local out = {}
+-- A node the grid declared dead holds no claims: it registers again first.
+if redis.call('HEXISTS', P .. 'nodes', owner) == 0 then return out end
+while #out < max do
+  local id = redis.call('LPOP', qkey)
+  if not id then break end
+  local rkey = P .. 'req:' .. id
+  local h = redis.call('HMGET', rkey, 'owner', 'req')
+  if h[2] and h[1] == '' then
+    redis.call('HSET', rkey, 'owner', owner)
+    redis.call('SADD', P .. 'running:' .. owner, id)
+    table.insert(out, h[2])
+  end
+end
+return out
+--@@ complete: ARGV = id, outcome, memoize ('1'/'0'), local node, result ttl ms (0 = none)
+local id, outcome, memoize, localnode, ttl = ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4], tonumber(ARGV[5])
+if memoize then
+  if ttl > 0 then
+    redis.call('SET', P .. 'res:' .. id, outcome, 'PX', ttl)
+  else
+    redis.call('SET', P .. 'res:' .. id, outcome)
+  end
+end
+local rkey = P .. 'req:' .. id
+local owner = redis.call('HGET', rkey, 'owner')
+if not owner then return 0 end
+if owner ~= '' then redis.call('SREM', P .. 'running:' .. owner, id) end
+redis.call('DEL', rkey)
+redis.call('DECR', P .. 'inflight')
+local waiters = redis.call('SMEMBERS', P .. 'wait:' .. id)
+redis.call('DEL', P .. 'wait:' .. id)
+local local_waits = 0
+for _, w in ipairs(waiters) do
+  if w == localnode then
+    local_waits = 1
+  elseif redis.call('HEXISTS', P .. 'nodes', w) == 1 then
+    push_event(w, 'D' .. id .. outcome)
+  end
+end
+return local_waits
+--@@ volunteer: ARGV = pool, member, credits
+local pool, member, credits = ARGV[1], ARGV[2], tonumber(ARGV[3])
+if redis.call('EXISTS', P .. 'pool:' .. pool) == 0 then return 'UNKNOWN_POOL' end
+if credits > 0 then
+  redis.call('HSET', P .. 'credits:' .. pool, member, credits)
+else
+  redis.call('HDEL', P .. 'credits:' .. pool, member)
+end
+for _, ancestor in ipairs(ancestors(pool)) do distribute(ancestor, 1000000000) end
+return 'OK'
+--@@ distribute: ARGV = pool, max
+return distribute(ARGV[1], tonumber(ARGV[2]))
+--@@ hoist: ARGV = pool, max
+local pool, max = ARGV[1], tonumber(ARGV[2])
+local function idle(p, depth)
+  local total = 0
+  local credits = redis.call('HVALS', P .. 'credits:' .. p)
+  for _, c in ipairs(credits) do total = total + tonumber(c) end
+  if depth < DEPTH_MAX then
+    for _, m in ipairs(redis.call('LRANGE', P .. 'members:' .. p, 0, -1)) do
+      local child = pool_of_queue(m)
+      if child and redis.call('LLEN', P .. 'q:' .. m) == 0 then total = total + idle(child, depth + 1) end
+    end
+  end
+  return total
+end
+local budget = math.min(max, idle(pool, 0))
+if budget <= 0 then return 0 end
+local members = redis.call('LRANGE', P .. 'members:' .. pool, 0, -1)
+local sized = {}
+for _, m in ipairs(members) do table.insert(sized, {m, redis.call('LLEN', P .. 'q:' .. m)}) end
+table.sort(sized, function(a, b) return a[2] > b[2] end)
+local copied = {}
+for _, entry in ipairs(sized) do
+  local member, len = entry[1], entry[2]
+  if #copied >= budget or len < 2 then break end
+  local share = math.min(math.floor(len / 2), budget - #copied)
+  local tail = redis.call('LRANGE', P .. 'q:' .. member, -math.min(len, SCAN_MAX), -1)
+  local taken = 0
+  for i = #tail, 1, -1 do
+    if taken >= share then break end
+    local rkey = P .. 'req:' .. tail[i]
+    local h = redis.call('HMGET', rkey, 'owner', 'hoisted')
+    if h[1] == '' and h[2] == '0' then
+      redis.call('HSET', rkey, 'hoisted', '1')
+      table.insert(copied, tail[i])
+      taken = taken + 1
+    end
+  end
+end
+for _, id in ipairs(copied) do place('pool:' .. pool, id, false, 0) end
+if #copied > 0 then redis.call('HINCRBY', P .. 'pstat:' .. pool, 'hoisted', #copied) end
+return #copied
+--@@ pool_counters: ARGV = pool
+local pool = ARGV[1]
+if redis.call('EXISTS', P .. 'pool:' .. pool) == 0 then return 'UNKNOWN_POOL' end
+local h = redis.call('HMGET', P .. 'pstat:' .. pool, 'handed_off', 'hoisted')
+return {tonumber(h[1] or '0') or 0, tonumber(h[2] or '0') or 0, redis.call('LLEN', P .. 'q:pool:' .. pool)}

@@ -1,0 +1,198 @@
+-- Shared by every girder script. KEYS[1] is the grid's key prefix, `girder:{NAMESPACE}:`;
+-- every key a script touches starts with it, so all of them hash to one cluster slot.
+-- Keys (P = prefix):
+--   P res:ID        memoized outcome (string, optional PX ttl)
+--   P req:ID        request in flight (hash: req, fn, owner ('' while pending), hoisted, home)
+--   P wait:ID       nodes waiting for ID (set)
+--   P q:QUEUE       queue of ids (list); QUEUE is `pool:NAME` or `worker:ID`
+--   P pool:NAME     pool (hash: parent, next);  P members:NAME (list);  P credits:NAME (hash)
+--   P pstat:NAME    pool counters (hash: handed_off, hoisted);  P pdist:NAME nodes running its distributor (set)
+--   P qowner / P qpool   worker queue -> owning node / pool (hashes)
+--   P nodes         node -> lease expiry in ms (hash);  P info  node -> reported NodeInfo (hash)
+--   P nodefns:N / nodequeues:N / nodepools:N / running:N   what node N holds (sets)
+--   P fver          function -> version (hash);  P fnodes:F  nodes serving F (set)
+--   P inbox:N       events for node N (list): 'D' .. ID .. outcome, or 'W' .. QUEUE
+--   P inflight      number of requests in flight (counter)
+local P = KEYS[1]
+local DEPTH_MAX = 16
+local SCAN_MAX = 1000
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function pool_of_queue(queue)
+  if string.sub(queue, 1, 5) == 'pool:' then return string.sub(queue, 6) end
+  return nil
+end
+
+local function node_alive(node, now)
+  local exp = redis.call('HGET', P .. 'nodes', node)
+  return exp and tonumber(exp) > now
+end
+
+local function push_event(node, event)
+  local key = P .. 'inbox:' .. node
+  local len = redis.call('RPUSH', key, event)
+  if len > INBOX_LEN_MAX then redis.call('LTRIM', key, len - INBOX_LEN_MAX, -1) end
+end
+
+local function notify(queue)
+  local owner = redis.call('HGET', P .. 'qowner', queue)
+  if owner then
+    push_event(owner, 'W' .. queue)
+    return
+  end
+  local pool = pool_of_queue(queue)
+  if pool then
+    for _, node in ipairs(redis.call('SMEMBERS', P .. 'pdist:' .. pool)) do push_event(node, 'W' .. queue) end
+  end
+end
+
+local function capacity(pool, member, fn, depth)
+  local child = pool_of_queue(member)
+  if child then
+    if depth >= DEPTH_MAX or redis.call('LLEN', P .. 'q:' .. member) > 0 then return 0 end
+    local total = 0
+    for _, m in ipairs(redis.call('LRANGE', P .. 'members:' .. child, 0, -1)) do
+      total = total + capacity(child, m, fn, depth + 1)
+    end
+    return total
+  end
+  local credits = tonumber(redis.call('HGET', P .. 'credits:' .. pool, member) or '0')
+  if credits <= 0 then return 0 end
+  local owner = redis.call('HGET', P .. 'qowner', member)
+  if owner and redis.call('SISMEMBER', P .. 'fnodes:' .. fn, owner) == 1 then return credits end
+  return 0
+end
+
+-- The next member of `pool` that can take a request for `fn`, round robin; charges it a credit.
+local function pick_member(pool, fn, depth)
+  local members = redis.call('LRANGE', P .. 'members:' .. pool, 0, -1)
+  local n = #members
+  if n == 0 then return nil end
+  local start = tonumber(redis.call('HGET', P .. 'pool:' .. pool, 'next') or '0') % n
+  for k = 0, n - 1 do
+    local i = (start + k) % n
+    local m = members[i + 1]
+    if capacity(pool, m, fn, depth) > 0 then
+      redis.call('HSET', P .. 'pool:' .. pool, 'next', (i + 1) % n)
+      redis.call('HINCRBY', P .. 'pstat:' .. pool, 'handed_off', 1)
+      if not pool_of_queue(m) then
+        if redis.call('HINCRBY', P .. 'credits:' .. pool, m, -1) <= 0 then
+          redis.call('HDEL', P .. 'credits:' .. pool, m)
+        end
+      end
+      return m
+    end
+  end
+  return nil
+end
+
+-- Puts `id` into `queue`; a pool queue with an idle member hands it straight down.
+local function place(queue, id, front, depth)
+  local pool = pool_of_queue(queue)
+  if pool and depth < DEPTH_MAX and redis.call('LLEN', P .. 'q:' .. queue) == 0 then
+    local fn = redis.call('HGET', P .. 'req:' .. id, 'fn')
+    if fn then
+      local m = pick_member(pool, fn, depth)
+      if m then return place(m, id, false, depth + 1) end
+    end
+  end
+  local len
+  if front then
+    len = redis.call('LPUSH', P .. 'q:' .. queue, id)
+  else
+    len = redis.call('RPUSH', P .. 'q:' .. queue, id)
+  end
+  -- Consumers drain a queue before they wait on it, so waking them on empty -> non-empty is enough.
+  if len == 1 then notify(queue) end
+end
+
+local function requeue(id, front)
+  local rkey = P .. 'req:' .. id
+  redis.call('HSET', rkey, 'owner', '')
+  local home = redis.call('HGET', rkey, 'home')
+  if home then place(home, id, front, 0) end
+end
+
+local function distribute(pool, max)
+  local qkey = P .. 'q:pool:' .. pool
+  local head = redis.call('LRANGE', qkey, 0, SCAN_MAX - 1)
+  if #head == 0 then return 0 end
+  redis.call('LTRIM', qkey, #head, -1)
+  local kept = {}
+  local moved = 0
+  for _, id in ipairs(head) do
+    local h = redis.call('HMGET', P .. 'req:' .. id, 'fn', 'owner')
+    if h[1] and h[2] == '' then
+      local m = nil
+      if moved < max then m = pick_member(pool, h[1], 0) end
+      if m then
+        place(m, id, false, 1)
+        moved = moved + 1
+      else
+        table.insert(kept, id)
+      end
+    end
+  end
+  for i = #kept, 1, -1 do redis.call('LPUSH', qkey, kept[i]) end
+  return moved
+end
+
+local function ancestors(pool)
+  local chain = {pool}
+  for _ = 1, DEPTH_MAX do
+    local parent = redis.call('HGET', P .. 'pool:' .. chain[#chain], 'parent')
+    if not parent or parent == '' then break end
+    for _, p in ipairs(chain) do
+      if p == parent then return chain end
+    end
+    table.insert(chain, parent)
+  end
+  return chain
+end
+
+local function fail_waiters(id, outcome)
+  local waiters = redis.call('SMEMBERS', P .. 'wait:' .. id)
+  redis.call('DEL', P .. 'wait:' .. id, P .. 'req:' .. id)
+  redis.call('DECR', P .. 'inflight')
+  for _, w in ipairs(waiters) do
+    if redis.call('HEXISTS', P .. 'nodes', w) == 1 then push_event(w, 'D' .. id .. outcome) end
+  end
+end
+
+-- Removes a node and gives everything it held back to the grid.
+local function remove_node(node)
+  for _, fn in ipairs(redis.call('SMEMBERS', P .. 'nodefns:' .. node)) do
+    redis.call('SREM', P .. 'fnodes:' .. fn, node)
+    if redis.call('SCARD', P .. 'fnodes:' .. fn) == 0 then redis.call('HDEL', P .. 'fver', fn) end
+  end
+  redis.call('HDEL', P .. 'nodes', node)
+  redis.call('HDEL', P .. 'info', node)
+  for _, pool in ipairs(redis.call('SMEMBERS', P .. 'nodepools:' .. node)) do
+    redis.call('SREM', P .. 'pdist:' .. pool, node)
+  end
+  -- Detach its queues first, so nothing below is handed back to them.
+  local orphans = {}
+  for _, q in ipairs(redis.call('SMEMBERS', P .. 'nodequeues:' .. node)) do
+    local pool = redis.call('HGET', P .. 'qpool', q)
+    if pool then
+      redis.call('LREM', P .. 'members:' .. pool, 0, q)
+      redis.call('HDEL', P .. 'credits:' .. pool, q)
+      redis.call('HSET', P .. 'pool:' .. pool, 'next', 0)
+    end
+    redis.call('HDEL', P .. 'qowner', q)
+    for _, id in ipairs(redis.call('LRANGE', P .. 'q:' .. q, 0, -1)) do table.insert(orphans, id) end
+    redis.call('DEL', P .. 'q:' .. q)
+  end
+  for _, id in ipairs(redis.call('SMEMBERS', P .. 'running:' .. node)) do
+    if redis.call('HGET', P .. 'req:' .. id, 'owner') == node then requeue(id, true) end
+  end
+  for _, id in ipairs(orphans) do
+    if redis.call('HGET', P .. 'req:' .. id, 'owner') == '' then requeue(id, false) end
+  end
+  redis.call('DEL', P .. 'nodefns:' .. node, P .. 'nodepools:' .. node, P .. 'nodequeues:' .. node,
+    P .. 'running:' .. node, P .. 'inbox:' .. node)
+end

@@ -5,6 +5,7 @@ mod bench;
 mod call;
 mod demo;
 mod serve;
+mod status;
 
 use std::process::ExitCode;
 
@@ -27,8 +28,10 @@ enum Command {
     Node(serve::NodeArgs),
     /// Call a function on a running node and print its JSON result.
     Call(call::CallArgs),
-    /// Measure round trip, throughput, memo hits and nested fan-out on an in-process grid.
+    /// Measure round trip, throughput, memo hits and nested fan-out, embedded or over Redis.
     Bench(bench::BenchArgs),
+    /// List the grid's live nodes with their pools, slots, load and request counts.
+    Status(status::StatusArgs),
 }
 
 /// Parses the command line and runs the verb with `registry`'s functions. Errors are printed
@@ -52,6 +55,7 @@ pub fn main_with(registry: Registry) -> ExitCode {
             Command::Node(args) => serve::run(registry, args).await,
             Command::Call(args) => call::run(args).await,
             Command::Bench(args) => bench::run(registry, args).await,
+            Command::Status(args) => status::run(args).await,
         }
     });
     // Tasks of a stopped node may still be parked; do not wait for them.

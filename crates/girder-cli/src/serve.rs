@@ -5,7 +5,10 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use girder::http::{router, HttpConfig};
-use girder::{Embedded, EmbeddedConfig, Node, PoolSpec, Registry, ResultStoreConfig, WorkerSpec};
+use girder::{
+    Embedded, EmbeddedConfig, Node, PoolSpec, RedisConfig, RedisStatekeeper, Registry, ResultStoreConfig, Statekeeper,
+    WorkerSpec,
+};
 
 /// Arguments of `girder node`.
 #[derive(Debug, clap::Args)]
@@ -19,6 +22,22 @@ pub struct NodeArgs {
     /// The pool this node's workers join and HTTP calls are submitted to.
     #[arg(long, default_value = "main")]
     pool: String,
+    /// The pool's parent: it volunteers there when idle (declared too, if new).
+    #[arg(long)]
+    parent: Option<String>,
+    /// Where the grid's state lives: `embedded` (this process only) or
+    /// `redis://[:PASSWORD@]HOST:PORT/DB` (`rediss://` for TLS) to join a cluster.
+    #[arg(long, default_value = "embedded", env = "GIRDER_STATEKEEPER")]
+    statekeeper: String,
+    /// Serve only these functions (comma separated); default: all registered.
+    #[arg(long, value_delimiter = ',')]
+    functions: Vec<String>,
+    /// With Redis: a node silent for this long is dead and its work runs elsewhere.
+    #[arg(long, default_value_t = 3_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    node_ttl_ms: u64,
+    /// How often the node renews its lease; keep it well under --node-ttl-ms.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    heartbeat_ms: u64,
     /// Workers on this node.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=girder::WORKERS_MAX as u64))]
     workers: u64,
@@ -39,27 +58,69 @@ pub struct NodeArgs {
     body_max_bytes: usize,
 }
 
+/// Opens the statekeeper named on the command line.
+pub async fn open_statekeeper(
+    spec: &str,
+    results: ResultStoreConfig,
+    node_ttl_ms: u64,
+) -> anyhow::Result<Arc<dyn Statekeeper>> {
+    if spec == "embedded" {
+        return Ok(Arc::new(Embedded::new(EmbeddedConfig { results, node_ttl_ms, ..Default::default() })));
+    }
+    if !(spec.starts_with("redis://") || spec.starts_with("rediss://")) {
+        anyhow::bail!("--statekeeper must be `embedded` or a redis:// or rediss:// URL, got {spec:?}");
+    }
+    let mut config = RedisConfig::new(spec);
+    config.node_ttl_ms = node_ttl_ms;
+    config.results_ttl_ms = results.ttl_ms.or(config.results_ttl_ms);
+    config.near_cache.entries_max = results.entries_max.min(config.near_cache.entries_max);
+    config.near_cache.bytes_max = results.bytes_max.min(config.near_cache.bytes_max);
+    let redis = RedisStatekeeper::connect(config).await?;
+    Ok(Arc::new(redis))
+}
+
 pub async fn run(registry: Registry, args: NodeArgs) -> anyhow::Result<()> {
     let results = ResultStoreConfig {
         entries_max: args.results_max_entries,
         bytes_max: args.results_max_bytes,
         ttl_ms: args.results_ttl_ms,
     };
-    let statekeeper = Arc::new(Embedded::new(EmbeddedConfig { results, ..Default::default() }));
-    let node = Node::builder()
-        .id(args.id.clone())
-        .registry(registry)
-        .statekeeper(statekeeper)
-        .pool(PoolSpec::new(args.pool.clone()))
-        .workers(WorkerSpec::new(args.pool.clone(), args.workers as usize, args.slots as usize))
-        .start()
-        .await
-        .context("cannot start the node")?;
-    let node = Arc::new(node);
+    if args.heartbeat_ms * 2 > args.node_ttl_ms {
+        anyhow::bail!("--heartbeat-ms ({}) must be at most half of --node-ttl-ms ({})", args.heartbeat_ms, args.node_ttl_ms);
+    }
+    let registry = if args.functions.is_empty() {
+        registry
+    } else {
+        let names: Vec<&str> = args.functions.iter().map(String::as_str).collect();
+        registry.only(&names).map_err(anyhow::Error::msg)?
+    };
+    let statekeeper = open_statekeeper(&args.statekeeper, results, args.node_ttl_ms).await?;
+    // Bind first: the address is part of what the node reports about itself.
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {} (is the port taken?)", args.listen))?;
     let addr = listener.local_addr().context("cannot read the bound address")?;
+    let mut builder = Node::builder()
+        .id(args.id.clone())
+        .registry(registry)
+        .statekeeper(statekeeper)
+        .heartbeat_ms(args.heartbeat_ms)
+        .http_address(format!("http://{addr}"));
+    if let Some(parent) = &args.parent {
+        builder = builder.pool(PoolSpec::new(parent.clone()));
+    }
+    let mut pool = PoolSpec::new(args.pool.clone());
+    if let Some(parent) = &args.parent {
+        pool = pool.parent(parent.clone());
+    }
+    let node = builder
+        .pool(pool)
+        .workers(WorkerSpec::new(args.pool.clone(), args.workers as usize, args.slots as usize))
+        .entry_pool(args.pool.clone())
+        .start()
+        .await
+        .context("cannot start the node")?;
+    let node = Arc::new(node);
     println!("girder node {} listening on http://{addr}", args.id);
     let config = HttpConfig { body_bytes_max: args.body_max_bytes, ..Default::default() };
     axum::serve(listener, router(node.clone(), config))

@@ -132,6 +132,17 @@ impl Registry {
         self
     }
 
+    /// Keeps only the functions named in `names`; fails, naming it, on a name that is not
+    /// registered.
+    pub fn only(mut self, names: &[&str]) -> Result<Registry, String> {
+        if let Some(missing) = names.iter().find(|n| !self.functions.contains_key(**n)) {
+            let known: Vec<&str> = self.names().into_iter().map(|(n, _)| n).collect();
+            return Err(format!("function {missing:?} is not registered here; known: {}", known.join(", ")));
+        }
+        self.functions.retain(|name, _| names.contains(name));
+        Ok(self)
+    }
+
     /// The version of `name`, if registered here.
     pub fn version_of(&self, name: &str) -> Option<u32> {
         self.functions.get(name).map(|r| r.function.version())

@@ -6,6 +6,7 @@
 //!   returned an error, 500 it panicked, 503 the grid is unavailable, 504 the deadline passed.
 //! - `GET /v1/health` returns `{"status": "ok", "node": ID}`.
 //! - `GET /v1/stats` returns the node's counters.
+//! - `GET /v1/status` returns the grid's live nodes as the statekeeper knows them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -91,6 +92,7 @@ pub fn router(node: Arc<Node>, config: HttpConfig) -> Router {
         .route("/v1/call/{*function}", post(call))
         .route("/v1/health", get(health))
         .route("/v1/stats", get(stats))
+        .route("/v1/status", get(status))
         .layer(DefaultBodyLimit::max(config.body_bytes_max))
         .with_state(state)
 }
@@ -149,4 +151,11 @@ async fn stats(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
         "pools": pools,
         "evaluations": stats.evaluations.iter().map(|(n, c)| serde_json::json!({"function": n, "count": c})).collect::<Vec<_>>(),
     }))
+}
+
+async fn status(State(state): State<Arc<AppState>>) -> Result<Json<serde_json::Value>, ApiError> {
+    let nodes = state.node.statekeeper().live_nodes().await.map_err(|e| {
+        ApiError(StatusCode::SERVICE_UNAVAILABLE, ErrorBody { kind: ErrorKind::Statekeeper, message: e.to_string() })
+    })?;
+    Ok(Json(serde_json::json!({ "nodes": nodes })))
 }

@@ -59,6 +59,10 @@ pub(crate) struct NodeCore {
     pub(crate) pools: Vec<DeclaredPool>,
     pub(crate) workers: Vec<Arc<Worker>>,
     pub(crate) http: Option<String>,
+    /// Requests being evaluated on this node, with how many evaluations each.
+    pub(crate) running: parking_lot::Mutex<crate::id::IdMap<u32>>,
+    /// A claim's reply was lost: the statekeeper may hold claims of ours we never saw.
+    pub(crate) claims_uncertain: std::sync::atomic::AtomicBool,
 }
 
 /// Where a call's request goes when it must be queued.
@@ -174,6 +178,7 @@ impl NodeCore {
             Ok(_) => true,
             Err(err) => err.is_memoizable(),
         };
+        self.note_finished(request);
         let mut backoff_ms = RETRY_MIN_MS;
         let mut waited_ms = 0;
         loop {
@@ -198,6 +203,35 @@ impl NodeCore {
                 }
             }
         }
+    }
+
+    pub(crate) fn note_running(&self, request: &Request) {
+        *self.running.lock().entry(request.id).or_insert(0) += 1;
+    }
+
+    fn note_finished(&self, request: &Request) {
+        let mut running = self.running.lock();
+        if let Some(count) = running.get_mut(&request.id) {
+            *count -= 1;
+            if *count == 0 {
+                running.remove(&request.id);
+            }
+        }
+    }
+
+    /// After a lost claim reply: gives back every claim the statekeeper holds for this node
+    /// that is not really running here, so it runs elsewhere instead of never.
+    pub(crate) async fn release_uncertain_claims(&self) -> Result<(), StatekeeperError> {
+        if !self.claims_uncertain.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let keep: Vec<_> = self.running.lock().keys().copied().collect();
+        let released = self.statekeeper.release_claims(&self.id, &keep).await?;
+        self.claims_uncertain.store(false, Ordering::Release);
+        if released > 0 {
+            tracing::warn!(node = %self.id, released, "gave back claims whose replies were lost");
+        }
+        Ok(())
     }
 
     pub(crate) fn count_evaluation(&self, function: &str) {

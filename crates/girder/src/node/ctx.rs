@@ -116,6 +116,7 @@ impl Ctx {
                 Ok(mut claimed) => claimed.pop(),
                 Err(err) => {
                     tracing::warn!(worker = %self.worker.id, error = %err, "claim failed while waiting; blocking instead");
+                    core.claims_uncertain.store(true, Ordering::Release);
                     None
                 }
             };
@@ -124,6 +125,7 @@ impl Ctx {
                 Some(registered) if registered.function.kind() == FnKind::Blocking => {
                     self.worker.executed.fetch_add(1, Ordering::Relaxed);
                     core.count_evaluation(registered.name);
+                    core.note_running(&next);
                     worker::run_blocking(core, &self.worker, &registered, slot, next);
                 }
                 _ => {

@@ -253,6 +253,8 @@ impl NodeBuilder {
             pools,
             workers: workers.clone(),
             http: self.http,
+            running: parking_lot::Mutex::default(),
+            claims_uncertain: std::sync::atomic::AtomicBool::new(false),
         });
         if let Err(err) = core.rejoin().await {
             // Do not leave a half-registered node behind (a duplicate id registered nothing).
@@ -302,6 +304,7 @@ pub(crate) fn node_info(core: &NodeCore) -> NodeInfo {
                 slots: u32::try_from(w.slots).unwrap_or(u32::MAX),
                 busy: u32::try_from(w.slots.saturating_sub(w.semaphore.available_permits())).unwrap_or(u32::MAX),
                 executed: w.executed.load(Ordering::Relaxed),
+                queue_len: 0,
             })
             .collect(),
         calls: counters.calls.load(Ordering::Relaxed),

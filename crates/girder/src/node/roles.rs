@@ -74,7 +74,10 @@ pub(crate) async fn membership(core: Arc<NodeCore>, heartbeat: Duration, resubmi
             _ = core.cancel.cancelled() => break,
             _ = ticker.tick() => {}
         }
-        let info = super::node_info(&core);
+        let mut info = super::node_info(&core);
+        for (worker, reported) in core.workers.iter().zip(info.workers.iter_mut()) {
+            reported.queue_len = core.statekeeper.queue_len(&worker.queue).await.unwrap_or(0) as u64;
+        }
         let result = match core.statekeeper.heartbeat(&core.id, &info).await {
             Ok(true) => Ok(()),
             Ok(false) => {

@@ -81,6 +81,11 @@ pub(crate) async fn dispatch(core: Arc<NodeCore>, worker: Arc<Worker>) {
                 _ = tokio::time::sleep(std::time::Duration::from_millis(backoff_ms)) => {}
             }
         }
+        if let Err(err) = core.release_uncertain_claims().await {
+            tracing::debug!(error = %err, "cannot release uncertain claims yet");
+            backoff_ms = (backoff_ms * 2).clamp(RETRY_MIN_MS, RETRY_MAX_MS);
+            continue;
+        }
         let mut permits = Vec::new();
         while let Ok(permit) = worker.semaphore.clone().try_acquire_owned() {
             permits.push(permit);
@@ -96,6 +101,7 @@ pub(crate) async fn dispatch(core: Arc<NodeCore>, worker: Arc<Worker>) {
                     if backoff_ms == 0 {
                         tracing::warn!(worker = %worker.id, error = %err, "claim failed; retrying with backoff");
                     }
+                    core.claims_uncertain.store(true, Ordering::Release);
                     backoff_ms = (backoff_ms * 2).clamp(RETRY_MIN_MS, RETRY_MAX_MS);
                     continue;
                 }
@@ -127,6 +133,7 @@ pub(crate) async fn dispatch(core: Arc<NodeCore>, worker: Arc<Worker>) {
 pub(crate) fn start(core: &Arc<NodeCore>, worker: &Arc<Worker>, request: Request, permit: OwnedSemaphorePermit) {
     worker.executed.fetch_add(1, Ordering::Relaxed);
     worker.note_busy();
+    core.note_running(&request);
     let Some(registered) = core.registry.get(&request.function).cloned() else {
         // Claimed work this node cannot run: answer it so nobody waits on it forever.
         let core = core.clone();

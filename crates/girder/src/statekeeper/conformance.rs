@@ -37,6 +37,7 @@ pub const CASES: &[(&str, Case)] = &[
     ("a_request_whose_owner_died_is_requeued_on_submit", |f| Box::pin(a_request_whose_owner_died_is_requeued(f))),
     ("waiters_fail_when_the_function_vanishes", |f| Box::pin(waiters_fail_when_the_function_vanishes(f))),
     ("wait_work_wakes_on_new_work", |f| Box::pin(wait_work_wakes_on_new_work(f))),
+    ("released_claims_run_again", |f| Box::pin(released_claims_run_again(f))),
 ];
 
 /// Runs every case against statekeepers from `factory`, naming the case that fails.
@@ -345,4 +346,15 @@ async fn wait_work_wakes_on_new_work(factory: Factory) {
     sk.submit(&request("f", 1), &own, true, &node("n1")).await.unwrap();
     let waited = waiter.await.unwrap();
     assert!(waited < Duration::from_secs(10), "woken by the new work, not the timeout ({waited:?})");
+}
+
+async fn released_claims_run_again(factory: Factory) {
+    let sk = one_node(&factory, LONG_TTL_MS).await;
+    let pool_queue = QueueId::pool(&PoolId::new("p"));
+    let (kept, lost) = (request("f", 1), request("f", 2));
+    sk.submit(&kept, &pool_queue, false, &node("n1")).await.unwrap();
+    sk.submit(&lost, &pool_queue, false, &node("n1")).await.unwrap();
+    assert_eq!(sk.claim(&pool_queue, &node("n1"), 2).await.unwrap().len(), 2);
+    assert_eq!(sk.release_claims(&node("n1"), &[kept.id]).await.unwrap(), 1);
+    assert_eq!(sk.claim(&pool_queue, &node("n1"), 2).await.unwrap(), vec![lost]);
 }

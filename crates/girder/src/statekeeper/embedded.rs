@@ -461,7 +461,10 @@ impl Statekeeper for Embedded {
                 return Err(StatekeeperError::UnknownPool(parent.to_string()));
             }
         }
-        inner.pools.entry(pool.clone()).or_default().parent = parent.cloned();
+        let state = inner.pools.entry(pool.clone()).or_default();
+        if parent.is_some() {
+            state.parent = parent.cloned();
+        }
         if let Some(parent) = parent {
             let member = QueueId::pool(pool);
             let state = inner.pools.entry(parent.clone()).or_default();
@@ -555,6 +558,23 @@ impl Statekeeper for Embedded {
             }
         }
         Ok(claimed)
+    }
+
+    async fn release_claims(&self, owner: &NodeId, keep: &[ReqId]) -> SkResult<usize> {
+        let mut inner = self.inner.lock();
+        let Some(node) = inner.nodes.get_mut(owner) else { return Ok(0) };
+        let released: Vec<ReqId> = node.running.iter().filter(|id| !keep.contains(id)).copied().collect();
+        for id in &released {
+            node.running.remove(id);
+        }
+        let mut count = 0;
+        for id in released {
+            if inner.requests.get(&id).is_some_and(|r| r.running.as_ref() == Some(owner)) {
+                inner.requeue(id, true);
+                count += 1;
+            }
+        }
+        Ok(count)
     }
 
     async fn complete(&self, id: &ReqId, outcome: &Outcome, memoize: bool, local: &NodeId) -> SkResult<bool> {

@@ -169,6 +169,8 @@ pub struct WorkerInfo {
     pub slots: u32,
     /// Slots in use.
     pub busy: u32,
+    /// Length of its own queue, stale entries included.
+    pub queue_len: u64,
     /// Evaluations it started.
     pub executed: u64,
 }
@@ -201,7 +203,8 @@ pub trait Statekeeper: Send + Sync + 'static {
     async fn function_version(&self, function: &str) -> SkResult<Option<u32>>;
 
     /// Declares `pool`, with `parent` as the pool it volunteers at when idle; `node` runs a
-    /// distributor for it and is woken when work waits in its queue.
+    /// distributor for it and is woken when work waits in its queue. Declaring an existing
+    /// pool without a parent keeps the parent it has.
     async fn declare_pool(&self, pool: &PoolId, parent: Option<&PoolId>, node: &NodeId) -> SkResult<()>;
 
     /// Makes the worker queue `member`, owned by `node`, a member of `pool`. Work is handed
@@ -225,6 +228,11 @@ pub trait Statekeeper: Send + Sync + 'static {
     /// Claims up to `max` pending requests from the front of `queue` for `owner`, skipping
     /// and dropping ids that are running or done. The claims are held under `owner`'s lease.
     async fn claim(&self, queue: &QueueId, owner: &NodeId, max: usize) -> SkResult<Vec<Request>>;
+
+    /// Puts back in flight every request `owner` holds a claim on except those in `keep`.
+    /// A node calls it after a claim whose reply it lost (the connection dropped), with the
+    /// requests it really runs; anything else it holds is re-run elsewhere. Returns how many.
+    async fn release_claims(&self, owner: &NodeId, keep: &[ReqId]) -> SkResult<usize>;
 
     /// Records the outcome of `id`, memoizing it when `memoize`, and wakes every waiting
     /// node other than `local` through its inbox. Returns whether `local` was waiting.

@@ -93,6 +93,7 @@ struct Scripts {
     leave_pool: Script,
     submit: Script,
     claim: Script,
+    release_claims: Script,
     complete: Script,
     volunteer: Script,
     distribute: Script,
@@ -137,6 +138,7 @@ impl Scripts {
             leave_pool: script("leave_pool"),
             submit: script("submit"),
             claim: script("claim"),
+            release_claims: script("release_claims"),
             complete: script("complete"),
             volunteer: script("volunteer"),
             distribute: script("distribute"),
@@ -384,6 +386,13 @@ impl Statekeeper for RedisStatekeeper {
         let args = [queue.as_str().as_bytes(), owner.as_str().as_bytes(), max.as_bytes()];
         let reply: Vec<Vec<u8>> = self.run(&self.scripts.claim, &args).await?;
         reply.iter().map(|bytes| codec::decode::<Request>(bytes).map_err(|e| corrupt("a queued request", e))).collect()
+    }
+
+    async fn release_claims(&self, owner: &NodeId, keep: &[ReqId]) -> SkResult<usize> {
+        let hex: Vec<String> = keep.iter().map(ReqId::to_hex).collect();
+        let mut args: Vec<&[u8]> = vec![owner.as_str().as_bytes()];
+        args.extend(hex.iter().map(|h| h.as_bytes()));
+        self.run(&self.scripts.release_claims, &args).await
     }
 
     async fn complete(&self, id: &ReqId, outcome: &Outcome, memoize: bool, local: &NodeId) -> SkResult<bool> {

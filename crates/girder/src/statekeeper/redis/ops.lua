@@ -43,7 +43,11 @@ return out
 --@@ declare_pool: ARGV = pool, parent ('' for none), node
 local pool, parent, node = ARGV[1], ARGV[2], ARGV[3]
 if parent ~= '' and redis.call('EXISTS', P .. 'pool:' .. parent) == 0 then return 'UNKNOWN_POOL' end
-redis.call('HSET', P .. 'pool:' .. pool, 'parent', parent)
+if parent ~= '' then
+  redis.call('HSET', P .. 'pool:' .. pool, 'parent', parent)
+else
+  redis.call('HSETNX', P .. 'pool:' .. pool, 'parent', '')
+end
 redis.call('HSETNX', P .. 'pool:' .. pool, 'next', 0)
 if parent ~= '' and not redis.call('LPOS', P .. 'members:' .. parent, 'pool:' .. pool) then
   redis.call('RPUSH', P .. 'members:' .. parent, 'pool:' .. pool)
@@ -113,6 +117,21 @@ while #out < max do
   end
 end
 return out
+--@@ release_claims: ARGV = owner, kept ids...
+local owner = ARGV[1]
+local keep = {}
+for i = 2, #ARGV do keep[ARGV[i]] = true end
+local released = 0
+for _, id in ipairs(redis.call('SMEMBERS', P .. 'running:' .. owner)) do
+  if not keep[id] then
+    redis.call('SREM', P .. 'running:' .. owner, id)
+    if redis.call('HGET', P .. 'req:' .. id, 'owner') == owner then
+      requeue(id, true)
+      released = released + 1
+    end
+  end
+end
+return released
 --@@ complete: ARGV = id, outcome, memoize ('1'/'0'), local node, result ttl ms (0 = none)
 local id, outcome, memoize, localnode, ttl = ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4], tonumber(ARGV[5])
 if memoize then

@@ -1,0 +1,66 @@
+//! `girder status`: the grid's live nodes, from any node's HTTP API or from the statekeeper.
+
+use anyhow::Context;
+use girder::statekeeper::NodeInfo;
+use girder::ResultStoreConfig;
+
+/// Arguments of `girder status`.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// Ask this node (its base URL).
+    #[arg(long, default_value = "http://127.0.0.1:7070", env = "GIRDER_NODE", conflicts_with = "statekeeper")]
+    node: String,
+    /// Read the statekeeper directly instead (a redis:// URL).
+    #[arg(long)]
+    statekeeper: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
+    let nodes: Vec<NodeInfo> = match &args.statekeeper {
+        Some(spec) => {
+            let statekeeper = crate::serve::open_statekeeper(spec, ResultStoreConfig::default(), 3_000).await?;
+            statekeeper.live_nodes().await?
+        }
+        None => {
+            let base = args.node.trim_end_matches('/');
+            let body: serde_json::Value = reqwest::get(format!("{base}/v1/status"))
+                .await
+                .with_context(|| format!("cannot reach the girder node at {base} (is `girder node` running there?)"))?
+                .json()
+                .await
+                .context("the node's status is not JSON")?;
+            serde_json::from_value(body["nodes"].clone()).context("the node's status has no node list")?
+        }
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&nodes)?);
+        return Ok(());
+    }
+    println!("{} live node(s)", nodes.len());
+    println!(
+        "{:<16} {:<20} {:>6} {:>6} {:>8} {:>10} {:>11}  heartbeat",
+        "node", "pools", "slots", "busy", "queued", "calls", "evaluations"
+    );
+    for node in &nodes {
+        let mut pools: Vec<&str> = node.workers.iter().map(|w| w.pool.as_str()).collect();
+        pools.dedup();
+        let slots: u32 = node.workers.iter().map(|w| w.slots).sum();
+        let busy: u32 = node.workers.iter().map(|w| w.busy).sum();
+        let queued: u64 = node.workers.iter().map(|w| w.queue_len).sum();
+        println!(
+            "{:<16} {:<20} {:>6} {:>6} {:>8} {:>10} {:>11}  {} ms ago",
+            node.id,
+            if pools.is_empty() { "-".to_owned() } else { pools.join(",") },
+            slots,
+            busy,
+            queued,
+            node.calls,
+            node.evaluations,
+            node.heartbeat_age_ms
+        );
+    }
+    Ok(())
+}

@@ -86,7 +86,11 @@ pub async fn run(registry: Registry, args: NodeArgs) -> anyhow::Result<()> {
         ttl_ms: args.results_ttl_ms,
     };
     if args.heartbeat_ms * 2 > args.node_ttl_ms {
-        anyhow::bail!("--heartbeat-ms ({}) must be at most half of --node-ttl-ms ({})", args.heartbeat_ms, args.node_ttl_ms);
+        anyhow::bail!(
+            "--heartbeat-ms ({}) must be at most half of --node-ttl-ms ({})",
+            args.heartbeat_ms,
+            args.node_ttl_ms
+        );
     }
     let registry = if args.functions.is_empty() {
         registry

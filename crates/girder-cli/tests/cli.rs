@@ -1,53 +1,16 @@
 //! End to end: a real `girder node` process, its HTTP API, and `girder call` against it.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
+mod common;
 
-const GIRDER: &str = env!("CARGO_BIN_EXE_girder");
+use std::process::Command;
 
-/// A `girder node` child process, killed when dropped.
-struct NodeProcess {
-    child: Child,
-    url: String,
-}
+use common::{text, NodeProcess, GIRDER};
 
-impl NodeProcess {
-    fn start(extra: &[&str]) -> NodeProcess {
-        let mut child = Command::new(GIRDER)
-            .args(["node", "--listen", "127.0.0.1:0", "--workers", "2", "--slots", "2"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("girder binary starts");
-        let stdout = child.stdout.take().expect("stdout is piped");
-        // The node prints its address once it listens: that line is the ready signal.
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("node prints its address");
-        let url = line.split_whitespace().last().expect("address on the line").to_owned();
-        assert!(url.starts_with("http://127.0.0.1:"), "unexpected first line: {line:?}");
-        NodeProcess { child, url }
-    }
-
-    fn call(&self, args: &[&str]) -> Output {
-        Command::new(GIRDER).arg("call").args(args).args(["--node", &self.url]).output().expect("girder call runs")
-    }
-}
-
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).trim().to_owned()
-}
+const NODE_ARGS: &[&str] = &["--workers", "2", "--slots", "2"];
 
 #[test]
 fn girder_call_against_a_running_node() {
-    let node = NodeProcess::start(&[]);
+    let node = NodeProcess::start(NODE_ARGS);
     let out = node.call(&["examples/fib", "90"]);
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "2880067194370816120");
@@ -81,7 +44,7 @@ fn girder_call_against_a_running_node() {
 
 #[tokio::test]
 async fn http_api_statuses_and_error_bodies() {
-    let node = NodeProcess::start(&[]);
+    let node = NodeProcess::start(NODE_ARGS);
     let http = reqwest::Client::new();
     let post = |function: &str, body: &'static str| {
         http.post(format!("{}/v1/call/{function}", node.url))

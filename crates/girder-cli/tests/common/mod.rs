@@ -1,0 +1,54 @@
+//! Helpers shared by the end-to-end tests: real `girder` processes on 127.0.0.1.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+
+pub const GIRDER: &str = env!("CARGO_BIN_EXE_girder");
+
+/// A `girder node` child process, killed when dropped.
+pub struct NodeProcess {
+    child: Child,
+    pub url: String,
+}
+
+impl NodeProcess {
+    /// Starts `girder node` on a free port with `args`, and waits until it listens.
+    pub fn start(args: &[&str]) -> NodeProcess {
+        let mut child = Command::new(GIRDER)
+            .args(["node", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("girder binary starts");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        // The node prints its address once it listens: that line is the ready signal.
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("node prints its address");
+        let url = line.split_whitespace().last().unwrap_or_default().to_owned();
+        assert!(url.starts_with("http://127.0.0.1:"), "girder node {args:?} did not start; first line: {line:?}");
+        NodeProcess { child, url }
+    }
+
+    /// Runs `girder call ARGS --node URL`.
+    pub fn call(&self, args: &[&str]) -> Output {
+        Command::new(GIRDER).arg("call").args(args).args(["--node", &self.url]).output().expect("girder call runs")
+    }
+
+    /// Kills the process with SIGKILL: no goodbye, no deregistration.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).trim().to_owned()
+}

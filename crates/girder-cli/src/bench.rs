@@ -14,19 +14,23 @@ use hdrhistogram::Histogram;
 pub struct BenchArgs {
     /// Sequential round trips measured (and memo hits, ten times as many).
     #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(100..=10_000_000))]
-    round_trips: u64,
+    pub(crate) round_trips: u64,
     /// Requests submitted at once in the throughput test.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=1_000_000))]
-    batch: u64,
+    pub(crate) batch: u64,
     /// Repetitions of the throughput and tree tests; the median is reported.
     #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u64).range(1..=100))]
-    rounds: u64,
+    pub(crate) rounds: u64,
     /// Workers of the benchmarked node.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
     workers: u64,
     /// Slots per worker.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=1024))]
     slots: u64,
+    /// Benchmark over Redis instead: a redis:// URL, or `auto` to start a redis-server on a
+    /// free loopback port for the run. Workers run in separate `girder node` processes.
+    #[arg(long)]
+    redis: Option<String>,
 }
 
 async fn node(registry: &Registry, workers: u64, slots: u64) -> anyhow::Result<Node> {
@@ -39,24 +43,27 @@ async fn node(registry: &Registry, workers: u64, slots: u64) -> anyhow::Result<N
         .context("cannot start the benchmark node")
 }
 
-fn histogram() -> anyhow::Result<Histogram<u64>> {
+pub(crate) fn histogram() -> anyhow::Result<Histogram<u64>> {
     Histogram::new_with_bounds(1, 60_000_000_000, 3).context("histogram bounds")
 }
 
-fn record(hist: &mut Histogram<u64>, took: Duration) {
+pub(crate) fn record(hist: &mut Histogram<u64>, took: Duration) {
     hist.saturating_record(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX).max(1));
 }
 
-fn us(nanos: u64) -> f64 {
+pub(crate) fn us(nanos: u64) -> f64 {
     nanos as f64 / 1_000.0
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
+pub(crate) fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
 }
 
 pub async fn run(registry: Registry, args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(redis) = args.redis.clone() {
+        return crate::bench_redis::run(&redis, &args).await;
+    }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
         "girder bench: embedded statekeeper, {} worker(s) x {} slot(s), {cpus} CPUs, {} rounds",

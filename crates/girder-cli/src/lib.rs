@@ -2,6 +2,7 @@
 //! it: `fn main() -> ExitCode { girder_cli::main_with(my_registry()) }`.
 
 mod bench;
+mod bench_redis;
 mod call;
 mod demo;
 mod serve;

@@ -29,6 +29,9 @@ pub struct NodeArgs {
     /// `redis://[:PASSWORD@]HOST:PORT/DB` (`rediss://` for TLS) to join a cluster.
     #[arg(long, default_value = "embedded", env = "GIRDER_STATEKEEPER")]
     statekeeper: String,
+    /// With Redis: grids with different namespaces share a server without seeing each other.
+    #[arg(long, default_value = "girder")]
+    namespace: String,
     /// Serve only these functions (comma separated); default: all registered.
     #[arg(long, value_delimiter = ',')]
     functions: Vec<String>,
@@ -61,6 +64,7 @@ pub struct NodeArgs {
 /// Opens the statekeeper named on the command line.
 pub async fn open_statekeeper(
     spec: &str,
+    namespace: &str,
     results: ResultStoreConfig,
     node_ttl_ms: u64,
 ) -> anyhow::Result<Arc<dyn Statekeeper>> {
@@ -71,6 +75,7 @@ pub async fn open_statekeeper(
         anyhow::bail!("--statekeeper must be `embedded` or a redis:// or rediss:// URL, got {spec:?}");
     }
     let mut config = RedisConfig::new(spec);
+    config.namespace = namespace.to_owned();
     config.node_ttl_ms = node_ttl_ms;
     config.results_ttl_ms = results.ttl_ms.or(config.results_ttl_ms);
     config.near_cache.entries_max = results.entries_max.min(config.near_cache.entries_max);
@@ -98,7 +103,7 @@ pub async fn run(registry: Registry, args: NodeArgs) -> anyhow::Result<()> {
         let names: Vec<&str> = args.functions.iter().map(String::as_str).collect();
         registry.only(&names).map_err(anyhow::Error::msg)?
     };
-    let statekeeper = open_statekeeper(&args.statekeeper, results, args.node_ttl_ms).await?;
+    let statekeeper = open_statekeeper(&args.statekeeper, &args.namespace, results, args.node_ttl_ms).await?;
     // Bind first: the address is part of what the node reports about itself.
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -13,6 +13,9 @@ pub struct StatusArgs {
     /// Read the statekeeper directly instead (a redis:// URL).
     #[arg(long)]
     statekeeper: Option<String>,
+    /// The grid's namespace, with --statekeeper.
+    #[arg(long, default_value = "girder")]
+    namespace: String,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -21,7 +24,8 @@ pub struct StatusArgs {
 pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
     let nodes: Vec<NodeInfo> = match &args.statekeeper {
         Some(spec) => {
-            let statekeeper = crate::serve::open_statekeeper(spec, ResultStoreConfig::default(), 3_000).await?;
+            let statekeeper =
+                crate::serve::open_statekeeper(spec, &args.namespace, ResultStoreConfig::default(), 3_000).await?;
             statekeeper.live_nodes().await?
         }
         None => {

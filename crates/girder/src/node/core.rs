@@ -81,14 +81,9 @@ impl NodeCore {
         target: Target<'_>,
     ) -> Result<Outcome, oneshot::Receiver<Outcome>> {
         self.counters.calls.fetch_add(1, Ordering::Relaxed);
-        match self.statekeeper.result(&request.id).await {
-            Ok(Some(outcome)) => {
-                self.counters.memo_hits.fetch_add(1, Ordering::Relaxed);
-                return Ok(outcome);
-            }
-            Ok(None) => {}
-            // Treated as a miss: the submission below retries until the statekeeper is back.
-            Err(err) => tracing::debug!(error = %err, "memo lookup failed"),
+        if let Some(outcome) = self.statekeeper.cached_result(&request.id) {
+            self.counters.memo_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(outcome);
         }
         let submission = Submission { request: request.clone(), queue: target.queue.clone(), front: target.front };
         let (rx, first) = self.waiters.register(&submission);
@@ -174,18 +169,45 @@ impl NodeCore {
     /// the waiting nodes, and hands it to the callers waiting here. Retries while the
     /// statekeeper is unreachable.
     pub(crate) async fn complete(&self, request: &Request, outcome: Outcome) {
+        self.complete_and_claim(request, outcome, None).await;
+    }
+
+    /// [`NodeCore::complete`], and when `next` names a queue, claims one more request from
+    /// it in the same step: the slot that just freed up goes straight to the next request.
+    pub(crate) async fn complete_and_claim(
+        &self,
+        request: &Request,
+        outcome: Outcome,
+        next: Option<&QueueId>,
+    ) -> Option<Request> {
+        self.note_finished(request);
         let memoize = match &outcome {
             Ok(_) => true,
             Err(err) => err.is_memoizable(),
         };
-        self.note_finished(request);
         let mut backoff_ms = RETRY_MIN_MS;
         let mut waited_ms = 0;
         loop {
-            match self.statekeeper.complete(&request.id, &outcome, memoize, &self.id).await {
-                Ok(true) => return self.waiters.deliver(&request.id, &outcome),
-                Ok(false) => return,
+            let result = match next {
+                Some(queue) => {
+                    self.statekeeper.complete_and_claim(&request.id, &outcome, memoize, &self.id, queue, 1).await
+                }
+                None => {
+                    self.statekeeper.complete(&request.id, &outcome, memoize, &self.id).await.map(|w| (w, Vec::new()))
+                }
+            };
+            match result {
+                Ok((local_waits, mut claimed)) => {
+                    if local_waits {
+                        self.waiters.deliver(&request.id, &outcome);
+                    }
+                    return claimed.pop();
+                }
                 Err(StatekeeperError::Unavailable(message)) if waited_ms < COMPLETE_RETRY_MS_MAX => {
+                    if next.is_some() {
+                        // The lost reply may have carried a claim.
+                        self.claims_uncertain.store(true, Ordering::Release);
+                    }
                     if waited_ms == 0 {
                         tracing::warn!(request = %request.id, function = %request.function, %message,
                             "statekeeper unreachable; retrying the completion with backoff");
@@ -199,7 +221,8 @@ impl NodeCore {
                     // re-run after this node's claims expire, or by their resubmission.
                     tracing::error!(request = %request.id, function = %request.function, error = %err,
                         "could not record an outcome");
-                    return self.waiters.deliver(&request.id, &Err(CallError::statekeeper(&request.function, &err)));
+                    self.waiters.deliver(&request.id, &Err(CallError::statekeeper(&request.function, &err)));
+                    return None;
                 }
             }
         }

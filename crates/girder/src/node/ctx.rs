@@ -123,23 +123,12 @@ impl Ctx {
             let Some(next) = claimed else { break };
             match core.registry.get(&next.function).cloned() {
                 Some(registered) if registered.function.kind() == FnKind::Blocking => {
-                    self.worker.executed.fetch_add(1, Ordering::Relaxed);
-                    core.count_evaluation(registered.name);
-                    core.note_running(&next);
+                    worker::account(core, &self.worker, &next);
                     worker::run_blocking(core, &self.worker, &registered, slot, next);
                 }
-                _ => {
-                    // Async work (or work we cannot run) goes to a task of its own, which
-                    // takes a slot when one is free.
-                    let permit_wait = self.worker.semaphore.clone().acquire_owned();
-                    let core_for_task = core.clone();
-                    let worker_for_task = self.worker.clone();
-                    core.handle.spawn(async move {
-                        if let Ok(permit) = permit_wait.await {
-                            worker::start(&core_for_task, &worker_for_task, next, permit);
-                        }
-                    });
-                }
+                // Async work (or work we cannot run) goes to a task of its own, which takes a
+                // slot when one is free.
+                _ => worker::start_when_free(core, &self.worker, next),
             }
         }
         // Nothing left to do here: give the slot back while blocked, take one again after.

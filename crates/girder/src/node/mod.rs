@@ -90,14 +90,15 @@ pub struct WorkerSpec {
     pub count: usize,
     /// Evaluation slots per worker: at most this many evaluations run at once on it.
     pub slots: usize,
-    /// Requests taken ahead of free slots, to keep the worker busy between hand-offs.
+    /// Requests taken ahead of free slots, to keep the worker busy between hand-offs
+    /// (default: as many as it has slots).
     pub prefetch: u32,
 }
 
 impl WorkerSpec {
     /// `count` workers of `slots` slots in `pool`.
     pub fn new(pool: impl Into<String>, count: usize, slots: usize) -> WorkerSpec {
-        WorkerSpec { pool: pool.into(), count, slots, prefetch: 0 }
+        WorkerSpec { pool: pool.into(), count, slots, prefetch: u32::try_from(slots).unwrap_or(u32::MAX) }
     }
 
     /// Sets the prefetch.
@@ -163,8 +164,9 @@ impl NodeBuilder {
         self
     }
 
-    /// Sets how long a caller waits before its request is submitted again (default 2 s):
-    /// this recovers requests a statekeeper lost and fails those whose function vanished.
+    /// Sets how long a caller waits before its request is submitted again regardless of
+    /// disruptions (default 30 s): a last resort that recovers requests a statekeeper lost
+    /// without this node noticing.
     pub fn resubmit_ms(mut self, resubmit_ms: u64) -> NodeBuilder {
         self.resubmit_ms = resubmit_ms.max(1);
         self
@@ -369,7 +371,7 @@ impl Node {
             workers: Vec::new(),
             entry_pool: None,
             heartbeat_ms: 500,
-            resubmit_ms: 2_000,
+            resubmit_ms: 30_000,
             http: None,
         }
     }

@@ -64,11 +64,17 @@ pub(crate) async fn inbox(core: Arc<NodeCore>, mut events: futures::stream::BoxS
 const RESUBMIT_BATCH_MAX: usize = 10_000;
 
 /// Keeps this node's lease alive, reports its state, declares dead nodes dead, and submits
-/// again the requests its callers have waited on for long.
+/// again the requests its callers wait on: all of them once the statekeeper is reachable
+/// after a disruption (a broken connection may have swallowed a claim or a notification),
+/// and those waited on for longer than `resubmit_after` from time to time regardless.
 pub(crate) async fn membership(core: Arc<NodeCore>, heartbeat: Duration, resubmit_after: Duration) {
+    // A disruption seen while a submission was on its way is caught by the next sweep: the
+    // failed operation counts as a disruption too.
     let mut ticker = tokio::time::interval(heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
+    let mut swept_disruptions = core.statekeeper.disruptions();
+    let mut swept_at = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = core.cancel.cancelled() => break,
@@ -103,6 +109,14 @@ pub(crate) async fn membership(core: Arc<NodeCore>, heartbeat: Duration, resubmi
         if let Err(err) = core.statekeeper.reap().await {
             tracing::debug!(error = %err, "reaping failed");
         }
-        core.resubmit_overdue(resubmit_after, RESUBMIT_BATCH_MAX).await;
+        let disruptions = core.statekeeper.disruptions();
+        if disruptions != swept_disruptions {
+            swept_disruptions = disruptions;
+            swept_at = std::time::Instant::now();
+            core.resubmit_overdue(Duration::ZERO, RESUBMIT_BATCH_MAX).await;
+        } else if swept_at.elapsed() >= resubmit_after {
+            swept_at = std::time::Instant::now();
+            core.resubmit_overdue(resubmit_after, RESUBMIT_BATCH_MAX).await;
+        }
     }
 }

@@ -42,6 +42,8 @@ pub(crate) struct Worker {
     pub(crate) executed: AtomicU64,
     /// Most slots ever in use at once.
     pub(crate) peak_busy: AtomicUsize,
+    /// Parked evaluations that woke up and wait for a slot.
+    pub(crate) waiting_for_slot: AtomicUsize,
 }
 
 impl Worker {
@@ -56,6 +58,7 @@ impl Worker {
             slot_freed: Notify::new(),
             executed: AtomicU64::new(0),
             peak_busy: AtomicUsize::new(0),
+            waiting_for_slot: AtomicUsize::new(0),
         }
     }
 
@@ -129,11 +132,17 @@ pub(crate) async fn dispatch(core: Arc<NodeCore>, worker: Arc<Worker>) {
     let _ = core.statekeeper.volunteer(&worker.pool, &worker.queue, 0).await;
 }
 
-/// Starts evaluating a claimed request in the slot `permit`.
-pub(crate) fn start(core: &Arc<NodeCore>, worker: &Arc<Worker>, request: Request, permit: OwnedSemaphorePermit) {
+/// Counts the start of an evaluation of `request` on `worker`.
+pub(crate) fn account(core: &NodeCore, worker: &Worker, request: &Request) {
     worker.executed.fetch_add(1, Ordering::Relaxed);
     worker.note_busy();
-    core.note_running(&request);
+    core.note_running(request);
+    core.count_evaluation(&request.function);
+}
+
+/// Starts evaluating a claimed request in the slot `permit`.
+pub(crate) fn start(core: &Arc<NodeCore>, worker: &Arc<Worker>, request: Request, permit: OwnedSemaphorePermit) {
+    account(core, worker, &request);
     let Some(registered) = core.registry.get(&request.function).cloned() else {
         // Claimed work this node cannot run: answer it so nobody waits on it forever.
         let core = core.clone();
@@ -145,12 +154,10 @@ pub(crate) fn start(core: &Arc<NodeCore>, worker: &Arc<Worker>, request: Request
         });
         return;
     };
-    core.count_evaluation(registered.name);
     match registered.function.kind() {
         FnKind::Async => {
             let nested = Arc::new(AtomicUsize::new(0));
-            let ctx = Ctx::for_async(core.clone(), worker.clone(), nested.clone());
-            let evaluation = evaluate_async(core.clone(), registered, ctx, request);
+            let evaluation = evaluate_async(core.clone(), worker.clone(), registered, request, nested.clone());
             let slotted = Slotted::new(evaluation, permit, worker.clone(), nested);
             core.handle.spawn(slotted);
         }
@@ -169,10 +176,46 @@ pub(crate) fn start(core: &Arc<NodeCore>, worker: &Arc<Worker>, request: Request
     }
 }
 
-async fn evaluate_async(core: Arc<NodeCore>, registered: Registered, ctx: Ctx, request: Request) {
-    let running = AssertUnwindSafe(async { registered.function.invoke_async(ctx, &request.args).await });
-    let outcome = running.catch_unwind().await.unwrap_or_else(|payload| Err(panic_error(&request, payload)));
-    core.complete(&request, outcome).await;
+/// Starts `request` in a slot of its own once one is free.
+pub(crate) fn start_when_free(core: &Arc<NodeCore>, worker: &Arc<Worker>, request: Request) {
+    let permit = worker.semaphore.clone().acquire_owned();
+    let (core, worker) = (core.clone(), worker.clone());
+    core.handle.clone().spawn(async move {
+        if let Ok(permit) = permit.await {
+            start(&core, &worker, request, permit);
+        }
+    });
+}
+
+/// Evaluates `request`, records its outcome, and while the worker's queue has more async
+/// work and no parked evaluation waits for a slot, goes on with the next request in the same
+/// slot: the completion and the next claim are one statekeeper step.
+async fn evaluate_async(
+    core: Arc<NodeCore>,
+    worker: Arc<Worker>,
+    mut registered: Registered,
+    mut request: Request,
+    nested: Arc<AtomicUsize>,
+) {
+    loop {
+        let ctx = Ctx::for_async(core.clone(), worker.clone(), nested.clone());
+        let running = AssertUnwindSafe(async { registered.function.invoke_async(ctx, &request.args).await });
+        let outcome = running.catch_unwind().await.unwrap_or_else(|payload| Err(panic_error(&request, payload)));
+        // Parked evaluations that woke up go first: they finish work already begun.
+        let next_queue = (worker.waiting_for_slot.load(Ordering::Acquire) == 0).then_some(&worker.queue);
+        let Some(next) = core.complete_and_claim(&request, outcome, next_queue).await else { return };
+        match core.registry.get(&next.function) {
+            Some(found) if found.function.kind() == FnKind::Async => {
+                account(&core, &worker, &next);
+                registered = found.clone();
+                request = next;
+            }
+            _ => {
+                start_when_free(&core, &worker, next);
+                return;
+            }
+        }
+    }
 }
 
 /// Runs a blocking function on this thread, holding the slot in `slot`, and records the
@@ -211,12 +254,22 @@ struct Slotted<F> {
     semaphore: PollSemaphore,
     worker: Arc<Worker>,
     nested: Arc<AtomicUsize>,
+    /// Counted in the worker's `waiting_for_slot`.
+    waiting: bool,
 }
 
 impl<F> Slotted<F> {
     fn new(inner: F, permit: OwnedSemaphorePermit, worker: Arc<Worker>, nested: Arc<AtomicUsize>) -> Slotted<F> {
         let semaphore = PollSemaphore::new(worker.semaphore.clone());
-        Slotted { inner: Box::pin(inner), permit: Some(permit), semaphore, worker, nested }
+        Slotted { inner: Box::pin(inner), permit: Some(permit), semaphore, worker, nested, waiting: false }
+    }
+}
+
+impl<F> Drop for Slotted<F> {
+    fn drop(&mut self) {
+        if self.waiting {
+            self.worker.waiting_for_slot.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -231,8 +284,16 @@ impl<F: Future<Output = ()>> Future for Slotted<F> {
                     // `None` means the semaphore closed, which girder never does; run anyway.
                     this.permit = permit;
                     this.worker.note_busy();
+                    if std::mem::take(&mut this.waiting) {
+                        this.worker.waiting_for_slot.fetch_sub(1, Ordering::AcqRel);
+                    }
                 }
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    if !std::mem::replace(&mut this.waiting, true) {
+                        this.worker.waiting_for_slot.fetch_add(1, Ordering::AcqRel);
+                    }
+                    return Poll::Pending;
+                }
             }
         }
         match this.inner.as_mut().poll(cx) {

@@ -113,11 +113,33 @@ async fn submit_queues_joins_and_memoizes(factory: Factory) {
     assert_eq!(sk.result(&failing.id).await.unwrap(), Some(error));
 }
 
+/// Submits until the answer is final: a statekeeper may hold back "nobody serves this" while
+/// its grid state is younger than one node lease (not every node may have registered yet),
+/// answering `Unavailable` meanwhile. Keeps `alive` heartbeating while it waits.
+async fn settled_submit(sk: &Arc<dyn Statekeeper>, req: &Request, queue: &QueueId, alive: &[NodeId]) -> Submitted {
+    let begun = Instant::now();
+    loop {
+        match sk.submit(req, queue, false, &alive[0]).await {
+            Ok(submitted) => return submitted,
+            Err(StatekeeperError::Unavailable(message)) => {
+                assert!(begun.elapsed() < Duration::from_secs(10), "still unavailable after 10 s: {message}");
+            }
+            Err(other) => panic!("submit failed: {other}"),
+        }
+        for node in alive {
+            sk.heartbeat(node, &NodeInfo::default()).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+const SHORT_TTL_MS: u64 = 300;
+
 async fn unknown_functions_are_refused(factory: Factory) {
-    let sk = one_node(&factory, LONG_TTL_MS).await;
+    let sk = one_node(&factory, SHORT_TTL_MS).await;
     let pool_queue = QueueId::pool(&PoolId::new("p"));
     let req = request("nobody/serves", 1);
-    assert_eq!(sk.submit(&req, &pool_queue, false, &node("n1")).await.unwrap(), Submitted::UnknownFunction);
+    assert_eq!(settled_submit(&sk, &req, &pool_queue, &[node("n1")]).await, Submitted::UnknownFunction);
     assert_eq!(sk.queue_len(&pool_queue).await.unwrap(), 0);
     assert_eq!(sk.result(&req.id).await.unwrap(), None);
     assert_eq!(sk.function_version("nobody/serves").await.unwrap(), None);
@@ -271,8 +293,7 @@ async fn reap_until(sk: &Arc<dyn Statekeeper>, dead: &NodeId, keep_alive: &[Node
 }
 
 async fn dead_nodes_are_reaped_and_their_work_requeued(factory: Factory) {
-    let ttl_ms = 300;
-    let sk = one_node(&factory, ttl_ms).await;
+    let sk = one_node(&factory, SHORT_TTL_MS).await;
     let pool = PoolId::new("p");
     sk.register_node(&node("n2"), &functions(&["f"])).await.unwrap();
     sk.join_pool(&pool, &worker("n2/w0"), &node("n2")).await.unwrap();
@@ -294,8 +315,7 @@ async fn dead_nodes_are_reaped_and_their_work_requeued(factory: Factory) {
 }
 
 async fn a_request_whose_owner_died_is_requeued(factory: Factory) {
-    let ttl_ms = 300;
-    let sk = one_node(&factory, ttl_ms).await;
+    let sk = one_node(&factory, SHORT_TTL_MS).await;
     sk.register_node(&node("n2"), &functions(&["f"])).await.unwrap();
     let pool_queue = QueueId::pool(&PoolId::new("p"));
     let req = request("f", 1);
@@ -318,16 +338,17 @@ async fn a_request_whose_owner_died_is_requeued(factory: Factory) {
 }
 
 async fn waiters_fail_when_the_function_vanishes(factory: Factory) {
-    let sk = one_node(&factory, LONG_TTL_MS).await;
+    let sk = one_node(&factory, SHORT_TTL_MS).await;
     sk.register_node(&node("n2"), &[]).await.unwrap();
     let mut n2_events = sk.open_inbox(&node("n2")).await.unwrap();
     let pool_queue = QueueId::pool(&PoolId::new("p"));
     let req = request("f", 1);
     assert_eq!(sk.submit(&req, &pool_queue, false, &node("n2")).await.unwrap(), Submitted::Queued);
+    // The last node serving `f` leaves: its waiters are told at once.
     sk.deregister_node(&node("n1")).await.unwrap();
-    assert_eq!(sk.submit(&req, &pool_queue, false, &node("n2")).await.unwrap(), Submitted::UnknownFunction);
     let unknown = Err(CallError::UnknownFunction { function: "f".into() });
     assert_eq!(next_event(&mut n2_events).await, Event::Done { id: req.id, outcome: unknown });
+    assert_eq!(settled_submit(&sk, &req, &pool_queue, &[node("n2")]).await, Submitted::UnknownFunction);
 }
 
 async fn wait_work_wakes_on_new_work(factory: Factory) {

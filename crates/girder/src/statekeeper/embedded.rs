@@ -216,23 +216,36 @@ impl Inner {
     }
 
     /// Hands queued work of `pool` to members that can take it, at most `max` requests.
+    /// Stops as soon as no credit is left and tries each function once per round, so a
+    /// long queue costs only what moves.
     fn distribute(&mut self, pool: &PoolId, max: usize) -> usize {
+        let budget = max.min(self.idle_credits(pool) as usize);
         let queue = QueueId::pool(pool);
-        let Some(state) = self.queues.get_mut(&queue) else { return 0 };
-        let scan = state.items.len().min(DISTRIBUTE_SCAN_MAX);
-        let head: Vec<ReqId> = state.items.drain(..scan).collect();
+        if budget == 0 || self.queue_is_empty(&queue) {
+            return 0;
+        }
         let mut kept = Vec::new();
+        let mut blocked: HashSet<Arc<str>> = HashSet::new();
         let mut moved = 0;
-        for id in head {
-            if !self.is_pending(&id) {
+        let mut scanned = 0;
+        while moved < budget && scanned < DISTRIBUTE_SCAN_MAX {
+            let Some(id) = self.queues.get_mut(&queue).and_then(|q| q.items.pop_front()) else { break };
+            scanned += 1;
+            let Some(function) =
+                self.requests.get(&id).filter(|r| r.running.is_none()).map(|r| r.request.function.clone())
+            else {
                 continue; // stale copy: drop it
-            }
-            match (moved < max).then(|| self.pick_member(pool, id, 0)).flatten() {
+            };
+            let member = if blocked.contains(&function) { None } else { self.pick_member(pool, id, 0) };
+            match member {
                 Some(member) => {
                     self.place(&member, id, false, 1);
                     moved += 1;
                 }
-                None => kept.push(id),
+                None => {
+                    blocked.insert(function);
+                    kept.push(id);
+                }
             }
         }
         let state = self.queue(&queue);
@@ -339,6 +352,13 @@ impl Inner {
                 nodes.remove(node);
                 if nodes.is_empty() {
                     self.functions.remove(name);
+                    // The last node serving it is gone: whoever waits for it learns so now.
+                    let orphaned: Vec<ReqId> =
+                        self.requests.iter().filter(|(_, r)| &*r.request.function == name).map(|(id, _)| *id).collect();
+                    let unknown = Err(CallError::UnknownFunction { function: name.clone() });
+                    for id in orphaned {
+                        self.fail_waiters(&id, &unknown);
+                    }
                 }
             }
         }
@@ -500,6 +520,10 @@ impl Statekeeper for Embedded {
 
     async fn result(&self, id: &ReqId) -> SkResult<Option<Outcome>> {
         Ok(self.inner.lock().results().get(id))
+    }
+
+    fn cached_result(&self, id: &ReqId) -> Option<Outcome> {
+        self.inner.lock().results().get(id)
     }
 
     async fn submit(&self, request: &Request, queue: &QueueId, front: bool, waiter: &NodeId) -> SkResult<Submitted> {

@@ -217,6 +217,11 @@ pub trait Statekeeper: Send + Sync + 'static {
     /// The memoized outcome of `id`, if any.
     async fn result(&self, id: &ReqId) -> SkResult<Option<Outcome>>;
 
+    /// The memoized outcome of `id` if this process already holds it (a near cache), without
+    /// any network round trip. Calls look here first and otherwise go straight to
+    /// [`Statekeeper::submit`], which answers memoized outcomes too.
+    fn cached_result(&self, id: &ReqId) -> Option<Outcome>;
+
     /// Submits `request` into `queue` (at the front when `front`) on behalf of `waiter`,
     /// unless it is memoized or in flight. A nested (`front`) submission of a request that
     /// is pending elsewhere also puts a copy at the front of `queue`, so the caller can
@@ -237,6 +242,23 @@ pub trait Statekeeper: Send + Sync + 'static {
     /// Records the outcome of `id`, memoizing it when `memoize`, and wakes every waiting
     /// node other than `local` through its inbox. Returns whether `local` was waiting.
     async fn complete(&self, id: &ReqId, outcome: &Outcome, memoize: bool, local: &NodeId) -> SkResult<bool>;
+
+    /// [`Statekeeper::complete`], then [`Statekeeper::claim`] of up to `max` requests from
+    /// `queue` for `local`, in one step where the store allows: a worker that finished an
+    /// evaluation takes its next request without another round trip.
+    async fn complete_and_claim(
+        &self,
+        id: &ReqId,
+        outcome: &Outcome,
+        memoize: bool,
+        local: &NodeId,
+        queue: &QueueId,
+        max: usize,
+    ) -> SkResult<(bool, Vec<Request>)> {
+        let local_waits = self.complete(id, outcome, memoize, local).await?;
+        let next = if max > 0 { self.claim(queue, local, max).await? } else { Vec::new() };
+        Ok((local_waits, next))
+    }
 
     /// Sets `member`'s credits at `pool`: how many more requests it takes now. Zero
     /// withdraws it. Queued work of the pool and its ancestors flows to it at once.
@@ -260,6 +282,13 @@ pub trait Statekeeper: Send + Sync + 'static {
     /// Resolves when work may have arrived in `queue` (or, for a pool queue, its volunteers
     /// changed), or after `timeout_ms`. Wake-ups may be spurious; none is lost.
     async fn wait_work(&self, queue: &QueueId, timeout_ms: u64) -> SkResult<()>;
+
+    /// How many times this process lost its connection to the store or had an operation
+    /// fail for it. Nodes submit their waited-on requests again when it changes: whatever
+    /// a broken connection swallowed is recovered. The embedded statekeeper never fails.
+    fn disruptions(&self) -> u64 {
+        0
+    }
 
     /// The stream of events addressed to `node`. Call once per node.
     async fn open_inbox(&self, node: &NodeId) -> SkResult<BoxStream<'static, Event>>;

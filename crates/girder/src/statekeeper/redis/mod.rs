@@ -13,6 +13,7 @@
 //!   repeated hits are served locally without crossing the network.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -95,6 +96,7 @@ struct Scripts {
     claim: Script,
     release_claims: Script,
     complete: Script,
+    complete_and_claim: Script,
     volunteer: Script,
     distribute: Script,
     hoist: Script,
@@ -140,6 +142,7 @@ impl Scripts {
             claim: script("claim"),
             release_claims: script("release_claims"),
             complete: script("complete"),
+            complete_and_claim: script("complete_and_claim"),
             volunteer: script("volunteer"),
             distribute: script("distribute"),
             hoist: script("hoist"),
@@ -159,6 +162,7 @@ pub struct RedisStatekeeper {
     config: RedisConfig,
     near: Mutex<ResultStore>,
     signals: Signals,
+    disruptions: Arc<AtomicU64>,
 }
 
 fn unavailable(err: redis::RedisError) -> StatekeeperError {
@@ -203,6 +207,7 @@ impl RedisStatekeeper {
             scripts: Scripts::load(&config),
             near: Mutex::new(ResultStore::new(config.near_cache)),
             signals: Signals::default(),
+            disruptions: Arc::default(),
             config,
         })
     }
@@ -215,7 +220,7 @@ impl RedisStatekeeper {
     /// A bare `PING` round trip: the floor under every statekeeper operation.
     pub async fn ping(&self) -> SkResult<()> {
         let mut conn = self.conn.clone();
-        redis::cmd("PING").query_async::<String>(&mut conn).await.map(|_| ()).map_err(unavailable)
+        redis::cmd("PING").query_async::<String>(&mut conn).await.map(|_| ()).map_err(|e| self.failed(e))
     }
 
     async fn run<T: FromRedisValue>(&self, script: &Script, args: &[&[u8]]) -> SkResult<T> {
@@ -225,7 +230,13 @@ impl RedisStatekeeper {
             invocation.arg(*arg);
         }
         let mut conn = self.conn.clone();
-        invocation.invoke_async(&mut conn).await.map_err(unavailable)
+        invocation.invoke_async(&mut conn).await.map_err(|e| self.failed(e))
+    }
+
+    /// Counts a failed operation (see [`Statekeeper::disruptions`]) and converts its error.
+    fn failed(&self, err: redis::RedisError) -> StatekeeperError {
+        self.disruptions.fetch_add(1, Ordering::Relaxed);
+        unavailable(err)
     }
 
     fn signal(&self, queue: &QueueId) -> Arc<Notify> {
@@ -250,10 +261,15 @@ impl Statekeeper for RedisStatekeeper {
     async fn register_node(&self, node: &NodeId, functions: &[(String, u32)]) -> SkResult<()> {
         let ttl = self.config.node_ttl_ms.to_string();
         let versions: Vec<String> = functions.iter().map(|(_, v)| v.to_string()).collect();
+        let unknown: Vec<Vec<u8>> = functions
+            .iter()
+            .map(|(name, _)| encode_outcome(&Err(CallError::UnknownFunction { function: name.clone() })))
+            .collect::<SkResult<_>>()?;
         let mut args: Vec<&[u8]> = vec![node.as_str().as_bytes(), ttl.as_bytes()];
-        for ((name, _), version) in functions.iter().zip(&versions) {
+        for (((name, _), version), unknown) in functions.iter().zip(&versions).zip(&unknown) {
             args.push(name.as_bytes());
             args.push(version.as_bytes());
+            args.push(unknown);
         }
         match self.run::<String>(&self.scripts.register, &args).await?.as_str() {
             "OK" => Ok(()),
@@ -309,7 +325,7 @@ impl Statekeeper for RedisStatekeeper {
             .arg(function)
             .query_async(&mut conn)
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| self.failed(e))?;
         Ok(version)
     }
 
@@ -340,7 +356,7 @@ impl Statekeeper for RedisStatekeeper {
             .arg(format!("{}res:{}", self.prefix, id.to_hex()))
             .query_async(&mut conn)
             .await
-            .map_err(unavailable)?;
+            .map_err(|e| self.failed(e))?;
         match bytes {
             None => Ok(None),
             Some(bytes) => {
@@ -351,11 +367,16 @@ impl Statekeeper for RedisStatekeeper {
         }
     }
 
+    fn cached_result(&self, id: &ReqId) -> Option<Outcome> {
+        self.near.lock().get(id)
+    }
+
     async fn submit(&self, request: &Request, queue: &QueueId, front: bool, waiter: &NodeId) -> SkResult<Submitted> {
         let id = request.id.to_hex();
         let encoded = codec::encode(request).map_err(|e| corrupt("cannot encode a request", e))?;
         let unknown = encode_outcome(&Err(CallError::UnknownFunction { function: request.function.to_string() }))?;
         let in_flight_max = self.config.in_flight_max.to_string();
+        let ttl = self.config.node_ttl_ms.to_string();
         let args = [
             id.as_bytes(),
             &encoded,
@@ -365,6 +386,7 @@ impl Statekeeper for RedisStatekeeper {
             waiter.as_str().as_bytes(),
             &unknown,
             in_flight_max.as_bytes(),
+            ttl.as_bytes(),
         ];
         let reply: Vec<Vec<u8>> = self.run(&self.scripts.submit, &args).await?;
         match reply.first().map(Vec::as_slice) {
@@ -377,6 +399,14 @@ impl Statekeeper for RedisStatekeeper {
             Some(b"JOINED") => Ok(Submitted::Joined),
             Some(b"UNKNOWN") => Ok(Submitted::UnknownFunction),
             Some(b"OVERLOADED") => Err(StatekeeperError::Overloaded(self.config.in_flight_max as usize)),
+            Some(b"NOT_YET") => {
+                // Counts as a disruption: the node submits again on its next heartbeat.
+                self.disruptions.fetch_add(1, Ordering::Relaxed);
+                Err(StatekeeperError::Unavailable(format!(
+                    "no node serves {} yet, and the grid's state is younger than a node lease; retrying",
+                    request.function
+                )))
+            }
             _ => Err(corrupt("unexpected reply to submit", format!("{reply:?}"))),
         }
     }
@@ -406,6 +436,38 @@ impl Statekeeper for RedisStatekeeper {
             self.remember(*id, outcome);
         }
         Ok(local_waits == 1)
+    }
+
+    async fn complete_and_claim(
+        &self,
+        id: &ReqId,
+        outcome: &Outcome,
+        memoize: bool,
+        local: &NodeId,
+        queue: &QueueId,
+        max: usize,
+    ) -> SkResult<(bool, Vec<Request>)> {
+        let encoded = encode_outcome(outcome)?;
+        let ttl = self.config.results_ttl_ms.unwrap_or(0).to_string();
+        let (hex, max) = (id.to_hex(), max.to_string());
+        let args = [
+            hex.as_bytes(),
+            &encoded,
+            if memoize { b"1" } else { b"0" },
+            local.as_str().as_bytes(),
+            ttl.as_bytes(),
+            queue.as_str().as_bytes(),
+            max.as_bytes(),
+        ];
+        let (local_waits, claimed): (i64, Vec<Vec<u8>>) = self.run(&self.scripts.complete_and_claim, &args).await?;
+        if memoize {
+            self.remember(*id, outcome);
+        }
+        let claimed = claimed
+            .iter()
+            .map(|bytes| codec::decode::<Request>(bytes).map_err(|e| corrupt("a queued request", e)))
+            .collect::<SkResult<_>>()?;
+        Ok((local_waits == 1, claimed))
     }
 
     async fn volunteer(&self, pool: &PoolId, member: &QueueId, credits: u32) -> SkResult<()> {
@@ -442,12 +504,17 @@ impl Statekeeper for RedisStatekeeper {
         Ok(())
     }
 
+    fn disruptions(&self) -> u64 {
+        self.disruptions.load(Ordering::Relaxed)
+    }
+
     async fn open_inbox(&self, node: &NodeId) -> SkResult<BoxStream<'static, Event>> {
         let (tx, rx) = mpsc::unbounded_channel();
         let reader = InboxReader {
             client: self.client.clone(),
             key: format!("{}inbox:{}", self.prefix, node),
             signals: self.signals.clone(),
+            disruptions: self.disruptions.clone(),
             tx,
         };
         tokio::spawn(reader.run());
@@ -461,6 +528,7 @@ struct InboxReader {
     client: redis::Client,
     key: String,
     signals: Signals,
+    disruptions: Arc<AtomicU64>,
     tx: mpsc::UnboundedSender<Event>,
 }
 
@@ -475,6 +543,7 @@ impl InboxReader {
             let mut conn = match self.client.get_multiplexed_async_connection_with_config(&config).await {
                 Ok(conn) => conn,
                 Err(err) => {
+                    self.disruptions.fetch_add(1, Ordering::Relaxed);
                     if !failing {
                         tracing::error!(inbox = %self.key, error = %err, "Redis unreachable; retrying with backoff");
                         failing = true;
@@ -490,7 +559,12 @@ impl InboxReader {
             }
             backoff_ms = RECONNECT_MIN_MS;
             if let Err(err) = self.read(&mut conn).await {
-                tracing::warn!(inbox = %self.key, error = %err, "inbox connection lost; reconnecting");
+                // Events popped in flight may be lost with the connection; the count tells
+                // the node to recover them by resubmitting.
+                self.disruptions.fetch_add(1, Ordering::Relaxed);
+                if !self.tx.is_closed() {
+                    tracing::warn!(inbox = %self.key, error = %err, "inbox connection lost; reconnecting");
+                }
             }
         }
     }

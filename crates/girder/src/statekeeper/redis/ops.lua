@@ -1,12 +1,14 @@
---@@ register: ARGV = node, ttl_ms, fn1, version1, fn2, version2, ...
+--@@ register: ARGV = node, ttl_ms, then per function: name, version, unknown-function outcome
 local node, ttl = ARGV[1], tonumber(ARGV[2])
 local now = now_ms()
 local exp = redis.call('HGET', P .. 'nodes', node)
 if exp and tonumber(exp) > now then return 'DUPLICATE' end
 if exp then remove_node(node) end
+redis.call('SETNX', P .. 'born', now)
 redis.call('HSET', P .. 'nodes', node, now + ttl)
-for i = 3, #ARGV, 2 do
+for i = 3, #ARGV, 3 do
   redis.call('HSET', P .. 'fver', ARGV[i], ARGV[i + 1])
+  redis.call('HSET', P .. 'funknown', ARGV[i], ARGV[i + 2])
   redis.call('SADD', P .. 'fnodes:' .. ARGV[i], node)
   redis.call('SADD', P .. 'nodefns:' .. node, ARGV[i])
 end
@@ -71,12 +73,16 @@ local owner = redis.call('HGET', P .. 'qowner', member)
 if owner then redis.call('SREM', P .. 'nodequeues:' .. owner, member) end
 redis.call('HDEL', P .. 'qowner', member)
 return 'OK'
---@@ submit: ARGV = id, request, fn, queue, front ('1'/'0'), waiter, unknown-function outcome, in_flight_max
+--@@ submit: ARGV = id, request, fn, queue, front ('1'/'0'), waiter, unknown-function outcome, in_flight_max, node ttl ms
 local id, request, fn, queue, front, waiter = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5] == '1', ARGV[6]
 local res = redis.call('GET', P .. 'res:' .. id)
 if res then return {'DONE', res} end
 local rkey = P .. 'req:' .. id
 if redis.call('HEXISTS', P .. 'fver', fn) == 0 then
+  -- A grid younger than one node lease may not have heard from every node yet (it just
+  -- started, or Redis came back empty): nobody serving `fn` is not final until then.
+  local born = tonumber(redis.call('GET', P .. 'born') or '0')
+  if born == 0 or now_ms() - born < tonumber(ARGV[9]) then return {'NOT_YET'} end
   if redis.call('EXISTS', rkey) == 1 then fail_waiters(id, ARGV[7]) end
   return {'UNKNOWN'}
 end
@@ -96,27 +102,13 @@ local home = queue
 local pool = redis.call('HGET', P .. 'qpool', queue)
 if pool then home = 'pool:' .. pool end
 redis.call('HSET', rkey, 'req', request, 'fn', fn, 'owner', '', 'hoisted', '0', 'home', home)
+redis.call('SADD', P .. 'fnreq:' .. fn, id)
 redis.call('INCR', P .. 'inflight')
 redis.call('SADD', P .. 'wait:' .. id, waiter)
 place(queue, id, front, 0)
 return {'QUEUED'}
 --@@ claim: ARGV = queue, owner, max
-local qkey, owner, max = P .. 'q:' .. ARGV[1], ARGV[2], tonumber(ARGV[3])
-local out = {}
--- A node the grid declared dead holds no claims: it registers again first.
-if redis.call('HEXISTS', P .. 'nodes', owner) == 0 then return out end
-while #out < max do
-  local id = redis.call('LPOP', qkey)
-  if not id then break end
-  local rkey = P .. 'req:' .. id
-  local h = redis.call('HMGET', rkey, 'owner', 'req')
-  if h[2] and h[1] == '' then
-    redis.call('HSET', rkey, 'owner', owner)
-    redis.call('SADD', P .. 'running:' .. owner, id)
-    table.insert(out, h[2])
-  end
-end
-return out
+return claim(ARGV[1], ARGV[2], tonumber(ARGV[3]))
 --@@ release_claims: ARGV = owner, kept ids...
 local owner = ARGV[1]
 local keep = {}
@@ -133,31 +125,7 @@ for _, id in ipairs(redis.call('SMEMBERS', P .. 'running:' .. owner)) do
 end
 return released
 --@@ complete: ARGV = id, outcome, memoize ('1'/'0'), local node, result ttl ms (0 = none)
-local id, outcome, memoize, localnode, ttl = ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4], tonumber(ARGV[5])
-if memoize then
-  if ttl > 0 then
-    redis.call('SET', P .. 'res:' .. id, outcome, 'PX', ttl)
-  else
-    redis.call('SET', P .. 'res:' .. id, outcome)
-  end
-end
-local rkey = P .. 'req:' .. id
-local owner = redis.call('HGET', rkey, 'owner')
-if not owner then return 0 end
-if owner ~= '' then redis.call('SREM', P .. 'running:' .. owner, id) end
-redis.call('DEL', rkey)
-redis.call('DECR', P .. 'inflight')
-local waiters = redis.call('SMEMBERS', P .. 'wait:' .. id)
-redis.call('DEL', P .. 'wait:' .. id)
-local local_waits = 0
-for _, w in ipairs(waiters) do
-  if w == localnode then
-    local_waits = 1
-  elseif redis.call('HEXISTS', P .. 'nodes', w) == 1 then
-    push_event(w, 'D' .. id .. outcome)
-  end
-end
-return local_waits
+return complete(ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4], tonumber(ARGV[5]))
 --@@ volunteer: ARGV = pool, member, credits
 local pool, member, credits = ARGV[1], ARGV[2], tonumber(ARGV[3])
 if redis.call('EXISTS', P .. 'pool:' .. pool) == 0 then return 'UNKNOWN_POOL' end
@@ -172,18 +140,6 @@ return 'OK'
 return distribute(ARGV[1], tonumber(ARGV[2]))
 --@@ hoist: ARGV = pool, max
 local pool, max = ARGV[1], tonumber(ARGV[2])
-local function idle(p, depth)
-  local total = 0
-  local credits = redis.call('HVALS', P .. 'credits:' .. p)
-  for _, c in ipairs(credits) do total = total + tonumber(c) end
-  if depth < DEPTH_MAX then
-    for _, m in ipairs(redis.call('LRANGE', P .. 'members:' .. p, 0, -1)) do
-      local child = pool_of_queue(m)
-      if child and redis.call('LLEN', P .. 'q:' .. m) == 0 then total = total + idle(child, depth + 1) end
-    end
-  end
-  return total
-end
 local budget = math.min(max, idle(pool, 0))
 if budget <= 0 then return 0 end
 local members = redis.call('LRANGE', P .. 'members:' .. pool, 0, -1)
@@ -216,3 +172,7 @@ local pool = ARGV[1]
 if redis.call('EXISTS', P .. 'pool:' .. pool) == 0 then return 'UNKNOWN_POOL' end
 local h = redis.call('HMGET', P .. 'pstat:' .. pool, 'handed_off', 'hoisted')
 return {tonumber(h[1] or '0') or 0, tonumber(h[2] or '0') or 0, redis.call('LLEN', P .. 'q:pool:' .. pool)}
+--@@ complete_and_claim: ARGV = id, outcome, memoize, local node, result ttl ms, queue, max
+local id, outcome, memoize, localnode, ttl = ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4], tonumber(ARGV[5])
+local local_waits = complete(id, outcome, memoize, localnode, ttl)
+return {local_waits, claim(ARGV[6], localnode, tonumber(ARGV[7]))}

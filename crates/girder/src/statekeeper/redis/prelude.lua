@@ -12,7 +12,8 @@
 --   P nodefns:N / nodequeues:N / nodepools:N / running:N   what node N holds (sets)
 --   P fver          function -> version (hash);  P fnodes:F  nodes serving F (set)
 --   P inbox:N       events for node N (list): 'D' .. ID .. outcome, or 'W' .. QUEUE
---   P inflight      number of requests in flight (counter)
+--   P inflight      number of requests in flight (counter);  P born  when this grid state began (ms)
+--   P fnreq:F       requests in flight for function F (set);  P funknown  F -> outcome for "nobody serves F"
 local P = KEYS[1]
 local DEPTH_MAX = 16
 local SCAN_MAX = 1000
@@ -117,27 +118,52 @@ local function requeue(id, front)
   if home then place(home, id, front, 0) end
 end
 
+-- Credits of `pool`'s members whatever the function: an upper bound of what it can take now.
+local function idle(pool, depth)
+  local total = 0
+  for _, c in ipairs(redis.call('HVALS', P .. 'credits:' .. pool)) do total = total + tonumber(c) end
+  if depth < DEPTH_MAX then
+    for _, m in ipairs(redis.call('LRANGE', P .. 'members:' .. pool, 0, -1)) do
+      local child = pool_of_queue(m)
+      if child and redis.call('LLEN', P .. 'q:' .. m) == 0 then total = total + idle(child, depth + 1) end
+    end
+  end
+  return total
+end
+
+-- Hands queued work of `pool` to members that can take it. Stops as soon as no credit is
+-- left, and tries each function once per round, so a long queue costs only what moves.
 local function distribute(pool, max)
+  local budget = math.min(max, idle(pool, 0))
+  if budget <= 0 then return 0 end
   local qkey = P .. 'q:pool:' .. pool
-  local head = redis.call('LRANGE', qkey, 0, SCAN_MAX - 1)
+  -- Look a little past the budget, for requests no member can take (other functions).
+  local head = redis.call('LRANGE', qkey, 0, math.min(SCAN_MAX, budget * 4 + 16) - 1)
   if #head == 0 then return 0 end
-  redis.call('LTRIM', qkey, #head, -1)
   local kept = {}
+  local blocked = {}
   local moved = 0
+  local scanned = 0
   for _, id in ipairs(head) do
+    if moved >= budget then break end
+    scanned = scanned + 1
     local h = redis.call('HMGET', P .. 'req:' .. id, 'fn', 'owner')
     if h[1] and h[2] == '' then
       local m = nil
-      if moved < max then m = pick_member(pool, h[1], 0) end
+      if not blocked[h[1]] then m = pick_member(pool, h[1], 0) end
       if m then
         place(m, id, false, 1)
         moved = moved + 1
       else
+        blocked[h[1]] = true
         table.insert(kept, id)
       end
     end
   end
-  for i = #kept, 1, -1 do redis.call('LPUSH', qkey, kept[i]) end
+  if scanned > 0 then
+    redis.call('LTRIM', qkey, scanned, -1)
+    for i = #kept, 1, -1 do redis.call('LPUSH', qkey, kept[i]) end
+  end
   return moved
 end
 
@@ -155,6 +181,8 @@ local function ancestors(pool)
 end
 
 local function fail_waiters(id, outcome)
+  local fn = redis.call('HGET', P .. 'req:' .. id, 'fn')
+  if fn then redis.call('SREM', P .. 'fnreq:' .. fn, id) end
   local waiters = redis.call('SMEMBERS', P .. 'wait:' .. id)
   redis.call('DEL', P .. 'wait:' .. id, P .. 'req:' .. id)
   redis.call('DECR', P .. 'inflight')
@@ -167,7 +195,16 @@ end
 local function remove_node(node)
   for _, fn in ipairs(redis.call('SMEMBERS', P .. 'nodefns:' .. node)) do
     redis.call('SREM', P .. 'fnodes:' .. fn, node)
-    if redis.call('SCARD', P .. 'fnodes:' .. fn) == 0 then redis.call('HDEL', P .. 'fver', fn) end
+    if redis.call('SCARD', P .. 'fnodes:' .. fn) == 0 then
+      -- The last node serving it is gone: whoever waits for it learns so now.
+      redis.call('HDEL', P .. 'fver', fn)
+      local unknown = redis.call('HGET', P .. 'funknown', fn)
+      for _, id in ipairs(redis.call('SMEMBERS', P .. 'fnreq:' .. fn)) do
+        if unknown then fail_waiters(id, unknown) end
+      end
+      redis.call('DEL', P .. 'fnreq:' .. fn)
+      redis.call('HDEL', P .. 'funknown', fn)
+    end
   end
   redis.call('HDEL', P .. 'nodes', node)
   redis.call('HDEL', P .. 'info', node)
@@ -195,4 +232,54 @@ local function remove_node(node)
   end
   redis.call('DEL', P .. 'nodefns:' .. node, P .. 'nodepools:' .. node, P .. 'nodequeues:' .. node,
     P .. 'running:' .. node, P .. 'inbox:' .. node)
+end
+
+-- Claims up to `max` pending requests from the front of `queue` for `owner`.
+local function claim(queue, owner, max)
+  local qkey = P .. 'q:' .. queue
+  local out = {}
+  -- A node the grid declared dead holds no claims: it registers again first.
+  if max <= 0 or redis.call('HEXISTS', P .. 'nodes', owner) == 0 then return out end
+  while #out < max do
+    local id = redis.call('LPOP', qkey)
+    if not id then break end
+    local rkey = P .. 'req:' .. id
+    local h = redis.call('HMGET', rkey, 'owner', 'req')
+    if h[2] and h[1] == '' then
+      redis.call('HSET', rkey, 'owner', owner)
+      redis.call('SADD', P .. 'running:' .. owner, id)
+      table.insert(out, h[2])
+    end
+  end
+  return out
+end
+
+-- Records an outcome and wakes the waiting nodes; returns 1 when `localnode` waits too.
+local function complete(id, outcome, memoize, localnode, ttl)
+  if memoize then
+    if ttl > 0 then
+      redis.call('SET', P .. 'res:' .. id, outcome, 'PX', ttl)
+    else
+      redis.call('SET', P .. 'res:' .. id, outcome)
+    end
+  end
+  local rkey = P .. 'req:' .. id
+  local h = redis.call('HMGET', rkey, 'owner', 'fn')
+  local owner = h[1]
+  if not owner then return 0 end
+  if owner ~= '' then redis.call('SREM', P .. 'running:' .. owner, id) end
+  if h[2] then redis.call('SREM', P .. 'fnreq:' .. h[2], id) end
+  redis.call('DEL', rkey)
+  redis.call('DECR', P .. 'inflight')
+  local waiters = redis.call('SMEMBERS', P .. 'wait:' .. id)
+  redis.call('DEL', P .. 'wait:' .. id)
+  local local_waits = 0
+  for _, w in ipairs(waiters) do
+    if w == localnode then
+      local_waits = 1
+    elseif redis.call('HEXISTS', P .. 'nodes', w) == 1 then
+      push_event(w, 'D' .. id .. outcome)
+    end
+  end
+  return local_waits
 end

@@ -1,0 +1,153 @@
+//! `girder bench --redis`: the grid over Redis with workers and client in different
+//! processes, beside a bare Redis `PING` round trip measured in the same run as the floor.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use girder::examples::{echo, tree};
+use girder::testing::RedisServer;
+use girder::{Node, PoolSpec, RedisConfig, RedisStatekeeper, Registry};
+
+use crate::bench::{histogram, median, record, us, BenchArgs};
+
+/// A `girder node` worker process, killed when dropped.
+struct Worker(Child);
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_worker(url: &str, namespace: &str, id: &str, slots: u64) -> anyhow::Result<Worker> {
+    let exe = std::env::current_exe().context("cannot find the girder binary")?;
+    let mut child = Command::new(exe)
+        .args(["node", "--listen", "127.0.0.1:0", "--statekeeper", url, "--namespace", namespace, "--id", id])
+        .args(["--pool", "bench", "--workers", "1", "--slots", &slots.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start a worker process")?;
+    let stdout = child.stdout.take().context("worker stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).context("worker did not start")?;
+    if !line.contains("listening") {
+        bail!("worker {id} did not start: {line:?}");
+    }
+    Ok(Worker(child))
+}
+
+async fn client_node(url: &str, namespace: &str) -> anyhow::Result<(Node, Arc<RedisStatekeeper>)> {
+    let mut config = RedisConfig::new(url);
+    config.namespace = namespace.to_owned();
+    let statekeeper = Arc::new(RedisStatekeeper::connect(config).await?);
+    let node = Node::builder()
+        .id("bench-client")
+        .statekeeper(statekeeper.clone())
+        .registry(Registry::new())
+        .pool(PoolSpec::new("bench").helper(false))
+        .start()
+        .await
+        .context("cannot start the client node")?;
+    Ok((node, statekeeper))
+}
+
+pub async fn run(redis: &str, args: &BenchArgs) -> anyhow::Result<()> {
+    let server = if redis == "auto" { Some(RedisServer::start(false)?) } else { None };
+    let url = server.as_ref().map_or_else(|| redis.to_owned(), RedisServer::url);
+    let run_id = std::process::id();
+    let namespace = format!("bench-{run_id}");
+    println!("girder bench over Redis at {url}: client in this process, 1 worker process x 2 slots");
+
+    let (node, statekeeper) = client_node(&url, &namespace).await?;
+    let mut ping = histogram()?;
+    for _ in 0..args.round_trips {
+        let begun = Instant::now();
+        statekeeper.ping().await?;
+        record(&mut ping, begun.elapsed());
+    }
+    let floor = ping.value_at_quantile(0.5) as f64;
+    println!(
+        "\n{:<40} p50 {:>8.2} µs   p99 {:>8.2} µs",
+        "floor: bare Redis PING",
+        us(ping.value_at_quantile(0.5)),
+        us(ping.value_at_quantile(0.99))
+    );
+
+    let _worker = spawn_worker(&url, &namespace, "bench-worker", 2)?;
+    let client = node.client();
+    let mut next = 0u64;
+    let mut fresh = || {
+        next += 1;
+        rmpv::Value::from(next)
+    };
+    for _ in 0..500 {
+        echo::call(&client, fresh()).await?; // warm-up: scripts loaded, connections up
+    }
+    let mut trip = histogram()?;
+    for _ in 0..args.round_trips {
+        let value = fresh();
+        let begun = Instant::now();
+        echo::call(&client, value).await?;
+        record(&mut trip, begun.elapsed());
+    }
+    let p50 = trip.value_at_quantile(0.5);
+    println!(
+        "{:<40} p50 {:>8.2} µs   p99 {:>8.2} µs   {:>5.1}x PING   target p50 <= 250 µs",
+        "round trip, no-op, one at a time",
+        us(p50),
+        us(trip.value_at_quantile(0.99)),
+        p50 as f64 / floor
+    );
+
+    let mut rates = Vec::new();
+    for _ in 0..args.rounds {
+        let values: Vec<_> = (0..args.batch).map(|_| fresh()).collect();
+        let begun = Instant::now();
+        let results = futures::future::join_all(values.into_iter().map(|v| echo::call(&client, v))).await;
+        let took = begun.elapsed();
+        if let Some(Err(err)) = results.into_iter().find(Result::is_err) {
+            return Err(err).context("a throughput request failed");
+        }
+        rates.push(args.batch as f64 / took.as_secs_f64());
+    }
+    let rate = median(rates.clone());
+    println!(
+        "{:<40} {:>10.0} req/s (best {:.0})   {:.1} µs/req = {:.2}x PING   target >= 20,000 req/s",
+        format!("throughput, {} no-ops at once", args.batch),
+        rate,
+        rates.iter().cloned().fold(0.0, f64::max),
+        1e6 / rate,
+        (1e9 / rate) / floor
+    );
+    node.shutdown().await;
+
+    let mut times = Vec::new();
+    for round in 0..args.rounds {
+        // A namespace per round: a fresh grid, nothing memoized from the round before.
+        let namespace = format!("bench-{run_id}-tree-{round}");
+        let _a = spawn_worker(&url, &namespace, "tree-a", 1)?;
+        let _b = spawn_worker(&url, &namespace, "tree-b", 1)?;
+        let (node, _) = client_node(&url, &namespace).await?;
+        let begun = Instant::now();
+        let count = tree::call(&node.client(), 6, 3, 0).await?;
+        times.push(begun.elapsed().as_secs_f64() * 1e3);
+        anyhow::ensure!(count == 1093, "tree(6,3,0) returned {count}, expected 1093");
+        node.shutdown().await;
+    }
+    let ms = median(times.clone());
+    println!(
+        "{:<40} {:>8.2} ms (best {:.2})   {:.1} µs/request = {:.1}x PING   target <= 500 ms",
+        "tree(6,3,0), 2 nodes x 1 slot",
+        ms,
+        times.iter().cloned().fold(f64::MAX, f64::min),
+        ms * 1e3 / 1093.0,
+        (ms * 1e6 / 1093.0) / floor
+    );
+    println!("\nfor comparison (issue figures on this machine size): Ray 2.60 1.4 ms round trip, 2,060 tasks/s, tree(6,3) 4.7 s");
+    Ok(())
+}

@@ -13,6 +13,10 @@ use girder::{Node, PoolSpec, RedisConfig, RedisStatekeeper, Registry};
 
 use crate::bench::{histogram, median, record, us, BenchArgs};
 
+/// Slots of the worker process in the round-trip and throughput tests: no-ops are bound by
+/// round trips, so more slots keep more of them in flight.
+const WORKER_SLOTS: u64 = 8;
+
 /// A `girder node` worker process, killed when dropped.
 struct Worker(Child);
 
@@ -61,7 +65,7 @@ pub async fn run(redis: &str, args: &BenchArgs) -> anyhow::Result<()> {
     let url = server.as_ref().map_or_else(|| redis.to_owned(), RedisServer::url);
     let run_id = std::process::id();
     let namespace = format!("bench-{run_id}");
-    println!("girder bench over Redis at {url}: client in this process, 1 worker process x 2 slots");
+    println!("girder bench over Redis at {url}: client in this process, 1 worker process x {WORKER_SLOTS} slots");
 
     let (node, statekeeper) = client_node(&url, &namespace).await?;
     let mut ping = histogram()?;
@@ -78,7 +82,7 @@ pub async fn run(redis: &str, args: &BenchArgs) -> anyhow::Result<()> {
         us(ping.value_at_quantile(0.99))
     );
 
-    let _worker = spawn_worker(&url, &namespace, "bench-worker", 2)?;
+    let _worker = spawn_worker(&url, &namespace, "bench-worker", WORKER_SLOTS)?;
     let client = node.client();
     let mut next = 0u64;
     let mut fresh = || {

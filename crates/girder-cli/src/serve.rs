@@ -47,6 +47,10 @@ pub struct NodeArgs {
     /// Evaluation slots per worker.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=girder::SLOTS_MAX as u64))]
     slots: u64,
+    /// Requests each worker takes ahead of its free slots: more keeps it busier between
+    /// hand-offs over Redis, fewer spreads work more evenly (helpers hoist the surplus).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    prefetch: u32,
     /// Most memoized results kept.
     #[arg(long, default_value_t = 1_000_000)]
     results_max_entries: usize,
@@ -124,7 +128,7 @@ pub async fn run(registry: Registry, args: NodeArgs) -> anyhow::Result<()> {
     }
     let node = builder
         .pool(pool)
-        .workers(WorkerSpec::new(args.pool.clone(), args.workers as usize, args.slots as usize))
+        .workers(WorkerSpec::new(args.pool.clone(), args.workers as usize, args.slots as usize).prefetch(args.prefetch))
         .entry_pool(args.pool.clone())
         .start()
         .await

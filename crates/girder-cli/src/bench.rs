@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use girder::examples::{echo, tree, tree_blocking};
-use girder::{Node, PoolSpec, Registry, WorkerSpec};
+use girder::{Client, Node, PoolSpec, Registry, WorkerSpec};
 use hdrhistogram::Histogram;
 
 /// Arguments of `girder bench`.
@@ -55,6 +55,58 @@ pub(crate) fn us(nanos: u64) -> f64 {
     nanos as f64 / 1_000.0
 }
 
+/// Distinct no-op arguments: every request is new, nothing is served from the cache.
+#[derive(Default)]
+pub(crate) struct Fresh(u64);
+
+impl Fresh {
+    fn next(&mut self) -> rmpv::Value {
+        self.0 += 1;
+        rmpv::Value::from(self.0)
+    }
+}
+
+/// Latencies of `count` no-op calls made one at a time, after `warm_up` unmeasured ones.
+pub(crate) async fn round_trips(
+    client: &Client,
+    fresh: &mut Fresh,
+    warm_up: u64,
+    count: u64,
+) -> anyhow::Result<Histogram<u64>> {
+    for _ in 0..warm_up {
+        echo::call(client, fresh.next()).await?;
+    }
+    let mut trip = histogram()?;
+    for _ in 0..count {
+        let value = fresh.next();
+        let begun = Instant::now();
+        echo::call(client, value).await?;
+        record(&mut trip, begun.elapsed());
+    }
+    Ok(trip)
+}
+
+/// Requests per second, one figure per round of `batch` no-ops submitted at once.
+pub(crate) async fn throughput(
+    client: &Client,
+    fresh: &mut Fresh,
+    batch: u64,
+    rounds: u64,
+) -> anyhow::Result<Vec<f64>> {
+    let mut rates = Vec::new();
+    for _ in 0..rounds {
+        let values: Vec<_> = (0..batch).map(|_| fresh.next()).collect();
+        let begun = Instant::now();
+        let results = futures::future::join_all(values.into_iter().map(|v| echo::call(client, v))).await;
+        let took = begun.elapsed();
+        if let Some(Err(err)) = results.into_iter().find(Result::is_err) {
+            return Err(err).context("a throughput request failed");
+        }
+        rates.push(batch as f64 / took.as_secs_f64());
+    }
+    Ok(rates)
+}
+
 pub(crate) fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
@@ -88,22 +140,8 @@ pub async fn run(registry: Registry, args: BenchArgs) -> anyhow::Result<()> {
 
     let grid = node(&registry, args.workers, args.slots).await?;
     let client = grid.client();
-    // Distinct arguments: every request is new, nothing is served from the cache.
-    let mut next = 0u64;
-    let mut fresh = || {
-        next += 1;
-        rmpv::Value::from(next)
-    };
-    for _ in 0..1_000 {
-        echo::call(&client, fresh()).await?; // warm-up
-    }
-    let mut trip = histogram()?;
-    for _ in 0..args.round_trips {
-        let value = fresh();
-        let begun = Instant::now();
-        echo::call(&client, value).await?;
-        record(&mut trip, begun.elapsed());
-    }
+    let mut fresh = Fresh::default();
+    let trip = round_trips(&client, &mut fresh, 1_000, args.round_trips).await?;
     let trip_p50 = trip.value_at_quantile(0.5);
     println!(
         "{:<40} p50 {:>8.2} µs   p99 {:>8.2} µs   {:>6.1}x baseline   target p50 <= 20 µs",
@@ -113,17 +151,7 @@ pub async fn run(registry: Registry, args: BenchArgs) -> anyhow::Result<()> {
         trip_p50 as f64 / base_p50
     );
 
-    let mut rates = Vec::new();
-    for _ in 0..args.rounds {
-        let values: Vec<_> = (0..args.batch).map(|_| fresh()).collect();
-        let begun = Instant::now();
-        let results = futures::future::join_all(values.into_iter().map(|v| echo::call(&client, v))).await;
-        let took = begun.elapsed();
-        if let Some(Err(err)) = results.into_iter().find(Result::is_err) {
-            return Err(err).context("a throughput request failed");
-        }
-        rates.push(args.batch as f64 / took.as_secs_f64());
-    }
+    let rates = throughput(&client, &mut fresh, args.batch, args.rounds).await?;
     let rate = median(rates.clone());
     println!(
         "{:<40} {:>10.0} req/s (best {:.0})   {:>6.2} µs/req = {:.2}x baseline   target >= 200,000 req/s",

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use girder::examples::{echo, tree};
+use girder::examples::tree;
 use girder::testing::RedisServer;
 use girder::{Node, PoolSpec, RedisConfig, RedisStatekeeper, Registry};
 
-use crate::bench::{histogram, median, record, us, BenchArgs};
+use crate::bench::{histogram, median, record, round_trips, throughput, us, BenchArgs, Fresh};
 
 /// Slots of the worker process in the round-trip and throughput tests: no-ops are bound by
 /// round trips, so more slots keep more of them in flight.
@@ -84,21 +84,9 @@ pub async fn run(redis: &str, args: &BenchArgs) -> anyhow::Result<()> {
 
     let _worker = spawn_worker(&url, &namespace, "bench-worker", WORKER_SLOTS)?;
     let client = node.client();
-    let mut next = 0u64;
-    let mut fresh = || {
-        next += 1;
-        rmpv::Value::from(next)
-    };
-    for _ in 0..500 {
-        echo::call(&client, fresh()).await?; // warm-up: scripts loaded, connections up
-    }
-    let mut trip = histogram()?;
-    for _ in 0..args.round_trips {
-        let value = fresh();
-        let begun = Instant::now();
-        echo::call(&client, value).await?;
-        record(&mut trip, begun.elapsed());
-    }
+    let mut fresh = Fresh::default();
+    // The warm-up loads the scripts and brings the connections up.
+    let trip = round_trips(&client, &mut fresh, 500, args.round_trips).await?;
     let p50 = trip.value_at_quantile(0.5);
     println!(
         "{:<40} p50 {:>8.2} µs   p99 {:>8.2} µs   {:>5.1}x PING   target p50 <= 250 µs",
@@ -108,17 +96,7 @@ pub async fn run(redis: &str, args: &BenchArgs) -> anyhow::Result<()> {
         p50 as f64 / floor
     );
 
-    let mut rates = Vec::new();
-    for _ in 0..args.rounds {
-        let values: Vec<_> = (0..args.batch).map(|_| fresh()).collect();
-        let begun = Instant::now();
-        let results = futures::future::join_all(values.into_iter().map(|v| echo::call(&client, v))).await;
-        let took = begun.elapsed();
-        if let Some(Err(err)) = results.into_iter().find(Result::is_err) {
-            return Err(err).context("a throughput request failed");
-        }
-        rates.push(args.batch as f64 / took.as_secs_f64());
-    }
+    let rates = throughput(&client, &mut fresh, args.batch, args.rounds).await?;
     let rate = median(rates.clone());
     println!(
         "{:<40} {:>10.0} req/s (best {:.0})   {:.1} µs/req = {:.2}x PING   target >= 20,000 req/s",

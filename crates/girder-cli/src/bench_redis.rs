@@ -65,7 +65,8 @@ pub async fn run(redis: &str, args: &BenchArgs) -> anyhow::Result<()> {
     let url = server.as_ref().map_or_else(|| redis.to_owned(), RedisServer::url);
     let run_id = std::process::id();
     let namespace = format!("bench-{run_id}");
-    println!("girder bench over Redis at {url}: client in this process, 1 worker process x {WORKER_SLOTS} slots");
+    let shown = girder::statekeeper::redacted(&url);
+    println!("girder bench over Redis at {shown}: client in this process, 1 worker process x {WORKER_SLOTS} slots");
 
     let (node, statekeeper) = client_node(&url, &namespace).await?;
     let mut ping = histogram()?;

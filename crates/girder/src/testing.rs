@@ -24,6 +24,7 @@ pub struct RedisServer {
     port: u16,
     dir: PathBuf,
     appendonly: bool,
+    tls: bool,
 }
 
 static NEXT_DIR: AtomicU64 = AtomicU64::new(0);
@@ -37,20 +38,61 @@ impl RedisServer {
     /// Starts a server on a free port; with `appendonly` it persists every write to an AOF
     /// in its directory, so a restart keeps the data.
     pub fn start(appendonly: bool) -> Result<RedisServer, RedisServerError> {
+        let mut server = RedisServer::start_stopped()?;
+        server.appendonly = appendonly;
+        server.spawn()?;
+        Ok(server)
+    }
+
+    /// Starts a server that only speaks TLS, with a self-signed certificate made by
+    /// `openssl` in its directory. Its URL is `rediss://...#insecure`.
+    pub fn start_tls() -> Result<RedisServer, RedisServerError> {
+        let mut server = RedisServer::start_stopped()?;
+        let status = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"])
+            .arg("-keyout")
+            .arg(server.dir.join("key.pem"))
+            .arg("-out")
+            .arg(server.dir.join("cert.pem"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map_err(|e| RedisServerError::Start(format!("openssl (apt-get install openssl): {e}")))?;
+        if !status.success() {
+            return Err(RedisServerError::Start("openssl could not make a certificate".into()));
+        }
+        server.tls = true;
+        server.spawn()?;
+        Ok(server)
+    }
+
+    fn start_stopped() -> Result<RedisServer, RedisServerError> {
         let dir = std::env::temp_dir().join(format!(
             "girder-redis-{}-{}",
             std::process::id(),
             NEXT_DIR.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir).map_err(|e| RedisServerError::Start(e.to_string()))?;
-        let mut server = RedisServer { child: None, port: free_port()?, dir, appendonly };
-        server.spawn()?;
-        Ok(server)
+        Ok(RedisServer { child: None, port: free_port()?, dir, appendonly: false, tls: false })
     }
 
     fn spawn(&mut self) -> Result<(), RedisServerError> {
-        let mut child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+        let mut command = Command::new("redis-server");
+        if self.tls {
+            let (cert, key) = (self.dir.join("cert.pem"), self.dir.join("key.pem"));
+            command.args(["--port", "0", "--tls-port", &self.port.to_string(), "--tls-auth-clients", "no"]);
+            command
+                .arg("--tls-cert-file")
+                .arg(&cert)
+                .arg("--tls-key-file")
+                .arg(&key)
+                .arg("--tls-ca-cert-file")
+                .arg(&cert);
+        } else {
+            command.args(["--port", &self.port.to_string()]);
+        }
+        let mut child = command
+            .args(["--bind", "127.0.0.1", "--save", ""])
             .args(["--appendonly", if self.appendonly { "yes" } else { "no" }])
             .args(["--appendfsync", "always"])
             .arg("--dir")
@@ -81,9 +123,13 @@ impl RedisServer {
         Ok(())
     }
 
-    /// The server's URL, `redis://127.0.0.1:PORT/0`.
+    /// The server's URL, `redis://127.0.0.1:PORT/0` (`rediss://...#insecure` with TLS).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        if self.tls {
+            format!("rediss://127.0.0.1:{}/0#insecure", self.port)
+        } else {
+            format!("redis://127.0.0.1:{}/0", self.port)
+        }
     }
 
     /// Its port.

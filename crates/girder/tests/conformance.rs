@@ -35,3 +35,27 @@ async fn redis_passes_the_conformance_suite() {
     });
     run_all(factory).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_over_tls_and_with_a_password_works_and_bad_urls_are_clear_errors() {
+    let server = RedisServer::start_tls().unwrap_or_else(|e| panic!("{e}"));
+    let statekeeper = RedisStatekeeper::connect(RedisConfig::new(server.url())).await.expect("rediss:// connects");
+    statekeeper.ping().await.expect("TLS round trip");
+    assert_eq!(statekeeper.function_version("f").await.unwrap(), None);
+
+    let plain = RedisServer::start(false).unwrap_or_else(|e| panic!("{e}"));
+    let mut admin = redis::Client::open(plain.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("CONFIG").arg("SET").arg("requirepass").arg("s3cret").query_async(&mut admin).await.unwrap();
+    let with_password = plain.url().replace("redis://", "redis://:s3cret@");
+    RedisStatekeeper::connect(RedisConfig::new(with_password)).await.expect("the password in the URL is used");
+    let refused = RedisStatekeeper::connect(RedisConfig::new(plain.url())).await;
+    assert!(refused.is_err(), "no password, no connection");
+    let wrong = RedisStatekeeper::connect(RedisConfig::new(plain.url().replace("redis://", "redis://:wrong@"))).await;
+    let message = wrong.err().expect("a wrong password is refused").to_string();
+    assert!(!message.contains("wrong"), "the password stays out of messages: {message}");
+
+    for bad in ["redis://", "http://127.0.0.1:1", "not a url"] {
+        let err = RedisStatekeeper::connect(RedisConfig::new(bad)).await.err().expect("refused");
+        assert!(err.to_string().contains("Redis"), "{bad}: {err}");
+    }
+}

@@ -23,7 +23,7 @@ mod embedded;
 mod redis;
 mod results;
 
-pub use self::redis::{RedisConfig, RedisStatekeeper};
+pub use self::redis::{redacted, RedisConfig, RedisStatekeeper};
 pub use embedded::{Embedded, EmbeddedConfig};
 pub use results::{ResultStore, ResultStoreConfig};
 

@@ -39,7 +39,8 @@ const OPS: &str = include_str!("ops.lua");
 /// Settings of a [`RedisStatekeeper`].
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
-    /// `redis://[:password@]host:port/db` or `rediss://...` for TLS.
+    /// `redis://[:password@]host:port/db`, or `rediss://...` for TLS (certificates are
+    /// checked against the system's roots; `rediss://...#insecure` skips the check).
     pub url: String,
     /// Grids with different namespaces share a Redis without seeing each other.
     pub namespace: String,
@@ -165,6 +166,16 @@ pub struct RedisStatekeeper {
     disruptions: Arc<AtomicU64>,
 }
 
+/// `url` with any password replaced by `***`, for messages and logs.
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => url.to_owned(),
+    }
+}
+
 fn unavailable(err: redis::RedisError) -> StatekeeperError {
     StatekeeperError::Unavailable(format!("redis: {err}"))
 }
@@ -184,11 +195,13 @@ fn decode_outcome(bytes: &[u8]) -> SkResult<Outcome> {
 impl RedisStatekeeper {
     /// Connects to the Redis at `config.url` and checks that it answers.
     pub async fn connect(config: RedisConfig) -> SkResult<RedisStatekeeper> {
-        let info = config
-            .url
-            .as_str()
-            .into_connection_info()
-            .map_err(|e| StatekeeperError::Unavailable(format!("bad Redis URL {:?}: {e}", config.url)))?;
+        // TLS (`rediss://`) needs a process-wide crypto provider; another one already
+        // installed by the application is just as good.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let info =
+            config.url.as_str().into_connection_info().map_err(|e| {
+                StatekeeperError::Unavailable(format!("bad Redis URL {:?}: {e}", redacted(&config.url)))
+            })?;
         let info = info.set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
         let client = redis::Client::open(info).map_err(unavailable)?;
         let timeout = Duration::from_millis(config.response_timeout_ms);
@@ -196,9 +209,13 @@ impl RedisStatekeeper {
             .set_response_timeout(Some(timeout))
             .set_connection_timeout(Some(timeout))
             .set_max_delay(Duration::from_millis(RECONNECT_MAX_MS));
-        let conn = ConnectionManager::new_with_config(client.clone(), manager_config)
-            .await
-            .map_err(|e| StatekeeperError::Unavailable(format!("cannot connect to Redis at {}: {e}", config.url)))?;
+        let conn = ConnectionManager::new_with_config(client.clone(), manager_config).await.map_err(|e| {
+            StatekeeperError::Unavailable(format!("cannot connect to Redis at {}: {e}", redacted(&config.url)))
+        })?;
+        // A connection is not yet an answer: a wrong password only shows on the first command.
+        redis::cmd("PING").query_async::<String>(&mut conn.clone()).await.map_err(|e| {
+            StatekeeperError::Unavailable(format!("Redis at {} refused us: {e}", redacted(&config.url)))
+        })?;
         let prefix = format!("girder:{{{}}}:", config.namespace);
         Ok(RedisStatekeeper {
             client,
@@ -253,6 +270,19 @@ fn expect_ok(reply: String, pool: &PoolId) -> SkResult<()> {
         "OK" => Ok(()),
         "UNKNOWN_POOL" => Err(StatekeeperError::UnknownPool(pool.to_string())),
         other => Err(corrupt("unexpected reply", other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted;
+
+    #[test]
+    fn passwords_never_reach_messages() {
+        assert_eq!(redacted("redis://:s3cret@host:6379/0"), "redis://***@host:6379/0");
+        assert_eq!(redacted("rediss://user:pw@host/1"), "rediss://***@host/1");
+        assert_eq!(redacted("redis://host:6379/0"), "redis://host:6379/0");
+        assert_eq!(redacted("not a url"), "not a url");
     }
 }
 

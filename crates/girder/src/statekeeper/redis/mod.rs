@@ -273,19 +273,6 @@ fn expect_ok(reply: String, pool: &PoolId) -> SkResult<()> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::redacted;
-
-    #[test]
-    fn passwords_never_reach_messages() {
-        assert_eq!(redacted("redis://:s3cret@host:6379/0"), "redis://***@host:6379/0");
-        assert_eq!(redacted("rediss://user:pw@host/1"), "rediss://***@host/1");
-        assert_eq!(redacted("redis://host:6379/0"), "redis://host:6379/0");
-        assert_eq!(redacted("not a url"), "not a url");
-    }
-}
-
 #[async_trait]
 impl Statekeeper for RedisStatekeeper {
     async fn register_node(&self, node: &NodeId, functions: &[(String, u32)]) -> SkResult<()> {
@@ -631,5 +618,18 @@ impl InboxReader {
             }
             _ => tracing::warn!(inbox = %self.key, "dropped an unknown event"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted;
+
+    #[test]
+    fn passwords_never_reach_messages() {
+        assert_eq!(redacted("redis://:s3cret@host:6379/0"), "redis://***@host:6379/0");
+        assert_eq!(redacted("rediss://user:pw@host/1"), "rediss://***@host/1");
+        assert_eq!(redacted("redis://host:6379/0"), "redis://host:6379/0");
+        assert_eq!(redacted("not a url"), "not a url");
     }
 }

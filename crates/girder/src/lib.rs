@@ -41,6 +41,7 @@ mod id;
 mod node;
 mod request;
 pub mod statekeeper;
+pub mod structures;
 pub mod testing;
 
 pub use client::{call, call_blocking, Caller, Client};

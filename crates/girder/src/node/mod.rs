@@ -405,6 +405,11 @@ impl Node {
         &self.core.statekeeper
     }
 
+    /// The grid's data structures (caches, atoms, maps, locks, topics, ...).
+    pub fn structures(&self) -> crate::structures::Store {
+        self.core.statekeeper.structures()
+    }
+
     /// Evaluations of `function` started on this node.
     pub fn evaluations_of(&self, function: &str) -> u64 {
         self.core.evaluations.get(function).map_or(0, |c| c.load(Ordering::Relaxed))

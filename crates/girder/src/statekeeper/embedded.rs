@@ -107,6 +107,7 @@ struct Inner {
 pub struct Embedded {
     inner: Mutex<Inner>,
     config: EmbeddedConfig,
+    structures: Arc<crate::structures::memory::InMemory>,
 }
 
 impl Default for Embedded {
@@ -119,7 +120,7 @@ impl Embedded {
     /// A fresh, empty statekeeper.
     pub fn new(config: EmbeddedConfig) -> Embedded {
         let inner = Inner { results: Some(ResultStore::new(config.results)), ..Default::default() };
-        Embedded { inner: Mutex::new(inner), config }
+        Embedded { inner: Mutex::new(inner), config, structures: Arc::default() }
     }
 
     /// The number of memoized outcomes held.
@@ -661,6 +662,10 @@ impl Statekeeper for Embedded {
         let signal = self.inner.lock().queue(queue).signal.clone();
         let _ = tokio::time::timeout(Duration::from_millis(timeout_ms), signal.notified()).await;
         Ok(())
+    }
+
+    fn structures(&self) -> crate::structures::Store {
+        self.structures.clone()
     }
 
     async fn open_inbox(&self, node: &NodeId) -> SkResult<BoxStream<'static, Event>> {

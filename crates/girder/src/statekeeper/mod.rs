@@ -290,6 +290,9 @@ pub trait Statekeeper: Send + Sync + 'static {
         0
     }
 
+    /// The data structures kept on the same store (see [`crate::structures`]).
+    fn structures(&self) -> crate::structures::Store;
+
     /// The stream of events addressed to `node`. Call once per node.
     async fn open_inbox(&self, node: &NodeId) -> SkResult<BoxStream<'static, Event>>;
 }

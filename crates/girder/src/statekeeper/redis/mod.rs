@@ -33,6 +33,8 @@ use crate::error::{CallError, StatekeeperError};
 use crate::id::ReqId;
 use crate::request::{Outcome, Request};
 
+mod structures;
+
 const PRELUDE: &str = include_str!("prelude.lua");
 const OPS: &str = include_str!("ops.lua");
 
@@ -164,6 +166,7 @@ pub struct RedisStatekeeper {
     near: Mutex<ResultStore>,
     signals: Signals,
     disruptions: Arc<AtomicU64>,
+    structures: Arc<structures::RedisStructures>,
 }
 
 /// `url` with any password replaced by `***`, for messages and logs.
@@ -217,7 +220,9 @@ impl RedisStatekeeper {
             StatekeeperError::Unavailable(format!("Redis at {} refused us: {e}", redacted(&config.url)))
         })?;
         let prefix = format!("girder:{{{}}}:", config.namespace);
+        let structures = Arc::new(structures::RedisStructures::new(client.clone(), conn.clone(), &config.namespace));
         Ok(RedisStatekeeper {
+            structures,
             client,
             conn,
             prefix,
@@ -523,6 +528,10 @@ impl Statekeeper for RedisStatekeeper {
 
     fn disruptions(&self) -> u64 {
         self.disruptions.load(Ordering::Relaxed)
+    }
+
+    fn structures(&self) -> crate::structures::Store {
+        self.structures.clone()
     }
 
     async fn open_inbox(&self, node: &NodeId) -> SkResult<BoxStream<'static, Event>> {

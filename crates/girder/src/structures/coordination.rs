@@ -1,0 +1,300 @@
+//! Coordination: the [`Lock`] (leased, with fencing tokens), the [`CountDownLatch`] and the
+//! [`Semaphore`] (leased permits). A lease is renewed by a task while its guard lives; when
+//! the holder dies the renewals stop and the lease runs out, freeing the lock or permit.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinHandle;
+
+use super::{check_key, DsError, DsResult, Store};
+
+/// A holder id unique across processes and time: pid, a counter and the clock, hashed.
+fn holder_id() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&std::process::id().to_le_bytes());
+    hasher.update(&NEXT.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    hasher.update(&nanos.to_le_bytes());
+    hasher.finalize().to_hex()[..24].to_owned()
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// Shortest lease accepted: renewals run every third of it.
+pub const LEASE_MS_MIN: u64 = 30;
+
+fn check_lease(lease: Duration) -> DsResult<u64> {
+    let ms = millis(lease);
+    if ms < LEASE_MS_MIN {
+        return Err(DsError::Invalid(format!("a lease must be at least {LEASE_MS_MIN} ms, got {ms}")));
+    }
+    Ok(ms)
+}
+
+/// Waits for a change of `key` for at most the time left until `deadline`; false when none is left.
+async fn wait_until(store: &Store, key: &str, deadline: Option<Instant>) -> bool {
+    let wait_ms = match deadline {
+        None => 1_000,
+        Some(deadline) => match deadline.checked_duration_since(Instant::now()) {
+            Some(left) if !left.is_zero() => millis(left).min(1_000),
+            _ => return false,
+        },
+    };
+    store.wait_change(key, wait_ms).await;
+    true
+}
+
+/// A distributed lock held under a lease, with a fencing token that strictly increases with
+/// each acquisition (pass it to whatever the lock protects, so a holder whose lease ran
+/// out cannot overwrite a newer holder's work).
+pub struct Lock {
+    store: Store,
+    key: String,
+    lease_ms: u64,
+}
+
+/// A held lock. Its lease is renewed until it is released or dropped.
+pub struct LockGuard {
+    store: Store,
+    key: String,
+    holder: String,
+    token: u64,
+    lost: Arc<AtomicBool>,
+    renewal: JoinHandle<()>,
+}
+
+impl Lock {
+    /// The lock `key` on `store`, taken for `lease` at a time.
+    pub fn new(store: Store, key: impl Into<String>, lease: Duration) -> DsResult<Lock> {
+        let key = key.into();
+        check_key(&key)?;
+        Ok(Lock { store, key, lease_ms: check_lease(lease)? })
+    }
+
+    /// Takes the lock if it is free now.
+    pub async fn try_lock_now(&self) -> DsResult<Option<LockGuard>> {
+        let holder = holder_id();
+        match self.store.lock_acquire(&self.key, &holder, self.lease_ms).await? {
+            Some(token) => Ok(Some(self.guard(holder, token))),
+            None => Ok(None),
+        }
+    }
+
+    /// Takes the lock, waiting up to `timeout` for it to be free.
+    pub async fn try_lock(&self, timeout: Duration) -> DsResult<Option<LockGuard>> {
+        self.acquire(Some(Instant::now() + timeout)).await
+    }
+
+    /// Takes the lock, waiting as long as it takes.
+    pub async fn lock(&self) -> DsResult<LockGuard> {
+        match self.acquire(None).await? {
+            Some(guard) => Ok(guard),
+            None => Err(DsError::Invalid(format!("lock {:?} could not be taken", self.key))),
+        }
+    }
+
+    async fn acquire(&self, deadline: Option<Instant>) -> DsResult<Option<LockGuard>> {
+        let holder = holder_id();
+        loop {
+            if let Some(token) = self.store.lock_acquire(&self.key, &holder, self.lease_ms).await? {
+                return Ok(Some(self.guard(holder, token)));
+            }
+            if !wait_until(&self.store, &self.key, deadline).await {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// The current holder's fencing token, if the lock is held.
+    pub async fn token(&self) -> DsResult<Option<u64>> {
+        Ok(self.store.lock_holder(&self.key).await?.map(|(_, token)| token))
+    }
+
+    fn guard(&self, holder: String, token: u64) -> LockGuard {
+        let lost = Arc::new(AtomicBool::new(false));
+        let renewal = {
+            let (store, key, holder, lost) = (self.store.clone(), self.key.clone(), holder.clone(), lost.clone());
+            let (lease_ms, every) = (self.lease_ms, Duration::from_millis(self.lease_ms / 3));
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    match store.lock_renew(&key, &holder, token, lease_ms).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::warn!(lock = %key, token, "lock lease lost");
+                            lost.store(true, Ordering::Release);
+                            return;
+                        }
+                        // Unreachable store: keep trying while the lease may still hold.
+                        Err(err) => tracing::warn!(lock = %key, error = %err, "lock renewal failed"),
+                    }
+                }
+            })
+        };
+        LockGuard { store: self.store.clone(), key: self.key.clone(), holder, token, lost, renewal }
+    }
+}
+
+impl LockGuard {
+    /// The fencing token of this acquisition.
+    pub fn token(&self) -> u64 {
+        self.token
+    }
+
+    /// Whether the lease is still known to be held (false once a renewal found it lost).
+    pub fn is_held(&self) -> bool {
+        !self.lost.load(Ordering::Acquire)
+    }
+
+    /// Releases the lock; returns whether it was still held.
+    pub async fn release(self) -> DsResult<bool> {
+        self.renewal.abort();
+        self.store.lock_release(&self.key, &self.holder, self.token).await
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        self.renewal.abort();
+        // Released by `release`, or here on a best-effort basis; the lease bounds the rest.
+        let (store, key, holder, token) = (self.store.clone(), self.key.clone(), self.holder.clone(), self.token);
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let _ = store.lock_release(&key, &holder, token).await;
+            });
+        }
+    }
+}
+
+/// A latch that opens when counted down to zero.
+pub struct CountDownLatch {
+    store: Store,
+    key: String,
+}
+
+impl CountDownLatch {
+    /// The latch `key` on `store`.
+    pub fn new(store: Store, key: impl Into<String>) -> DsResult<CountDownLatch> {
+        let key = key.into();
+        check_key(&key)?;
+        Ok(CountDownLatch { store, key })
+    }
+
+    /// Sets the count if the latch is unset or open; returns whether it did.
+    pub async fn try_set_count(&self, count: u64) -> DsResult<bool> {
+        self.store.latch_try_set(&self.key, count).await
+    }
+
+    /// Counts down by one; returns the count left.
+    pub async fn count_down(&self) -> DsResult<u64> {
+        self.store.latch_count_down(&self.key).await
+    }
+
+    /// The count left.
+    pub async fn count(&self) -> DsResult<u64> {
+        self.store.latch_count(&self.key).await
+    }
+
+    /// Waits until the count is zero, up to `timeout`; returns whether it is.
+    pub async fn wait(&self, timeout: Duration) -> DsResult<bool> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.count().await? == 0 {
+                return Ok(true);
+            }
+            if !wait_until(&self.store, &self.key, Some(deadline)).await {
+                return Ok(false);
+            }
+        }
+    }
+}
+
+/// A counting semaphore whose permits are held under leases.
+pub struct Semaphore {
+    store: Store,
+    key: String,
+    lease_ms: u64,
+}
+
+/// A held permit, renewed until released or dropped.
+pub struct Permit {
+    store: Store,
+    key: String,
+    holder: String,
+    renewal: JoinHandle<()>,
+}
+
+impl Semaphore {
+    /// The semaphore `key` on `store`; permits are held for `lease` at a time.
+    pub fn new(store: Store, key: impl Into<String>, lease: Duration) -> DsResult<Semaphore> {
+        let key = key.into();
+        check_key(&key)?;
+        Ok(Semaphore { store, key, lease_ms: check_lease(lease)? })
+    }
+
+    /// Sets the number of permits; returns whether the semaphore was unset before.
+    pub async fn init(&self, permits: u64) -> DsResult<bool> {
+        self.store.semaphore_init(&self.key, permits).await
+    }
+
+    /// Permits free now.
+    pub async fn available(&self) -> DsResult<u64> {
+        self.store.semaphore_available(&self.key).await
+    }
+
+    /// Takes a permit, waiting up to `timeout` for one.
+    pub async fn try_acquire(&self, timeout: Duration) -> DsResult<Option<Permit>> {
+        let deadline = Instant::now() + timeout;
+        let holder = holder_id();
+        loop {
+            if self.store.semaphore_acquire(&self.key, &holder, self.lease_ms).await? {
+                return Ok(Some(self.permit(holder)));
+            }
+            if !wait_until(&self.store, &self.key, Some(deadline)).await {
+                return Ok(None);
+            }
+        }
+    }
+
+    fn permit(&self, holder: String) -> Permit {
+        let renewal = {
+            let (store, key, holder) = (self.store.clone(), self.key.clone(), holder.clone());
+            let (lease_ms, every) = (self.lease_ms, Duration::from_millis(self.lease_ms / 3));
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    if let Ok(false) = store.semaphore_renew(&key, &holder, lease_ms).await {
+                        tracing::warn!(semaphore = %key, "permit lease lost");
+                        return;
+                    }
+                }
+            })
+        };
+        Permit { store: self.store.clone(), key: self.key.clone(), holder, renewal }
+    }
+}
+
+impl Permit {
+    /// Returns the permit; returns whether it was still held.
+    pub async fn release(self) -> DsResult<bool> {
+        self.renewal.abort();
+        self.store.semaphore_release(&self.key, &self.holder).await
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.renewal.abort();
+        let (store, key, holder) = (self.store.clone(), self.key.clone(), self.holder.clone());
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let _ = store.semaphore_release(&key, &holder).await;
+            });
+        }
+    }
+}

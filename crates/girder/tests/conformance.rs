@@ -59,3 +59,27 @@ async fn redis_over_tls_and_with_a_password_works_and_bad_urls_are_clear_errors(
         assert!(err.to_string().contains("Redis"), "{bad}: {err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_memory_structures_pass_their_suite() {
+    use girder::structures::{conformance, memory::InMemory, Store};
+    let factory: conformance::Factory = Arc::new(|| Box::pin(async { Arc::new(InMemory::new()) as Store }));
+    conformance::run_all(factory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_structures_pass_their_suite() {
+    use girder::structures::conformance;
+    let server = RedisServer::start(false).unwrap_or_else(|e| panic!("{e}"));
+    let url = server.url();
+    static NAMESPACE: AtomicU64 = AtomicU64::new(0);
+    let factory: conformance::Factory = Arc::new(move || {
+        let url = url.clone();
+        Box::pin(async move {
+            let mut config = RedisConfig::new(url);
+            config.namespace = format!("structures-{}", NAMESPACE.fetch_add(1, Ordering::Relaxed));
+            RedisStatekeeper::connect(config).await.expect("connects").structures()
+        })
+    });
+    conformance::run_all(factory).await;
+}

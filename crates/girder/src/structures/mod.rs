@@ -9,6 +9,7 @@
 //! structure; using it as another kind is a [`DsError::WrongKind`] and leaves it untouched.
 
 mod collections;
+pub mod conformance;
 mod coordination;
 mod frames;
 pub mod memory;

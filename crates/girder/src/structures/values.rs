@@ -187,28 +187,21 @@ impl<T: Serialize + DeserializeOwned + Send + 'static> Atom<T> {
 
     /// The values the atom takes from now on: each change is seen, though fast successive
     /// writes may be seen only as the last of them.
-    pub fn watch(&self) -> BoxStream<'static, DsResult<T>> {
+    pub async fn watch(&self) -> DsResult<BoxStream<'static, DsResult<T>>> {
+        let start = self.store.value_get(Kind::Atom, &self.key).await?.map_or(0, |v| v.version);
         let (store, key) = (self.store.clone(), self.key.clone());
-        Box::pin(futures::stream::unfold((store, key, None::<u64>), |(store, key, mut seen)| async move {
+        Ok(Box::pin(futures::stream::unfold((store, key, start), |(store, key, seen)| async move {
             loop {
                 match store.value_get(Kind::Atom, &key).await {
                     Err(err) => return Some((Err(err), (store, key, seen))),
-                    Ok(current) => {
-                        let version = current.as_ref().map_or(0, |c| c.version);
-                        match (seen, current) {
-                            // The first read only sets the starting point.
-                            (None, _) => seen = Some(version),
-                            (Some(last), Some(stored)) if version > last => {
-                                let value = decode(&key, &stored.bytes);
-                                return Some((value, (store, key, Some(version))));
-                            }
-                            _ => {}
-                        }
+                    Ok(Some(stored)) if stored.version > seen => {
+                        let value = decode(&key, &stored.bytes);
+                        return Some((value, (store, key, stored.version)));
                     }
+                    Ok(_) => store.wait_change(&key, WATCH_RECHECK_MS).await,
                 }
-                store.wait_change(&key, WATCH_RECHECK_MS).await;
             }
-        }))
+        })))
     }
 }
 

@@ -95,7 +95,9 @@ if KIND == 'value' or KIND == 'atom' then return redis.call('EXISTS', B) end
 return 1
 --@@ counter_add: ARGV[4] delta
 check(true)
-return redis.call('INCRBY', B, ARGV[4])
+redis.call('INCRBY', B, ARGV[4])
+-- Read back as a string: Lua numbers are doubles and would round large counters.
+return redis.call('GET', B)
 --@@ counter_cas: ARGV[4] expected, ARGV[5] new
 check(true)
 if (redis.call('GET', B) or '0') ~= ARGV[4] then return 0 end
@@ -160,7 +162,7 @@ end
 return out
 --@@ set_op: ARGV[4] op (add|remove|contains|len|members), ARGV[5] member or limit
 local op = ARGV[4]
-if not check(op == 'add') then
+if not check(op == 'add') and op ~= 'add' then
   if op == 'members' then return {} end
   return 0
 end

@@ -74,14 +74,21 @@ fn scripts() -> HashMap<&'static str, Script> {
 }
 
 fn failed(err: redis::RedisError) -> DsError {
+    // Script errors arrive as "CODE detail script: ..., on @user_script:N."
+    let detail = err.detail().unwrap_or_default();
+    let first_word = detail.split_whitespace().next().unwrap_or("?").to_owned();
+    let message = detail.split(" script:").next().unwrap_or(detail).trim().to_owned();
+    match err.code() {
+        Some("GIRDER_WRONG_KIND") => {
+            return DsError::WrongKind { key: String::new(), expected: Kind::Value, found: first_word };
+        }
+        Some("GIRDER_TOO_LARGE") => {
+            return DsError::TooLarge { key: String::new(), bytes: first_word.parse().unwrap_or(0), max_bytes: 0 };
+        }
+        Some("GIRDER_INVALID") => return DsError::Invalid(message),
+        _ => {}
+    }
     let text = err.to_string();
-    if let Some(found) = text.split("GIRDER_WRONG_KIND ").nth(1) {
-        let found = found.split_whitespace().next().unwrap_or("?").to_owned();
-        return DsError::WrongKind { key: String::new(), expected: Kind::Value, found };
-    }
-    if let Some(rest) = text.split("GIRDER_INVALID ").nth(1) {
-        return DsError::Invalid(rest.trim().to_owned());
-    }
     if text.contains("overflow") {
         return DsError::Invalid(format!("counter would overflow: {text}"));
     }
@@ -243,10 +250,7 @@ impl Structures for RedisStructures {
         let result: DsResult<u64> = self.run("value_append", Kind::Value, key, &[chunk, max.as_bytes()]).await;
         self.near_forget(key);
         result.map_err(|err| match err {
-            DsError::Unavailable(text) if text.contains("GIRDER_TOO_LARGE") => {
-                let bytes = text.rsplit(' ').next().and_then(|n| n.trim().parse().ok()).unwrap_or(0);
-                DsError::TooLarge { key: key.to_owned(), bytes, max_bytes }
-            }
+            DsError::TooLarge { bytes, .. } => DsError::TooLarge { key: key.to_owned(), bytes, max_bytes },
             other => other,
         })
     }
@@ -262,7 +266,8 @@ impl Structures for RedisStructures {
     }
 
     async fn counter_add(&self, key: &str, delta: i64) -> DsResult<i64> {
-        self.run("counter_add", Kind::Counter, key, &[delta.to_string().as_bytes()]).await
+        let value: String = self.run("counter_add", Kind::Counter, key, &[delta.to_string().as_bytes()]).await?;
+        value.parse().map_err(|_| DsError::Decode { key: key.to_owned(), message: format!("counter holds {value:?}") })
     }
 
     async fn counter_cas(&self, key: &str, expected: i64, new: i64) -> DsResult<bool> {

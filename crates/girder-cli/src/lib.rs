@@ -3,8 +3,10 @@
 
 mod bench;
 mod bench_redis;
+mod cache;
 mod call;
 mod demo;
+mod ds;
 mod serve;
 mod status;
 
@@ -29,6 +31,10 @@ enum Command {
     Node(serve::NodeArgs),
     /// Call a function on a running node and print its JSON result.
     Call(call::CallArgs),
+    /// Read and write the grid's cache through a node.
+    Cache(cache::CacheArgs),
+    /// Drive the grid's data structures directly: contention and failure drills.
+    Ds(ds::DsArgs),
     /// Measure round trip, throughput, memo hits and nested fan-out, embedded or over Redis.
     Bench(bench::BenchArgs),
     /// List the grid's live nodes with their pools, slots, load and request counts.
@@ -55,6 +61,8 @@ pub fn main_with(registry: Registry) -> ExitCode {
             Command::Demo(args) => demo::run(registry, args).await,
             Command::Node(args) => serve::run(registry, args).await,
             Command::Call(args) => call::run(args).await,
+            Command::Cache(args) => cache::run(args).await,
+            Command::Ds(args) => ds::run(args).await,
             Command::Bench(args) => bench::run(registry, args).await,
             Command::Status(args) => status::run(args).await,
         }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use girder::http::{router, HttpConfig};
+use girder::structures::{CacheConfig, Compression};
 use girder::{
     Embedded, EmbeddedConfig, Node, PoolSpec, RedisConfig, RedisStatekeeper, Registry, ResultStoreConfig, Statekeeper,
     WorkerSpec,
@@ -60,6 +61,12 @@ pub struct NodeArgs {
     /// Drop memoized results after this many milliseconds (default: keep until evicted).
     #[arg(long)]
     results_ttl_ms: Option<u64>,
+    /// Compression of cache values: lz4, zstd or none.
+    #[arg(long, default_value = "lz4", value_parser = ["lz4", "zstd", "none"])]
+    cache_compression: String,
+    /// Largest cache value, in bytes as stored.
+    #[arg(long, default_value_t = 64 << 20)]
+    cache_value_max_bytes: usize,
     /// Largest HTTP request body, in bytes.
     #[arg(long, default_value_t = 4 << 20)]
     body_max_bytes: usize,
@@ -135,7 +142,13 @@ pub async fn run(registry: Registry, args: NodeArgs) -> anyhow::Result<()> {
         .context("cannot start the node")?;
     let node = Arc::new(node);
     println!("girder node {} listening on http://{addr}", args.id);
-    let config = HttpConfig { body_bytes_max: args.body_max_bytes, ..Default::default() };
+    let compression = match args.cache_compression.as_str() {
+        "zstd" => Compression::Zstd(3),
+        "none" => Compression::None,
+        _ => Compression::Lz4,
+    };
+    let cache = CacheConfig { compression, value_bytes_max: args.cache_value_max_bytes, ..Default::default() };
+    let config = HttpConfig { cache, body_bytes_max: args.body_max_bytes, ..Default::default() };
     axum::serve(listener, router(node.clone(), config))
         .with_graceful_shutdown(stop_signal())
         .await

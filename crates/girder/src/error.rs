@@ -92,6 +92,12 @@ pub enum ErrorKind {
     Shutdown,
     /// A malformed HTTP request (not valid JSON, not an array): it never reached the grid.
     BadRequest,
+    /// A cache key or structure that does not exist.
+    NotFound,
+    /// A key used as a kind of structure it does not hold.
+    WrongKind,
+    /// A value over the configured size limit.
+    TooLarge,
 }
 
 impl ErrorKind {
@@ -107,6 +113,9 @@ impl ErrorKind {
             ErrorKind::Statekeeper => "statekeeper",
             ErrorKind::Shutdown => "shutdown",
             ErrorKind::BadRequest => "bad_request",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::WrongKind => "wrong_kind",
+            ErrorKind::TooLarge => "too_large",
         }
     }
 }

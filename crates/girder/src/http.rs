@@ -7,6 +7,8 @@
 //! - `GET /v1/health` returns `{"status": "ok", "node": ID}`.
 //! - `GET /v1/stats` returns the node's counters.
 //! - `GET /v1/status` returns the grid's live nodes as the statekeeper knows them.
+//! - `/v1/cache/{key}`: `GET` the value (raw bytes), `PUT` it (`?ttl_ms=N`), `POST` to
+//!   append to it, `DELETE` it. 404 `not_found`, 409 `wrong_kind`, 413 `too_large`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,10 +23,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{CallError, ErrorKind};
 use crate::node::Node;
+use crate::structures::{Cache, CacheConfig, DsError};
 
 /// Limits of the HTTP API.
 #[derive(Debug, Clone, Copy)]
 pub struct HttpConfig {
+    /// How the cache routes store values.
+    pub cache: CacheConfig,
     /// Largest request body accepted, in bytes.
     pub body_bytes_max: usize,
     /// Largest `timeout_ms` a caller may ask for.
@@ -33,12 +38,13 @@ pub struct HttpConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { body_bytes_max: 4 << 20, timeout_ms_max: 3_600_000 }
+        HttpConfig { cache: CacheConfig::default(), body_bytes_max: 4 << 20, timeout_ms_max: 3_600_000 }
     }
 }
 
 struct AppState {
     node: Arc<Node>,
+    cache: Cache,
     config: HttpConfig,
 }
 
@@ -70,8 +76,28 @@ impl From<CallError> for ApiError {
             ErrorKind::BadResult => StatusCode::BAD_GATEWAY,
             ErrorKind::Statekeeper | ErrorKind::Shutdown => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+            // Not produced by calls; here for completeness.
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::WrongKind => StatusCode::CONFLICT,
+            ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         };
         ApiError(status, ErrorBody { kind: err.kind(), message: err.to_string() })
+    }
+}
+
+impl From<DsError> for ApiError {
+    fn from(err: DsError) -> ApiError {
+        let (status, kind) = match &err {
+            DsError::WrongKind { .. } => (StatusCode::CONFLICT, ErrorKind::WrongKind),
+            DsError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, ErrorKind::TooLarge),
+            DsError::BadKey { .. } | DsError::Invalid(_) | DsError::Encode { .. } => {
+                (StatusCode::BAD_REQUEST, ErrorKind::BadRequest)
+            }
+            DsError::Decode { .. } => (StatusCode::INTERNAL_SERVER_ERROR, ErrorKind::BadResult),
+            DsError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, ErrorKind::DeadlineExceeded),
+            DsError::Gap { .. } | DsError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, ErrorKind::Statekeeper),
+        };
+        ApiError(status, ErrorBody { kind, message: err.to_string() })
     }
 }
 
@@ -87,9 +113,11 @@ struct CallQuery {
 
 /// The router serving `node`.
 pub fn router(node: Arc<Node>, config: HttpConfig) -> Router {
-    let state = Arc::new(AppState { node, config });
+    let cache = Cache::new(node.structures(), config.cache);
+    let state = Arc::new(AppState { node, cache, config });
     Router::new()
         .route("/v1/call/{*function}", post(call))
+        .route("/v1/cache/{key}", get(cache_get).put(cache_set).post(cache_append).delete(cache_delete))
         .route("/v1/health", get(health))
         .route("/v1/stats", get(stats))
         .route("/v1/status", get(status))
@@ -158,4 +186,52 @@ async fn status(State(state): State<Arc<AppState>>) -> Result<Json<serde_json::V
         ApiError(StatusCode::SERVICE_UNAVAILABLE, ErrorBody { kind: ErrorKind::Statekeeper, message: e.to_string() })
     })?;
     Ok(Json(serde_json::json!({ "nodes": nodes })))
+}
+
+/// The query string of a cache write.
+#[derive(Debug, Deserialize)]
+struct CacheQuery {
+    ttl_ms: Option<u64>,
+}
+
+async fn cache_get(State(state): State<Arc<AppState>>, Path(key): Path<String>) -> Result<Response, ApiError> {
+    match state.cache.get_bytes(&key).await? {
+        Some(value) => Ok(([(axum::http::header::CONTENT_TYPE, "application/octet-stream")], value).into_response()),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            ErrorBody { kind: ErrorKind::NotFound, message: format!("no cache entry {key:?}") },
+        )),
+    }
+}
+
+async fn cache_set(
+    State(state): State<Arc<AppState>>,
+    Path(key): Path<String>,
+    query: Result<Query<CacheQuery>, axum::extract::rejection::QueryRejection>,
+    body: Bytes,
+) -> Result<StatusCode, ApiError> {
+    let Query(query) = query.map_err(|e| bad_request(format!("bad query string: {e}")))?;
+    let ttl = query.ttl_ms.map(Duration::from_millis);
+    state.cache.set_bytes(&key, &body, ttl).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn cache_append(
+    State(state): State<Arc<AppState>>,
+    Path(key): Path<String>,
+    body: Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let stored_bytes = state.cache.append(&key, &body).await?;
+    Ok(Json(serde_json::json!({ "stored_bytes": stored_bytes })))
+}
+
+async fn cache_delete(State(state): State<Arc<AppState>>, Path(key): Path<String>) -> Result<StatusCode, ApiError> {
+    if state.cache.delete(&key).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError(
+            StatusCode::NOT_FOUND,
+            ErrorBody { kind: ErrorKind::NotFound, message: format!("no cache entry {key:?}") },
+        ))
+    }
 }

@@ -131,6 +131,98 @@ pub async fn run(redis: &str, args: &BenchArgs) -> anyhow::Result<()> {
         ms * 1e3 / 1093.0,
         (ms * 1e6 / 1093.0) / floor
     );
+    println!();
+    structures(&url, &namespace, args.round_trips, floor).await?;
     println!("\nfor comparison (issue figures on this machine size): Ray 2.60 1.4 ms round trip, 2,060 tasks/s, tree(6,3) 4.7 s");
+    Ok(())
+}
+
+/// Cache and atom figures: girder's cache against bare Redis GET/SET, the near cache, and
+/// atom swaps contended from two processes.
+pub(crate) async fn structures(url: &str, namespace: &str, round_trips: u64, floor: f64) -> anyhow::Result<()> {
+    use girder::structures::{Cache, CacheConfig};
+    let client = redis::Client::open(url).context("bare Redis client")?;
+    let mut bare = client.get_multiplexed_async_connection().await.context("bare Redis connection")?;
+    let value = vec![7u8; 100];
+    let (mut bare_set, mut bare_get) = (histogram()?, histogram()?);
+    // Sets first, then gets: each figure on its own, with no other traffic in between.
+    for i in 0..round_trips {
+        let key = format!("bench:bare:{namespace}:{i}");
+        let begun = Instant::now();
+        let _: () = redis::cmd("SET").arg(&key).arg(&value).query_async(&mut bare).await?;
+        record(&mut bare_set, begun.elapsed());
+    }
+    for i in 0..round_trips {
+        let key = format!("bench:bare:{namespace}:{i}");
+        let begun = Instant::now();
+        let _: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query_async(&mut bare).await?;
+        record(&mut bare_get, begun.elapsed());
+    }
+    let mut config = RedisConfig::new(url);
+    config.namespace = format!("{namespace}-cache");
+    let statekeeper = RedisStatekeeper::connect(config).await?;
+    let cache = Cache::new(girder::Statekeeper::structures(&statekeeper), CacheConfig::default());
+    let (mut set, mut get) = (histogram()?, histogram()?);
+    for i in 0..round_trips {
+        let begun = Instant::now();
+        cache.set_bytes(&format!("k{i}"), &value, None).await?;
+        record(&mut set, begun.elapsed());
+    }
+    for i in 0..round_trips {
+        let key = format!("k{i}");
+        let begun = Instant::now();
+        cache.get_bytes(&key).await?;
+        record(&mut get, begun.elapsed());
+    }
+    // Repeated reads of one key: served by the near cache once the first read filled it.
+    let mut near = histogram()?;
+    cache.get_bytes("k0").await?;
+    for _ in 0..round_trips * 10 {
+        let begun = Instant::now();
+        std::hint::black_box(cache.get_bytes("k0").await?);
+        record(&mut near, begun.elapsed());
+    }
+    for (label, ours, theirs, target) in [
+        ("cache set, 100 B", &set, &bare_set, "1.3x bare"),
+        ("cache get, 100 B (not near-cached)", &get, &bare_get, "1.3x bare"),
+    ] {
+        let (a, b) = (ours.value_at_quantile(0.5), theirs.value_at_quantile(0.5));
+        println!(
+            "{label:<40} p50 {:>8.2} µs   bare Redis {:>8.2} µs   {:.2}x bare   target <= {target}",
+            us(a),
+            us(b),
+            a as f64 / b as f64
+        );
+    }
+    println!(
+        "{:<40} p50 {:>8.3} µs   p99 {:>8.3} µs   {:.4}x PING   target <= 1 µs",
+        "near-cache hit",
+        us(near.value_at_quantile(0.5)),
+        us(near.value_at_quantile(0.99)),
+        near.value_at_quantile(0.5) as f64 / floor
+    );
+
+    let exe = std::env::current_exe().context("cannot find the girder binary")?;
+    let swaps_each = 2_000u64;
+    let begun = Instant::now();
+    let children: Vec<_> = (0..2)
+        .map(|_| {
+            Command::new(&exe)
+                .args(["ds", "atom-add", "bench-atom", "--times", &swaps_each.to_string(), "--concurrency", "16"])
+                .args(["--statekeeper", url, "--namespace", namespace])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+        })
+        .collect::<Result<_, _>>()
+        .context("cannot start the swapping processes")?;
+    for mut child in children {
+        anyhow::ensure!(child.wait()?.success(), "a swapping process failed");
+    }
+    let rate = (2 * swaps_each) as f64 / begun.elapsed().as_secs_f64();
+    println!(
+        "{:<40} {:>10.0} swaps/s (2 processes x 16 concurrent swappers on one atom)",
+        "atom swap under contention", rate
+    );
     Ok(())
 }

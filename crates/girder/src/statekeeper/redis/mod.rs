@@ -20,7 +20,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 use parking_lot::Mutex;
-use redis::aio::ConnectionManager;
 use redis::{FromRedisValue, IntoConnectionInfo, Script};
 use tokio::sync::{mpsc, Notify};
 
@@ -33,6 +32,7 @@ use crate::error::{CallError, StatekeeperError};
 use crate::id::ReqId;
 use crate::request::{Outcome, Request};
 
+mod conn;
 mod structures;
 
 const PRELUDE: &str = include_str!("prelude.lua");
@@ -159,7 +159,7 @@ type Signals = Arc<Mutex<HashMap<QueueId, Arc<Notify>>>>;
 /// The statekeeper on Redis. Cheap to share behind an `Arc`; one per process is enough.
 pub struct RedisStatekeeper {
     client: redis::Client,
-    conn: ConnectionManager,
+    conn: Arc<conn::Conn>,
     prefix: String,
     scripts: Scripts,
     config: RedisConfig,
@@ -208,15 +208,14 @@ impl RedisStatekeeper {
         let info = info.set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
         let client = redis::Client::open(info).map_err(unavailable)?;
         let timeout = Duration::from_millis(config.response_timeout_ms);
-        let manager_config = redis::aio::ConnectionManagerConfig::new()
+        let connection_config = redis::AsyncConnectionConfig::new()
             .set_response_timeout(Some(timeout))
-            .set_connection_timeout(Some(timeout))
-            .set_max_delay(Duration::from_millis(RECONNECT_MAX_MS));
-        let conn = ConnectionManager::new_with_config(client.clone(), manager_config).await.map_err(|e| {
+            .set_connection_timeout(Some(timeout));
+        let conn = conn::Conn::connect(client.clone(), connection_config).await.map_err(|e| {
             StatekeeperError::Unavailable(format!("cannot connect to Redis at {}: {e}", redacted(&config.url)))
         })?;
         // A connection is not yet an answer: a wrong password only shows on the first command.
-        redis::cmd("PING").query_async::<String>(&mut conn.clone()).await.map_err(|e| {
+        redis::cmd("PING").query_async::<String>(&mut conn.get()).await.map_err(|e| {
             StatekeeperError::Unavailable(format!("Redis at {} refused us: {e}", redacted(&config.url)))
         })?;
         let prefix = format!("girder:{{{}}}:", config.namespace);
@@ -241,7 +240,7 @@ impl RedisStatekeeper {
 
     /// A bare `PING` round trip: the floor under every statekeeper operation.
     pub async fn ping(&self) -> SkResult<()> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn.get();
         redis::cmd("PING").query_async::<String>(&mut conn).await.map(|_| ()).map_err(|e| self.failed(e))
     }
 
@@ -251,13 +250,14 @@ impl RedisStatekeeper {
         for arg in args {
             invocation.arg(*arg);
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn.get();
         invocation.invoke_async(&mut conn).await.map_err(|e| self.failed(e))
     }
 
     /// Counts a failed operation (see [`Statekeeper::disruptions`]) and converts its error.
     fn failed(&self, err: redis::RedisError) -> StatekeeperError {
         self.disruptions.fetch_add(1, Ordering::Relaxed);
+        self.conn.failed(&err);
         unavailable(err)
     }
 
@@ -341,7 +341,7 @@ impl Statekeeper for RedisStatekeeper {
     }
 
     async fn function_version(&self, function: &str) -> SkResult<Option<u32>> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn.get();
         let version: Option<u32> = redis::cmd("HGET")
             .arg(format!("{}fver", self.prefix))
             .arg(function)
@@ -373,7 +373,7 @@ impl Statekeeper for RedisStatekeeper {
         if let Some(outcome) = self.near.lock().get(id) {
             return Ok(Some(outcome));
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn.get();
         let bytes: Option<Vec<u8>> = redis::cmd("GET")
             .arg(format!("{}res:{}", self.prefix, id.to_hex()))
             .query_async(&mut conn)
@@ -509,7 +509,7 @@ impl Statekeeper for RedisStatekeeper {
     }
 
     async fn queue_len(&self, queue: &QueueId) -> SkResult<usize> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn.get();
         redis::cmd("LLEN").arg(format!("{}q:{}", self.prefix, queue)).query_async(&mut conn).await.map_err(unavailable)
     }
 

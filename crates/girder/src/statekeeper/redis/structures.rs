@@ -16,7 +16,6 @@ use futures::stream::BoxStream;
 use futures::StreamExt;
 use lru::LruCache;
 use parking_lot::Mutex;
-use redis::aio::ConnectionManager;
 use redis::{FromRedisValue, Script};
 use tokio::sync::Notify;
 
@@ -38,7 +37,7 @@ struct Near {
 /// The data structures of one grid namespace on Redis.
 pub(crate) struct RedisStructures {
     client: redis::Client,
-    conn: ConnectionManager,
+    conn: Arc<super::conn::Conn>,
     namespace: String,
     channel: String,
     scripts: HashMap<&'static str, Script>,
@@ -96,7 +95,7 @@ fn failed(err: redis::RedisError) -> DsError {
 }
 
 impl RedisStructures {
-    pub(crate) fn new(client: redis::Client, conn: ConnectionManager, namespace: &str) -> RedisStructures {
+    pub(crate) fn new(client: redis::Client, conn: Arc<super::conn::Conn>, namespace: &str) -> RedisStructures {
         RedisStructures {
             client,
             conn,
@@ -125,8 +124,8 @@ impl RedisStructures {
         for arg in args {
             invocation.arg(*arg);
         }
-        let mut conn = self.conn.clone();
-        invocation.invoke_async(&mut conn).await.map_err(|e| match failed(e) {
+        let mut conn = self.conn.get();
+        invocation.invoke_async(&mut conn).await.map_err(|e| match self.failed(e) {
             DsError::WrongKind { found, .. } => DsError::WrongKind { key: key.to_owned(), expected: kind, found },
             other => other,
         })
@@ -176,6 +175,12 @@ impl RedisStructures {
                 }
             }
         }));
+    }
+
+    /// Converts an error, and replaces the shared connection when it broke.
+    fn failed(&self, err: redis::RedisError) -> DsError {
+        self.conn.failed(&err);
+        failed(err)
     }
 
     fn near_get(&self, key: &str) -> Option<Versioned> {
@@ -450,7 +455,7 @@ impl Structures for RedisStructures {
     }
 
     async fn publish(&self, topic: &str, message: &[u8]) -> DsResult<u64> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn.get();
         redis::cmd("PUBLISH")
             .arg(format!("girder:topic:{}:{topic}", self.namespace))
             .arg(message)
@@ -499,6 +504,14 @@ impl Structures for RedisStructures {
         let mut changes = self.changes.lock();
         if Arc::strong_count(&notify) <= 2 {
             changes.remove(key);
+        }
+    }
+}
+
+impl Drop for RedisStructures {
+    fn drop(&mut self) {
+        if let Some(listener) = self.listener.lock().take() {
+            listener.abort();
         }
     }
 }

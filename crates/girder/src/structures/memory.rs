@@ -15,6 +15,10 @@ use super::{DsError, DsResult, Kind, ReliableBatch, Retention, Structures, Versi
 
 /// Messages a slow subscriber of a topic may fall behind before it misses some.
 const TOPIC_BUFFER_LEN: usize = 4_096;
+/// Most keys held; creating more fails until some are deleted or expire.
+pub const KEYS_MAX: usize = 10_000_000;
+/// Every this many key creations, expired entries nobody read again are swept.
+const SWEEP_EVERY: u64 = 4_096;
 
 enum Data {
     Value { bytes: Bytes, version: u64 },
@@ -62,6 +66,7 @@ pub struct InMemory {
     /// Versions are unique across keys and time, so a deleted and re-created value never
     /// reuses a version a stale compare-and-set could match.
     versions: AtomicU64,
+    creations: AtomicU64,
 }
 
 fn wrong(key: &str, expected: Kind, found: Kind) -> DsError {
@@ -98,6 +103,13 @@ impl InMemory {
             }
         }
         if create && !entries.contains_key(key) {
+            if self.creations.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
+                let now = Instant::now();
+                entries.retain(|_, e| e.expires_at.is_none_or(|at| at > now));
+            }
+            if entries.len() >= KEYS_MAX {
+                return Err(DsError::Invalid(format!("the store holds {KEYS_MAX} keys, its limit; delete some first")));
+            }
             entries.insert(key.to_owned(), Entry::new(kind));
         }
         f(entries.get_mut(key))

@@ -39,6 +39,7 @@ mod function;
 pub mod http;
 mod id;
 mod node;
+pub mod placement;
 mod request;
 pub mod statekeeper;
 pub mod structures;

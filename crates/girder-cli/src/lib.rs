@@ -5,6 +5,7 @@ mod bench;
 mod bench_redis;
 mod cache;
 mod call;
+mod config;
 mod demo;
 mod ds;
 mod serve;
@@ -35,6 +36,8 @@ enum Command {
     Cache(cache::CacheArgs),
     /// Drive the grid's data structures directly: contention and failure drills.
     Ds(ds::DsArgs),
+    /// Read and change per-node configuration; running nodes pick it up.
+    Config(config::ConfigArgs),
     /// Measure round trip, throughput, memo hits and nested fan-out, embedded or over Redis.
     Bench(bench::BenchArgs),
     /// List the grid's live nodes with their pools, slots, load and request counts.
@@ -63,6 +66,7 @@ pub fn main_with(registry: Registry) -> ExitCode {
             Command::Call(args) => call::run(args).await,
             Command::Cache(args) => cache::run(args).await,
             Command::Ds(args) => ds::run(args).await,
+            Command::Config(args) => config::run(args).await,
             Command::Bench(args) => bench::run(registry, args).await,
             Command::Status(args) => status::run(args).await,
         }

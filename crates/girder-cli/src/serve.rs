@@ -30,6 +30,12 @@ pub struct NodeArgs {
     /// `redis://[:PASSWORD@]HOST:PORT/DB` (`rediss://` for TLS) to join a cluster.
     #[arg(long, default_value = "embedded", env = "GIRDER_STATEKEEPER")]
     statekeeper: String,
+    /// The CPU count this node reports (default: the machine's); CPU-weighted placement uses it.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    cpus: Option<u32>,
+    /// This node's memory budget (e.g. 512M); memory-weighted placement uses it.
+    #[arg(long, value_parser = parse_memory)]
+    max_memory: Option<u64>,
     /// With Redis: grids with different namespaces share a server without seeing each other.
     #[arg(long, default_value = "girder")]
     namespace: String,
@@ -70,6 +76,12 @@ pub struct NodeArgs {
     /// Largest HTTP request body, in bytes.
     #[arg(long, default_value_t = 4 << 20)]
     body_max_bytes: usize,
+}
+
+fn parse_memory(text: &str) -> Result<u64, String> {
+    girder::config::parse_bytes(text)
+        .filter(|b| *b > 0)
+        .ok_or_else(|| format!("{text:?} is not a size like 512M or 2G"))
 }
 
 /// Opens the statekeeper named on the command line.
@@ -126,6 +138,12 @@ pub async fn run(registry: Registry, args: NodeArgs) -> anyhow::Result<()> {
         .statekeeper(statekeeper)
         .heartbeat_ms(args.heartbeat_ms)
         .http_address(format!("http://{addr}"));
+    if let Some(cpus) = args.cpus {
+        builder = builder.cpus(cpus);
+    }
+    if let Some(bytes) = args.max_memory {
+        builder = builder.max_memory_bytes(bytes);
+    }
     if let Some(parent) = &args.parent {
         builder = builder.pool(PoolSpec::new(parent.clone()));
     }

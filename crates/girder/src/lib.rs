@@ -51,6 +51,7 @@ pub use function::{encode_args, error_text, FnKind, Function, Registry};
 pub use futures::future::BoxFuture;
 pub use girder_macros::function;
 pub use id::ReqId;
+pub use node::config;
 pub use node::{
     Ctx, Node, NodeBuilder, NodeError, NodeStats, PoolSpec, WorkerSpec, WorkerStats, SLOTS_MAX, WORKERS_MAX,
 };

@@ -63,6 +63,11 @@ pub(crate) struct NodeCore {
     pub(crate) running: parking_lot::Mutex<crate::id::IdMap<u32>>,
     /// A claim's reply was lost: the statekeeper may hold claims of ours we never saw.
     pub(crate) claims_uncertain: std::sync::atomic::AtomicBool,
+    /// What the node runs with now: the builder's settings with its configuration applied.
+    pub(crate) settings: parking_lot::Mutex<super::config::Settings>,
+    /// The builder's settings, before configuration.
+    pub(crate) base_settings: super::config::Settings,
+    pub(crate) heartbeat_ms: u64,
 }
 
 /// Where a call's request goes when it must be queued.
@@ -255,6 +260,32 @@ impl NodeCore {
             tracing::warn!(node = %self.id, released, "gave back claims whose replies were lost");
         }
         Ok(())
+    }
+
+    /// Reads this node's configuration and applies what changed (slots take effect at once).
+    pub(crate) async fn apply_config(&self) {
+        let store = self.statekeeper.structures();
+        let config = match super::config::get(&store, self.id.as_str()).await {
+            Ok(config) => config,
+            Err(err) => {
+                tracing::debug!(error = %err, "cannot read the node's configuration");
+                return;
+            }
+        };
+        let settings = super::config::apply(&self.base_settings, &config);
+        let changed = {
+            let mut current = self.settings.lock();
+            let changed = *current != settings;
+            *current = settings.clone();
+            changed
+        };
+        if changed {
+            tracing::info!(node = %self.id, ?settings, "configuration applied");
+        }
+        for worker in &self.workers {
+            let target = settings.slots.unwrap_or(worker.initial_slots);
+            worker.resize(target);
+        }
     }
 
     pub(crate) fn count_evaluation(&self, function: &str) {

@@ -1,9 +1,11 @@
 //! A node: one process's share of the grid. It hosts workers, the distributors and helpers
 //! of its pools, and the clients that submit work, all on one statekeeper.
 
+pub mod config;
 pub(crate) mod core;
 mod ctx;
 mod roles;
+mod system;
 mod waiters;
 mod worker;
 
@@ -119,6 +121,7 @@ pub struct NodeBuilder {
     heartbeat_ms: u64,
     resubmit_ms: u64,
     http: Option<String>,
+    settings: config::Settings,
 }
 
 /// Most slots a worker may have; a guard against typos, not a tuning limit.
@@ -169,6 +172,19 @@ impl NodeBuilder {
     /// without this node noticing.
     pub fn resubmit_ms(mut self, resubmit_ms: u64) -> NodeBuilder {
         self.resubmit_ms = resubmit_ms.max(1);
+        self
+    }
+
+    /// Sets the CPU count this node reports and placement weighs it by (default: the
+    /// machine's).
+    pub fn cpus(mut self, cpus: u32) -> NodeBuilder {
+        self.settings.cpus = Some(cpus.max(1));
+        self
+    }
+
+    /// Sets this node's memory budget, reported and used by memory-weighted placement.
+    pub fn max_memory_bytes(mut self, bytes: u64) -> NodeBuilder {
+        self.settings.max_memory_bytes = Some(bytes);
         self
     }
 
@@ -257,6 +273,9 @@ impl NodeBuilder {
             http: self.http,
             running: parking_lot::Mutex::default(),
             claims_uncertain: std::sync::atomic::AtomicBool::new(false),
+            settings: parking_lot::Mutex::new(self.settings.clone()),
+            base_settings: self.settings,
+            heartbeat_ms: self.heartbeat_ms,
         });
         if let Err(err) = core.rejoin().await {
             // Do not leave a half-registered node behind (a duplicate id registered nothing).
@@ -265,6 +284,7 @@ impl NodeBuilder {
             }
             return Err(err.into());
         }
+        core.apply_config().await;
         let mut tasks = Vec::new();
         let events = statekeeper.open_inbox(&id).await?;
         tasks.push(handle.spawn(roles::inbox(core.clone(), events)));
@@ -294,17 +314,32 @@ impl NodeBuilder {
 /// What this node reports about itself with each heartbeat.
 pub(crate) fn node_info(core: &NodeCore) -> NodeInfo {
     let counters = &core.counters;
+    let machine = system::read();
+    let settings = core.settings.lock().clone();
+    let mut pools: Vec<String> = core.pools.iter().map(|p| p.pool.to_string()).collect();
+    pools.dedup();
     NodeInfo {
         id: core.id.to_string(),
         http: core.http.clone(),
+        data: None,
+        host: machine.host,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        cpus: settings.cpus.unwrap_or(machine.cpus),
+        memory_total_bytes: machine.memory_total_bytes,
+        memory_free_bytes: machine.memory_free_bytes,
+        memory_max_bytes: settings.max_memory_bytes,
+        load_1m: machine.load_1m,
+        pools,
+        functions: core.registry.names().into_iter().map(|(n, _)| n.to_owned()).collect(),
+        heartbeat_ms: core.heartbeat_ms,
         workers: core
             .workers
             .iter()
             .map(|w| WorkerInfo {
                 id: w.id.to_string(),
                 pool: w.pool.to_string(),
-                slots: u32::try_from(w.slots).unwrap_or(u32::MAX),
-                busy: u32::try_from(w.slots.saturating_sub(w.semaphore.available_permits())).unwrap_or(u32::MAX),
+                slots: u32::try_from(w.slots.load(Ordering::Relaxed)).unwrap_or(u32::MAX),
+                busy: u32::try_from(w.busy()).unwrap_or(u32::MAX),
                 executed: w.executed.load(Ordering::Relaxed),
                 queue_len: 0,
             })
@@ -373,6 +408,7 @@ impl Node {
             heartbeat_ms: 500,
             resubmit_ms: 30_000,
             http: None,
+            settings: config::Settings::default(),
         }
     }
 
@@ -445,7 +481,7 @@ impl Node {
                 .map(|w| WorkerStats {
                     id: w.id.to_string(),
                     pool: w.pool.to_string(),
-                    slots: w.slots,
+                    slots: w.slots.load(Ordering::Relaxed),
                     executed: w.executed.load(Ordering::Relaxed),
                     peak_busy: w.peak_busy.load(Ordering::Relaxed),
                 })

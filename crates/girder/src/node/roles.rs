@@ -106,6 +106,7 @@ pub(crate) async fn membership(core: Arc<NodeCore>, heartbeat: Duration, resubmi
                 continue;
             }
         }
+        core.apply_config().await;
         if let Err(err) = core.statekeeper.reap().await {
             tracing::debug!(error = %err, "reaping failed");
         }

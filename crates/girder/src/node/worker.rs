@@ -33,7 +33,10 @@ pub(crate) struct Worker {
     pub(crate) id: Arc<str>,
     pub(crate) queue: QueueId,
     pub(crate) pool: PoolId,
-    pub(crate) slots: usize,
+    /// Evaluation slots; changed at run time by the node's `slots` configuration.
+    pub(crate) slots: AtomicUsize,
+    /// The slots it started with, used again when the configuration no longer sets any.
+    pub(crate) initial_slots: usize,
     pub(crate) prefetch: u32,
     pub(crate) semaphore: Arc<Semaphore>,
     /// Signalled when an evaluation gives its slot back.
@@ -52,7 +55,8 @@ impl Worker {
             queue: QueueId::worker(&id),
             id,
             pool,
-            slots,
+            slots: AtomicUsize::new(slots),
+            initial_slots: slots,
             prefetch,
             semaphore: Arc::new(Semaphore::new(slots)),
             slot_freed: Notify::new(),
@@ -63,8 +67,26 @@ impl Worker {
     }
 
     fn note_busy(&self) {
-        let busy = self.slots.saturating_sub(self.semaphore.available_permits());
-        self.peak_busy.fetch_max(busy, Ordering::Relaxed);
+        self.peak_busy.fetch_max(self.busy(), Ordering::Relaxed);
+    }
+
+    /// Slots in use now.
+    pub(crate) fn busy(&self) -> usize {
+        self.slots.load(Ordering::Relaxed).saturating_sub(self.semaphore.available_permits())
+    }
+
+    /// Moves towards `target` slots: adds permits at once; takes away only free ones (the
+    /// rest when they free up, on a later call).
+    pub(crate) fn resize(&self, target: usize) {
+        let current = self.slots.load(Ordering::Acquire);
+        if target > current {
+            self.semaphore.add_permits(target - current);
+            self.slots.store(target, Ordering::Release);
+            self.slot_freed.notify_one();
+        } else if target < current {
+            let forgotten = self.semaphore.forget_permits(current - target);
+            self.slots.store(current - forgotten, Ordering::Release);
+        }
     }
 
     pub(crate) fn release(&self, permit: OwnedSemaphorePermit) {

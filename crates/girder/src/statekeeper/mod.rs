@@ -139,13 +139,34 @@ pub struct PoolCounters {
     pub queue_len: usize,
 }
 
-/// What a live node reports about itself with each heartbeat, for `girder status`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// What a live node reports about itself with each heartbeat, for `girder status` and
+/// placement.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct NodeInfo {
     /// The node's id.
     pub id: String,
     /// Where its HTTP API listens, if it serves one.
     pub http: Option<String>,
+    /// Where its data plane listens (reserved for node-to-node transfer).
+    pub data: Option<String>,
+    /// The machine's host name.
+    pub host: String,
+    /// girder's version on the node.
+    pub version: String,
+    /// CPUs the node counts with (the machine's, unless configured).
+    pub cpus: u32,
+    /// The machine's memory.
+    pub memory_total_bytes: u64,
+    /// Memory available on the machine.
+    pub memory_free_bytes: u64,
+    /// The node's configured memory budget (`max-memory`), if any.
+    pub memory_max_bytes: Option<u64>,
+    /// The machine's load average over one minute.
+    pub load_1m: f64,
+    /// The pools it declared.
+    pub pools: Vec<String>,
+    /// The functions it serves.
+    pub functions: Vec<String>,
     /// Its workers.
     pub workers: Vec<WorkerInfo>,
     /// Calls made through it (top level and nested).
@@ -154,8 +175,52 @@ pub struct NodeInfo {
     pub memo_hits: u64,
     /// Evaluations it started.
     pub evaluations: u64,
+    /// How often it heartbeats.
+    pub heartbeat_ms: u64,
     /// Milliseconds since its last heartbeat, filled in by [`Statekeeper::live_nodes`].
     pub heartbeat_age_ms: u64,
+}
+
+/// A node's health, judged by the age of its last heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    /// Heartbeating on time.
+    Alive,
+    /// Missed a couple of heartbeats; its lease still holds.
+    Suspect,
+    /// Its lease ran out: its work is being re-run elsewhere.
+    Dead,
+}
+
+impl NodeInfo {
+    /// Alive while its heartbeat is at most two intervals old, dead once `node_ttl_ms`
+    /// passed, suspect in between.
+    pub fn health(&self, node_ttl_ms: u64) -> Health {
+        if self.heartbeat_age_ms >= node_ttl_ms {
+            Health::Dead
+        } else if self.heartbeat_age_ms > 2 * self.heartbeat_ms.max(1) {
+            Health::Suspect
+        } else {
+            Health::Alive
+        }
+    }
+
+    /// The node's weight under `strategy`.
+    pub fn weight(&self, strategy: crate::placement::Strategy) -> f64 {
+        match strategy {
+            crate::placement::Strategy::UniformNodes => 1.0,
+            crate::placement::Strategy::Cpu => f64::from(self.cpus.max(1)),
+            crate::placement::Strategy::Memory => {
+                self.memory_max_bytes.unwrap_or(self.memory_total_bytes).max(1) as f64
+            }
+        }
+    }
+
+    /// Slots in use and in all, over its workers.
+    pub fn slots(&self) -> (u32, u32) {
+        self.workers.iter().fold((0, 0), |(busy, all), w| (busy + w.busy, all + w.slots))
+    }
 }
 
 /// One worker in a [`NodeInfo`].

@@ -1,0 +1,63 @@
+//! `girder config get|set|unset NODE [KEY [VALUE]]`: per-node configuration in the
+//! statekeeper; running nodes apply changes with their next heartbeat.
+
+use girder::config::{self, ConfigError};
+use girder::ResultStoreConfig;
+
+/// Arguments of `girder config`.
+#[derive(Debug, clap::Args)]
+pub struct ConfigArgs {
+    #[command(subcommand)]
+    op: ConfigOp,
+    /// The statekeeper: a redis:// URL.
+    #[arg(long, global = true, default_value = "embedded", env = "GIRDER_STATEKEEPER")]
+    statekeeper: String,
+    /// The grid's namespace.
+    #[arg(long, global = true, default_value = "girder")]
+    namespace: String,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum ConfigOp {
+    /// Print NODE's configuration, one `key = value` per line.
+    Get {
+        /// The node's id.
+        node: String,
+    },
+    /// Set KEY (slots, max-memory, cpus) to VALUE for NODE.
+    Set {
+        /// The node's id.
+        node: String,
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+    },
+    /// Remove KEY for NODE: it goes back to what it started with.
+    Unset {
+        /// The node's id.
+        node: String,
+        /// The key.
+        key: String,
+    },
+}
+
+pub async fn run(args: ConfigArgs) -> anyhow::Result<()> {
+    let statekeeper =
+        crate::serve::open_statekeeper(&args.statekeeper, &args.namespace, ResultStoreConfig::default(), 3_000).await?;
+    let store = statekeeper.structures();
+    match args.op {
+        ConfigOp::Get { node } => {
+            for (key, value) in config::get(&store, &node).await? {
+                println!("{key} = {value}");
+            }
+        }
+        ConfigOp::Set { node, key, value } => config::set(&store, &node, &key, &value).await?,
+        ConfigOp::Unset { node, key } => {
+            if !config::unset(&store, &node, &key).await? {
+                return Err(ConfigError::UnknownKey(format!("{key} (not set for {node})")).into());
+            }
+        }
+    }
+    Ok(())
+}

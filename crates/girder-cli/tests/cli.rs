@@ -126,3 +126,41 @@ fn demo_runs_and_verifies_its_answers() {
     assert!(stdout.contains("all 300 answers verified"), "{stdout}");
     assert!(stdout.contains("served from cache"), "{stdout}");
 }
+
+/// Checks every sample line is `name{labels} value` with a metric name and a number.
+fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
+    let mut samples = Vec::new();
+    for line in text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value: {line}"));
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value: {line}"));
+        let name = series.split('{').next().unwrap();
+        assert!(
+            !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name: {line}"
+        );
+        if series.contains('{') {
+            assert!(series.ends_with('}'), "unclosed labels: {line}");
+        }
+        samples.push((series.to_owned(), value));
+    }
+    samples
+}
+
+#[tokio::test]
+async fn metrics_parse_and_count_the_calls_just_made() {
+    let node = NodeProcess::start(NODE_ARGS);
+    let http = reqwest::Client::new();
+    let metrics = || async { http.get(format!("{}/metrics", node.url)).send().await.unwrap().text().await.unwrap() };
+    let value = |samples: &[(String, f64)], series: &str| samples.iter().find(|(s, _)| s == series).map(|(_, v)| *v);
+    let before = parse_prometheus(&metrics().await);
+    assert_eq!(value(&before, "girder_call_duration_seconds_count{node=\"node\"}"), Some(0.0));
+    for n in 0..5 {
+        let out = node.call(&["examples/echo", &n.to_string()]);
+        assert!(out.status.success());
+    }
+    let after = parse_prometheus(&metrics().await);
+    assert_eq!(value(&after, "girder_call_duration_seconds_count{node=\"node\"}"), Some(5.0));
+    assert_eq!(value(&after, "girder_evaluations_total{node=\"node\",function=\"examples/echo\"}"), Some(5.0));
+    assert!(value(&after, "girder_calls_total{node=\"node\"}").unwrap() >= 5.0);
+    assert!(after.iter().any(|(s, _)| s.starts_with("girder_worker_slots{")));
+}

@@ -85,7 +85,12 @@ impl Client {
 
 impl Caller for Client {
     fn call_request(&self, request: Request) -> BoxFuture<'_, Outcome> {
-        Box::pin(async move { self.core.call(&request, self.target(), self.deadline).await })
+        Box::pin(async move {
+            let begun = std::time::Instant::now();
+            let outcome = self.core.call(&request, self.target(), self.deadline).await;
+            self.core.latency.record(begun.elapsed());
+            outcome
+        })
     }
 
     fn call_request_blocking(&self, request: Request) -> Outcome {

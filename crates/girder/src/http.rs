@@ -7,6 +7,7 @@
 //! - `GET /v1/health` returns `{"status": "ok", "node": ID}`.
 //! - `GET /v1/stats` returns the node's counters.
 //! - `GET /v1/status` returns the grid's live nodes as the statekeeper knows them.
+//! - `GET /metrics` serves the node's metrics in Prometheus's text format.
 //! - `/v1/cache/{key}`: `GET` the value (raw bytes), `PUT` it (`?ttl_ms=N`), `POST` to
 //!   append to it, `DELETE` it. 404 `not_found`, 409 `wrong_kind`, 413 `too_large`.
 
@@ -121,6 +122,7 @@ pub fn router(node: Arc<Node>, config: HttpConfig) -> Router {
         .route("/v1/health", get(health))
         .route("/v1/stats", get(stats))
         .route("/v1/status", get(status))
+        .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(config.body_bytes_max))
         .with_state(state)
 }
@@ -234,4 +236,9 @@ async fn cache_delete(State(state): State<Arc<AppState>>, Path(key): Path<String
             ErrorBody { kind: ErrorKind::NotFound, message: format!("no cache entry {key:?}") },
         ))
     }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let body = state.node.metrics().await;
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }

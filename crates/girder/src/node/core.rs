@@ -68,6 +68,8 @@ pub(crate) struct NodeCore {
     /// The builder's settings, before configuration.
     pub(crate) base_settings: super::config::Settings,
     pub(crate) heartbeat_ms: u64,
+    /// Latency of top-level calls.
+    pub(crate) latency: super::metrics::Latency,
 }
 
 /// Where a call's request goes when it must be queued.

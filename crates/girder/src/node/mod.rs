@@ -4,6 +4,7 @@
 pub mod config;
 pub(crate) mod core;
 mod ctx;
+mod metrics;
 mod roles;
 mod system;
 mod waiters;
@@ -276,6 +277,7 @@ impl NodeBuilder {
             settings: parking_lot::Mutex::new(self.settings.clone()),
             base_settings: self.settings,
             heartbeat_ms: self.heartbeat_ms,
+            latency: metrics::Latency::default(),
         });
         if let Err(err) = core.rejoin().await {
             // Do not leave a half-registered node behind (a duplicate id registered nothing).
@@ -454,6 +456,75 @@ impl Node {
     /// What this node reports about itself to the statekeeper.
     pub fn info(&self) -> NodeInfo {
         node_info(&self.core)
+    }
+
+    /// The node's metrics in Prometheus's text format.
+    pub async fn metrics(&self) -> String {
+        let stats = self.stats().await;
+        let info = self.info();
+        let node = stats.node.as_str();
+        let mut out = metrics::Exposition::new();
+        for (name, help, value) in [
+            ("girder_calls_total", "Calls made through the node, top level and nested.", stats.calls),
+            ("girder_memo_hits_total", "Calls answered from memoized results.", stats.memo_hits),
+            ("girder_joined_total", "Calls that joined a request already in flight.", stats.joined),
+            ("girder_queued_total", "Calls that queued a new request.", stats.queued),
+        ] {
+            out.family(name, "counter", help);
+            out.sample(name, &[("node", node)], value as f64);
+        }
+        out.family("girder_evaluations_total", "counter", "Evaluations started, per function.");
+        for (function, count) in &stats.evaluations {
+            out.sample("girder_evaluations_total", &[("node", node), ("function", function)], *count as f64);
+        }
+        out.family("girder_worker_slots", "gauge", "Evaluation slots per worker.");
+        for w in &info.workers {
+            out.sample(
+                "girder_worker_slots",
+                &[("node", node), ("worker", &w.id), ("pool", &w.pool)],
+                f64::from(w.slots),
+            );
+        }
+        out.family("girder_worker_busy_slots", "gauge", "Slots in use per worker.");
+        for w in &info.workers {
+            out.sample(
+                "girder_worker_busy_slots",
+                &[("node", node), ("worker", &w.id), ("pool", &w.pool)],
+                f64::from(w.busy),
+            );
+        }
+        out.family("girder_worker_executed_total", "counter", "Evaluations started per worker.");
+        for w in &stats.workers {
+            out.sample(
+                "girder_worker_executed_total",
+                &[("node", node), ("worker", &w.id), ("pool", &w.pool)],
+                w.executed as f64,
+            );
+        }
+        out.family("girder_worker_queue_length", "gauge", "Requests in a worker's own queue, stale copies included.");
+        for w in &self.core.workers {
+            let len = self.core.statekeeper.queue_len(&w.queue).await.unwrap_or(0);
+            out.sample(
+                "girder_worker_queue_length",
+                &[("node", node), ("worker", &w.id), ("pool", w.pool.as_str())],
+                len as f64,
+            );
+        }
+        out.family("girder_pool_queue_length", "gauge", "Requests in a pool's queue.");
+        for (pool, counters) in &stats.pools {
+            out.sample("girder_pool_queue_length", &[("pool", pool)], counters.queue_len as f64);
+        }
+        out.family("girder_pool_handed_off_total", "counter", "Requests a pool's distributor handed to a volunteer.");
+        for (pool, counters) in &stats.pools {
+            out.sample("girder_pool_handed_off_total", &[("pool", pool)], counters.handed_off as f64);
+        }
+        out.family("girder_pool_hoisted_total", "counter", "Requests a pool's helper copied up from busy members.");
+        for (pool, counters) in &stats.pools {
+            out.sample("girder_pool_hoisted_total", &[("pool", pool)], counters.hoisted as f64);
+        }
+        out.family("girder_call_duration_seconds", "histogram", "Time from a top-level call to its outcome.");
+        out.histogram("girder_call_duration_seconds", node, &self.core.latency);
+        out.finish()
     }
 
     /// A snapshot of the node's counters.

@@ -45,23 +45,25 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
     }
     println!("{} live node(s)", nodes.len());
     println!(
-        "{:<16} {:<20} {:>6} {:>6} {:>8} {:>10} {:>11}  heartbeat",
-        "node", "pools", "slots", "busy", "queued", "calls", "evaluations"
+        "{:<14} {:<8} {:<16} {:>5} {:>5} {:>6} {:>7} {:>6} {:>9} {:>11}  heartbeat",
+        "node", "health", "pools", "cpus", "load", "slots", "busy", "queued", "flocks", "evaluations"
     );
     for node in &nodes {
-        let mut pools: Vec<&str> = node.workers.iter().map(|w| w.pool.as_str()).collect();
-        pools.dedup();
-        let slots: u32 = node.workers.iter().map(|w| w.slots).sum();
-        let busy: u32 = node.workers.iter().map(|w| w.busy).sum();
+        let (busy, slots) = node.slots();
         let queued: u64 = node.workers.iter().map(|w| w.queue_len).sum();
+        let health =
+            serde_json::to_value(node.health).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
         println!(
-            "{:<16} {:<20} {:>6} {:>6} {:>8} {:>10} {:>11}  {} ms ago",
+            "{:<14} {:<8} {:<16} {:>5} {:>5.2} {:>6} {:>7} {:>6} {:>9} {:>11}  {} ms ago",
             node.id,
-            if pools.is_empty() { "-".to_owned() } else { pools.join(",") },
+            health,
+            if node.pools.is_empty() { "-".to_owned() } else { node.pools.join(",") },
+            node.cpus,
+            node.load_1m,
             slots,
             busy,
             queued,
-            node.calls,
+            node.flocks,
             node.evaluations,
             node.heartbeat_age_ms
         );

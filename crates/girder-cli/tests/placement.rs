@@ -62,3 +62,123 @@ fn nodes_report_metadata_and_pick_up_configuration() {
     // It still computes after the changes.
     assert_eq!(text(&node.call(&["examples/fib", "20"]).stdout), "6765");
 }
+
+use std::sync::Arc;
+
+use girder::placement::{Placement, Strategy, FLOCKS};
+use girder::{RedisConfig, RedisStatekeeper, Statekeeper};
+
+const TTL_MS: u64 = 1_500;
+
+fn grid_node(url: &str, id: &str, cpus: &str) -> NodeProcess {
+    NodeProcess::start(&[
+        "--statekeeper",
+        url,
+        "--id",
+        id,
+        "--workers",
+        "1",
+        "--slots",
+        "1",
+        "--cpus",
+        cpus,
+        "--node-ttl-ms",
+        "1500",
+        "--heartbeat-ms",
+        "250",
+    ])
+}
+
+async fn placement(url: &str) -> (Arc<dyn Statekeeper>, Placement) {
+    let mut config = RedisConfig::new(url);
+    config.node_ttl_ms = TTL_MS;
+    let statekeeper: Arc<dyn Statekeeper> = Arc::new(RedisStatekeeper::connect(config).await.unwrap());
+    let placement = Placement::new(statekeeper.clone(), None);
+    (statekeeper, placement)
+}
+
+/// Refreshes until `count` nodes are live and the table covers exactly them.
+async fn settle(placement: &Placement, count: usize) -> Arc<girder::placement::FlockTable> {
+    let begun = Instant::now();
+    loop {
+        let table = placement.refresh(TTL_MS).await.unwrap();
+        if table.nodes.len() == count {
+            return table;
+        }
+        assert!(begun.elapsed() < Duration::from_secs(15), "never settled on {count} nodes: {:?}", table.nodes);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_spreads_ids_by_strategy_and_tables_move_little() {
+    let redis = RedisServer::start(false).unwrap_or_else(|e| panic!("{e}"));
+    let url = redis.url();
+    let _nodes: Vec<NodeProcess> =
+        [("a", "1"), ("b", "1"), ("c", "2"), ("d", "4")].iter().map(|(id, cpus)| grid_node(&url, id, cpus)).collect();
+    let (_statekeeper, placement) = placement(&url).await;
+    let before = settle(&placement, 4).await;
+
+    let ids: Vec<String> = (0..10_000).map(|i| format!("partition-{i}")).collect();
+    let count = |placed: &std::collections::HashMap<String, Vec<String>>, node: &str| {
+        placed.values().filter(|owners| owners[0] == node).count() as f64
+    };
+    let uniform = placement.init(&ids, Strategy::UniformNodes, 2).await.unwrap();
+    for node in ["a", "b", "c", "d"] {
+        let share = count(&uniform, node);
+        assert!((share - 2_500.0).abs() <= 250.0, "{node}: {share} of 10,000 ids");
+    }
+    let by_cpu = placement.init(&ids, Strategy::Cpu, 1).await.unwrap();
+    for (node, cpus) in [("a", 1.0), ("b", 1.0), ("c", 2.0), ("d", 4.0)] {
+        let share = count(&by_cpu, node);
+        let expected = 10_000.0 * cpus / 8.0;
+        assert!((share - expected).abs() <= expected * 0.1, "{node} ({cpus} cpus): {share}, expected {expected}");
+    }
+    assert_eq!(placement.node_ids("partition-7").await.unwrap(), by_cpu["partition-7"]);
+
+    // A fifth node takes about its share of flocks and nothing else moves.
+    let _e = grid_node(&url, "e", "1");
+    let after = settle(&placement, 5).await;
+    assert!(after.epoch > before.epoch, "the epoch grows: {} -> {}", before.epoch, after.epoch);
+    let moved = after.moved_from(&before);
+    let share = (FLOCKS as usize * 2) / 5;
+    assert!(moved <= share + share / 10, "moved {moved} owner slots; a fifth is {share}");
+    assert_eq!(after.flocks_of("e"), moved, "only the new node gained flocks");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_turns_suspect_then_dead_and_loses_its_flocks() {
+    let redis = RedisServer::start(false).unwrap_or_else(|e| panic!("{e}"));
+    let url = redis.url();
+    let _a = grid_node(&url, "a", "1");
+    let mut b = grid_node(&url, "b", "1");
+    let _c = grid_node(&url, "c", "1");
+    let (statekeeper, placement) = placement(&url).await;
+    settle(&placement, 3).await;
+    let held: Vec<String> = (0..2_000)
+        .map(|i| format!("key-{i}"))
+        .filter(|k| placement.node_ids_cached(k).contains(&"b".to_owned()))
+        .collect();
+    assert!(!held.is_empty());
+    b.kill();
+    let killed = Instant::now();
+    let mut saw_suspect = false;
+    loop {
+        let nodes = statekeeper.live_nodes().await.unwrap();
+        match nodes.iter().find(|n| n.id == "b").map(|n| n.health) {
+            Some(girder::statekeeper::Health::Suspect) => saw_suspect = true,
+            None => break, // dead and reaped
+            _ => {}
+        }
+        assert!(killed.elapsed() < Duration::from_secs(10), "b never died");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(saw_suspect, "b was suspect before it was dead");
+    let table = settle(&placement, 2).await;
+    assert_eq!(table.flocks_of("b"), 0);
+    for key in &held {
+        let owners = placement.node_ids(key).await.unwrap();
+        assert!(!owners.contains(&"b".to_owned()) && owners.len() == 2, "{key}: {owners:?}");
+        assert!(placement.node_id(key).await.unwrap().is_some_and(|n| n != "b"));
+    }
+}

@@ -70,6 +70,7 @@ pub(crate) struct NodeCore {
     pub(crate) heartbeat_ms: u64,
     /// Latency of top-level calls.
     pub(crate) latency: super::metrics::Latency,
+    pub(crate) placement: Arc<crate::placement::Placement>,
 }
 
 /// Where a call's request goes when it must be queued.

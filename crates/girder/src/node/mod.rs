@@ -278,6 +278,7 @@ impl NodeBuilder {
             base_settings: self.settings,
             heartbeat_ms: self.heartbeat_ms,
             latency: metrics::Latency::default(),
+            placement: Arc::new(crate::placement::Placement::new(statekeeper.clone(), Some(id.to_string()))),
         });
         if let Err(err) = core.rejoin().await {
             // Do not leave a half-registered node behind (a duplicate id registered nothing).
@@ -350,6 +351,8 @@ pub(crate) fn node_info(core: &NodeCore) -> NodeInfo {
         memo_hits: counters.memo_hits.load(Ordering::Relaxed),
         evaluations: core.evaluations.values().map(|c| c.load(Ordering::Relaxed)).sum(),
         heartbeat_age_ms: 0,
+        flocks: u32::try_from(core.placement.table().flocks_of(core.id.as_str())).unwrap_or(u32::MAX),
+        health: crate::statekeeper::Health::Alive,
     }
 }
 
@@ -441,6 +444,11 @@ impl Node {
     /// The statekeeper this node runs on.
     pub fn statekeeper(&self) -> &Arc<dyn Statekeeper> {
         &self.core.statekeeper
+    }
+
+    /// Placement of keys and ids on the grid's nodes (flocks, `init`, `node_id`, `node_ids`).
+    pub fn placement(&self) -> Arc<crate::placement::Placement> {
+        self.core.placement.clone()
     }
 
     /// The grid's data structures (caches, atoms, maps, locks, topics, ...).

@@ -110,6 +110,9 @@ pub(crate) async fn membership(core: Arc<NodeCore>, heartbeat: Duration, resubmi
         if let Err(err) = core.statekeeper.reap().await {
             tracing::debug!(error = %err, "reaping failed");
         }
+        if let Err(err) = core.placement.refresh(core.statekeeper.node_ttl_ms()).await {
+            tracing::debug!(error = %err, "placement refresh failed");
+        }
         let disruptions = core.statekeeper.disruptions();
         if disruptions != swept_disruptions {
             swept_disruptions = disruptions;

@@ -6,6 +6,8 @@
 //! epoch that grows with every change; rendezvous hashing moves only the flocks a joining
 //! or leaving node wins or held.
 
+mod service;
 mod table;
 
+pub use service::{Placement, DIRECTORY_KEY, INIT_IDS_MAX, REPLICAS_DEFAULT, TABLE_KEY};
 pub use table::{flock_of, FlockTable, Strategy, FLOCKS};

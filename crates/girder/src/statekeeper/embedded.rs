@@ -464,7 +464,10 @@ impl Statekeeper for Embedded {
             .map(|s| {
                 let beat = s.expires_at.checked_sub(ttl).unwrap_or(now);
                 let age = now.saturating_duration_since(beat);
-                NodeInfo { heartbeat_age_ms: u64::try_from(age.as_millis()).unwrap_or(u64::MAX), ..s.info.clone() }
+                let mut info =
+                    NodeInfo { heartbeat_age_ms: u64::try_from(age.as_millis()).unwrap_or(u64::MAX), ..s.info.clone() };
+                info.health = info.health(self.config.node_ttl_ms);
+                info
             })
             .collect();
         nodes.sort_by(|a, b| a.id.cmp(&b.id));
@@ -662,6 +665,10 @@ impl Statekeeper for Embedded {
         let signal = self.inner.lock().queue(queue).signal.clone();
         let _ = tokio::time::timeout(Duration::from_millis(timeout_ms), signal.notified()).await;
         Ok(())
+    }
+
+    fn node_ttl_ms(&self) -> u64 {
+        self.config.node_ttl_ms
     }
 
     fn structures(&self) -> crate::structures::Store {

@@ -179,13 +179,18 @@ pub struct NodeInfo {
     pub heartbeat_ms: u64,
     /// Milliseconds since its last heartbeat, filled in by [`Statekeeper::live_nodes`].
     pub heartbeat_age_ms: u64,
+    /// Flocks it owns (as any replica) in the placement table it last read.
+    pub flocks: u32,
+    /// Its health by heartbeat age, filled in by [`Statekeeper::live_nodes`].
+    pub health: Health,
 }
 
 /// A node's health, judged by the age of its last heartbeat.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Health {
     /// Heartbeating on time.
+    #[default]
     Alive,
     /// Missed a couple of heartbeats; its lease still holds.
     Suspect,
@@ -354,6 +359,9 @@ pub trait Statekeeper: Send + Sync + 'static {
     fn disruptions(&self) -> u64 {
         0
     }
+
+    /// How long a node's lease lasts without a heartbeat.
+    fn node_ttl_ms(&self) -> u64;
 
     /// The data structures kept on the same store (see [`crate::structures`]).
     fn structures(&self) -> crate::structures::Store;

@@ -334,6 +334,7 @@ impl Statekeeper for RedisStatekeeper {
             parsed.id = String::from_utf8_lossy(id).into_owned();
             let beat = parse(expiry).unwrap_or(now).saturating_sub(self.config.node_ttl_ms);
             parsed.heartbeat_age_ms = now.saturating_sub(beat);
+            parsed.health = parsed.health(self.config.node_ttl_ms);
             nodes.push(parsed);
         }
         nodes.sort_by(|a, b| a.id.cmp(&b.id));
@@ -528,6 +529,10 @@ impl Statekeeper for RedisStatekeeper {
 
     fn disruptions(&self) -> u64 {
         self.disruptions.load(Ordering::Relaxed)
+    }
+
+    fn node_ttl_ms(&self) -> u64 {
+        self.config.node_ttl_ms
     }
 
     fn structures(&self) -> crate::structures::Store {

@@ -1,0 +1,224 @@
+//! The placement service: keeps the grid's [`FlockTable`] in step with its live nodes, and
+//! answers the seed's `init`, `node_id` and `node_ids` from a local snapshot.
+//!
+//! The table is an atom in the data-structure store: every node recomputes the table it
+//! wants from the live nodes after each heartbeat and, if it differs from the stored one,
+//! replaces it by compare-and-set with the next epoch; concurrent writers race harmlessly.
+//! Ids placed with [`Placement::init`] are kept in a directory map and win over the table.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+
+use super::{flock_of, FlockTable, Strategy};
+use crate::statekeeper::{Health, NodeInfo, Statekeeper};
+use crate::structures::{Atom, DsError, Map, Store};
+
+/// Where the table lives in the store.
+pub const TABLE_KEY: &str = "girder/placement/table";
+/// Where ids placed by `init` live.
+pub const DIRECTORY_KEY: &str = "girder/placement/ids";
+/// Owners per flock unless configured.
+pub const REPLICAS_DEFAULT: u32 = 2;
+/// Most ids one `init` call places.
+pub const INIT_IDS_MAX: usize = 1_000_000;
+
+/// A snapshot of placement: the table and the live nodes, as last read.
+#[derive(Default)]
+struct Snapshot {
+    table: Arc<FlockTable>,
+    nodes: HashMap<String, NodeInfo>,
+    node_ttl_ms: u64,
+    directory: HashMap<String, Vec<String>>,
+}
+
+/// Placement of keys and ids on the grid's nodes.
+pub struct Placement {
+    statekeeper: Arc<dyn Statekeeper>,
+    store: Store,
+    local: Option<String>,
+    snapshot: RwLock<Snapshot>,
+}
+
+impl Placement {
+    /// Placement on `statekeeper`'s grid, seen from node `local` (for closeness), if any.
+    pub fn new(statekeeper: Arc<dyn Statekeeper>, local: Option<String>) -> Placement {
+        let store = statekeeper.structures();
+        Placement { statekeeper, store, local, snapshot: RwLock::default() }
+    }
+
+    fn table_atom(&self) -> Result<Atom<FlockTable>, DsError> {
+        Atom::new(self.store.clone(), TABLE_KEY)
+    }
+
+    fn directory(&self) -> Result<Map<String, Vec<String>>, DsError> {
+        Map::new(self.store.clone(), DIRECTORY_KEY)
+    }
+
+    /// Reads the live nodes and the table; if the table does not match the live nodes, a
+    /// new one (next epoch) replaces it. `node_ttl_ms` judges the nodes' health.
+    pub async fn refresh(&self, node_ttl_ms: u64) -> Result<Arc<FlockTable>, DsError> {
+        let nodes = self.statekeeper.live_nodes().await.map_err(|e| DsError::Unavailable(e.to_string()))?;
+        let atom = self.table_atom()?;
+        let current = atom.get().await?.unwrap_or_default();
+        let (replicas, strategy) = if current.replicas == 0 {
+            (REPLICAS_DEFAULT, Strategy::default())
+        } else {
+            (current.replicas, current.strategy)
+        };
+        // Suspect nodes keep their flocks: only dead ones (reaped) lose them.
+        let weights: Vec<(String, f64)> = nodes.iter().map(|n| (n.id.clone(), n.weight(strategy))).collect();
+        let table = if current.matches(replicas, strategy, &weights) {
+            current
+        } else {
+            let next = FlockTable::compute(current.epoch + 1, replicas, strategy, &weights);
+            // Another node may have stored the same table meanwhile: then it stays.
+            let stored = atom.swap(|old| {
+                let old = old.unwrap_or_default();
+                if old.matches(replicas, strategy, &weights) {
+                    old
+                } else {
+                    FlockTable { epoch: old.epoch + 1, ..next.clone() }
+                }
+            });
+            stored.await?
+        };
+        let table = Arc::new(table);
+        let mut snapshot = self.snapshot.write();
+        snapshot.table = table.clone();
+        snapshot.nodes = nodes.into_iter().map(|n| (n.id.clone(), n)).collect();
+        snapshot.node_ttl_ms = node_ttl_ms;
+        Ok(table)
+    }
+
+    /// Sets the strategy and replication factor; the next refresh recomputes the table.
+    pub async fn configure(&self, strategy: Strategy, replicas: u32) -> Result<(), DsError> {
+        if replicas == 0 {
+            return Err(DsError::Invalid("the replication factor must be at least 1".into()));
+        }
+        self.table_atom()?
+            .swap(|old| {
+                let old = old.unwrap_or_default();
+                FlockTable { epoch: old.epoch + 1, replicas, strategy, nodes: Vec::new(), owners: Vec::new() }
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// The table as last read.
+    pub fn table(&self) -> Arc<FlockTable> {
+        self.snapshot.read().table.clone()
+    }
+
+    /// Spreads `ids` over the live nodes by `strategy` (smooth weighted round robin, so
+    /// shares are exact), `replicas` owners each, and records them. Returns each id's owners.
+    pub async fn init(
+        &self,
+        ids: &[String],
+        strategy: Strategy,
+        replicas: u32,
+    ) -> Result<HashMap<String, Vec<String>>, DsError> {
+        if ids.len() > INIT_IDS_MAX {
+            return Err(DsError::Invalid(format!("init places at most {INIT_IDS_MAX} ids at once, got {}", ids.len())));
+        }
+        let mut nodes: Vec<NodeInfo> =
+            self.statekeeper.live_nodes().await.map_err(|e| DsError::Unavailable(e.to_string()))?;
+        if nodes.is_empty() {
+            return Err(DsError::Invalid("no live node to place ids on".into()));
+        }
+        nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        let weights: Vec<f64> = nodes.iter().map(|n| n.weight(strategy)).collect();
+        let total: f64 = weights.iter().sum();
+        let mut current = vec![0.0; nodes.len()];
+        let take = (replicas.max(1) as usize).min(nodes.len());
+        let directory = self.directory()?;
+        let mut placed = HashMap::with_capacity(ids.len());
+        for id in ids {
+            for (c, w) in current.iter_mut().zip(&weights) {
+                *c += w;
+            }
+            let best = (0..nodes.len()).max_by(|&a, &b| current[a].total_cmp(&current[b]).then(b.cmp(&a))).unwrap_or(0);
+            current[best] -= total;
+            let owners: Vec<String> = (0..take).map(|k| nodes[(best + k) % nodes.len()].id.clone()).collect();
+            directory.put(id, &owners).await?;
+            placed.insert(id.clone(), owners);
+        }
+        self.snapshot.write().directory.extend(placed.clone());
+        Ok(placed)
+    }
+
+    fn live(&self, snapshot: &Snapshot, node: &str) -> bool {
+        snapshot.nodes.get(node).is_some_and(|n| n.health(snapshot.node_ttl_ms.max(1)) != Health::Dead)
+    }
+
+    /// The live nodes holding `id`, best first, from the local snapshot (ids placed by
+    /// `init` on this process, else the flock table). No round trip: fit for hot paths.
+    pub fn node_ids_cached(&self, id: &str) -> Vec<String> {
+        let snapshot = self.snapshot.read();
+        let listed = snapshot.directory.get(id).map(|owners| owners.iter().map(String::as_str).collect::<Vec<_>>());
+        let owners = listed.unwrap_or_else(|| snapshot.table.owners_of(flock_of(id.as_bytes())).collect());
+        owners.into_iter().filter(|n| self.live(&snapshot, n)).map(str::to_owned).collect()
+    }
+
+    /// The live nodes holding `id`, best first: its `init` placement wherever it was made,
+    /// else its flock's owners.
+    pub async fn node_ids(&self, id: &str) -> Result<Vec<String>, DsError> {
+        let known = self.snapshot.read().directory.contains_key(id);
+        if !known {
+            if let Some(owners) = self.directory()?.get(&id.to_owned()).await? {
+                self.snapshot.write().directory.insert(id.to_owned(), owners);
+            }
+        }
+        let owners = self.node_ids_cached(id);
+        if !owners.is_empty() || !known {
+            return Ok(owners);
+        }
+        // Every node `init` chose is gone: the flock's owners take over.
+        let snapshot = self.snapshot.read();
+        let table_owners: Vec<String> = snapshot
+            .table
+            .owners_of(flock_of(id.as_bytes()))
+            .filter(|n| self.live(&snapshot, n))
+            .map(str::to_owned)
+            .collect();
+        Ok(table_owners)
+    }
+
+    /// The best node to process `id`: among its live holders, this node if it is one, else
+    /// the least loaded (busy slots over slots, then load average), then the one placement
+    /// lists first. `None` when no holder is alive.
+    pub fn best_of(&self, holders: &[String]) -> Option<String> {
+        let snapshot = self.snapshot.read();
+        if let Some(local) = &self.local {
+            if holders.contains(local) {
+                return Some(local.clone());
+            }
+        }
+        let load = |id: &String| -> (f64, f64) {
+            snapshot.nodes.get(id).map_or((f64::MAX, f64::MAX), |n| {
+                let (busy, slots) = n.slots();
+                (f64::from(busy) / f64::from(slots.max(1)), n.load_1m)
+            })
+        };
+        holders
+            .iter()
+            .enumerate()
+            .min_by(|(ia, a), (ib, b)| {
+                let (la, lb) = (load(a), load(b));
+                la.0.total_cmp(&lb.0).then(la.1.total_cmp(&lb.1)).then(ia.cmp(ib))
+            })
+            .map(|(_, id)| id.clone())
+    }
+
+    /// The best node to process `id` (see [`Placement::best_of`]).
+    pub async fn node_id(&self, id: &str) -> Result<Option<String>, DsError> {
+        let holders = self.node_ids(id).await?;
+        Ok(self.best_of(&holders))
+    }
+
+    /// The best node for `id` from the local snapshot only: no round trip.
+    pub fn node_id_cached(&self, id: &str) -> Option<String> {
+        self.best_of(&self.node_ids_cached(id))
+    }
+}

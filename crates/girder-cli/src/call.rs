@@ -17,6 +17,9 @@ pub struct CallArgs {
     /// Give up after this many milliseconds.
     #[arg(long)]
     timeout_ms: Option<u64>,
+    /// Run on a node that owns this key when one has a free slot.
+    #[arg(long)]
+    affinity: Option<String>,
 }
 
 pub async fn run(args: CallArgs) -> anyhow::Result<()> {
@@ -27,15 +30,20 @@ pub async fn run(args: CallArgs) -> anyhow::Result<()> {
         values.push(value);
     }
     let base = args.node.trim_end_matches('/');
-    let mut url = format!("{base}/v1/call/{}", args.function);
+    let url = format!("{base}/v1/call/{}", args.function);
+    let mut query: Vec<(&str, String)> = Vec::new();
     if let Some(timeout_ms) = args.timeout_ms {
-        url.push_str(&format!("?timeout_ms={timeout_ms}"));
+        query.push(("timeout_ms", timeout_ms.to_string()));
+    }
+    if let Some(key) = &args.affinity {
+        query.push(("affinity", key.clone()));
     }
     // The node enforces the deadline; the client waits a little longer to hear about it.
     let client_timeout = Duration::from_millis(args.timeout_ms.unwrap_or(3_600_000).saturating_add(5_000));
     let client = reqwest::Client::builder().timeout(client_timeout).build().context("cannot build an HTTP client")?;
     let response = client
         .post(&url)
+        .query(&query)
         .json(&serde_json::Value::Array(values))
         .send()
         .await

@@ -182,3 +182,69 @@ async fn a_killed_node_turns_suspect_then_dead_and_loses_its_flocks() {
         assert!(placement.node_id(key).await.unwrap().is_some_and(|n| n != "b"));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn affinity_runs_on_the_owner_and_survives_its_death() {
+    use girder::examples::whoami;
+    use girder::{Node, PoolSpec, Registry};
+    let redis = RedisServer::start(false).unwrap_or_else(|e| panic!("{e}"));
+    let url = redis.url();
+    let grid_node4 = |id: &str| {
+        NodeProcess::start(&[
+            "--statekeeper",
+            &url,
+            "--id",
+            id,
+            "--workers",
+            "1",
+            "--slots",
+            "4",
+            "--node-ttl-ms",
+            "1500",
+            "--heartbeat-ms",
+            "250",
+        ])
+    };
+    let _a = grid_node4("a");
+    let mut b = grid_node4("b");
+    let _c = grid_node4("c");
+    let (statekeeper, placement) = placement(&url).await;
+    placement.configure(Strategy::UniformNodes, 1).await.unwrap();
+    settle(&placement, 3).await;
+    let client = Node::builder()
+        .id("client")
+        .statekeeper(statekeeper)
+        .registry(Registry::new())
+        .pool(PoolSpec::new("main"))
+        .heartbeat_ms(250)
+        .start()
+        .await
+        .unwrap();
+    // The client's own snapshot must know the table and the nodes' free slots.
+    let keys: Vec<String> =
+        (0..500).map(|i| format!("bucket-{i}")).filter(|k| placement.node_ids_cached(k) == ["b"]).take(20).collect();
+    assert_eq!(keys.len(), 20);
+    let begun = Instant::now();
+    while client.placement().affinity_worker(&keys[0], "examples/whoami").is_none() {
+        assert!(begun.elapsed() < Duration::from_secs(10), "the client never learned the placement");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (i, key) in keys.iter().enumerate() {
+        let ran_on = whoami::call(&client.client().with_affinity(key.as_str()), format!("t{i}")).await.unwrap();
+        assert_eq!(ran_on, "b", "{key} is owned by b, which had a free slot");
+    }
+    // Without affinity the same work spreads.
+    let plain = client.client();
+    let calls = (0..60).map(|i| whoami::call(&plain, format!("s{i}")));
+    let spread: std::collections::HashSet<String> =
+        futures::future::join_all(calls).await.into_iter().map(Result::unwrap).collect();
+    assert!(spread.len() >= 2, "{spread:?}");
+    b.kill();
+    let killed = Instant::now();
+    for (i, key) in keys.iter().enumerate() {
+        let ran_on = whoami::call(&client.client().with_affinity(key.as_str()), format!("after-{i}")).await.unwrap();
+        assert_ne!(ran_on, "b");
+    }
+    assert!(killed.elapsed() < Duration::from_millis(TTL_MS + 5_000), "keyed work waited {:?}", killed.elapsed());
+    client.shutdown().await;
+}

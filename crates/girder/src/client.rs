@@ -48,16 +48,24 @@ pub struct Client {
     core: Arc<NodeCore>,
     queue: QueueId,
     deadline: Option<Duration>,
+    affinity: Option<Arc<str>>,
 }
 
 impl Client {
     pub(crate) fn new(core: Arc<NodeCore>, queue: QueueId) -> Client {
-        Client { core, queue, deadline: None }
+        Client { core, queue, deadline: None, affinity: None }
     }
 
     /// A client whose calls give up after `deadline` with [`CallError::DeadlineExceeded`].
     pub fn with_deadline(&self, deadline: Duration) -> Client {
         Client { deadline: Some(deadline), ..self.clone() }
+    }
+
+    /// A client whose calls run on a node owning `key`'s flock (or its `init` placement)
+    /// when one of them has a free slot, and anywhere else when none has: the data is
+    /// local where possible, and nothing waits for a busy or dead owner.
+    pub fn with_affinity(&self, key: impl Into<Arc<str>>) -> Client {
+        Client { affinity: Some(key.into()), ..self.clone() }
     }
 
     /// Calls the function `name` with JSON arguments (an array, one element per parameter)
@@ -78,8 +86,13 @@ impl Client {
         codec::msgpack_to_json(&bytes).map_err(|message| CallError::BadResult { function: name.to_owned(), message })
     }
 
-    fn target(&self) -> Target<'_> {
-        Target { queue: &self.queue, front: false }
+    /// Where a call of `function` goes: an owner's worker for affinity calls that have
+    /// one free, the client's pool otherwise.
+    fn queue_for(&self, function: &str) -> QueueId {
+        self.affinity
+            .as_deref()
+            .and_then(|key| self.core.placement.affinity_worker(key, function))
+            .map_or_else(|| self.queue.clone(), |worker| QueueId::worker(&worker))
     }
 }
 
@@ -87,13 +100,15 @@ impl Caller for Client {
     fn call_request(&self, request: Request) -> BoxFuture<'_, Outcome> {
         Box::pin(async move {
             let begun = std::time::Instant::now();
-            let outcome = self.core.call(&request, self.target(), self.deadline).await;
+            let queue = self.queue_for(&request.function);
+            let outcome = self.core.call(&request, Target { queue: &queue, front: false }, self.deadline).await;
             self.core.latency.record(begun.elapsed());
             outcome
         })
     }
 
     fn call_request_blocking(&self, request: Request) -> Outcome {
-        self.core.handle.block_on(self.core.call(&request, self.target(), self.deadline))
+        let queue = self.queue_for(&request.function);
+        self.core.handle.block_on(self.core.call(&request, Target { queue: &queue, front: false }, self.deadline))
     }
 }

@@ -1,5 +1,6 @@
 //! Built-in example functions, shipped in the binary so a grid can be exercised with no
-//! code: `examples/echo`, `sleep`, `fail`, `panic`, `fib`, `tree` and `tree_blocking`.
+//! code: `examples/echo`, `sleep`, `fail`, `panic`, `fib`, `tree`, `tree_blocking` and
+//! `whoami`.
 
 use futures::future::try_join_all;
 
@@ -22,7 +23,15 @@ pub fn register(registry: &mut Registry) {
         .register::<panic>()
         .register::<fib>()
         .register::<tree>()
-        .register::<tree_blocking>();
+        .register::<tree_blocking>()
+        .register::<whoami>();
+}
+
+/// Returns the id of the node that ran it; `tag` only tells calls apart.
+#[crate::function(name = "examples/whoami")]
+pub async fn whoami(ctx: Ctx, tag: String) -> String {
+    let _ = tag;
+    ctx.node_id().to_owned()
 }
 
 /// Returns its argument unchanged: the no-op request.

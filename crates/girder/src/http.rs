@@ -1,7 +1,8 @@
 //! The node's HTTP API (axum).
 //!
 //! - `POST /v1/call/{function}` with a JSON array of arguments returns the JSON result.
-//!   `?timeout_ms=N` sets a deadline. Errors are `{"kind": ..., "message": ...}` with a
+//!   `?timeout_ms=N` sets a deadline; `?affinity=KEY` runs it on an owner of KEY when one
+//!   has a free slot. Errors are `{"kind": ..., "message": ...}` with a
 //!   fitting status: 400 bad request or arguments, 404 unknown function, 422 the function
 //!   returned an error, 500 it panicked, 503 the grid is unavailable, 504 the deadline passed.
 //! - `GET /v1/health` returns `{"status": "ok", "node": ID}`.
@@ -110,6 +111,7 @@ fn bad_request(message: String) -> ApiError {
 #[derive(Debug, Deserialize)]
 struct CallQuery {
     timeout_ms: Option<u64>,
+    affinity: Option<String>,
 }
 
 /// The router serving `node`.
@@ -151,6 +153,9 @@ async fn call(
             )));
         }
         client = client.with_deadline(Duration::from_millis(timeout_ms));
+    }
+    if let Some(key) = query.affinity {
+        client = client.with_affinity(key);
     }
     Ok(Json(client.call_json(&function, &args).await?))
 }

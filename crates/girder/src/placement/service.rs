@@ -217,6 +217,22 @@ impl Placement {
         Ok(self.best_of(&holders))
     }
 
+    /// For work keyed by `key` on `function`: a worker of a live owner of `key` that
+    /// serves `function` and had a free slot at its last heartbeat, the least busy first.
+    /// `None` when no owner can take it now (the work then goes anywhere).
+    pub fn affinity_worker(&self, key: &str, function: &str) -> Option<String> {
+        let owners = self.node_ids_cached(key);
+        let snapshot = self.snapshot.read();
+        owners
+            .iter()
+            .filter_map(|owner| snapshot.nodes.get(owner))
+            .filter(|info| info.functions.iter().any(|f| f == function))
+            .flat_map(|info| info.workers.iter())
+            .filter(|w| w.busy < w.slots)
+            .min_by_key(|w| (w.busy, w.queue_len))
+            .map(|w| w.id.clone())
+    }
+
     /// The best node for `id` from the local snapshot only: no round trip.
     pub fn node_id_cached(&self, id: &str) -> Option<String> {
         self.best_of(&self.node_ids_cached(id))

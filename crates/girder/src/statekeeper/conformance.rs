@@ -312,6 +312,10 @@ async fn dead_nodes_are_reaped_and_their_work_requeued(factory: Factory) {
     sk.volunteer(&pool, &worker("n1/w0"), 5).await.unwrap();
     sk.submit(&request("f", 3), &pool_queue, false, &node("n2")).await.unwrap();
     assert_eq!(sk.queue_len(&worker("n1/w0")).await.unwrap(), 0);
+    // Work sent straight to its queue (say, by a stale affinity choice) goes to its pool.
+    sk.submit(&request("f", 4), &worker("n1/w0"), false, &node("n2")).await.unwrap();
+    assert_eq!(sk.queue_len(&worker("n1/w0")).await.unwrap(), 0);
+    assert!(sk.claim(&pool_queue, &node("n2"), 10).await.unwrap().contains(&request("f", 4)));
 }
 
 async fn a_request_whose_owner_died_is_requeued(factory: Factory) {

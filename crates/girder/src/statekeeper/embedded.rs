@@ -97,6 +97,8 @@ struct Inner {
     pools: HashMap<PoolId, PoolState>,
     /// Worker queue -> (owning node, pool).
     queue_owner: HashMap<QueueId, (NodeId, PoolId)>,
+    /// Worker queue -> its pool, kept after its node is gone (one entry per worker ever).
+    queue_pool: HashMap<QueueId, PoolId>,
     /// name -> (version, nodes serving it)
     functions: HashMap<String, (u32, HashSet<NodeId>)>,
     nodes: HashMap<NodeId, NodeState>,
@@ -506,6 +508,7 @@ impl Statekeeper for Embedded {
             state.members.push(member.clone());
         }
         inner.queue_owner.insert(member.clone(), (node.clone(), pool.clone()));
+        inner.queue_pool.insert(member.clone(), pool.clone());
         if let Some(state) = inner.nodes.get_mut(node) {
             state.queues.insert(member.clone());
         }
@@ -532,6 +535,15 @@ impl Statekeeper for Embedded {
 
     async fn submit(&self, request: &Request, queue: &QueueId, front: bool, waiter: &NodeId) -> SkResult<Submitted> {
         let mut inner = self.inner.lock();
+        // A worker queue whose node is gone takes no more work: its pool does instead.
+        let redirected;
+        let (queue, front) = match inner.queue_pool.get(queue) {
+            Some(pool) if !inner.queue_owner.contains_key(queue) => {
+                redirected = QueueId::pool(pool);
+                (&redirected, false)
+            }
+            _ => (queue, front),
+        };
         if let Some(outcome) = inner.results().get(&request.id) {
             return Ok(Submitted::Done(outcome));
         }

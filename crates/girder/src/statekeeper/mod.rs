@@ -211,8 +211,12 @@ impl NodeInfo {
         }
     }
 
-    /// The node's weight under `strategy`.
+    /// The node's weight under `strategy`; zero for a node without workers (a pure client
+    /// holds no data and runs nothing).
     pub fn weight(&self, strategy: crate::placement::Strategy) -> f64 {
+        if self.workers.is_empty() {
+            return 0.0;
+        }
         match strategy {
             crate::placement::Strategy::UniformNodes => 1.0,
             crate::placement::Strategy::Cpu => f64::from(self.cpus.max(1)),

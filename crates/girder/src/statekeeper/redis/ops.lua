@@ -77,6 +77,11 @@ return 'OK'
 local id, request, fn, queue, front, waiter = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5] == '1', ARGV[6]
 local res = redis.call('GET', P .. 'res:' .. id)
 if res then return {'DONE', res} end
+-- A worker queue whose node is gone takes no more work: its pool does instead.
+if not pool_of_queue(queue) and not redis.call('HGET', P .. 'qowner', queue) then
+  local pool = redis.call('HGET', P .. 'qpool', queue)
+  if pool then queue, front = 'pool:' .. pool, false end
+end
 local rkey = P .. 'req:' .. id
 if redis.call('HEXISTS', P .. 'fver', fn) == 0 then
   -- A grid younger than one node lease may not have heard from every node yet (it just

@@ -73,6 +73,9 @@ pub struct NodeArgs {
     /// Largest cache value, in bytes as stored.
     #[arg(long, default_value_t = 64 << 20)]
     cache_value_max_bytes: usize,
+    /// On SIGTERM or SIGINT, finish held work for at most this long before leaving.
+    #[arg(long, default_value_t = 30_000)]
+    drain_timeout_ms: u64,
     /// Largest HTTP request body, in bytes.
     #[arg(long, default_value_t = 4 << 20)]
     body_max_bytes: usize,
@@ -167,11 +170,16 @@ pub async fn run(registry: Registry, args: NodeArgs) -> anyhow::Result<()> {
     };
     let cache = CacheConfig { compression, value_bytes_max: args.cache_value_max_bytes, ..Default::default() };
     let config = HttpConfig { cache, body_bytes_max: args.body_max_bytes, ..Default::default() };
+    let withdrawing = node.clone();
     axum::serve(listener, router(node.clone(), config))
-        .with_graceful_shutdown(stop_signal())
+        .with_graceful_shutdown(async move {
+            stop_signal().await;
+            // No new work from here on; calls in flight finish before the server stops.
+            withdrawing.withdraw().await;
+        })
         .await
         .context("the HTTP server failed")?;
-    node.shutdown().await;
+    node.drain(std::time::Duration::from_millis(args.drain_timeout_ms)).await;
     Ok(())
 }
 

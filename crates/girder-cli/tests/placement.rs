@@ -248,3 +248,35 @@ async fn affinity_runs_on_the_owner_and_survives_its_death() {
     assert!(killed.elapsed() < Duration::from_millis(TTL_MS + 5_000), "keyed work waited {:?}", killed.elapsed());
     client.shutdown().await;
 }
+
+#[test]
+fn a_node_told_to_stop_finishes_its_work_and_leaves() {
+    let redis = RedisServer::start(false).unwrap_or_else(|e| panic!("{e}"));
+    let url = redis.url();
+    let args = |id: &'static str| -> Vec<String> {
+        ["--statekeeper", &url, "--id", id, "--workers", "1", "--slots", "2"].iter().map(|s| s.to_string()).collect()
+    };
+    let leaving = NodeProcess::start(&args("leaving").iter().map(String::as_str).collect::<Vec<_>>());
+    // A long call through the leaving node, which is alone so it runs there.
+    let url_of_leaving = leaving.url.clone();
+    let call = std::thread::spawn(move || {
+        Command::new(GIRDER).args(["call", "examples/whoami", "\"long\"", "--node", &url_of_leaving]).output().unwrap()
+    });
+    let slow = {
+        let url_of_leaving = leaving.url.clone();
+        std::thread::spawn(move || {
+            Command::new(GIRDER).args(["call", "examples/sleep", "1500", "--node", &url_of_leaving]).output().unwrap()
+        })
+    };
+    assert_eq!(text(&call.join().unwrap().stdout), "\"leaving\"");
+    let staying = NodeProcess::start(&args("staying").iter().map(String::as_str).collect::<Vec<_>>());
+    until(&staying, "both nodes live", |n| n.as_array().is_some_and(|a| a.len() == 2));
+    // SIGTERM: the node drains. The sleep it runs finishes; then it is gone.
+    let status = Command::new("kill").args(["-TERM", &leaving.pid().to_string()]).status().unwrap();
+    assert!(status.success());
+    let slept = slow.join().unwrap();
+    assert!(slept.status.success(), "the call in flight finished: {}", text(&slept.stderr));
+    assert_eq!(text(&slept.stdout), "1500");
+    until(&staying, "the leaving node gone", |n| n.as_array().is_some_and(|a| a.len() == 1 && a[0]["id"] == "staying"));
+    assert_eq!(text(&staying.call(&["examples/whoami", "\"after\""]).stdout), "\"staying\"");
+}

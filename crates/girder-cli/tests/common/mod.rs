@@ -36,6 +36,11 @@ impl NodeProcess {
         Command::new(GIRDER).arg("call").args(args).args(["--node", &self.url]).output().expect("girder call runs")
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Kills the process with SIGKILL: no goodbye, no deregistration.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -71,6 +71,8 @@ pub(crate) struct NodeCore {
     /// Latency of top-level calls.
     pub(crate) latency: super::metrics::Latency,
     pub(crate) placement: Arc<crate::placement::Placement>,
+    /// Set while the node drains: it takes no new work and finishes what it holds.
+    pub(crate) draining: std::sync::atomic::AtomicBool,
 }
 
 /// Where a call's request goes when it must be queued.

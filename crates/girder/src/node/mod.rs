@@ -279,6 +279,7 @@ impl NodeBuilder {
             heartbeat_ms: self.heartbeat_ms,
             latency: metrics::Latency::default(),
             placement: Arc::new(crate::placement::Placement::new(statekeeper.clone(), Some(id.to_string()))),
+            draining: std::sync::atomic::AtomicBool::new(false),
         });
         if let Err(err) = core.rejoin().await {
             // Do not leave a half-registered node behind (a duplicate id registered nothing).
@@ -568,6 +569,39 @@ impl Node {
             evaluations,
             pools,
         }
+    }
+
+    /// Stops taking new work (the first step of [`Node::drain`]); what the node holds goes on.
+    pub async fn withdraw(&self) {
+        self.core.draining.store(true, Ordering::Release);
+        for worker in &self.core.workers {
+            let _ = self.core.statekeeper.volunteer(&worker.pool, &worker.queue, 0).await;
+        }
+    }
+
+    /// Leaves the grid gracefully: withdraws the workers' offers so no new work comes,
+    /// finishes what the node holds (nested work of its own evaluations included) for up
+    /// to `timeout`, then shuts down, handing back whatever is left. Returns whether
+    /// everything finished in time.
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        self.withdraw().await;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let finished = loop {
+            let mut queued = 0;
+            for worker in &self.core.workers {
+                queued += self.core.statekeeper.queue_len(&worker.queue).await.unwrap_or(0);
+            }
+            if self.core.running.lock().is_empty() && queued == 0 {
+                break true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        tracing::info!(node = %self.core.id, finished, "drained");
+        self.shutdown().await;
+        finished
     }
 
     /// Stops the node's roles, withdraws its workers and deregisters it. Callers still

@@ -137,8 +137,13 @@ pub(crate) async fn dispatch(core: Arc<NodeCore>, worker: Arc<Worker>) {
             }
             drop(permits);
             if drained {
-                // Our queue is empty: offer the free slots, plus the prefetch, to the pool.
-                let credits = u32::try_from(worker.semaphore.available_permits()).unwrap_or(u32::MAX) + worker.prefetch;
+                // Our queue is empty: offer the free slots, plus the prefetch, to the pool;
+                // a draining node offers none, and only finishes what it holds.
+                let credits = if core.draining.load(Ordering::Acquire) {
+                    0
+                } else {
+                    u32::try_from(worker.semaphore.available_permits()).unwrap_or(u32::MAX) + worker.prefetch
+                };
                 if let Err(err) = core.statekeeper.volunteer(&worker.pool, &worker.queue, credits).await {
                     tracing::warn!(worker = %worker.id, error = %err, "volunteering failed; retrying");
                 }

@@ -531,6 +531,10 @@ impl Node {
         for (pool, counters) in &stats.pools {
             out.sample("girder_pool_hoisted_total", &[("pool", pool)], counters.hoisted as f64);
         }
+        out.family("girder_flocks_owned", "gauge", "Flocks this node owns in the placement table.");
+        out.sample("girder_flocks_owned", &[("node", node)], f64::from(info.flocks));
+        out.family("girder_placement_epoch", "gauge", "Epoch of the placement table this node last read.");
+        out.sample("girder_placement_epoch", &[("node", node)], self.core.placement.table().epoch as f64);
         out.family("girder_call_duration_seconds", "histogram", "Time from a top-level call to its outcome.");
         out.histogram("girder_call_duration_seconds", node, &self.core.latency);
         out.finish()

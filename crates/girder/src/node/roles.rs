@@ -60,6 +60,9 @@ pub(crate) async fn inbox(core: Arc<NodeCore>, mut events: futures::stream::BoxS
     }
 }
 
+/// Round trips to the other nodes are measured every this many heartbeats.
+const RTT_EVERY_BEATS: u64 = 20;
+
 /// Most requests one resubmission round submits again.
 const RESUBMIT_BATCH_MAX: usize = 10_000;
 
@@ -74,6 +77,7 @@ pub(crate) async fn membership(core: Arc<NodeCore>, heartbeat: Duration, resubmi
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
     let mut swept_disruptions = core.statekeeper.disruptions();
+    let mut beats: u64 = 0;
     let mut swept_at = std::time::Instant::now();
     loop {
         tokio::select! {
@@ -112,6 +116,10 @@ pub(crate) async fn membership(core: Arc<NodeCore>, heartbeat: Duration, resubmi
         }
         if let Err(err) = core.placement.refresh(core.statekeeper.node_ttl_ms()).await {
             tracing::debug!(error = %err, "placement refresh failed");
+        }
+        beats += 1;
+        if beats % RTT_EVERY_BEATS == 1 {
+            core.placement.measure_rtts().await;
         }
         let disruptions = core.statekeeper.disruptions();
         if disruptions != swept_disruptions {

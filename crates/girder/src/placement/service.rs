@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
 
@@ -39,13 +40,20 @@ pub struct Placement {
     store: Store,
     local: Option<String>,
     snapshot: RwLock<Snapshot>,
+    /// Round-trip times from this process to other nodes, as last measured.
+    rtt: RwLock<HashMap<String, Duration>>,
 }
+
+/// Most nodes one round of round-trip measurements probes.
+const RTT_PROBES_MAX: usize = 64;
+/// Longest a probe waits; a node slower than that counts as far away.
+const RTT_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 impl Placement {
     /// Placement on `statekeeper`'s grid, seen from node `local` (for closeness), if any.
     pub fn new(statekeeper: Arc<dyn Statekeeper>, local: Option<String>) -> Placement {
         let store = statekeeper.structures();
-        Placement { statekeeper, store, local, snapshot: RwLock::default() }
+        Placement { statekeeper, store, local, snapshot: RwLock::default(), rtt: RwLock::default() }
     }
 
     fn table_atom(&self) -> Result<Atom<FlockTable>, DsError> {
@@ -185,30 +193,47 @@ impl Placement {
         Ok(table_owners)
     }
 
+    /// Measures the round trip from this process to each live node's HTTP address (a TCP
+    /// handshake), for [`Placement::best_of`]'s closeness.
+    pub async fn measure_rtts(&self) {
+        let targets: Vec<(String, String)> = {
+            let snapshot = self.snapshot.read();
+            snapshot
+                .nodes
+                .values()
+                .filter_map(|n| Some((n.id.clone(), n.http.as_deref()?.trim_start_matches("http://").to_owned())))
+                .take(RTT_PROBES_MAX)
+                .collect()
+        };
+        for (node, address) in targets {
+            let begun = Instant::now();
+            let rtt = match tokio::time::timeout(RTT_PROBE_TIMEOUT, tokio::net::TcpStream::connect(&address)).await {
+                Ok(Ok(_)) => begun.elapsed(),
+                _ => RTT_PROBE_TIMEOUT,
+            };
+            self.rtt.write().insert(node, rtt);
+        }
+    }
+
     /// The best node to process `id`: among its live holders, this node if it is one, else
-    /// the least loaded (busy slots over slots, then load average), then the one placement
-    /// lists first. `None` when no holder is alive.
+    /// the least loaded (busy slots over slots, in quarters), then the closest (measured
+    /// round trip), then the one placement lists first. `None` when no holder is alive.
     pub fn best_of(&self, holders: &[String]) -> Option<String> {
-        let snapshot = self.snapshot.read();
         if let Some(local) = &self.local {
             if holders.contains(local) {
                 return Some(local.clone());
             }
         }
-        let load = |id: &String| -> (f64, f64) {
-            snapshot.nodes.get(id).map_or((f64::MAX, f64::MAX), |n| {
+        let snapshot = self.snapshot.read();
+        let rtt = self.rtt.read();
+        let rank = |id: &String| -> (u32, Duration) {
+            let load = snapshot.nodes.get(id).map_or(u32::MAX, |n| {
                 let (busy, slots) = n.slots();
-                (f64::from(busy) / f64::from(slots.max(1)), n.load_1m)
-            })
+                (4 * busy) / slots.max(1)
+            });
+            (load, rtt.get(id).copied().unwrap_or(RTT_PROBE_TIMEOUT))
         };
-        holders
-            .iter()
-            .enumerate()
-            .min_by(|(ia, a), (ib, b)| {
-                let (la, lb) = (load(a), load(b));
-                la.0.total_cmp(&lb.0).then(la.1.total_cmp(&lb.1)).then(ia.cmp(ib))
-            })
-            .map(|(_, id)| id.clone())
+        holders.iter().enumerate().min_by_key(|(i, id)| (rank(id), *i)).map(|(_, id)| id.clone())
     }
 
     /// The best node to process `id` (see [`Placement::best_of`]).

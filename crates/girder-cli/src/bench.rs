@@ -2,6 +2,7 @@
 //! baseline measured in the same run (a bare tokio spawn-and-join round trip) and the
 //! issue's target.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -211,6 +212,77 @@ pub async fn run(registry: Registry, args: BenchArgs) -> anyhow::Result<()> {
             (ms * 1e6 / 1093.0) / base_p50
         );
     }
+    placement(&registry).await?;
     println!("\nfor comparison (issue figures on this machine size): Ray 2.60 1.4 ms round trip, 2,060 tasks/s, tree(6,3) 4.7 s; Dask 10.6 ms, 635 tasks/s");
+    Ok(())
+}
+
+/// `node_id` from a node's cached table, against hashing the key alone; and what a table
+/// change costs as the grid grows.
+async fn placement(registry: &Registry) -> anyhow::Result<()> {
+    use girder::placement::{flock_of, FlockTable, Placement, Strategy, FLOCKS};
+    let statekeeper: Arc<dyn girder::Statekeeper> = Arc::new(girder::Embedded::default());
+    let mut nodes = Vec::new();
+    for i in 0..4 {
+        let node = Node::builder()
+            .id(format!("p{i}"))
+            .statekeeper(statekeeper.clone())
+            .registry(registry.clone())
+            .pool(PoolSpec::new("bench"))
+            .workers(WorkerSpec::new("bench", 1, 1))
+            .start()
+            .await
+            .context("cannot start a placement node")?;
+        nodes.push(node);
+    }
+    let placement = Placement::new(statekeeper.clone(), None);
+    let begun = Instant::now();
+    while placement.table().nodes.len() < 4 {
+        anyhow::ensure!(begun.elapsed() < Duration::from_secs(10), "the nodes never reported");
+        placement.refresh(statekeeper.node_ttl_ms()).await?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let keys: Vec<String> = (0..100_000).map(|i| format!("bucket-{i}")).collect();
+    let begun = Instant::now();
+    for key in &keys {
+        std::hint::black_box(flock_of(key.as_bytes()));
+    }
+    let hash_ns = begun.elapsed().as_nanos() as f64 / keys.len() as f64;
+    let begun = Instant::now();
+    for key in &keys {
+        std::hint::black_box(placement.node_id_cached(key));
+    }
+    let node_id_ns = begun.elapsed().as_nanos() as f64 / keys.len() as f64;
+    println!(
+        "\n{:<40} {:>8.3} µs   hashing the key alone {:.3} µs ({:.1}x)   target <= 1 µs",
+        "node_id from the cached table, 4 nodes",
+        node_id_ns / 1e3,
+        hash_ns / 1e3,
+        node_id_ns / hash_ns
+    );
+    for node in &nodes {
+        node.shutdown().await;
+    }
+    println!(
+        "{:<40} {:>12} {:>12} {:>16}",
+        "table change (2 replicas, 1,024 flocks)", "compute", "moved on +1", "ideal (share)"
+    );
+    for n in [4usize, 8, 16, 32, 64] {
+        let weights = |count: usize| (0..count).map(|i| (format!("sim-{i}"), 1.0)).collect::<Vec<_>>();
+        let begun = Instant::now();
+        let before = FlockTable::compute(1, 2, Strategy::UniformNodes, &weights(n));
+        let compute_ms = begun.elapsed().as_secs_f64() * 1e3;
+        let after = FlockTable::compute(2, 2, Strategy::UniformNodes, &weights(n + 1));
+        let moved = after.moved_from(&before);
+        let ideal = 2 * FLOCKS as usize / (n + 1);
+        println!(
+            "{:<40} {:>9.2} ms {:>12} {:>10} ({:.2}x)",
+            format!("  {n} -> {} nodes", n + 1),
+            compute_ms,
+            moved,
+            ideal,
+            moved as f64 / ideal as f64
+        );
+    }
     Ok(())
 }

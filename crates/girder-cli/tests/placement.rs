@@ -114,7 +114,7 @@ async fn settle(placement: &Placement, count: usize) -> Arc<girder::placement::F
 async fn init_spreads_ids_by_strategy_and_tables_move_little() {
     let redis = RedisServer::start(false).unwrap_or_else(|e| panic!("{e}"));
     let url = redis.url();
-    let _nodes: Vec<NodeProcess> =
+    let nodes: Vec<NodeProcess> =
         [("a", "1"), ("b", "1"), ("c", "2"), ("d", "4")].iter().map(|(id, cpus)| grid_node(&url, id, cpus)).collect();
     let (_statekeeper, placement) = placement(&url).await;
     let before = settle(&placement, 4).await;
@@ -135,6 +135,11 @@ async fn init_spreads_ids_by_strategy_and_tables_move_little() {
         assert!((share - expected).abs() <= expected * 0.1, "{node} ({cpus} cpus): {share}, expected {expected}");
     }
     assert_eq!(placement.node_ids("partition-7").await.unwrap(), by_cpu["partition-7"]);
+    // Any node answers the same over HTTP.
+    let answer: serde_json::Value =
+        reqwest::get(format!("{}/v1/placement/partition-7", nodes[0].url)).await.unwrap().json().await.unwrap();
+    assert_eq!(answer["node_ids"], serde_json::json!(by_cpu["partition-7"]));
+    assert_eq!(answer["node_id"], by_cpu["partition-7"][0]);
 
     // A fifth node takes about its share of flocks and nothing else moves.
     let _e = grid_node(&url, "e", "1");

@@ -9,6 +9,7 @@
 //! - `GET /v1/stats` returns the node's counters.
 //! - `GET /v1/status` returns the grid's live nodes as the statekeeper knows them.
 //! - `GET /metrics` serves the node's metrics in Prometheus's text format.
+//! - `GET /v1/placement/{id}` returns `{"node_id": ..., "node_ids": [...], "flock": N}`.
 //! - `/v1/cache/{key}`: `GET` the value (raw bytes), `PUT` it (`?ttl_ms=N`), `POST` to
 //!   append to it, `DELETE` it. 404 `not_found`, 409 `wrong_kind`, 413 `too_large`.
 
@@ -125,6 +126,7 @@ pub fn router(node: Arc<Node>, config: HttpConfig) -> Router {
         .route("/v1/stats", get(stats))
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
+        .route("/v1/placement/{id}", get(placement))
         .layer(DefaultBodyLimit::max(config.body_bytes_max))
         .with_state(state)
 }
@@ -246,4 +248,15 @@ async fn cache_delete(State(state): State<Arc<AppState>>, Path(key): Path<String
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let body = state.node.metrics().await;
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+async fn placement(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let placement = state.node.placement();
+    let node_ids = placement.node_ids(&id).await?;
+    let node_id = placement.best_of(&node_ids);
+    let flock = crate::placement::flock_of(id.as_bytes());
+    Ok(Json(serde_json::json!({ "id": id, "flock": flock, "node_id": node_id, "node_ids": node_ids })))
 }

@@ -215,7 +215,8 @@ async fn affinity_runs_on_the_owner_and_survives_its_death() {
     let _c = grid_node4("c");
     let (statekeeper, placement) = placement(&url).await;
     placement.configure(Strategy::UniformNodes, 1).await.unwrap();
-    settle(&placement, 3).await;
+    let table = settle(&placement, 3).await;
+    assert_eq!(table.replicas, 1);
     let client = Node::builder()
         .id("client")
         .statekeeper(statekeeper)
@@ -230,7 +231,9 @@ async fn affinity_runs_on_the_owner_and_survives_its_death() {
         (0..500).map(|i| format!("bucket-{i}")).filter(|k| placement.node_ids_cached(k) == ["b"]).take(20).collect();
     assert_eq!(keys.len(), 20);
     let begun = Instant::now();
-    while client.placement().affinity_worker(&keys[0], "examples/whoami").is_none() {
+    while client.placement().table().epoch < table.epoch
+        || client.placement().affinity_worker(&keys[0], "examples/whoami").is_none()
+    {
         assert!(begun.elapsed() < Duration::from_secs(10), "the client never learned the placement");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -69,28 +69,36 @@ impl Placement {
     pub async fn refresh(&self, node_ttl_ms: u64) -> Result<Arc<FlockTable>, DsError> {
         let nodes = self.statekeeper.live_nodes().await.map_err(|e| DsError::Unavailable(e.to_string()))?;
         let atom = self.table_atom()?;
-        let current = atom.get().await?.unwrap_or_default();
-        let (replicas, strategy) = if current.replicas == 0 {
-            (REPLICAS_DEFAULT, Strategy::default())
-        } else {
-            (current.replicas, current.strategy)
+        // The strategy and replication factor are the stored table's: `configure` sets them.
+        let settings = |table: &FlockTable| {
+            if table.replicas == 0 {
+                (REPLICAS_DEFAULT, Strategy::default())
+            } else {
+                (table.replicas, table.strategy)
+            }
         };
-        // Suspect nodes keep their flocks: only dead ones (reaped) lose them.
-        let weights: Vec<(String, f64)> = nodes.iter().map(|n| (n.id.clone(), n.weight(strategy))).collect();
-        let table = if current.matches(replicas, strategy, &weights) {
+        let weights = |strategy: Strategy| -> Vec<(String, f64)> {
+            // Suspect nodes keep their flocks: only dead ones (reaped) lose them.
+            nodes.iter().map(|n| (n.id.clone(), n.weight(strategy))).collect()
+        };
+        let current = atom.get().await?.unwrap_or_default();
+        let (replicas, strategy) = settings(&current);
+        let table = if current.matches(replicas, strategy, &weights(strategy)) {
             current
         } else {
-            let next = FlockTable::compute(current.epoch + 1, replicas, strategy, &weights);
-            // Another node may have stored the same table meanwhile: then it stays.
-            let stored = atom.swap(|old| {
+            // Recomputed from the value being replaced, so a concurrent `configure` or
+            // another node's newer table is never overwritten with stale settings.
+            atom.swap(|old| {
                 let old = old.unwrap_or_default();
-                if old.matches(replicas, strategy, &weights) {
+                let (replicas, strategy) = settings(&old);
+                let wanted = weights(strategy);
+                if old.matches(replicas, strategy, &wanted) {
                     old
                 } else {
-                    FlockTable { epoch: old.epoch + 1, ..next.clone() }
+                    FlockTable::compute(old.epoch + 1, replicas, strategy, &wanted)
                 }
-            });
-            stored.await?
+            })
+            .await?
         };
         let table = Arc::new(table);
         let mut snapshot = self.snapshot.write();

@@ -29,20 +29,32 @@ pub(crate) async fn distributor(core: Arc<NodeCore>, pool: PoolId) {
     }
 }
 
-/// Every `interval`, copies surplus queued work of busy members of `pool` up to the pool's
-/// queue, where idle members can take it before the busy member reaches it.
+/// Longest a helper waits between rounds while rounds find nothing to hoist.
+const HELPER_IDLE_MS_MAX: u64 = 200;
+
+/// Copies surplus queued work of busy members of `pool` up to the pool's queue, where idle
+/// members can take it before the busy member reaches it. Rounds run every `interval`
+/// while they find work to hoist, back off to [`HELPER_IDLE_MS_MAX`] while they find none,
+/// and run at once when a worker of this node goes idle.
 pub(crate) async fn helper(core: Arc<NodeCore>, pool: PoolId, interval: Duration, hoist_max: usize) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let idle_max = Duration::from_millis(HELPER_IDLE_MS_MAX).max(interval);
+    let mut wait = interval;
     loop {
         tokio::select! {
             _ = core.cancel.cancelled() => break,
-            _ = ticker.tick() => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = core.idle_worker.notified() => {}
         }
         match core.statekeeper.hoist(&pool, hoist_max).await {
-            Ok(0) => {}
-            Ok(hoisted) => tracing::trace!(pool = %pool, hoisted, "helper hoisted work"),
-            Err(err) => tracing::warn!(pool = %pool, error = %err, "hoisting failed; retrying"),
+            Ok(0) => wait = (wait * 2).min(idle_max),
+            Ok(hoisted) => {
+                tracing::trace!(pool = %pool, hoisted, "helper hoisted work");
+                wait = interval;
+            }
+            Err(err) => {
+                tracing::warn!(pool = %pool, error = %err, "hoisting failed; retrying");
+                wait = idle_max;
+            }
         }
     }
 }
@@ -124,6 +136,9 @@ pub(crate) async fn membership(core: Arc<NodeCore>, heartbeat: Duration, resubmi
         let disruptions = core.statekeeper.disruptions();
         if disruptions != swept_disruptions {
             swept_disruptions = disruptions;
+            // A broken connection may have swallowed a claim or a pushed hand-off: what the
+            // statekeeper holds for us that we do not run goes back (see `release_claims`).
+            core.claims_uncertain.store(true, std::sync::atomic::Ordering::Release);
             swept_at = std::time::Instant::now();
             core.resubmit_overdue(Duration::ZERO, RESUBMIT_BATCH_MAX).await;
         } else if swept_at.elapsed() >= resubmit_after {

@@ -147,6 +147,9 @@ pub(crate) async fn dispatch(core: Arc<NodeCore>, worker: Arc<Worker>) {
                 if let Err(err) = core.statekeeper.volunteer(&worker.pool, &worker.queue, credits).await {
                     tracing::warn!(worker = %worker.id, error = %err, "volunteering failed; retrying");
                 }
+                if worker.semaphore.available_permits() > 0 {
+                    core.idle_worker.notify_waiters();
+                }
             }
         }
         tokio::select! {

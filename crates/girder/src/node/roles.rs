@@ -31,6 +31,8 @@ pub(crate) async fn distributor(core: Arc<NodeCore>, pool: PoolId) {
 
 /// Longest a helper waits between rounds while rounds find nothing to hoist.
 const HELPER_IDLE_MS_MAX: u64 = 200;
+/// Shortest time between two helper rounds started by idle workers.
+const HELPER_WAKE_GAP_MS: u64 = 20;
 
 /// Copies surplus queued work of busy members of `pool` up to the pool's queue, where idle
 /// members can take it before the busy member reaches it. Rounds run every `interval`
@@ -38,13 +40,24 @@ const HELPER_IDLE_MS_MAX: u64 = 200;
 /// and run at once when a worker of this node goes idle.
 pub(crate) async fn helper(core: Arc<NodeCore>, pool: PoolId, interval: Duration, hoist_max: usize) {
     let idle_max = Duration::from_millis(HELPER_IDLE_MS_MAX).max(interval);
+    let wake_gap = Duration::from_millis(HELPER_WAKE_GAP_MS);
     let mut wait = interval;
+    let mut last_round = tokio::time::Instant::now();
     loop {
-        tokio::select! {
+        let woken = tokio::select! {
             _ = core.cancel.cancelled() => break,
-            _ = tokio::time::sleep(wait) => {}
-            _ = core.idle_worker.notified() => {}
+            _ = tokio::time::sleep(wait) => false,
+            _ = core.idle_worker.notified() => true,
+        };
+        // Idle workers come and go with every request under load: answer them at most
+        // once per gap, so hoisting does not cost a statekeeper step per request.
+        if woken && last_round.elapsed() < wake_gap {
+            tokio::select! {
+                _ = core.cancel.cancelled() => break,
+                _ = tokio::time::sleep_until(last_round + wake_gap) => {}
+            }
         }
+        last_round = tokio::time::Instant::now();
         match core.statekeeper.hoist(&pool, hoist_max).await {
             Ok(0) => wait = (wait * 2).min(idle_max),
             Ok(hoisted) => {

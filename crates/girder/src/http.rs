@@ -104,6 +104,13 @@ impl From<DsError> for ApiError {
     }
 }
 
+/// A body that could not be read: over the size limit, or broken off.
+fn body_error(rejection: axum::extract::rejection::BytesRejection) -> ApiError {
+    let status = rejection.status();
+    let kind = if status == StatusCode::PAYLOAD_TOO_LARGE { ErrorKind::TooLarge } else { ErrorKind::BadRequest };
+    ApiError(status, ErrorBody { kind, message: format!("cannot read the request body: {}", rejection.body_text()) })
+}
+
 fn bad_request(message: String) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, ErrorBody { kind: ErrorKind::BadRequest, message })
 }
@@ -135,9 +142,10 @@ async fn call(
     State(state): State<Arc<AppState>>,
     Path(function): Path<String>,
     query: Result<Query<CallQuery>, axum::extract::rejection::QueryRejection>,
-    body: Bytes,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Query(query) = query.map_err(|e| bad_request(format!("bad query string: {e}")))?;
+    let body = body.map_err(body_error)?;
     let args: serde_json::Value = if body.iter().all(u8::is_ascii_whitespace) {
         serde_json::Value::Array(Vec::new())
     } else {
@@ -217,9 +225,10 @@ async fn cache_set(
     State(state): State<Arc<AppState>>,
     Path(key): Path<String>,
     query: Result<Query<CacheQuery>, axum::extract::rejection::QueryRejection>,
-    body: Bytes,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<StatusCode, ApiError> {
     let Query(query) = query.map_err(|e| bad_request(format!("bad query string: {e}")))?;
+    let body = body.map_err(body_error)?;
     let ttl = query.ttl_ms.map(Duration::from_millis);
     state.cache.set_bytes(&key, &body, ttl).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -228,8 +237,9 @@ async fn cache_set(
 async fn cache_append(
     State(state): State<Arc<AppState>>,
     Path(key): Path<String>,
-    body: Bytes,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let body = body.map_err(body_error)?;
     let stored_bytes = state.cache.append(&key, &body).await?;
     Ok(Json(serde_json::json!({ "stored_bytes": stored_bytes })))
 }

@@ -223,8 +223,13 @@ fn status_lists_the_live_nodes() {
         let nodes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let ids: Vec<&str> = nodes.as_array().unwrap().iter().filter_map(|n| n["id"].as_str()).collect();
         let alpha = nodes.as_array().unwrap().iter().find(|n| n["id"] == "alpha");
-        if ids == ["alpha", "beta"] && alpha.is_some_and(|n| n["calls"].as_u64() >= Some(1)) {
-            let beta = nodes.as_array().unwrap().iter().find(|n| n["id"] == "beta").unwrap();
+        let beta = nodes.as_array().unwrap().iter().find(|n| n["id"] == "beta");
+        // Both registered, and both reported with a heartbeat.
+        if ids == ["alpha", "beta"]
+            && alpha.is_some_and(|n| n["calls"].as_u64() >= Some(1))
+            && beta.is_some_and(|n| n["workers"].as_array().is_some_and(|w| !w.is_empty()))
+        {
+            let beta = beta.unwrap();
             assert_eq!(beta["workers"][0]["pool"], "side");
             assert_eq!(beta["workers"][0]["slots"], 2);
             break;

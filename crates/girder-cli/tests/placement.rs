@@ -33,7 +33,9 @@ fn nodes_report_metadata_and_pick_up_configuration() {
     let url = redis.url();
     let node =
         NodeProcess::start(&["--statekeeper", &url, "--id", "n1", "--workers", "2", "--slots", "2", "--cpus", "6"]);
-    let nodes = until(&node, "a first heartbeat", |n| n.as_array().is_some_and(|a| a.len() == 1));
+    // Registered first, reported with its first heartbeat: wait for the report.
+    let nodes =
+        until(&node, "a first heartbeat", |n| n.as_array().is_some_and(|a| a.len() == 1 && a[0]["version"] != ""));
     let me = &nodes[0];
     assert_eq!(me["cpus"], 6);
     assert!(me["memory_total_bytes"].as_u64().unwrap() > 0);

@@ -28,6 +28,11 @@ fn millis(duration: Duration) -> u64 {
 /// Shortest lease accepted: renewals run every third of it.
 pub const LEASE_MS_MIN: u64 = 30;
 
+/// How often waiters re-check something held under a `lease_ms` lease.
+fn lease_poll_ms(lease_ms: u64) -> u64 {
+    (lease_ms / 8).clamp(10, 1_000)
+}
+
 fn check_lease(lease: Duration) -> DsResult<u64> {
     let ms = millis(lease);
     if ms < LEASE_MS_MIN {
@@ -36,12 +41,14 @@ fn check_lease(lease: Duration) -> DsResult<u64> {
     Ok(ms)
 }
 
-/// Waits for a change of `key` for at most the time left until `deadline`; false when none is left.
-async fn wait_until(store: &Store, key: &str, deadline: Option<Instant>) -> bool {
+/// Waits for a change of `key`, for at most `poll_ms` and the time left until
+/// `deadline`; false when none is left. A lease that runs out sends no change notice, so
+/// waiters on leased things poll at a fraction of the lease.
+async fn wait_until(store: &Store, key: &str, deadline: Option<Instant>, poll_ms: u64) -> bool {
     let wait_ms = match deadline {
-        None => 1_000,
+        None => poll_ms,
         Some(deadline) => match deadline.checked_duration_since(Instant::now()) {
-            Some(left) if !left.is_zero() => millis(left).min(1_000),
+            Some(left) if !left.is_zero() => millis(left).min(poll_ms),
             _ => return false,
         },
     };
@@ -104,7 +111,7 @@ impl Lock {
             if let Some(token) = self.store.lock_acquire(&self.key, &holder, self.lease_ms).await? {
                 return Ok(Some(self.guard(holder, token)));
             }
-            if !wait_until(&self.store, &self.key, deadline).await {
+            if !wait_until(&self.store, &self.key, deadline, lease_poll_ms(self.lease_ms)).await {
                 return Ok(None);
             }
         }
@@ -207,7 +214,7 @@ impl CountDownLatch {
             if self.count().await? == 0 {
                 return Ok(true);
             }
-            if !wait_until(&self.store, &self.key, Some(deadline)).await {
+            if !wait_until(&self.store, &self.key, Some(deadline), 1_000).await {
                 return Ok(false);
             }
         }
@@ -255,7 +262,7 @@ impl Semaphore {
             if self.store.semaphore_acquire(&self.key, &holder, self.lease_ms).await? {
                 return Ok(Some(self.permit(holder)));
             }
-            if !wait_until(&self.store, &self.key, Some(deadline)).await {
+            if !wait_until(&self.store, &self.key, Some(deadline), lease_poll_ms(self.lease_ms)).await {
                 return Ok(None);
             }
         }

@@ -73,9 +73,9 @@ pub(crate) struct NodeCore {
     pub(crate) placement: Arc<crate::placement::Placement>,
     /// Set while the node drains: it takes no new work and finishes what it holds.
     pub(crate) draining: std::sync::atomic::AtomicBool,
-    /// Signalled when a worker of this node has free slots and an empty queue: the helpers
-    /// look for work to hoist at once.
-    pub(crate) idle_worker: tokio::sync::Notify,
+    /// Signalled when a worker of this node goes idle, or queues nested work while all its
+    /// slots are busy: the helpers look for work to hoist soon.
+    pub(crate) hoist_hint: tokio::sync::Notify,
 }
 
 /// Where a call's request goes when it must be queued.

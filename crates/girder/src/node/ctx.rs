@@ -76,6 +76,10 @@ impl Ctx {
             Ok(outcome) => return outcome,
             Err(rx) => rx,
         };
+        if self.worker.semaphore.available_permits() == 0 {
+            // Our queue grows while every slot is busy: an idle member may take some.
+            self.core.hoist_hint.notify_waiters();
+        }
         let nested = match &self.mode {
             Mode::Async(nested) => Some(nested),
             // An async call from a blocking function's thread (through `block_on`) keeps its slot.

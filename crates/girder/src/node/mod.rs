@@ -280,7 +280,7 @@ impl NodeBuilder {
             latency: metrics::Latency::default(),
             placement: Arc::new(crate::placement::Placement::new(statekeeper.clone(), Some(id.to_string()))),
             draining: std::sync::atomic::AtomicBool::new(false),
-            idle_worker: tokio::sync::Notify::new(),
+            hoist_hint: tokio::sync::Notify::new(),
         });
         if let Err(err) = core.rejoin().await {
             // Do not leave a half-registered node behind (a duplicate id registered nothing).

@@ -37,7 +37,7 @@ const HELPER_WAKE_GAP_MS: u64 = 20;
 /// Copies surplus queued work of busy members of `pool` up to the pool's queue, where idle
 /// members can take it before the busy member reaches it. Rounds run every `interval`
 /// while they find work to hoist, back off to [`HELPER_IDLE_MS_MAX`] while they find none,
-/// and run at once when a worker of this node goes idle.
+/// and run soon when a worker of this node goes idle or backs up.
 pub(crate) async fn helper(core: Arc<NodeCore>, pool: PoolId, interval: Duration, hoist_max: usize) {
     let idle_max = Duration::from_millis(HELPER_IDLE_MS_MAX).max(interval);
     let wake_gap = Duration::from_millis(HELPER_WAKE_GAP_MS);
@@ -47,7 +47,7 @@ pub(crate) async fn helper(core: Arc<NodeCore>, pool: PoolId, interval: Duration
         let woken = tokio::select! {
             _ = core.cancel.cancelled() => break,
             _ = tokio::time::sleep(wait) => false,
-            _ = core.idle_worker.notified() => true,
+            _ = core.hoist_hint.notified() => true,
         };
         // Idle workers come and go with every request under load: answer them at most
         // once per gap, so hoisting does not cost a statekeeper step per request.

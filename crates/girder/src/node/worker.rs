@@ -148,7 +148,7 @@ pub(crate) async fn dispatch(core: Arc<NodeCore>, worker: Arc<Worker>) {
                     tracing::warn!(worker = %worker.id, error = %err, "volunteering failed; retrying");
                 }
                 if worker.semaphore.available_permits() > 0 {
-                    core.idle_worker.notify_waiters();
+                    core.hoist_hint.notify_waiters();
                 }
             }
         }

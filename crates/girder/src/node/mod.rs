@@ -358,6 +358,13 @@ pub(crate) fn node_info(core: &NodeCore) -> NodeInfo {
     }
 }
 
+/// A metric family: name, type, help, and how to read a sample's value.
+type Family<F> = (&'static str, &'static str, &'static str, F);
+/// Reads a worker sample from its report and its queue length.
+type WorkerValue = fn(&WorkerInfo, u64) -> f64;
+/// Reads a pool sample from its counters.
+type PoolValue = fn(&PoolCounters) -> f64;
+
 /// A running node. Dropping it without [`Node::shutdown`] leaves its tasks running until
 /// the runtime stops.
 pub struct Node {
@@ -487,50 +494,41 @@ impl Node {
         for (function, count) in &stats.evaluations {
             out.sample("girder_evaluations_total", &[("node", node), ("function", function)], *count as f64);
         }
-        out.family("girder_worker_slots", "gauge", "Evaluation slots per worker.");
-        for w in &info.workers {
-            out.sample(
-                "girder_worker_slots",
-                &[("node", node), ("worker", &w.id), ("pool", &w.pool)],
-                f64::from(w.slots),
-            );
+        let mut per_worker: Vec<(&WorkerInfo, u64)> = Vec::new();
+        for (reported, worker) in info.workers.iter().zip(&self.core.workers) {
+            per_worker.push((reported, self.core.statekeeper.queue_len(&worker.queue).await.unwrap_or(0) as u64));
         }
-        out.family("girder_worker_busy_slots", "gauge", "Slots in use per worker.");
-        for w in &info.workers {
-            out.sample(
-                "girder_worker_busy_slots",
-                &[("node", node), ("worker", &w.id), ("pool", &w.pool)],
-                f64::from(w.busy),
-            );
-        }
-        out.family("girder_worker_executed_total", "counter", "Evaluations started per worker.");
-        for w in &stats.workers {
-            out.sample(
-                "girder_worker_executed_total",
-                &[("node", node), ("worker", &w.id), ("pool", &w.pool)],
-                w.executed as f64,
-            );
-        }
-        out.family("girder_worker_queue_length", "gauge", "Requests in a worker's own queue, stale copies included.");
-        for w in &self.core.workers {
-            let len = self.core.statekeeper.queue_len(&w.queue).await.unwrap_or(0);
-            out.sample(
+        let worker_families: [Family<WorkerValue>; 4] = [
+            ("girder_worker_slots", "gauge", "Evaluation slots per worker.", |w, _| f64::from(w.slots)),
+            ("girder_worker_busy_slots", "gauge", "Slots in use per worker.", |w, _| f64::from(w.busy)),
+            ("girder_worker_executed_total", "counter", "Evaluations started per worker.", |w, _| w.executed as f64),
+            (
                 "girder_worker_queue_length",
-                &[("node", node), ("worker", &w.id), ("pool", w.pool.as_str())],
-                len as f64,
-            );
+                "gauge",
+                "Requests in a worker's own queue, stale copies included.",
+                |_, queued| queued as f64,
+            ),
+        ];
+        for (name, kind, help, value) in worker_families {
+            out.family(name, kind, help);
+            for (w, queued) in &per_worker {
+                out.sample(name, &[("node", node), ("worker", &w.id), ("pool", &w.pool)], value(w, *queued));
+            }
         }
-        out.family("girder_pool_queue_length", "gauge", "Requests in a pool's queue.");
-        for (pool, counters) in &stats.pools {
-            out.sample("girder_pool_queue_length", &[("pool", pool)], counters.queue_len as f64);
-        }
-        out.family("girder_pool_handed_off_total", "counter", "Requests a pool's distributor handed to a volunteer.");
-        for (pool, counters) in &stats.pools {
-            out.sample("girder_pool_handed_off_total", &[("pool", pool)], counters.handed_off as f64);
-        }
-        out.family("girder_pool_hoisted_total", "counter", "Requests a pool's helper copied up from busy members.");
-        for (pool, counters) in &stats.pools {
-            out.sample("girder_pool_hoisted_total", &[("pool", pool)], counters.hoisted as f64);
+        let pool_families: [Family<PoolValue>; 3] = [
+            ("girder_pool_queue_length", "gauge", "Requests in a pool's queue.", |c| c.queue_len as f64),
+            ("girder_pool_handed_off_total", "counter", "Requests a pool's distributor handed to a volunteer.", |c| {
+                c.handed_off as f64
+            }),
+            ("girder_pool_hoisted_total", "counter", "Requests a pool's helper copied up from busy members.", |c| {
+                c.hoisted as f64
+            }),
+        ];
+        for (name, kind, help, value) in pool_families {
+            out.family(name, kind, help);
+            for (pool, counters) in &stats.pools {
+                out.sample(name, &[("pool", pool)], value(counters));
+            }
         }
         out.family("girder_flocks_owned", "gauge", "Flocks this node owns in the placement table.");
         out.sample("girder_flocks_owned", &[("node", node)], f64::from(info.flocks));

@@ -28,6 +28,44 @@ fn millis(duration: Duration) -> u64 {
 /// Shortest lease accepted: renewals run every third of it.
 pub const LEASE_MS_MIN: u64 = 30;
 
+/// Renews a lease every third of `lease_ms` with `renew` until it reports the lease gone
+/// (then `lost` is set); an unreachable store is retried while the lease may still hold.
+fn keep_renewed<F, Fut>(what: String, lease_ms: u64, lost: Arc<AtomicBool>, renew: F) -> JoinHandle<()>
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = DsResult<bool>> + Send,
+{
+    let every = Duration::from_millis(lease_ms / 3);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            match renew().await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(lease = %what, "lease lost");
+                    lost.store(true, Ordering::Release);
+                    return;
+                }
+                Err(err) => tracing::warn!(lease = %what, error = %err, "lease renewal failed"),
+            }
+        }
+    })
+}
+
+/// Stops `renewal` and, on a best-effort basis, runs `release`: dropped guards free what
+/// they hold at once instead of when the lease runs out.
+fn release_on_drop<Fut>(renewal: &JoinHandle<()>, release: Fut)
+where
+    Fut: std::future::Future<Output = DsResult<bool>> + Send + 'static,
+{
+    renewal.abort();
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        handle.spawn(async move {
+            let _ = release.await;
+        });
+    }
+}
+
 /// How often waiters re-check something held under a `lease_ms` lease.
 fn lease_poll_ms(lease_ms: u64) -> u64 {
     (lease_ms / 8).clamp(10, 1_000)
@@ -125,22 +163,10 @@ impl Lock {
     fn guard(&self, holder: String, token: u64) -> LockGuard {
         let lost = Arc::new(AtomicBool::new(false));
         let renewal = {
-            let (store, key, holder, lost) = (self.store.clone(), self.key.clone(), holder.clone(), lost.clone());
-            let (lease_ms, every) = (self.lease_ms, Duration::from_millis(self.lease_ms / 3));
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(every).await;
-                    match store.lock_renew(&key, &holder, token, lease_ms).await {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            tracing::warn!(lock = %key, token, "lock lease lost");
-                            lost.store(true, Ordering::Release);
-                            return;
-                        }
-                        // Unreachable store: keep trying while the lease may still hold.
-                        Err(err) => tracing::warn!(lock = %key, error = %err, "lock renewal failed"),
-                    }
-                }
+            let (store, key, holder, lease_ms) = (self.store.clone(), self.key.clone(), holder.clone(), self.lease_ms);
+            keep_renewed(format!("lock {} token {token}", self.key), lease_ms, lost.clone(), move || {
+                let (store, key, holder) = (store.clone(), key.clone(), holder.clone());
+                async move { store.lock_renew(&key, &holder, token, lease_ms).await }
             })
         };
         LockGuard { store: self.store.clone(), key: self.key.clone(), holder, token, lost, renewal }
@@ -167,14 +193,8 @@ impl LockGuard {
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
-        self.renewal.abort();
-        // Released by `release`, or here on a best-effort basis; the lease bounds the rest.
         let (store, key, holder, token) = (self.store.clone(), self.key.clone(), self.holder.clone(), self.token);
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                let _ = store.lock_release(&key, &holder, token).await;
-            });
-        }
+        release_on_drop(&self.renewal, async move { store.lock_release(&key, &holder, token).await });
     }
 }
 
@@ -270,16 +290,11 @@ impl Semaphore {
 
     fn permit(&self, holder: String) -> Permit {
         let renewal = {
-            let (store, key, holder) = (self.store.clone(), self.key.clone(), holder.clone());
-            let (lease_ms, every) = (self.lease_ms, Duration::from_millis(self.lease_ms / 3));
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(every).await;
-                    if let Ok(false) = store.semaphore_renew(&key, &holder, lease_ms).await {
-                        tracing::warn!(semaphore = %key, "permit lease lost");
-                        return;
-                    }
-                }
+            let (store, key, holder, lease_ms) = (self.store.clone(), self.key.clone(), holder.clone(), self.lease_ms);
+            let lost = Arc::new(AtomicBool::new(false));
+            keep_renewed(format!("semaphore {} permit", self.key), lease_ms, lost, move || {
+                let (store, key, holder) = (store.clone(), key.clone(), holder.clone());
+                async move { store.semaphore_renew(&key, &holder, lease_ms).await }
             })
         };
         Permit { store: self.store.clone(), key: self.key.clone(), holder, renewal }
@@ -296,12 +311,7 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.renewal.abort();
         let (store, key, holder) = (self.store.clone(), self.key.clone(), self.holder.clone());
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                let _ = store.semaphore_release(&key, &holder).await;
-            });
-        }
+        release_on_drop(&self.renewal, async move { store.semaphore_release(&key, &holder).await });
     }
 }

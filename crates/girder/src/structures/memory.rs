@@ -2,14 +2,13 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use parking_lot::Mutex;
-use tokio::sync::{broadcast, Notify};
+use tokio::sync::broadcast;
 
 use super::{DsError, DsResult, Kind, ReliableBatch, Retention, Structures, Versioned};
 
@@ -61,7 +60,7 @@ impl Entry {
 #[derive(Default)]
 pub struct InMemory {
     entries: Mutex<HashMap<String, Entry>>,
-    changes: Mutex<HashMap<String, Arc<Notify>>>,
+    changes: super::changes::ChangeNotices,
     topics: Mutex<HashMap<String, broadcast::Sender<Bytes>>>,
     /// Versions are unique across keys and time, so a deleted and re-created value never
     /// reuses a version a stale compare-and-set could match.
@@ -116,9 +115,7 @@ impl InMemory {
     }
 
     fn changed(&self, key: &str) {
-        if let Some(notify) = self.changes.lock().get(key) {
-            notify.notify_waiters();
-        }
+        self.changes.notify(key);
     }
 
     fn next_version(&self) -> u64 {
@@ -656,13 +653,7 @@ impl Structures for InMemory {
     }
 
     async fn wait_change(&self, key: &str, timeout_ms: u64) {
-        let notify = self.changes.lock().entry(key.to_owned()).or_default().clone();
-        let _ = tokio::time::timeout(Duration::from_millis(timeout_ms), notify.notified()).await;
-        let mut changes = self.changes.lock();
-        // Ours and the map's: nobody else waits, so the entry can go.
-        if Arc::strong_count(&notify) <= 2 {
-            changes.remove(key);
-        }
+        self.changes.wait(key, timeout_ms).await;
     }
 }
 

@@ -8,6 +8,7 @@
 //! (compare-and-set retries, waits, lease renewals) on top. Every key holds one kind of
 //! structure; using it as another kind is a [`DsError::WrongKind`] and leaves it untouched.
 
+pub(crate) mod changes;
 mod collections;
 pub mod conformance;
 mod coordination;

@@ -108,23 +108,7 @@ struct Scripts {
 
 impl Scripts {
     fn load(config: &RedisConfig) -> Scripts {
-        let mut sections: HashMap<&str, String> = HashMap::new();
-        let mut current: Option<(&str, String)> = None;
-        for line in OPS.lines() {
-            if let Some(header) = line.strip_prefix("--@@ ") {
-                if let Some((name, body)) = current.take() {
-                    sections.insert(name, body);
-                }
-                let name = header.split(':').next().unwrap_or(header).trim();
-                current = Some((name, String::new()));
-            } else if let Some((_, body)) = current.as_mut() {
-                body.push_str(line);
-                body.push('\n');
-            }
-        }
-        if let Some((name, body)) = current.take() {
-            sections.insert(name, body);
-        }
+        let mut sections: HashMap<&str, String> = sections(OPS).into_iter().collect();
         let head = format!("local INBOX_LEN_MAX = {}\n{PRELUDE}\n", config.inbox_len_max.max(1));
         let mut script = |name: &str| {
             // The sections are compiled into the binary; a missing one is a bug caught by
@@ -152,6 +136,20 @@ impl Scripts {
             pool_counters: script("pool_counters"),
         }
     }
+}
+
+/// Splits a script file into its sections: a line `--@@ NAME: ...` starts section NAME.
+pub(crate) fn sections(text: &'static str) -> Vec<(&'static str, String)> {
+    let mut sections: Vec<(&'static str, String)> = Vec::new();
+    for line in text.lines() {
+        if let Some(header) = line.strip_prefix("--@@ ") {
+            sections.push((header.split(':').next().unwrap_or(header).trim(), String::new()));
+        } else if let Some((_, body)) = sections.last_mut() {
+            body.push_str(line);
+            body.push('\n');
+        }
+    }
+    sections
 }
 
 type Signals = Arc<Mutex<HashMap<QueueId, Arc<Notify>>>>;

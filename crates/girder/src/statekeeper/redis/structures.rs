@@ -17,8 +17,8 @@ use futures::StreamExt;
 use lru::LruCache;
 use parking_lot::Mutex;
 use redis::{FromRedisValue, Script};
-use tokio::sync::Notify;
 
+use crate::structures::changes::ChangeNotices;
 use crate::structures::{DsError, DsResult, Kind, ReliableBatch, Retention, Structures, Versioned};
 
 const SCRIPTS: &str = include_str!("structures.lua");
@@ -44,32 +44,17 @@ pub(crate) struct RedisStructures {
     near: Arc<Mutex<Near>>,
     /// Whether the change subscription is live; the near cache is used only then.
     subscribed: Arc<AtomicBool>,
-    changes: Arc<Mutex<HashMap<String, Arc<Notify>>>>,
+    changes: ChangeNotices,
     listener: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 fn scripts() -> HashMap<&'static str, Script> {
-    let mut prelude = String::new();
-    let mut sections: Vec<(&'static str, String)> = Vec::new();
-    for line in SCRIPTS.lines() {
-        if let Some(header) = line.strip_prefix("--@@ ") {
-            let name = header.split(':').next().unwrap_or(header).trim();
-            sections.push((name, String::new()));
-        } else if let Some((name, body)) = sections.last_mut() {
-            if *name == "prelude" {
-                prelude.push_str(line);
-                prelude.push('\n');
-            } else {
-                body.push_str(line);
-                body.push('\n');
-            }
-        }
-    }
-    sections
-        .into_iter()
-        .filter(|(name, _)| *name != "prelude")
-        .map(|(name, body)| (name, Script::new(&format!("{prelude}{body}"))))
-        .collect()
+    let mut sections = super::sections(SCRIPTS);
+    let prelude = match sections.iter().position(|(name, _)| *name == "prelude") {
+        Some(i) => sections.remove(i).1,
+        None => String::new(),
+    };
+    sections.into_iter().map(|(name, body)| (name, Script::new(&format!("{prelude}{body}")))).collect()
 }
 
 fn failed(err: redis::RedisError) -> DsError {
@@ -106,7 +91,7 @@ impl RedisStructures {
                 entries: LruCache::new(NonZeroUsize::new(NEAR_ENTRIES_MAX).unwrap_or(NonZeroUsize::MIN)),
             })),
             subscribed: Arc::default(),
-            changes: Arc::default(),
+            changes: ChangeNotices::default(),
             listener: Mutex::new(None),
         }
     }
@@ -160,9 +145,7 @@ impl RedisStructures {
                         while let Some(message) = messages.next().await {
                             let Ok(key) = message.get_payload::<String>() else { continue };
                             near.lock().entries.pop(&key);
-                            if let Some(notify) = changes.lock().get(&key) {
-                                notify.notify_waiters();
-                            }
+                            changes.notify(&key);
                         }
                         subscribed.store(false, Ordering::Release);
                         tracing::warn!(channel = %channel, "change subscription lost; reconnecting");
@@ -499,12 +482,7 @@ impl Structures for RedisStructures {
 
     async fn wait_change(&self, key: &str, timeout_ms: u64) {
         self.ensure_listener();
-        let notify = self.changes.lock().entry(key.to_owned()).or_default().clone();
-        let _ = tokio::time::timeout(Duration::from_millis(timeout_ms), notify.notified()).await;
-        let mut changes = self.changes.lock();
-        if Arc::strong_count(&notify) <= 2 {
-            changes.remove(key);
-        }
+        self.changes.wait(key, timeout_ms).await;
     }
 }
 

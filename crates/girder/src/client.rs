@@ -108,6 +108,9 @@ impl Caller for Client {
     }
 
     fn call_request_blocking(&self, request: Request) -> Outcome {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return Err(CallError::BlockingInAsync { function: request.function.to_string() });
+        }
         let queue = self.queue_for(&request.function);
         self.core.handle.block_on(self.core.call(&request, Target { queue: &queue, front: false }, self.deadline))
     }

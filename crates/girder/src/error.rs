@@ -68,6 +68,16 @@ pub enum CallError {
         /// The function's name.
         function: String,
     },
+    /// A blocking call (`call_blocking`) was made on an async runtime's thread, where
+    /// blocking would stall every task of that thread. Nothing was submitted.
+    #[error(
+        "{function} was called with call_blocking from async code; use `.call(..).await` there, \
+         or run the blocking code in a blocking girder function or tokio::task::spawn_blocking"
+    )]
+    BlockingInAsync {
+        /// The function's name.
+        function: String,
+    },
 }
 
 /// A short, stable name for each [`CallError`] variant: the `kind` field of HTTP errors.
@@ -90,6 +100,8 @@ pub enum ErrorKind {
     Statekeeper,
     /// [`CallError::Shutdown`].
     Shutdown,
+    /// [`CallError::BlockingInAsync`].
+    BlockingInAsync,
     /// A malformed HTTP request (not valid JSON, not an array): it never reached the grid.
     BadRequest,
     /// A cache key or structure that does not exist.
@@ -112,6 +124,7 @@ impl ErrorKind {
             ErrorKind::DeadlineExceeded => "deadline_exceeded",
             ErrorKind::Statekeeper => "statekeeper",
             ErrorKind::Shutdown => "shutdown",
+            ErrorKind::BlockingInAsync => "blocking_in_async",
             ErrorKind::BadRequest => "bad_request",
             ErrorKind::NotFound => "not_found",
             ErrorKind::WrongKind => "wrong_kind",
@@ -132,6 +145,7 @@ impl CallError {
             CallError::DeadlineExceeded { .. } => ErrorKind::DeadlineExceeded,
             CallError::Statekeeper { .. } => ErrorKind::Statekeeper,
             CallError::Shutdown { .. } => ErrorKind::Shutdown,
+            CallError::BlockingInAsync { .. } => ErrorKind::BlockingInAsync,
         }
     }
 

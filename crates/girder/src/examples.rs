@@ -1,6 +1,6 @@
 //! Built-in example functions, shipped in the binary so a grid can be exercised with no
-//! code: `examples/echo`, `sleep`, `fail`, `panic`, `fib`, `tree`, `tree_blocking` and
-//! `whoami`.
+//! code: `examples/echo`, `sleep`, `fail`, `panic`, `fib`, `tree`, `tree_blocking`,
+//! `chain`, `chain_blocking`, `zigzag`, `zigzag_blocking` and `whoami`.
 
 use futures::future::try_join_all;
 
@@ -13,6 +13,8 @@ pub const SLEEP_MS_MAX: u64 = 600_000;
 pub const FIB_N_MAX: u64 = 93;
 /// Most requests one `examples/tree` call may fan out to, itself included.
 pub const TREE_REQUESTS_MAX: u64 = 10_000_000;
+/// Deepest `examples/chain` (and its twins) may go.
+pub const CHAIN_N_MAX: u64 = 10_000_000;
 
 /// Registers every example in `registry`.
 pub fn register(registry: &mut Registry) {
@@ -24,6 +26,10 @@ pub fn register(registry: &mut Registry) {
         .register::<fib>()
         .register::<tree>()
         .register::<tree_blocking>()
+        .register::<chain>()
+        .register::<chain_blocking>()
+        .register::<zigzag>()
+        .register::<zigzag_blocking>()
         .register::<whoami>();
 }
 
@@ -125,4 +131,55 @@ pub fn tree_blocking(ctx: Ctx, depth: u32, fanout: u32, id: u64) -> Result<u64, 
         }
     }
     Ok(count)
+}
+
+fn chain_check(n: u64) -> Result<(), String> {
+    if n > CHAIN_N_MAX {
+        return Err(format!("chains are limited to depth {CHAIN_N_MAX}, got {n}"));
+    }
+    Ok(())
+}
+
+/// A chain of nested requests `n` deep: 0 for `n = 0`, else `1 + chain(n - 1)`, so
+/// `chain(n) = n`. Checks that async functions nest to any depth.
+#[crate::function(name = "examples/chain")]
+pub async fn chain(ctx: Ctx, n: u64) -> Result<u64, String> {
+    chain_check(n)?;
+    if n == 0 {
+        return Ok(0);
+    }
+    Ok(1 + chain::call(&ctx, n - 1).await.map_err(|e| e.to_string())?)
+}
+
+/// [`chain`] as a blocking function: `chain_blocking(n) = n`. Checks that blocking
+/// functions nest to any depth without a thread per level or a stack overflow.
+#[crate::function(name = "examples/chain_blocking")]
+pub fn chain_blocking(ctx: Ctx, n: u64) -> Result<u64, String> {
+    chain_check(n)?;
+    if n == 0 {
+        return Ok(0);
+    }
+    Ok(1 + chain_blocking::call_blocking(&ctx, n - 1).map_err(|e| e.to_string())?)
+}
+
+/// A chain whose levels alternate between async and blocking functions: `zigzag(n)` is
+/// async and calls `zigzag_blocking(n - 1)`, which calls `zigzag(n - 2)`, ...; both
+/// return `n`.
+#[crate::function(name = "examples/zigzag")]
+pub async fn zigzag(ctx: Ctx, n: u64) -> Result<u64, String> {
+    chain_check(n)?;
+    if n == 0 {
+        return Ok(0);
+    }
+    Ok(1 + zigzag_blocking::call(&ctx, n - 1).await.map_err(|e| e.to_string())?)
+}
+
+/// The blocking half of [`zigzag`].
+#[crate::function(name = "examples/zigzag_blocking")]
+pub fn zigzag_blocking(ctx: Ctx, n: u64) -> Result<u64, String> {
+    chain_check(n)?;
+    if n == 0 {
+        return Ok(0);
+    }
+    Ok(1 + zigzag::call_blocking(&ctx, n - 1).map_err(|e| e.to_string())?)
 }

@@ -9,6 +9,7 @@ use tokio::sync::oneshot::error::TryRecvError;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::core::{NodeCore, Target};
+use super::fiber;
 use super::worker::{self, Worker};
 use crate::client::Caller;
 use crate::error::CallError;
@@ -20,8 +21,9 @@ enum Mode {
     /// Counts the nested requests the evaluation is parked on; the slot is given back
     /// while the count is above zero.
     Async(Arc<AtomicUsize>),
-    /// The slot held by the evaluation's thread, given back while the thread blocks.
-    Blocking(Arc<Mutex<Option<OwnedSemaphorePermit>>>),
+    /// The slot held by the evaluation, given back while it waits, and the fiber it runs on
+    /// (see [`super::fiber`]), which suspends while it waits.
+    Blocking { slot: Arc<Mutex<Option<OwnedSemaphorePermit>>>, fiber: Option<u64> },
 }
 
 /// The context of one evaluation: the handle a function uses to call other functions.
@@ -47,7 +49,7 @@ impl Ctx {
         worker: Arc<Worker>,
         slot: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
     ) -> Ctx {
-        Ctx { core, worker, mode: Mode::Blocking(slot) }
+        Ctx { core, worker, mode: Mode::Blocking { slot, fiber: fiber::current() } }
     }
 
     /// The id of the node running this evaluation.
@@ -83,7 +85,7 @@ impl Ctx {
         let nested = match &self.mode {
             Mode::Async(nested) => Some(nested),
             // An async call from a blocking function's thread (through `block_on`) keeps its slot.
-            Mode::Blocking(_) => None,
+            Mode::Blocking { .. } => None,
         };
         if let Some(nested) = nested {
             nested.fetch_add(1, Ordering::AcqRel);
@@ -96,16 +98,23 @@ impl Ctx {
     }
 
     /// A nested call from a blocking function: submit to our own queue, run what is in it
-    /// on this thread until the outcome is there, and only then block, giving the slot back
-    /// while blocked.
+    /// inline while the fiber's stack has room and the outcome is not there, then give the
+    /// slot back and suspend the fiber until the outcome is there and a slot is free again.
     fn call_on_thread(&self, request: Request) -> Outcome {
         let core = &self.core;
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return Err(CallError::BlockingInAsync { function: request.function.to_string() });
+        }
+        if core.cancel.is_cancelled() {
+            return Err(CallError::Shutdown { function: request.function.to_string() });
+        }
         let pool_queue = QueueId::pool(&self.worker.pool);
         let mut rx = match core.handle.block_on(core.begin_call(&request, self.target(&request, &pool_queue))) {
             Ok(outcome) => return outcome,
             Err(rx) => rx,
         };
-        let Mode::Blocking(slot) = &self.mode else {
+        let Mode::Blocking { slot, fiber } = &self.mode else {
+            // An async function's context used from a thread of the user's own.
             return core.handle.block_on(core.finish_call(&request.function, rx, None));
         };
         loop {
@@ -116,10 +125,13 @@ impl Ctx {
                 }
                 Err(TryRecvError::Empty) => {}
             }
+            if !fiber::has_stack_room() || core.cancel.is_cancelled() {
+                break;
+            }
             let claimed = match core.handle.block_on(core.statekeeper.claim(&self.worker.queue, &core.id, 1)) {
                 Ok(mut claimed) => claimed.pop(),
                 Err(err) => {
-                    tracing::warn!(worker = %self.worker.id, error = %err, "claim failed while waiting; blocking instead");
+                    tracing::warn!(worker = %self.worker.id, error = %err, "claim failed while waiting; suspending instead");
                     core.claims_uncertain.store(true, Ordering::Release);
                     None
                 }
@@ -135,15 +147,44 @@ impl Ctx {
                 _ => worker::start_when_free(core, &self.worker, next),
             }
         }
-        // Nothing left to do here: give the slot back while blocked, take one again after.
+        // Nothing left to do here: give the slot back while waiting, take one again after.
         if let Some(permit) = slot.lock().take() {
             self.worker.release(permit);
         }
-        let outcome = core.handle.block_on(core.finish_call(&request.function, rx, None));
-        if let Ok(permit) = core.handle.block_on(self.worker.semaphore.clone().acquire_owned()) {
-            *slot.lock() = Some(permit);
+        let (outcome, permit) = match fiber.filter(|id| fiber::current() == Some(*id)) {
+            Some(id) => self.suspend_for(id, &request, rx),
+            None => {
+                // Not on our fiber (the context was handed to a thread of the user's own):
+                // that thread blocks.
+                let outcome = core.handle.block_on(core.finish_call(&request.function, rx, None));
+                (Some(outcome), core.handle.block_on(self.worker.acquire_woken()))
+            }
+        };
+        *slot.lock() = permit;
+        outcome.unwrap_or_else(|| Err(CallError::Shutdown { function: request.function.to_string() }))
+    }
+
+    /// Suspends fiber `id` until `rx` has the outcome and a slot is free.
+    fn suspend_for(
+        &self,
+        id: u64,
+        request: &Request,
+        rx: tokio::sync::oneshot::Receiver<Outcome>,
+    ) -> (Option<Outcome>, Option<OwnedSemaphorePermit>) {
+        let (core, worker, function) = (self.core.clone(), self.worker.clone(), request.function.clone());
+        let arrange: fiber::Arrange = Box::new(move |wake: fiber::Wake| {
+            let handle = core.handle.clone();
+            handle.spawn(async move {
+                let outcome = core.finish_call(&function, rx, None).await;
+                let permit = worker.acquire_woken().await;
+                wake.send(outcome, permit);
+            });
+        });
+        match fiber::suspend(id, arrange) {
+            Some(resumed) => (resumed.outcome, resumed.permit),
+            // Checked just before; unreachable, but no reason to panic over it.
+            None => (None, None),
         }
-        outcome
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod config;
 pub(crate) mod core;
 mod ctx;
+mod fiber;
 mod metrics;
 mod roles;
 mod system;
@@ -386,6 +387,8 @@ pub struct WorkerStats {
     pub executed: u64,
     /// Most slots in use at once so far.
     pub peak_busy: usize,
+    /// Threads its blocking evaluations run on (at most its slots).
+    pub fiber_threads: usize,
 }
 
 /// What a node has done so far.
@@ -567,6 +570,7 @@ impl Node {
                     slots: w.slots.load(Ordering::Relaxed),
                     executed: w.executed.load(Ordering::Relaxed),
                     peak_busy: w.peak_busy.load(Ordering::Relaxed),
+                    fiber_threads: w.fibers.threads(),
                 })
                 .collect(),
             evaluations,
@@ -611,6 +615,9 @@ impl Node {
     /// waiting on this node get [`crate::CallError::Shutdown`].
     pub async fn shutdown(&self) {
         self.core.cancel.cancel();
+        for worker in &self.core.workers {
+            worker.fibers.close();
+        }
         let tasks = std::mem::take(&mut *self.tasks.lock());
         for task in tasks {
             let _ = task.await;

@@ -4,7 +4,8 @@
 //! A slot is a permit of the worker's semaphore. An async evaluation holds one while it is
 //! polled and gives it back whenever it is parked on nested requests, so a worker never
 //! runs more than `slots` evaluations at once and never starves on its own nesting. A
-//! blocking evaluation holds one on its thread; see [`super::ctx::Ctx::call_blocking`].
+//! blocking evaluation holds one while its fiber runs (see [`super::fiber`]) and gives it
+//! back while the fiber is suspended on a nested request.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -20,6 +21,7 @@ use tokio_util::sync::PollSemaphore;
 
 use super::core::{NodeCore, RETRY_MAX_MS, RETRY_MIN_MS};
 use super::ctx::Ctx;
+use super::fiber::FiberPool;
 use crate::error::CallError;
 use crate::function::{FnKind, Registered};
 use crate::request::{Outcome, Request};
@@ -47,10 +49,13 @@ pub(crate) struct Worker {
     pub(crate) peak_busy: AtomicUsize,
     /// Parked evaluations that woke up and wait for a slot.
     pub(crate) waiting_for_slot: AtomicUsize,
+    /// The threads blocking evaluations run on, as fibers.
+    pub(crate) fibers: FiberPool,
 }
 
 impl Worker {
     pub(crate) fn new(id: Arc<str>, pool: PoolId, slots: usize, prefetch: u32) -> Worker {
+        let fiber_name = id.clone();
         Worker {
             queue: QueueId::worker(&id),
             id,
@@ -63,7 +68,24 @@ impl Worker {
             executed: AtomicU64::new(0),
             peak_busy: AtomicUsize::new(0),
             waiting_for_slot: AtomicUsize::new(0),
+            fibers: FiberPool::new(fiber_name),
         }
+    }
+
+    /// A slot for an evaluation that woke up from waiting; counted in `waiting_for_slot`
+    /// meanwhile, so finishing evaluations leave their slots to it rather than claim more.
+    pub(crate) async fn acquire_woken(self: &Arc<Self>) -> Option<OwnedSemaphorePermit> {
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        self.waiting_for_slot.fetch_add(1, Ordering::AcqRel);
+        let _waiting = Waiting(&self.waiting_for_slot);
+        let permit = self.semaphore.clone().acquire_owned().await.ok();
+        self.note_busy();
+        permit
     }
 
     fn note_busy(&self) {
@@ -192,16 +214,19 @@ pub(crate) fn start(core: &Arc<NodeCore>, worker: &Arc<Worker>, request: Request
             core.handle.spawn(slotted);
         }
         FnKind::Blocking => {
-            let core = core.clone();
-            let worker = worker.clone();
-            core.handle.clone().spawn_blocking(move || {
-                let slot = Arc::new(Mutex::new(Some(permit)));
-                run_blocking(&core, &worker, &registered, &slot, request);
-                let permit = slot.lock().take();
-                if let Some(permit) = permit {
-                    worker.release(permit);
-                }
-            });
+            let (core, running_on) = (core.clone(), worker.clone());
+            let slots = worker.slots.load(Ordering::Relaxed);
+            worker.fibers.start(
+                slots,
+                Box::new(move || {
+                    let slot = Arc::new(Mutex::new(Some(permit)));
+                    run_blocking(&core, &running_on, &registered, &slot, request);
+                    let permit = slot.lock().take();
+                    if let Some(permit) = permit {
+                        running_on.release(permit);
+                    }
+                }),
+            );
         }
     }
 }
@@ -261,6 +286,11 @@ pub(crate) fn run_blocking(
     let outcome: Outcome =
         std::panic::catch_unwind(AssertUnwindSafe(|| registered.function.invoke_blocking(ctx, &request.args)))
             .unwrap_or_else(|payload| Err(panic_error(&request, payload)));
+    if core.cancel.is_cancelled() {
+        // The node stopped under us: its runtime may be gone, and deregistering handed
+        // its claims back, so the request runs again elsewhere.
+        return;
+    }
     core.handle.block_on(core.complete(&request, outcome));
 }
 

@@ -137,6 +137,25 @@ impl RedisServer {
         self.port
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open and nothing answers.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server go on (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let sent = Command::new("kill").arg(signal).arg(child.id().to_string()).status();
+            if !sent.is_ok_and(|s| s.success()) {
+                tracing::warn!(signal, "could not signal redis-server");
+            }
+        }
+    }
+
     /// Stops the server abruptly (SIGKILL).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

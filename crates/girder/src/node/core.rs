@@ -14,6 +14,7 @@ use super::worker::Worker;
 use crate::error::{CallError, StatekeeperError};
 use crate::function::Registry;
 use crate::request::{Outcome, Request};
+use crate::retry::Backoff;
 use crate::statekeeper::{NodeId, PoolId, QueueId, Statekeeper, Submitted};
 
 /// Counters of the call path, shared by all callers on a node.
@@ -40,10 +41,7 @@ pub(crate) struct DeclaredPool {
 
 /// Longest a completion is retried while the statekeeper is unreachable; after that the
 /// request's lease runs out and another node evaluates it again.
-const COMPLETE_RETRY_MS_MAX: u64 = 120_000;
-/// Backoff bounds for retries against an unreachable statekeeper.
-pub(crate) const RETRY_MIN_MS: u64 = 20;
-pub(crate) const RETRY_MAX_MS: u64 = 1_000;
+const COMPLETE_RETRY_MAX: Duration = Duration::from_secs(120);
 
 /// The parts of a node that clients, workers and functions share.
 pub(crate) struct NodeCore {
@@ -76,6 +74,10 @@ pub(crate) struct NodeCore {
     /// Signalled when a worker of this node goes idle, or queues nested work while all its
     /// slots are busy: the helpers look for work to hoist soon.
     pub(crate) hoist_hint: tokio::sync::Notify,
+    /// The node's lease by its own clock; workers claim nothing while it may have run out.
+    pub(crate) lease: parking_lot::Mutex<Arc<crate::lease::LocalLease>>,
+    /// Heartbeats that renewed the lease so far.
+    pub(crate) beats: AtomicU64,
 }
 
 /// Where a call's request goes when it must be queued.
@@ -138,15 +140,6 @@ impl NodeCore {
         self.waiters.deliver(&request.id, &outcome);
     }
 
-    /// Submits again the requests waited on for longer than `age`: idempotent for requests
-    /// the statekeeper still has, and recovers those it lost.
-    pub(crate) async fn resubmit_overdue(&self, age: Duration, max: usize) {
-        for submission in self.waiters.overdue(age, max) {
-            self.counters.resubmitted.fetch_add(1, Ordering::Relaxed);
-            self.submit(&submission).await;
-        }
-    }
-
     /// Waits for an outcome, up to `deadline` when one is set.
     pub(crate) async fn finish_call(
         &self,
@@ -198,8 +191,8 @@ impl NodeCore {
             Ok(_) => true,
             Err(err) => err.is_memoizable(),
         };
-        let mut backoff_ms = RETRY_MIN_MS;
-        let mut waited_ms = 0;
+        let mut backoff = Backoff::statekeeper();
+        let mut waited = Duration::ZERO;
         loop {
             let result = match next {
                 Some(queue) => {
@@ -216,18 +209,18 @@ impl NodeCore {
                     }
                     return claimed.pop();
                 }
-                Err(StatekeeperError::Unavailable(message)) if waited_ms < COMPLETE_RETRY_MS_MAX => {
+                Err(StatekeeperError::Unavailable(message)) if waited < COMPLETE_RETRY_MAX => {
                     if next.is_some() {
                         // The lost reply may have carried a claim.
                         self.claims_uncertain.store(true, Ordering::Release);
                     }
-                    if waited_ms == 0 {
+                    if backoff.failures() == 0 {
                         tracing::warn!(request = %request.id, function = %request.function, %message,
                             "statekeeper unreachable; retrying the completion with backoff");
                     }
-                    tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
-                    waited_ms += backoff_ms;
-                    backoff_ms = (backoff_ms * 2).min(RETRY_MAX_MS);
+                    let delay = backoff.failed();
+                    tokio::time::sleep(delay).await;
+                    waited += delay;
                 }
                 Err(err) => {
                     // Local callers learn it now; remote ones are served when the request is
@@ -302,11 +295,19 @@ impl NodeCore {
         }
     }
 
+    /// The functions this node serves: those of its registry, or none when it runs no
+    /// workers (a gateway takes calls and runs nothing, so no work may wait for it).
+    pub(crate) fn served(&self) -> Vec<(String, u32)> {
+        if self.workers.is_empty() {
+            return Vec::new();
+        }
+        self.registry.names().into_iter().map(|(n, v)| (n.to_owned(), v)).collect()
+    }
+
     /// Registers this node again with everything it declared, after the statekeeper forgot
     /// it (it was declared dead, or the store lost its state).
     pub(crate) async fn rejoin(&self) -> Result<(), StatekeeperError> {
-        let functions: Vec<(String, u32)> = self.registry.names().into_iter().map(|(n, v)| (n.to_owned(), v)).collect();
-        self.statekeeper.register_node(&self.id, &functions).await?;
+        self.statekeeper.register_node(&self.id, &self.served()).await?;
         for declared in &self.pools {
             self.statekeeper.declare_pool(&declared.pool, declared.parent.as_ref(), &self.id).await?;
         }

@@ -8,6 +8,7 @@ mod fiber;
 mod metrics;
 mod roles;
 mod system;
+mod upkeep;
 mod waiters;
 mod worker;
 
@@ -15,7 +16,7 @@ pub use ctx::Ctx;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -26,6 +27,7 @@ use self::worker::Worker;
 use crate::client::Client;
 use crate::error::StatekeeperError;
 use crate::function::Registry;
+use crate::lease::LocalLease;
 use crate::statekeeper::{Embedded, NodeId, NodeInfo, PoolCounters, PoolId, QueueId, Statekeeper, WorkerInfo};
 
 /// Why a node could not start.
@@ -132,7 +134,8 @@ pub const SLOTS_MAX: usize = 4_096;
 pub const WORKERS_MAX: usize = 1_024;
 
 impl NodeBuilder {
-    /// Sets the node id (default `node`). Ids are unique among live nodes.
+    /// Sets the node id (default: host, process id and a random suffix, so nodes started
+    /// without one never collide). Ids are unique among live nodes.
     pub fn id(mut self, id: impl Into<String>) -> NodeBuilder {
         self.id = id.into();
         self
@@ -246,6 +249,7 @@ impl NodeBuilder {
         self.validate()?;
         let handle = tokio::runtime::Handle::try_current().map_err(|_| NodeError::NoRuntime)?;
         let statekeeper = self.statekeeper.unwrap_or_else(|| Arc::new(Embedded::default()));
+        let node_ttl = Duration::from_millis(statekeeper.node_ttl_ms());
         let id = NodeId::new(self.id);
         let evaluations = self.registry.names().into_iter().map(|(name, _)| (name, AtomicU64::new(0))).collect();
         let pools: Vec<DeclaredPool> = self
@@ -282,7 +286,10 @@ impl NodeBuilder {
             placement: Arc::new(crate::placement::Placement::new(statekeeper.clone(), Some(id.to_string()))),
             draining: std::sync::atomic::AtomicBool::new(false),
             hoist_hint: tokio::sync::Notify::new(),
+            lease: parking_lot::Mutex::new(Arc::new(LocalLease::new(node_ttl, Instant::now()))),
+            beats: AtomicU64::new(0),
         });
+        let registering = Instant::now();
         if let Err(err) = core.rejoin().await {
             // Do not leave a half-registered node behind (a duplicate id registered nothing).
             if !matches!(err, StatekeeperError::DuplicateNode(_)) {
@@ -290,13 +297,19 @@ impl NodeBuilder {
             }
             return Err(err.into());
         }
+        *core.lease.lock() = Arc::new(LocalLease::new(node_ttl, registering));
         core.apply_config().await;
         let mut tasks = Vec::new();
         let events = statekeeper.open_inbox(&id).await?;
         tasks.push(handle.spawn(roles::inbox(core.clone(), events)));
-        let heartbeat = Duration::from_millis(self.heartbeat_ms);
-        let resubmit = Duration::from_millis(self.resubmit_ms);
-        tasks.push(handle.spawn(roles::membership(core.clone(), heartbeat, resubmit)));
+        tasks.extend(upkeep::spawn(
+            &core,
+            upkeep::Timing {
+                heartbeat: Duration::from_millis(self.heartbeat_ms),
+                node_ttl,
+                resubmit_after: Duration::from_millis(self.resubmit_ms),
+            },
+        ));
         for pool in &self.pools {
             let pool_id = PoolId::new(pool.name.as_str());
             if pool.distributor {
@@ -315,6 +328,14 @@ impl NodeBuilder {
         tracing::info!(node = %id, workers = workers.len(), "node started");
         Ok(Node { core, tasks: parking_lot::Mutex::new(tasks), entry_queue })
     }
+}
+
+/// `HOST-PID-XXXX`: unique per process, and a restarted process gets a new one.
+fn default_id() -> String {
+    let host = system::read().host;
+    let host: String = host.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.').take(63).collect();
+    let host = if host.is_empty() { "node".to_owned() } else { host };
+    format!("{host}-{}-{:04x}", std::process::id(), fastrand::u16(..))
 }
 
 /// What this node reports about itself with each heartbeat.
@@ -336,7 +357,7 @@ pub(crate) fn node_info(core: &NodeCore) -> NodeInfo {
         memory_max_bytes: settings.max_memory_bytes,
         load_1m: machine.load_1m,
         pools,
-        functions: core.registry.names().into_iter().map(|(n, _)| n.to_owned()).collect(),
+        functions: core.served().into_iter().map(|(n, _)| n).collect(),
         heartbeat_ms: core.heartbeat_ms,
         workers: core
             .workers
@@ -347,7 +368,7 @@ pub(crate) fn node_info(core: &NodeCore) -> NodeInfo {
                 slots: u32::try_from(w.slots.load(Ordering::Relaxed)).unwrap_or(u32::MAX),
                 busy: u32::try_from(w.busy()).unwrap_or(u32::MAX),
                 executed: w.executed.load(Ordering::Relaxed),
-                queue_len: 0,
+                queue_len: w.queue_len_seen.load(Ordering::Relaxed),
             })
             .collect(),
         calls: counters.calls.load(Ordering::Relaxed),
@@ -416,7 +437,7 @@ impl Node {
     /// Starts building a node with the default id and an embedded statekeeper.
     pub fn builder() -> NodeBuilder {
         NodeBuilder {
-            id: "node".to_owned(),
+            id: default_id(),
             registry: Registry::new(),
             statekeeper: None,
             pools: Vec::new(),
@@ -434,18 +455,15 @@ impl Node {
         self.core.id.as_str()
     }
 
-    /// A client that submits top-level requests to the entry pool.
-    ///
-    /// # Panics
-    /// When the node declared no pool: a node without pools has nowhere to submit to.
+    /// A client that submits top-level requests to the entry pool. On a node that declared
+    /// no pool its calls fail with [`crate::CallError::NoPool`]; use [`Node::client_for`].
     pub fn client(&self) -> Client {
-        let queue = self.entry_queue.clone().expect("a node that takes calls declares at least one pool");
-        Client::new(self.core.clone(), queue)
+        Client::new(self.core.clone(), self.entry_queue.clone())
     }
 
     /// A client that submits top-level requests to `pool`'s queue.
     pub fn client_for(&self, pool: &str) -> Client {
-        Client::new(self.core.clone(), QueueId::pool(&PoolId::new(pool)))
+        Client::new(self.core.clone(), Some(QueueId::pool(&PoolId::new(pool))))
     }
 
     /// The functions this node serves.

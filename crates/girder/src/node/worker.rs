@@ -13,18 +13,20 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures::FutureExt;
 use parking_lot::Mutex;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::PollSemaphore;
 
-use super::core::{NodeCore, RETRY_MAX_MS, RETRY_MIN_MS};
+use super::core::NodeCore;
 use super::ctx::Ctx;
 use super::fiber::FiberPool;
 use crate::error::CallError;
 use crate::function::{FnKind, Registered};
 use crate::request::{Outcome, Request};
+use crate::retry::Backoff;
 use crate::statekeeper::{PoolId, QueueId};
 
 /// How long the dispatcher sleeps without any signal before it looks again anyway.
@@ -51,6 +53,8 @@ pub(crate) struct Worker {
     pub(crate) waiting_for_slot: AtomicUsize,
     /// The threads blocking evaluations run on, as fibers.
     pub(crate) fibers: FiberPool,
+    /// The length of its queue when last read, for heartbeats.
+    pub(crate) queue_len_seen: AtomicU64,
 }
 
 impl Worker {
@@ -69,6 +73,7 @@ impl Worker {
             peak_busy: AtomicUsize::new(0),
             waiting_for_slot: AtomicUsize::new(0),
             fibers: FiberPool::new(fiber_name),
+            queue_len_seen: AtomicU64::new(0),
         }
     }
 
@@ -119,18 +124,30 @@ impl Worker {
 
 /// Claims work into free slots and volunteers for more, until the node shuts down.
 pub(crate) async fn dispatch(core: Arc<NodeCore>, worker: Arc<Worker>) {
-    let mut backoff_ms = 0;
+    let mut backoff = Backoff::statekeeper();
+    let mut wait = Duration::ZERO;
     loop {
-        if backoff_ms > 0 {
+        if !wait.is_zero() {
             // The statekeeper failed us last round: do not spin against it.
             tokio::select! {
                 _ = core.cancel.cancelled() => break,
-                _ = tokio::time::sleep(std::time::Duration::from_millis(backoff_ms)) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
+            wait = Duration::ZERO;
         }
         if let Err(err) = core.release_uncertain_claims().await {
             tracing::debug!(error = %err, "cannot release uncertain claims yet");
-            backoff_ms = (backoff_ms * 2).clamp(RETRY_MIN_MS, RETRY_MAX_MS);
+            wait = backoff.failed();
+            continue;
+        }
+        if !core.lease.lock().is_held() {
+            // Our lease may have run out and our claims gone to others: claim nothing until
+            // a heartbeat renews it (the lease task wakes us then).
+            tokio::select! {
+                _ = core.cancel.cancelled() => break,
+                _ = worker.slot_freed.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(IDLE_RECHECK_MS)) => {}
+            }
             continue;
         }
         let mut permits = Vec::new();
@@ -141,15 +158,15 @@ pub(crate) async fn dispatch(core: Arc<NodeCore>, worker: Arc<Worker>) {
             let asked = permits.len();
             let claimed = match core.statekeeper.claim(&worker.queue, &core.id, asked).await {
                 Ok(claimed) => {
-                    backoff_ms = 0;
+                    backoff.succeeded();
                     claimed
                 }
                 Err(err) => {
-                    if backoff_ms == 0 {
+                    if backoff.failures() == 0 {
                         tracing::warn!(worker = %worker.id, error = %err, "claim failed; retrying with backoff");
                     }
                     core.claims_uncertain.store(true, Ordering::Release);
-                    backoff_ms = (backoff_ms * 2).clamp(RETRY_MIN_MS, RETRY_MAX_MS);
+                    wait = backoff.failed();
                     continue;
                 }
             };

@@ -213,14 +213,18 @@ impl Placement {
                 .take(RTT_PROBES_MAX)
                 .collect()
         };
-        for (node, address) in targets {
+        // All at once: one peer that never answers costs one probe timeout, not one each.
+        let probes = targets.into_iter().map(|(node, address)| async move {
             let begun = Instant::now();
             let rtt = match tokio::time::timeout(RTT_PROBE_TIMEOUT, tokio::net::TcpStream::connect(&address)).await {
                 Ok(Ok(_)) => begun.elapsed(),
                 _ => RTT_PROBE_TIMEOUT,
             };
-            self.rtt.write().insert(node, rtt);
-        }
+            (node, rtt)
+        });
+        let measured = futures::future::join_all(probes).await;
+        // Replaced whole, so nodes gone since are forgotten and the map stays bounded.
+        *self.rtt.write() = measured.into_iter().collect();
     }
 
     /// The best node to process `id`: among its live holders, this node if it is one, else

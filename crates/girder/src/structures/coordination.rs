@@ -1,14 +1,17 @@
 //! Coordination: the [`Lock`] (leased, with fencing tokens), the [`CountDownLatch`] and the
 //! [`Semaphore`] (leased permits). A lease is renewed by a task while its guard lives; when
 //! the holder dies the renewals stop and the lease runs out, freeing the lock or permit.
+//! Guards also time their lease by this process's clock ([`LocalLease`]), so a holder cut
+//! off from the store stops believing it holds the lease before anyone else can take it.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 
 use super::{check_key, DsError, DsResult, Store};
+use crate::lease::LocalLease;
 
 /// A holder id unique across processes and time: pid, a counter and the clock, hashed.
 fn holder_id() -> String {
@@ -28,9 +31,9 @@ fn millis(duration: Duration) -> u64 {
 /// Shortest lease accepted: renewals run every third of it.
 pub const LEASE_MS_MIN: u64 = 30;
 
-/// Renews a lease every third of `lease_ms` with `renew` until it reports the lease gone
-/// (then `lost` is set); an unreachable store is retried while the lease may still hold.
-fn keep_renewed<F, Fut>(what: String, lease_ms: u64, lost: Arc<AtomicBool>, renew: F) -> JoinHandle<()>
+/// Renews `lease` every third of `lease_ms` with `renew` until the store reports it gone
+/// or it runs out by this process's clock; an unreachable store is retried meanwhile.
+fn keep_renewed<F, Fut>(what: String, lease_ms: u64, lease: Arc<LocalLease>, renew: F) -> JoinHandle<()>
 where
     F: Fn() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = DsResult<bool>> + Send,
@@ -39,14 +42,21 @@ where
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(every).await;
-            match renew().await {
-                Ok(true) => {}
-                Ok(false) => {
+            if !lease.is_held() {
+                tracing::warn!(lease = %what, "lease ran out by the local clock; renewals stop");
+                return;
+            }
+            let sent = Instant::now();
+            // A renewal that hangs past the lease is as good as failed.
+            match tokio::time::timeout(lease.remaining(), renew()).await {
+                Ok(Ok(true)) => lease.renewed(sent),
+                Ok(Ok(false)) => {
                     tracing::warn!(lease = %what, "lease lost");
-                    lost.store(true, Ordering::Release);
+                    lease.lose();
                     return;
                 }
-                Err(err) => tracing::warn!(lease = %what, error = %err, "lease renewal failed"),
+                Ok(Err(err)) => tracing::warn!(lease = %what, error = %err, "lease renewal failed"),
+                Err(_) => tracing::warn!(lease = %what, "lease renewal timed out"),
             }
         }
     })
@@ -109,7 +119,7 @@ pub struct LockGuard {
     key: String,
     holder: String,
     token: u64,
-    lost: Arc<AtomicBool>,
+    lease: Arc<LocalLease>,
     renewal: JoinHandle<()>,
 }
 
@@ -124,8 +134,9 @@ impl Lock {
     /// Takes the lock if it is free now.
     pub async fn try_lock_now(&self) -> DsResult<Option<LockGuard>> {
         let holder = holder_id();
+        let sent = Instant::now();
         match self.store.lock_acquire(&self.key, &holder, self.lease_ms).await? {
-            Some(token) => Ok(Some(self.guard(holder, token))),
+            Some(token) => Ok(Some(self.guard(holder, token, sent))),
             None => Ok(None),
         }
     }
@@ -146,8 +157,9 @@ impl Lock {
     async fn acquire(&self, deadline: Option<Instant>) -> DsResult<Option<LockGuard>> {
         let holder = holder_id();
         loop {
+            let sent = Instant::now();
             if let Some(token) = self.store.lock_acquire(&self.key, &holder, self.lease_ms).await? {
-                return Ok(Some(self.guard(holder, token)));
+                return Ok(Some(self.guard(holder, token, sent)));
             }
             if !wait_until(&self.store, &self.key, deadline, lease_poll_ms(self.lease_ms)).await {
                 return Ok(None);
@@ -160,16 +172,16 @@ impl Lock {
         Ok(self.store.lock_holder(&self.key).await?.map(|(_, token)| token))
     }
 
-    fn guard(&self, holder: String, token: u64) -> LockGuard {
-        let lost = Arc::new(AtomicBool::new(false));
+    fn guard(&self, holder: String, token: u64, sent: Instant) -> LockGuard {
+        let lease = Arc::new(LocalLease::new(Duration::from_millis(self.lease_ms), sent));
         let renewal = {
             let (store, key, holder, lease_ms) = (self.store.clone(), self.key.clone(), holder.clone(), self.lease_ms);
-            keep_renewed(format!("lock {} token {token}", self.key), lease_ms, lost.clone(), move || {
+            keep_renewed(format!("lock {} token {token}", self.key), lease_ms, lease.clone(), move || {
                 let (store, key, holder) = (store.clone(), key.clone(), holder.clone());
                 async move { store.lock_renew(&key, &holder, token, lease_ms).await }
             })
         };
-        LockGuard { store: self.store.clone(), key: self.key.clone(), holder, token, lost, renewal }
+        LockGuard { store: self.store.clone(), key: self.key.clone(), holder, token, lease, renewal }
     }
 }
 
@@ -179,9 +191,12 @@ impl LockGuard {
         self.token
     }
 
-    /// Whether the lease is still known to be held (false once a renewal found it lost).
+    /// Whether the lease certainly still holds: false once a renewal found it lost or it ran
+    /// out by this process's clock (which ends it before the store's: see the module docs),
+    /// and false from then on. Check it before each write the lock protects, and pass the
+    /// [`LockGuard::token`] with the write so the other side can refuse a stale holder.
     pub fn is_held(&self) -> bool {
-        !self.lost.load(Ordering::Acquire)
+        self.lease.is_held()
     }
 
     /// Releases the lock; returns whether it was still held.
@@ -253,6 +268,7 @@ pub struct Permit {
     store: Store,
     key: String,
     holder: String,
+    lease: Arc<LocalLease>,
     renewal: JoinHandle<()>,
 }
 
@@ -279,8 +295,9 @@ impl Semaphore {
         let deadline = Instant::now() + timeout;
         let holder = holder_id();
         loop {
+            let sent = Instant::now();
             if self.store.semaphore_acquire(&self.key, &holder, self.lease_ms).await? {
-                return Ok(Some(self.permit(holder)));
+                return Ok(Some(self.permit(holder, sent)));
             }
             if !wait_until(&self.store, &self.key, Some(deadline), lease_poll_ms(self.lease_ms)).await {
                 return Ok(None);
@@ -288,20 +305,25 @@ impl Semaphore {
         }
     }
 
-    fn permit(&self, holder: String) -> Permit {
+    fn permit(&self, holder: String, sent: Instant) -> Permit {
+        let lease = Arc::new(LocalLease::new(Duration::from_millis(self.lease_ms), sent));
         let renewal = {
             let (store, key, holder, lease_ms) = (self.store.clone(), self.key.clone(), holder.clone(), self.lease_ms);
-            let lost = Arc::new(AtomicBool::new(false));
-            keep_renewed(format!("semaphore {} permit", self.key), lease_ms, lost, move || {
+            keep_renewed(format!("semaphore {} permit", self.key), lease_ms, lease.clone(), move || {
                 let (store, key, holder) = (store.clone(), key.clone(), holder.clone());
                 async move { store.semaphore_renew(&key, &holder, lease_ms).await }
             })
         };
-        Permit { store: self.store.clone(), key: self.key.clone(), holder, renewal }
+        Permit { store: self.store.clone(), key: self.key.clone(), holder, lease, renewal }
     }
 }
 
 impl Permit {
+    /// Whether the permit's lease certainly still holds (see [`LockGuard::is_held`]).
+    pub fn is_held(&self) -> bool {
+        self.lease.is_held()
+    }
+
     /// Returns the permit; returns whether it was still held.
     pub async fn release(self) -> DsResult<bool> {
         self.renewal.abort();

@@ -9,9 +9,10 @@ use girder::ResultStoreConfig;
 pub struct ConfigArgs {
     #[command(subcommand)]
     op: ConfigOp,
-    /// The statekeeper: a redis:// URL.
-    #[arg(long, global = true, default_value = "embedded", env = "GIRDER_STATEKEEPER")]
-    statekeeper: String,
+    /// The statekeeper holding the grid's configuration: a redis:// URL. Required: an
+    /// embedded statekeeper lives in one process, so a separate command cannot reach it.
+    #[arg(long, global = true, env = "GIRDER_STATEKEEPER")]
+    statekeeper: Option<String>,
     /// The grid's namespace.
     #[arg(long, global = true, default_value = "girder")]
     namespace: String,
@@ -43,8 +44,14 @@ enum ConfigOp {
 }
 
 pub async fn run(args: ConfigArgs) -> anyhow::Result<()> {
+    let Some(spec) = args.statekeeper.as_deref().filter(|s| *s != "embedded") else {
+        anyhow::bail!(
+            "girder config needs the grid's statekeeper: pass --statekeeper redis://HOST:PORT/DB or set \
+             GIRDER_STATEKEEPER (an embedded grid's configuration lives inside its own process)"
+        );
+    };
     let statekeeper =
-        crate::serve::open_statekeeper(&args.statekeeper, &args.namespace, ResultStoreConfig::default(), 3_000).await?;
+        crate::serve::open_statekeeper(spec, &args.namespace, ResultStoreConfig::default(), 3_000).await?;
     let store = statekeeper.structures();
     match args.op {
         ConfigOp::Get { node } => {

@@ -17,9 +17,9 @@ pub struct NodeArgs {
     /// Address for the HTTP API; port 0 picks a free port (printed on stdout).
     #[arg(long, default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
-    /// This node's id, unique in the grid.
-    #[arg(long, default_value = "node")]
-    id: String,
+    /// This node's id, unique in the grid (default: host, process id and a random suffix).
+    #[arg(long)]
+    id: Option<String>,
     /// The pool this node's workers join and HTTP calls are submitted to.
     #[arg(long, default_value = "main")]
     pool: String,
@@ -48,8 +48,9 @@ pub struct NodeArgs {
     /// How often the node renews its lease; keep it well under --node-ttl-ms.
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..=600_000))]
     heartbeat_ms: u64,
-    /// Workers on this node.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=girder::WORKERS_MAX as u64))]
+    /// Workers on this node; 0 makes a gateway that takes calls and submits them to the
+    /// grid, running nothing itself.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=girder::WORKERS_MAX as u64))]
     workers: u64,
     /// Evaluation slots per worker.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=girder::SLOTS_MAX as u64))]
@@ -135,8 +136,11 @@ pub async fn run(registry: Registry, args: NodeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {} (is the port taken?)", args.listen))?;
     let addr = listener.local_addr().context("cannot read the bound address")?;
-    let mut builder = Node::builder()
-        .id(args.id.clone())
+    let mut builder = Node::builder();
+    if let Some(id) = &args.id {
+        builder = builder.id(id.clone());
+    }
+    let mut builder = builder
         .registry(registry)
         .statekeeper(statekeeper)
         .heartbeat_ms(args.heartbeat_ms)
@@ -162,7 +166,7 @@ pub async fn run(registry: Registry, args: NodeArgs) -> anyhow::Result<()> {
         .await
         .context("cannot start the node")?;
     let node = Arc::new(node);
-    println!("girder node {} listening on http://{addr}", args.id);
+    println!("girder node {} listening on http://{addr}", node.id());
     let compression = match args.cache_compression.as_str() {
         "zstd" => Compression::Zstd(3),
         "none" => Compression::None,

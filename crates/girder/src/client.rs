@@ -46,13 +46,14 @@ pub fn call_blocking<F: Function, C: Caller + ?Sized>(caller: &C, args: F::Args)
 #[derive(Clone)]
 pub struct Client {
     core: Arc<NodeCore>,
-    queue: QueueId,
+    /// The pool queue calls go to; `None` on a node that declared no pool.
+    queue: Option<QueueId>,
     deadline: Option<Duration>,
     affinity: Option<Arc<str>>,
 }
 
 impl Client {
-    pub(crate) fn new(core: Arc<NodeCore>, queue: QueueId) -> Client {
+    pub(crate) fn new(core: Arc<NodeCore>, queue: Option<QueueId>) -> Client {
         Client { core, queue, deadline: None, affinity: None }
     }
 
@@ -88,11 +89,13 @@ impl Client {
 
     /// Where a call of `function` goes: an owner's worker for affinity calls that have
     /// one free, the client's pool otherwise.
-    fn queue_for(&self, function: &str) -> QueueId {
-        self.affinity
-            .as_deref()
-            .and_then(|key| self.core.placement.affinity_worker(key, function))
-            .map_or_else(|| self.queue.clone(), |worker| QueueId::worker(&worker))
+    fn queue_for(&self, function: &str) -> Result<QueueId, CallError> {
+        let affine = self.affinity.as_deref().and_then(|key| self.core.placement.affinity_worker(key, function));
+        match (affine, &self.queue) {
+            (Some(worker), _) => Ok(QueueId::worker(&worker)),
+            (None, Some(queue)) => Ok(queue.clone()),
+            (None, None) => Err(CallError::NoPool { function: function.to_owned() }),
+        }
     }
 }
 
@@ -100,7 +103,7 @@ impl Caller for Client {
     fn call_request(&self, request: Request) -> BoxFuture<'_, Outcome> {
         Box::pin(async move {
             let begun = std::time::Instant::now();
-            let queue = self.queue_for(&request.function);
+            let queue = self.queue_for(&request.function)?;
             let outcome = self.core.call(&request, Target { queue: &queue, front: false }, self.deadline).await;
             self.core.latency.record(begun.elapsed());
             outcome
@@ -111,7 +114,7 @@ impl Caller for Client {
         if tokio::runtime::Handle::try_current().is_ok() {
             return Err(CallError::BlockingInAsync { function: request.function.to_string() });
         }
-        let queue = self.queue_for(&request.function);
+        let queue = self.queue_for(&request.function)?;
         self.core.handle.block_on(self.core.call(&request, Target { queue: &queue, front: false }, self.deadline))
     }
 }

@@ -68,6 +68,14 @@ pub enum CallError {
         /// The function's name.
         function: String,
     },
+    /// The client belongs to a node that declared no pool, so the call has nowhere to go.
+    #[error(
+        "cannot call {function}: this node declared no pool; declare one (NodeBuilder::pool) or use Node::client_for"
+    )]
+    NoPool {
+        /// The function's name.
+        function: String,
+    },
     /// A blocking call (`call_blocking`) was made on an async runtime's thread, where
     /// blocking would stall every task of that thread. Nothing was submitted.
     #[error(
@@ -102,6 +110,8 @@ pub enum ErrorKind {
     Shutdown,
     /// [`CallError::BlockingInAsync`].
     BlockingInAsync,
+    /// [`CallError::NoPool`].
+    NoPool,
     /// A malformed HTTP request (not valid JSON, not an array): it never reached the grid.
     BadRequest,
     /// A cache key or structure that does not exist.
@@ -125,6 +135,7 @@ impl ErrorKind {
             ErrorKind::Statekeeper => "statekeeper",
             ErrorKind::Shutdown => "shutdown",
             ErrorKind::BlockingInAsync => "blocking_in_async",
+            ErrorKind::NoPool => "no_pool",
             ErrorKind::BadRequest => "bad_request",
             ErrorKind::NotFound => "not_found",
             ErrorKind::WrongKind => "wrong_kind",
@@ -146,6 +157,7 @@ impl CallError {
             CallError::Statekeeper { .. } => ErrorKind::Statekeeper,
             CallError::Shutdown { .. } => ErrorKind::Shutdown,
             CallError::BlockingInAsync { .. } => ErrorKind::BlockingInAsync,
+            CallError::NoPool { .. } => ErrorKind::NoPool,
         }
     }
 

@@ -75,7 +75,7 @@ impl From<CallError> for ApiError {
             ErrorKind::BadArguments | ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
             ErrorKind::UnknownFunction => StatusCode::NOT_FOUND,
             ErrorKind::FunctionError => StatusCode::UNPROCESSABLE_ENTITY,
-            ErrorKind::Panic | ErrorKind::BlockingInAsync => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorKind::Panic | ErrorKind::BlockingInAsync | ErrorKind::NoPool => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorKind::BadResult => StatusCode::BAD_GATEWAY,
             ErrorKind::Statekeeper | ErrorKind::Shutdown => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,

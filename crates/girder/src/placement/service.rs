@@ -25,13 +25,29 @@ pub const REPLICAS_DEFAULT: u32 = 2;
 /// Most ids one `init` call places.
 pub const INIT_IDS_MAX: usize = 1_000_000;
 
+/// Most `init` placements a process keeps in memory; older ones are read again from the
+/// store when asked for.
+pub const DIRECTORY_CACHED_MAX: usize = 100_000;
+
 /// A snapshot of placement: the table and the live nodes, as last read.
-#[derive(Default)]
 struct Snapshot {
     table: Arc<FlockTable>,
     nodes: HashMap<String, NodeInfo>,
     node_ttl_ms: u64,
-    directory: HashMap<String, Vec<String>>,
+    /// `init` placements seen by this process, bounded (ids come from callers).
+    directory: lru::LruCache<String, Vec<String>>,
+}
+
+impl Default for Snapshot {
+    fn default() -> Snapshot {
+        let cap = std::num::NonZeroUsize::new(DIRECTORY_CACHED_MAX).unwrap_or(std::num::NonZeroUsize::MIN);
+        Snapshot {
+            table: Arc::default(),
+            nodes: HashMap::new(),
+            node_ttl_ms: 0,
+            directory: lru::LruCache::new(cap),
+        }
+    }
 }
 
 /// Placement of keys and ids on the grid's nodes.
@@ -160,7 +176,11 @@ impl Placement {
             directory.put(id, &owners).await?;
             placed.insert(id.clone(), owners);
         }
-        self.snapshot.write().directory.extend(placed.clone());
+        let mut snapshot = self.snapshot.write();
+        for (id, owners) in &placed {
+            snapshot.directory.put(id.clone(), owners.clone());
+        }
+        drop(snapshot);
         Ok(placed)
     }
 
@@ -172,7 +192,7 @@ impl Placement {
     /// `init` on this process, else the flock table). No round trip: fit for hot paths.
     pub fn node_ids_cached(&self, id: &str) -> Vec<String> {
         let snapshot = self.snapshot.read();
-        let listed = snapshot.directory.get(id).map(|owners| owners.iter().map(String::as_str).collect::<Vec<_>>());
+        let listed = snapshot.directory.peek(id).map(|owners| owners.iter().map(String::as_str).collect::<Vec<_>>());
         let owners = listed.unwrap_or_else(|| snapshot.table.owners_of(flock_of(id.as_bytes())).collect());
         owners.into_iter().filter(|n| self.live(&snapshot, n)).map(str::to_owned).collect()
     }
@@ -180,10 +200,10 @@ impl Placement {
     /// The live nodes holding `id`, best first: its `init` placement wherever it was made,
     /// else its flock's owners.
     pub async fn node_ids(&self, id: &str) -> Result<Vec<String>, DsError> {
-        let known = self.snapshot.read().directory.contains_key(id);
+        let known = self.snapshot.read().directory.contains(id);
         if !known {
             if let Some(owners) = self.directory()?.get(&id.to_owned()).await? {
-                self.snapshot.write().directory.insert(id.to_owned(), owners);
+                self.snapshot.write().directory.put(id.to_owned(), owners);
             }
         }
         let owners = self.node_ids_cached(id);

@@ -1,6 +1,7 @@
 //! The data-structure conformance suite: every [`super::Structures`] implementation passes
 //! it (the in-memory one and Redis's, in the integration tests). Each case gets a fresh store.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,6 +32,8 @@ pub const CASES: &[(&str, Case)] = &[
     ("latches_and_semaphores", |s| Box::pin(latches_and_semaphores(s))),
     ("topics_deliver_to_subscribers", |s| Box::pin(topics_deliver_to_subscribers(s))),
     ("reliable_topics_replay_and_retain", |s| Box::pin(reliable_topics_replay_and_retain(s))),
+    ("cache_writers_read_their_own_writes", |s| Box::pin(read_your_writes(vec![s], 4_000))),
+    ("atom_compare_and_set_compares_values", |s| Box::pin(compare_and_set_history(vec![s], 2_000))),
 ];
 
 /// Runs every case against stores from `factory`, naming the case that fails.
@@ -323,4 +326,192 @@ async fn reliable_topics_replay_and_retain(store: Store) {
     let gap = late.next().await.unwrap().unwrap_err();
     assert!(matches!(gap, DsError::Gap { from: 2, to: 6, .. }), "{gap:?}");
     assert_eq!(late.next().await.unwrap().unwrap(), (6, 60));
+}
+
+/// Waits until `store` delivers change notices (on Redis: its change subscription is live,
+/// so its near cache is in use), at most 10 s.
+async fn until_changes_are_heard(store: &Store, key: &str) {
+    let begun = Instant::now();
+    loop {
+        let waiter = {
+            let (store, key) = (store.clone(), key.to_owned());
+            tokio::spawn(async move { store.wait_change(&key, 500).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let written = Instant::now();
+        store.value_set(Kind::Value, key, b"warm", None).await.unwrap();
+        waiter.await.unwrap();
+        if written.elapsed() < Duration::from_millis(400) {
+            return;
+        }
+        assert!(begun.elapsed() < Duration::from_secs(10), "no change notice within 10 s");
+    }
+}
+
+/// Read-your-writes under racing near-cache fills. Writers (on `stores[0]`, the process
+/// under test) set their own key to an increasing counter and read it straight back: the
+/// read must return exactly the last completed write. Two more writers set a shared key and
+/// read it back: the version read must be at least the version their set returned. Readers
+/// on every store read all those keys all along, so near-cache fills race with the writes,
+/// and the shared key is also written through the other stores (other processes), so
+/// invalidations arrive over the change channel. `sets_per_writer` sets per writer; six
+/// writers.
+pub async fn read_your_writes(stores: Vec<Store>, sets_per_writer: u64) {
+    const OWN_WRITERS: usize = 4;
+    const SHARED_WRITERS: usize = 2;
+    let local = stores[0].clone();
+    until_changes_are_heard(&local, "ryw-warm").await;
+    let done = Arc::new(AtomicBool::new(false));
+    let keys: Vec<String> = (0..OWN_WRITERS).map(|i| format!("ryw-{i}")).chain(["ryw-shared".to_owned()]).collect();
+    let mut readers = Vec::new();
+    for (i, store) in stores.iter().enumerate() {
+        for _ in 0..if i == 0 { 2 } else { 1 } {
+            let (store, done, keys) = (store.clone(), done.clone(), keys.clone());
+            readers.push(tokio::spawn(async move {
+                let mut reads = 0u64;
+                while !done.load(Ordering::Relaxed) {
+                    for key in &keys {
+                        store.value_get(Kind::Value, key).await.unwrap();
+                        reads += 1;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                reads
+            }));
+        }
+    }
+    // Other processes write the shared key too.
+    let mut others = Vec::new();
+    for store in stores.iter().skip(1) {
+        let (store, done) = (store.clone(), done.clone());
+        others.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !done.load(Ordering::Relaxed) {
+                n += 1;
+                store.value_set(Kind::Value, "ryw-shared", &n.to_be_bytes(), None).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }));
+    }
+    let stale = Arc::new(AtomicU64::new(0));
+    let mut writers = Vec::new();
+    for w in 0..OWN_WRITERS {
+        let (cache, stale) = (Cache::new(local.clone(), CacheConfig::default()), stale.clone());
+        writers.push(tokio::spawn(async move {
+            let key = format!("ryw-{w}");
+            for n in 1..=sets_per_writer {
+                cache.set(&key, &n, None).await.unwrap();
+                let read: Option<u64> = cache.get(&key).await.unwrap();
+                if read != Some(n) {
+                    stale.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("{key}: set {n}, then read {read:?}");
+                }
+            }
+        }));
+    }
+    for _ in 0..SHARED_WRITERS {
+        let (store, stale) = (local.clone(), stale.clone());
+        writers.push(tokio::spawn(async move {
+            for n in 1..=sets_per_writer {
+                let written = store.value_set(Kind::Value, "ryw-shared", &n.to_be_bytes(), None).await.unwrap();
+                let read = store.value_get(Kind::Value, "ryw-shared").await.unwrap().map_or(0, |v| v.version);
+                if read < written {
+                    stale.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("ryw-shared: set version {written}, then read version {read}");
+                }
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    done.store(true, Ordering::Relaxed);
+    let mut reads = 0;
+    for reader in readers {
+        reads += reader.await.unwrap();
+    }
+    for other in others {
+        other.await.unwrap();
+    }
+    let sets = sets_per_writer * (OWN_WRITERS + SHARED_WRITERS) as u64;
+    let stale = stale.load(Ordering::Relaxed);
+    assert_eq!(stale, 0, "{stale} of {sets} sets were followed by an older read ({reads} racing reads)");
+}
+
+/// Compare-and-set compares values. On one atom, resetters rewrite the same value while
+/// other tasks compare-and-set it to itself: every one of those must succeed. On a counter
+/// atom, tasks (spread over `stores`) increment by compare-and-set and rewrite the current
+/// value by compare-and-set to itself; the counter's value only grows, so a failed
+/// compare-and-set of `v` followed by a read of `v` again means the value was `v`
+/// throughout: that failure is a bug. The final value is the number of successful
+/// increments. `rounds` operations per task.
+pub async fn compare_and_set_history(stores: Vec<Store>, rounds: u64) {
+    const TASKS_PER_STORE: usize = 4;
+    // A pinned value, rewritten all along.
+    let pinned = "the same value".to_owned();
+    let atom: Atom<String> = Atom::new(stores[0].clone(), "cas-pinned").unwrap();
+    assert!(atom.compare_and_set(None, &pinned).await.unwrap());
+    assert!(!atom.compare_and_set(None, &pinned).await.unwrap(), "set already");
+    let mut tasks = Vec::new();
+    for (i, store) in stores.iter().enumerate() {
+        for t in 0..TASKS_PER_STORE {
+            let (atom, pinned) = (Atom::<String>::new(store.clone(), "cas-pinned").unwrap(), pinned.clone());
+            tasks.push(tokio::spawn(async move {
+                for round in 0..rounds / 4 {
+                    if t % 2 == 0 {
+                        atom.reset(&pinned).await.unwrap();
+                    } else {
+                        assert!(
+                            atom.compare_and_set(Some(&pinned), &pinned).await.unwrap(),
+                            "store {i} task {t} round {round}: compare-and-set of the current value failed"
+                        );
+                        assert!(!atom.compare_and_set(Some(&"other".to_owned()), &pinned).await.unwrap());
+                        assert!(!atom.compare_and_set(None, &pinned).await.unwrap());
+                    }
+                }
+            }));
+        }
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(atom.get().await.unwrap(), Some(pinned));
+
+    let counter: Atom<u64> = Atom::new(stores[0].clone(), "cas-counter").unwrap();
+    assert!(counter.compare_and_set(None, &0).await.unwrap());
+    let increments = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for (i, store) in stores.iter().enumerate() {
+        for t in 0..TASKS_PER_STORE {
+            let (atom, increments) = (Atom::<u64>::new(store.clone(), "cas-counter").unwrap(), increments.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut failures = 0u64;
+                for round in 0..rounds {
+                    let current = atom.get().await.unwrap().expect("set");
+                    let new = if (round + t as u64).is_multiple_of(3) { current } else { current + 1 };
+                    if atom.compare_and_set(Some(&current), &new).await.unwrap() {
+                        if new > current {
+                            increments.fetch_add(1, Ordering::Relaxed);
+                        }
+                        continue;
+                    }
+                    failures += 1;
+                    let after = atom.get().await.unwrap().expect("set");
+                    assert!(
+                        after > current,
+                        "store {i} task {t} round {round}: compare-and-set of {current} failed while the value \
+                         stayed {current}"
+                    );
+                }
+                failures
+            }));
+        }
+    }
+    let mut failures = 0;
+    for task in tasks {
+        failures += task.await.unwrap();
+    }
+    let increments = increments.load(Ordering::Relaxed);
+    assert_eq!(counter.get().await.unwrap(), Some(increments), "one increment per successful compare-and-set");
+    assert!(increments > 0 && failures < rounds * (stores.len() * TASKS_PER_STORE) as u64);
 }

@@ -178,6 +178,37 @@ impl Structures for InMemory {
         Ok(swapped)
     }
 
+    async fn value_compare_and_set(
+        &self,
+        kind: Kind,
+        key: &str,
+        expected: Option<&[u8]>,
+        value: &[u8],
+    ) -> DsResult<Option<u64>> {
+        let new_version = self.next_version();
+        let swapped = self.with(kind, key, expected.is_none(), |entry| {
+            // Absent while a value was expected: no match.
+            let Some(entry) = entry else { return Ok(None) };
+            data!(entry, key, kind, Data::Value { bytes, version } => {
+                // A fresh entry has version 0: "expected unset" matches only that.
+                let matches = match expected {
+                    None => *version == 0,
+                    Some(expected) => *version != 0 && bytes[..] == *expected,
+                };
+                if !matches {
+                    return Ok(None);
+                }
+                *bytes = Bytes::copy_from_slice(value);
+                *version = new_version;
+                Ok(Some(new_version))
+            })
+        })?;
+        if swapped.is_some() {
+            self.changed(key);
+        }
+        Ok(swapped)
+    }
+
     async fn value_append(&self, key: &str, chunk: &[u8], max_bytes: usize) -> DsResult<u64> {
         let new_version = self.next_version();
         let len = self.with(Kind::Value, key, true, |entry| {

@@ -220,6 +220,16 @@ pub trait Structures: Send + Sync + 'static {
     /// Sets `key` only if its version is `expected` (`None`: only if unset). Returns the new
     /// version, or `None` when the version did not match.
     async fn value_cas(&self, kind: Kind, key: &str, expected: Option<u64>, value: &[u8]) -> DsResult<Option<u64>>;
+    /// Sets `key` only if its stored bytes equal `expected` (`None`: only if unset), in one
+    /// atomic step: a concurrent rewrite of the same bytes does not make it fail. Returns
+    /// the new version, or `None` when the bytes did not match.
+    async fn value_compare_and_set(
+        &self,
+        kind: Kind,
+        key: &str,
+        expected: Option<&[u8]>,
+        value: &[u8],
+    ) -> DsResult<Option<u64>>;
     /// Appends to `key`'s bytes (creating it) unless the result would exceed `max_bytes`;
     /// returns the new length.
     async fn value_append(&self, key: &str, chunk: &[u8], max_bytes: usize) -> DsResult<u64>;

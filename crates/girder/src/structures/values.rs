@@ -155,16 +155,12 @@ impl<T: Serialize + DeserializeOwned + Send + 'static> Atom<T> {
     }
 
     /// Sets `new` if the current value is `expected` (`None`: unset); returns whether it did.
+    /// Values are compared as encoded (MessagePack gives equal values equal bytes), by the
+    /// store in one atomic step: a concurrent rewrite of the same value does not make it fail.
     pub async fn compare_and_set(&self, expected: Option<&T>, new: &T) -> DsResult<bool> {
-        let current = self.store.value_get(Kind::Atom, &self.key).await?;
         let expected = expected.map(|e| encode(&self.key, e)).transpose()?;
-        let version = match (current, expected) {
-            (None, None) => None,
-            (Some(stored), Some(expected)) if stored.bytes == expected => Some(stored.version),
-            _ => return Ok(false),
-        };
         let new = encode(&self.key, new)?;
-        Ok(self.store.value_cas(Kind::Atom, &self.key, version, &new).await?.is_some())
+        Ok(self.store.value_compare_and_set(Kind::Atom, &self.key, expected.as_deref(), &new).await?.is_some())
     }
 
     /// Replaces the value with `f(current)`, retrying when another writer got there first;

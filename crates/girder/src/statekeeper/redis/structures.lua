@@ -70,6 +70,20 @@ redis.call('SET', B, ARGV[5], 'KEEPTTL')
 redis.call('SET', B .. ':v', version, 'KEEPTTL')
 changed()
 return tostring(version)
+--@@ value_compare_and_set: ARGV[4] '1' if a value is expected ('0': only if unset), ARGV[5] expected bytes, ARGV[6] value
+-- Compares the stored bytes, not the version: a rewrite of the same bytes still matches.
+local exists = check(false) and redis.call('EXISTS', B) == 1
+if ARGV[4] == '0' then
+  if exists then return false end
+elseif not exists or redis.call('GET', B) ~= ARGV[5] then
+  return false
+end
+check(true)
+local version = next_version()
+redis.call('SET', B, ARGV[6], 'KEEPTTL')
+redis.call('SET', B .. ':v', version, 'KEEPTTL')
+changed()
+return tostring(version)
 --@@ value_append: ARGV[4] chunk, ARGV[5] max bytes
 check(true)
 local total = redis.call('STRLEN', B) + string.len(ARGV[4])

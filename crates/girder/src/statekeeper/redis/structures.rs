@@ -5,6 +5,7 @@
 //! channel wakes local waiters and keeps the near cache of values coherent.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -30,8 +31,96 @@ const NEAR_VALUE_BYTES_MAX: usize = 1 << 20;
 /// on staleness should an invalidation be lost.
 pub const NEAR_STALE_MS_MAX: u64 = 2_000;
 
+/// Slots of [`Near::stamps`]: keys are hashed onto them, so memory stays fixed however many
+/// keys are written.
+const STAMP_SLOTS: usize = 8_192;
+
+/// The near cache of values (`Kind::Value` only), and what keeps it from going back in time.
+///
+/// A write's script bumps the value's version and publishes a change notice inside Redis,
+/// but a read of this process that reached Redis *before* the write can return *after* it
+/// (and after the notice), and would then put the old value back in the cache, to be served
+/// for up to [`NEAR_STALE_MS_MAX`], even to the writer itself. So fills are checked:
+///
+/// - Every *invalidation* of a key (this process's own write of it, after the write's reply
+///   arrived, whatever the outcome; and every change notice for it from the subscription)
+///   takes the next number of the process-wide counter `epoch`, stamps it on the key's slot
+///   (`stamps[hash(key) % STAMP_SLOTS]`) and drops the key's cached value.
+/// - A read from Redis takes a *ticket*, the current `epoch`, before it sends its script.
+///   On its reply it fills the cache only if its key's slot carries a stamp `<= ticket` (no
+///   invalidation of the key, or of one sharing its slot, since the read was sent) and
+///   `ticket >= floor` (`floor` is the epoch at the last reset of the whole cache, done when
+///   the subscription comes back: notices may have been lost before it).
+///
+/// All of it happens under one lock, so invalidations, fills and hits are totally ordered.
+/// Why a process reads its own writes: take a write W whose call returned, and a later read
+/// R served value X from the cache. W's invalidation I ran before the call returned, so
+/// before R, and dropped the key's entry; so X was put by a fill F after I, of a read R'
+/// with ticket t. F passed its check, and the slot's stamp only grows, so
+/// `t >= stamp(I)`: R' took its ticket after I, so it sent its script after W's reply came
+/// back, and Redis ran it after W: X's version is W's or later. The same argument with a
+/// change notice in place of I (a notice is published by the writing script itself, so a
+/// read sent after the notice arrived runs after that write) bounds the staleness between
+/// processes by the notice's delivery; the age limit only covers lost notices. Hash
+/// collisions only drop fills that would have been safe. A fill never replaces a cached
+/// value of a higher version, so reads of this process do not go back either. Hits stay a
+/// lock, a lookup and a clock read.
 struct Near {
     entries: LruCache<String, (Versioned, Instant)>,
+    epoch: u64,
+    floor: u64,
+    stamps: Box<[u64]>,
+    hasher: RandomState,
+}
+
+impl Near {
+    fn new() -> Near {
+        Near {
+            entries: LruCache::new(NonZeroUsize::new(NEAR_ENTRIES_MAX).unwrap_or(NonZeroUsize::MIN)),
+            epoch: 0,
+            floor: 0,
+            stamps: vec![0; STAMP_SLOTS].into_boxed_slice(),
+            hasher: RandomState::new(),
+        }
+    }
+
+    fn slot(&self, key: &str) -> usize {
+        (self.hasher.hash_one(key) % STAMP_SLOTS as u64) as usize
+    }
+
+    /// The ticket of a read about to be sent.
+    fn ticket(&self) -> u64 {
+        self.epoch
+    }
+
+    /// `key` was written, or may have been: drop its value and refuse fills by reads sent
+    /// before now.
+    fn invalidate(&mut self, key: &str) {
+        self.epoch += 1;
+        let slot = self.slot(key);
+        self.stamps[slot] = self.epoch;
+        self.entries.pop(key);
+    }
+
+    /// Anything may have been written: drop every value and refuse fills by reads sent
+    /// before now.
+    fn reset(&mut self) {
+        self.epoch += 1;
+        self.floor = self.epoch;
+        self.entries.clear();
+    }
+
+    /// Caches `value`, read from Redis by a read with `ticket`, unless the key was
+    /// invalidated since the read was sent or a newer version is cached.
+    fn fill(&mut self, key: &str, ticket: u64, value: &Versioned) {
+        if ticket < self.floor || self.stamps[self.slot(key)] > ticket {
+            return;
+        }
+        if self.entries.peek(key).is_some_and(|(cached, _)| cached.version > value.version) {
+            return;
+        }
+        self.entries.put(key.to_owned(), (value.clone(), Instant::now()));
+    }
 }
 
 /// The data structures of one grid namespace on Redis.
@@ -87,9 +176,7 @@ impl RedisStructures {
             namespace: namespace.to_owned(),
             channel: format!("girder:chg:{namespace}"),
             scripts: scripts(),
-            near: Arc::new(Mutex::new(Near {
-                entries: LruCache::new(NonZeroUsize::new(NEAR_ENTRIES_MAX).unwrap_or(NonZeroUsize::MIN)),
-            })),
+            near: Arc::new(Mutex::new(Near::new())),
             subscribed: Arc::default(),
             changes: ChangeNotices::default(),
             listener: Mutex::new(None),
@@ -139,12 +226,12 @@ impl RedisStructures {
                     Some(mut pubsub) => {
                         backoff_ms = 50;
                         // Anything written while we were not listening may be stale here.
-                        near.lock().entries.clear();
+                        near.lock().reset();
                         subscribed.store(true, Ordering::Release);
                         let mut messages = pubsub.on_message();
                         while let Some(message) = messages.next().await {
                             let Ok(key) = message.get_payload::<String>() else { continue };
-                            near.lock().entries.pop(&key);
+                            near.lock().invalidate(&key);
                             changes.notify(&key);
                         }
                         subscribed.store(false, Ordering::Release);
@@ -181,8 +268,9 @@ impl RedisStructures {
         }
     }
 
-    fn near_forget(&self, key: &str) {
-        self.near.lock().entries.pop(key);
+    /// After a write of `key` by this process (whether it succeeded or not).
+    fn near_invalidate(&self, key: &str) {
+        self.near.lock().invalidate(key);
     }
 
     /// A connection of its own for one blocking read.
@@ -201,42 +289,61 @@ fn ms(value: u64) -> String {
 #[async_trait]
 impl Structures for RedisStructures {
     async fn value_get(&self, kind: Kind, key: &str) -> DsResult<Option<Versioned>> {
-        if kind == Kind::Value {
-            if let Some(value) = self.near_get(key) {
-                return Ok(Some(value));
+        let ticket = match kind {
+            Kind::Value => {
+                if let Some(value) = self.near_get(key) {
+                    return Ok(Some(value));
+                }
+                Some(self.near.lock().ticket())
             }
-        }
+            _ => None,
+        };
         let reply: Option<(Vec<u8>, String)> = self.run("value_get", kind, key, &[]).await?;
         let value = reply
             .map(|(bytes, version)| Versioned { bytes: Bytes::from(bytes), version: version.parse().unwrap_or(0) });
-        if let (Kind::Value, Some(value)) = (kind, &value) {
+        if let (Some(ticket), Some(value)) = (ticket, &value) {
             if value.bytes.len() <= NEAR_VALUE_BYTES_MAX && self.subscribed.load(Ordering::Acquire) {
-                self.near.lock().entries.put(key.to_owned(), (value.clone(), Instant::now()));
+                self.near.lock().fill(key, ticket, value);
             }
         }
         Ok(value)
     }
 
     async fn value_set(&self, kind: Kind, key: &str, value: &[u8], ttl_ms: Option<u64>) -> DsResult<u64> {
-        self.near_forget(key);
         let ttl = ms(ttl_ms.unwrap_or(0));
-        let version: String = self.run("value_set", kind, key, &[value, ttl.as_bytes()]).await?;
-        self.near_forget(key);
-        Ok(version.parse().unwrap_or(0))
+        let version: DsResult<String> = self.run("value_set", kind, key, &[value, ttl.as_bytes()]).await;
+        self.near_invalidate(key);
+        Ok(version?.parse().unwrap_or(0))
     }
 
     async fn value_cas(&self, kind: Kind, key: &str, expected: Option<u64>, value: &[u8]) -> DsResult<Option<u64>> {
         let expected = expected.map(ms).unwrap_or_default();
-        let version: Option<String> = self.run("value_cas", kind, key, &[expected.as_bytes(), value]).await?;
-        self.near_forget(key);
-        Ok(version.map(|v| v.parse().unwrap_or(0)))
+        let version: DsResult<Option<String>> = self.run("value_cas", kind, key, &[expected.as_bytes(), value]).await;
+        self.near_invalidate(key);
+        Ok(version?.map(|v| v.parse().unwrap_or(0)))
+    }
+
+    async fn value_compare_and_set(
+        &self,
+        kind: Kind,
+        key: &str,
+        expected: Option<&[u8]>,
+        value: &[u8],
+    ) -> DsResult<Option<u64>> {
+        let (mode, expected) = match expected {
+            Some(expected) => (&b"1"[..], expected),
+            None => (&b"0"[..], &b""[..]),
+        };
+        let version: DsResult<Option<String>> =
+            self.run("value_compare_and_set", kind, key, &[mode, expected, value]).await;
+        self.near_invalidate(key);
+        Ok(version?.map(|v| v.parse().unwrap_or(0)))
     }
 
     async fn value_append(&self, key: &str, chunk: &[u8], max_bytes: usize) -> DsResult<u64> {
-        self.near_forget(key);
         let max = ms(max_bytes as u64);
         let result: DsResult<u64> = self.run("value_append", Kind::Value, key, &[chunk, max.as_bytes()]).await;
-        self.near_forget(key);
+        self.near_invalidate(key);
         result.map_err(|err| match err {
             DsError::TooLarge { bytes, .. } => DsError::TooLarge { key: key.to_owned(), bytes, max_bytes },
             other => other,
@@ -244,9 +351,9 @@ impl Structures for RedisStructures {
     }
 
     async fn delete(&self, kind: Kind, key: &str) -> DsResult<bool> {
-        let deleted: i64 = self.run("delete", kind, key, &[]).await?;
-        self.near_forget(key);
-        Ok(deleted == 1)
+        let deleted: DsResult<i64> = self.run("delete", kind, key, &[]).await;
+        self.near_invalidate(key);
+        Ok(deleted? == 1)
     }
 
     async fn exists(&self, kind: Kind, key: &str) -> DsResult<bool> {

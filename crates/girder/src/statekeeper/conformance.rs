@@ -38,6 +38,14 @@ pub const CASES: &[(&str, Case)] = &[
     ("waiters_fail_when_the_function_vanishes", |f| Box::pin(waiters_fail_when_the_function_vanishes(f))),
     ("wait_work_wakes_on_new_work", |f| Box::pin(wait_work_wakes_on_new_work(f))),
     ("released_claims_run_again", |f| Box::pin(released_claims_run_again(f))),
+    ("unknown_nodes_hold_no_claims", |f| Box::pin(unknown_nodes_hold_no_claims(f))),
+    ("memoized_submissions_record_nothing", |f| Box::pin(memoized_submissions_record_nothing(f))),
+    ("each_waiter_gets_exactly_one_outcome", |f| Box::pin(each_waiter_gets_exactly_one_outcome(f))),
+    ("copies_of_done_requests_are_dropped", |f| Box::pin(copies_of_done_requests_are_dropped(f))),
+    ("rounds_look_at_a_bounded_number_of_entries", |f| Box::pin(rounds_look_at_a_bounded_number_of_entries(f))),
+    ("a_removed_node_gives_work_back_in_order", |f| Box::pin(a_removed_node_gives_work_back_in_order(f))),
+    ("reaping_many_nodes_and_long_queues_completes", |f| Box::pin(reaping_many_nodes_and_long_queues_completes(f))),
+    ("an_expired_node_registering_again_gives_back_its_work", |f| Box::pin(expired_node_registering_again(f))),
 ];
 
 /// Runs every case against statekeepers from `factory`, naming the case that fails.
@@ -382,4 +390,220 @@ async fn released_claims_run_again(factory: Factory) {
     assert_eq!(sk.claim(&pool_queue, &node("n1"), 2).await.unwrap().len(), 2);
     assert_eq!(sk.release_claims(&node("n1"), &[kept.id]).await.unwrap(), 1);
     assert_eq!(sk.claim(&pool_queue, &node("n1"), 2).await.unwrap(), vec![lost]);
+}
+
+/// Invariant: a node the statekeeper does not know holds no claims until it registers again.
+async fn unknown_nodes_hold_no_claims(factory: Factory) {
+    let sk = one_node(&factory, LONG_TTL_MS).await;
+    let pool_queue = QueueId::pool(&PoolId::new("p"));
+    let req = request("f", 1);
+    sk.submit(&req, &pool_queue, false, &node("n1")).await.unwrap();
+    assert!(sk.claim(&pool_queue, &node("stranger"), 10).await.unwrap().is_empty(), "never registered");
+    assert_eq!(sk.queue_len(&pool_queue).await.unwrap(), 1, "a refused claim takes nothing from the queue");
+    sk.register_node(&node("n2"), &functions(&["f"])).await.unwrap();
+    sk.deregister_node(&node("n2")).await.unwrap();
+    assert!(sk.claim(&pool_queue, &node("n2"), 10).await.unwrap().is_empty(), "deregistered");
+    let other = request("f", 2);
+    sk.submit(&other, &pool_queue, false, &node("n1")).await.unwrap();
+    assert_eq!(sk.claim(&pool_queue, &node("n1"), 1).await.unwrap(), vec![req.clone()]);
+    let (_, next) =
+        sk.complete_and_claim(&req.id, &Ok(Bytes::from_static(b"v")), true, &node("n2"), &pool_queue, 5).await.unwrap();
+    assert!(next.is_empty(), "complete_and_claim claims nothing for an unknown node");
+    assert_eq!(sk.queue_len(&pool_queue).await.unwrap(), 1);
+    sk.register_node(&node("n2"), &functions(&["f"])).await.unwrap();
+    assert_eq!(sk.claim(&pool_queue, &node("n2"), 10).await.unwrap(), vec![other], "registered again: claims");
+}
+
+/// Invariant: `submit` of a memoized id returns it and records nothing.
+async fn memoized_submissions_record_nothing(factory: Factory) {
+    let sk = one_node(&factory, LONG_TTL_MS).await;
+    sk.register_node(&node("n2"), &[]).await.unwrap();
+    let pool_queue = QueueId::pool(&PoolId::new("p"));
+    let req = request("f", 1);
+    let value = Ok(Bytes::from_static(b"v"));
+    sk.submit(&req, &pool_queue, false, &node("n1")).await.unwrap();
+    sk.claim(&pool_queue, &node("n1"), 1).await.unwrap();
+    sk.complete(&req.id, &value, true, &node("n1")).await.unwrap();
+    for front in [false, true] {
+        assert_eq!(sk.submit(&req, &pool_queue, front, &node("n2")).await.unwrap(), Submitted::Done(value.clone()));
+        assert_eq!(
+            sk.submit(&req, &worker("n1/w0"), front, &node("n2")).await.unwrap(),
+            Submitted::Done(value.clone())
+        );
+    }
+    assert_eq!(sk.queue_len(&pool_queue).await.unwrap(), 0);
+    assert_eq!(sk.queue_len(&worker("n1/w0")).await.unwrap(), 0);
+    // No waiter was recorded: a second completion wakes nobody, locally or elsewhere.
+    assert!(!sk.complete(&req.id, &value, true, &node("n2")).await.unwrap());
+}
+
+/// Invariant: every waiting caller gets exactly one outcome (the completing node directly,
+/// the others through their inboxes, once each however often they joined).
+async fn each_waiter_gets_exactly_one_outcome(factory: Factory) {
+    let sk = one_node(&factory, LONG_TTL_MS).await;
+    sk.register_node(&node("n2"), &[]).await.unwrap();
+    sk.register_node(&node("n3"), &[]).await.unwrap();
+    let mut n2_events = sk.open_inbox(&node("n2")).await.unwrap();
+    let mut n3_events = sk.open_inbox(&node("n3")).await.unwrap();
+    let pool_queue = QueueId::pool(&PoolId::new("p"));
+    let (req, other) = (request("f", 1), request("f", 2));
+    for waiter in ["n1", "n2", "n2", "n3"] {
+        sk.submit(&req, &pool_queue, false, &node(waiter)).await.unwrap();
+    }
+    sk.submit(&other, &pool_queue, false, &node("n3")).await.unwrap();
+    assert_eq!(sk.claim(&pool_queue, &node("n1"), 1).await.unwrap(), vec![req.clone()]);
+    let value = Ok(Bytes::from_static(b"v"));
+    assert!(sk.complete(&req.id, &value, true, &node("n1")).await.unwrap(), "n1 learns it from the reply");
+    assert_eq!(next_event(&mut n2_events).await, Event::Done { id: req.id, outcome: value.clone() });
+    assert_eq!(next_event(&mut n3_events).await, Event::Done { id: req.id, outcome: value.clone() });
+    assert!(!sk.complete(&req.id, &value, true, &node("n1")).await.unwrap(), "nobody waits any more");
+    // The next event each inbox sees is about `other`: nothing was sent twice.
+    sk.claim(&pool_queue, &node("n1"), 1).await.unwrap();
+    let panic = Err(CallError::Panic { function: "f".into(), message: "boom".into() });
+    assert!(!sk.complete(&other.id, &panic, false, &node("n2")).await.unwrap());
+    assert_eq!(next_event(&mut n3_events).await, Event::Done { id: other.id, outcome: panic });
+    let more = tokio::time::timeout(Duration::from_millis(100), n2_events.next()).await;
+    assert!(more.is_err(), "n2 got a second event: {more:?}");
+}
+
+/// Invariant: `claim` takes an id only while pending; copies of a done request are dropped.
+async fn copies_of_done_requests_are_dropped(factory: Factory) {
+    let sk = one_node(&factory, LONG_TTL_MS).await;
+    let pool = PoolId::new("p");
+    sk.join_pool(&pool, &worker("n1/w1"), &node("n1")).await.unwrap();
+    let req = request("f", 1);
+    sk.submit(&req, &worker("n1/w0"), true, &node("n1")).await.unwrap();
+    sk.submit(&req, &worker("n1/w1"), true, &node("n1")).await.unwrap();
+    assert_eq!(sk.queue_len(&worker("n1/w1")).await.unwrap(), 1, "a nested submission copies a pending id");
+    assert_eq!(sk.claim(&worker("n1/w1"), &node("n1"), 5).await.unwrap(), vec![req.clone()]);
+    sk.complete(&req.id, &Ok(Bytes::from_static(b"v")), true, &node("n1")).await.unwrap();
+    assert!(sk.claim(&worker("n1/w0"), &node("n1"), 5).await.unwrap().is_empty());
+    assert_eq!(sk.queue_len(&worker("n1/w0")).await.unwrap(), 0, "the stale copy is dropped");
+}
+
+/// Invariant (bounds): one distribution round looks at no more than `4 * budget + 16`
+/// entries (and never more than 1,000), one hoist at no more than 1,000 per member queue.
+async fn rounds_look_at_a_bounded_number_of_entries(factory: Factory) {
+    let sk = one_node(&factory, LONG_TTL_MS).await;
+    sk.register_node(&node("n2"), &functions(&["g"])).await.unwrap();
+    let pool = PoolId::new("p");
+    let pool_queue = QueueId::pool(&pool);
+    // 20 requests nobody in the pool can take, then one it can.
+    for n in 0..20 {
+        sk.submit(&request("g", n), &pool_queue, false, &node("n1")).await.unwrap();
+    }
+    sk.submit(&request("f", 0), &pool_queue, false, &node("n1")).await.unwrap();
+    sk.volunteer(&pool, &worker("n1/w0"), 1).await.unwrap();
+    assert_eq!(sk.queue_len(&worker("n1/w0")).await.unwrap(), 0, "budget 1: 20 entries looked at, not 21");
+    assert_eq!(sk.distribute(&pool, 1).await.unwrap(), 0);
+    assert_eq!(sk.queue_len(&pool_queue).await.unwrap(), 21, "what no member can take stays, in order");
+    sk.volunteer(&pool, &worker("n1/w0"), 2).await.unwrap();
+    assert_eq!(sk.queue_len(&worker("n1/w0")).await.unwrap(), 1, "budget 2: 24 entries looked at");
+    // A member queue whose far end holds 1,000 stale entries: hoisting finds nothing.
+    let busy = worker("n1/w1");
+    sk.join_pool(&pool, &busy, &node("n1")).await.unwrap();
+    let stale = request("f", 1_000);
+    for _ in 0..1_001 {
+        sk.submit(&stale, &busy, true, &node("n1")).await.unwrap();
+    }
+    assert_eq!(sk.claim(&busy, &node("n1"), 1).await.unwrap(), vec![stale.clone()]);
+    sk.complete(&stale.id, &Ok(Bytes::from_static(b"v")), true, &node("n1")).await.unwrap();
+    sk.submit(&request("f", 1_001), &busy, true, &node("n1")).await.unwrap();
+    sk.submit(&request("f", 1_002), &busy, true, &node("n1")).await.unwrap();
+    assert_eq!(sk.queue_len(&busy).await.unwrap(), 1_002);
+    assert_eq!(sk.hoist(&pool, 10).await.unwrap(), 0, "only the far 1,000 entries are looked at");
+    assert_eq!(sk.claim(&busy, &node("n1"), 5).await.unwrap(), vec![request("f", 1_002), request("f", 1_001)]);
+}
+
+/// The order in which a removed node's work goes back (the trait's `deregister_node`): its
+/// claims in id order to the front of their pool, then its queues by name, front to back,
+/// to the back; requests of functions nobody serves any more fail instead.
+async fn a_removed_node_gives_work_back_in_order(factory: Factory) {
+    let sk = one_node(&factory, LONG_TTL_MS).await;
+    let pool = PoolId::new("p");
+    let pool_queue = QueueId::pool(&pool);
+    sk.register_node(&node("n2"), &functions(&["f", "g"])).await.unwrap();
+    let mut n1_events = sk.open_inbox(&node("n1")).await.unwrap();
+    sk.join_pool(&pool, &worker("n2/w1"), &node("n2")).await.unwrap();
+    sk.join_pool(&pool, &worker("n2/w0"), &node("n2")).await.unwrap();
+    let mut claimed: Vec<Request> = (0..4).map(|n| request("f", n)).collect();
+    for req in &claimed {
+        sk.submit(req, &pool_queue, false, &node("n1")).await.unwrap();
+    }
+    assert_eq!(sk.claim(&pool_queue, &node("n2"), 4).await.unwrap(), claimed);
+    let only_g = request("g", 0);
+    sk.submit(&only_g, &worker("n2/w0"), true, &node("n1")).await.unwrap();
+    for (queue, n) in [("n2/w1", 10), ("n2/w1", 11), ("n2/w0", 12), ("n2/w0", 13)] {
+        sk.submit(&request("f", n), &worker(queue), false, &node("n1")).await.unwrap();
+    }
+    sk.submit(&request("f", 1), &pool_queue, false, &node("n1")).await.unwrap(); // joined
+    sk.submit(&request("f", 99), &pool_queue, false, &node("n1")).await.unwrap();
+    sk.deregister_node(&node("n2")).await.unwrap();
+    let unknown = Err(CallError::UnknownFunction { function: "g".into() });
+    assert_eq!(next_event(&mut n1_events).await, Event::Done { id: only_g.id, outcome: unknown });
+    claimed.sort_by_key(|r| r.id);
+    let mut expected: Vec<Request> = claimed.into_iter().rev().collect();
+    expected.push(request("f", 99));
+    expected.extend([12, 13, 10, 11].map(|n| request("f", n)));
+    let back = sk.claim(&pool_queue, &node("n1"), 100).await.unwrap();
+    assert_eq!(back, expected);
+}
+
+/// Removal is done in bounded steps and still completes within one call: more dead nodes
+/// than one step takes, and a queue longer than one batch.
+async fn reaping_many_nodes_and_long_queues_completes(factory: Factory) {
+    let sk = one_node(&factory, SHORT_TTL_MS * 3).await;
+    let pool = PoolId::new("p");
+    let pool_queue = QueueId::pool(&pool);
+    let dead: Vec<NodeId> = (0..20).map(|i| node(&format!("d{i:02}"))).collect();
+    for (i, d) in dead.iter().enumerate() {
+        sk.register_node(d, &functions(&["f"])).await.unwrap();
+        sk.join_pool(&pool, &worker(&format!("{d}/w0")), d).await.unwrap();
+        sk.submit(&request("f", i as u32), &worker(&format!("{d}/w0")), false, &node("n1")).await.unwrap();
+    }
+    for n in 100..1_600 {
+        sk.submit(&request("f", n), &worker("d00/w0"), false, &node("n1")).await.unwrap();
+    }
+    sk.heartbeat(&node("n1"), &NodeInfo::default()).await.unwrap();
+    let begun = Instant::now();
+    let mut reaped = Vec::new();
+    while reaped.len() < dead.len() {
+        assert!(begun.elapsed() < Duration::from_secs(10), "reaped only {reaped:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        sk.heartbeat(&node("n1"), &NodeInfo::default()).await.unwrap();
+        reaped.extend(sk.reap().await.unwrap());
+    }
+    reaped.sort();
+    assert_eq!(reaped, dead);
+    assert_eq!(sk.queue_len(&pool_queue).await.unwrap(), 1_520, "every entry went back");
+    assert_eq!(sk.live_nodes().await.unwrap().len(), 1);
+}
+
+/// A node whose lease ran out and that registers again before anyone reaped it starts
+/// afresh: what its old self held goes back first.
+async fn expired_node_registering_again(factory: Factory) {
+    let sk = one_node(&factory, SHORT_TTL_MS).await;
+    // n2 serves `f` too and stays alive, so `f`'s requests outlive n1's old self.
+    sk.register_node(&node("n2"), &functions(&["f"])).await.unwrap();
+    let pool_queue = QueueId::pool(&PoolId::new("p"));
+    let req = request("f", 1);
+    sk.submit(&req, &pool_queue, false, &node("n1")).await.unwrap();
+    assert_eq!(sk.claim(&pool_queue, &node("n1"), 1).await.unwrap(), vec![req.clone()]);
+    sk.submit(&request("f", 2), &worker("n1/w0"), false, &node("n1")).await.unwrap();
+    let begun = Instant::now();
+    loop {
+        sk.heartbeat(&node("n2"), &NodeInfo::default()).await.unwrap();
+        match sk.register_node(&node("n1"), &functions(&["f"])).await {
+            Ok(()) => break,
+            Err(StatekeeperError::DuplicateNode(_)) => {
+                assert!(begun.elapsed() < Duration::from_secs(10), "the lease never ran out");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(other) => panic!("register failed: {other}"),
+        }
+    }
+    assert_eq!(sk.function_version("f").await.unwrap(), Some(1));
+    assert_eq!(sk.queue_len(&worker("n1/w0")).await.unwrap(), 0, "its old queue was given back");
+    assert_eq!(sk.claim(&pool_queue, &node("n1"), 5).await.unwrap(), vec![req, request("f", 2)]);
+    assert_eq!(sk.release_claims(&node("n1"), &[]).await.unwrap(), 2);
 }

@@ -6,8 +6,14 @@
 //! pulls the queued work of its pool and of the pool's ancestors. The distributor tasks of
 //! the nodes call [`Statekeeper::distribute`] as well, which finds little to do here but
 //! keeps the protocol the same for every statekeeper.
+//!
+//! The protocol is written twice, here and in the Redis scripts (`redis/prelude.lua`,
+//! `redis/ops.lua`); `tests/differential.rs` drives both with the same random sequences and
+//! requires the same answers, so every order below that an answer can depend on (which
+//! dead node is removed first, in which order a removed node's work goes back) is spelled
+//! out and matched by the scripts.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,11 +40,23 @@ pub struct EmbeddedConfig {
     pub in_flight_max: usize,
     /// A node whose last heartbeat is older than this is dead.
     pub node_ttl_ms: u64,
+    /// Most events waiting in one node's inbox. An event is only a notification: when the
+    /// inbox is full the event is dropped and counted as a disruption
+    /// ([`Statekeeper::disruptions`]), so every node submits again what its callers wait
+    /// for and gets the outcome from the memo (or runs the request again if its outcome
+    /// was not memoized). No caller loses its outcome; the statekeeper, which cannot wait
+    /// under its lock, never blocks on a slow reader.
+    pub inbox_len_max: usize,
 }
 
 impl Default for EmbeddedConfig {
     fn default() -> Self {
-        EmbeddedConfig { results: ResultStoreConfig::default(), in_flight_max: 4_000_000, node_ttl_ms: 3_000 }
+        EmbeddedConfig {
+            results: ResultStoreConfig::default(),
+            in_flight_max: 4_000_000,
+            node_ttl_ms: 3_000,
+            inbox_len_max: 1_000_000,
+        }
     }
 }
 
@@ -46,7 +64,13 @@ impl Default for EmbeddedConfig {
 pub(crate) const POOL_DEPTH_MAX: usize = 16;
 /// Most queued requests one distribution round looks at, so a queue whose head no member
 /// can take (wrong functions) does not block the work behind it, nor make a round long.
+/// A round looks at most at `4 * budget + 16` of them (the Redis script's `SCAN_MAX`).
 pub(crate) const DISTRIBUTE_SCAN_MAX: usize = 1_000;
+/// Most entries at the far end of a member's queue one hoist looks at (the same bound).
+pub(crate) const HOIST_SCAN_MAX: usize = 1_000;
+/// Most dead nodes one reaping step detaches before it gives their work back (the Redis
+/// script's `REAP_NODES_MAX`); the embedded `reap` loops over steps until none is left.
+pub(crate) const REAP_NODES_MAX: usize = 16;
 
 struct ReqState {
     request: Request,
@@ -81,12 +105,24 @@ struct PoolState {
 struct NodeState {
     expires_at: Instant,
     info: NodeInfo,
-    inbox: mpsc::UnboundedSender<Event>,
+    inbox: mpsc::Sender<Event>,
     functions: Vec<String>,
     /// Worker queues it owns.
     queues: HashSet<QueueId>,
-    /// Requests it has claimed and not completed.
-    running: HashSet<ReqId>,
+    /// Requests it has claimed and not completed, in id order (the order they go back in).
+    running: BTreeSet<ReqId>,
+}
+
+/// What a removed node left behind, given back to the grid by [`Inner::reclaim`] in this
+/// order (the Redis scripts keep the same one, in batches): requests of the functions
+/// nobody serves any more fail; then its claims, in id order, go back to the front of their
+/// pools; then the pending entries of its queues, queue by queue in name order, front to
+/// back, go to the back of their pools.
+struct Reclaim {
+    node: NodeId,
+    fails: Vec<(String, Vec<ReqId>)>,
+    running: Vec<ReqId>,
+    queues: Vec<VecDeque<ReqId>>,
 }
 
 #[derive(Default)]
@@ -102,7 +138,11 @@ struct Inner {
     /// name -> (version, nodes serving it)
     functions: HashMap<String, (u32, HashSet<NodeId>)>,
     nodes: HashMap<NodeId, NodeState>,
-    inboxes: HashMap<NodeId, mpsc::UnboundedReceiver<Event>>,
+    inboxes: HashMap<NodeId, mpsc::Receiver<Event>>,
+    /// name -> requests in flight for it, failed at once when its last node goes.
+    fn_requests: HashMap<String, HashSet<ReqId>>,
+    /// Inbox events dropped because the inbox was full (see `inbox_len_max`).
+    dropped_events: u64,
 }
 
 /// The in-process statekeeper: the default, one process is a whole grid.
@@ -222,7 +262,7 @@ impl Inner {
     /// Stops as soon as no credit is left and tries each function once per round, so a
     /// long queue costs only what moves.
     fn distribute(&mut self, pool: &PoolId, max: usize) -> usize {
-        let budget = max.min(self.idle_credits(pool) as usize);
+        let budget = max.min(self.idle_credits(pool, 0) as usize);
         let queue = QueueId::pool(pool);
         if budget == 0 || self.queue_is_empty(&queue) {
             return 0;
@@ -231,7 +271,9 @@ impl Inner {
         let mut blocked: HashSet<Arc<str>> = HashSet::new();
         let mut moved = 0;
         let mut scanned = 0;
-        while moved < budget && scanned < DISTRIBUTE_SCAN_MAX {
+        // Look a little past the budget, for requests no member can take (other functions).
+        let scan_max = DISTRIBUTE_SCAN_MAX.min(budget.saturating_mul(4).saturating_add(16));
+        while moved < budget && scanned < scan_max {
             let Some(id) = self.queues.get_mut(&queue).and_then(|q| q.items.pop_front()) else { break };
             scanned += 1;
             let Some(function) =
@@ -269,13 +311,17 @@ impl Inner {
         chain
     }
 
-    fn idle_credits(&self, pool: &PoolId) -> u32 {
+    /// Credits of `pool`'s members whatever the function: an upper bound of what it can
+    /// take now. Child pools count with an empty queue, down to [`POOL_DEPTH_MAX`] levels.
+    fn idle_credits(&self, pool: &PoolId, depth: usize) -> u32 {
         let Some(state) = self.pools.get(pool) else { return 0 };
         let mut total = state.credits.values().fold(0u32, |a, b| a.saturating_add(*b));
-        for member in &state.members {
-            if let Some(child) = member.as_pool() {
-                if self.queue_is_empty(member) && child != *pool {
-                    total = total.saturating_add(self.idle_credits(&child));
+        if depth < POOL_DEPTH_MAX {
+            for member in &state.members {
+                if let Some(child) = member.as_pool() {
+                    if self.queue_is_empty(member) {
+                        total = total.saturating_add(self.idle_credits(&child, depth + 1));
+                    }
                 }
             }
         }
@@ -285,7 +331,7 @@ impl Inner {
     fn hoist(&mut self, pool: &PoolId, max: usize) -> usize {
         let Some(state) = self.pools.get(pool) else { return 0 };
         let members = state.members.clone();
-        let budget = max.min(self.idle_credits(pool) as usize);
+        let budget = max.min(self.idle_credits(pool, 0) as usize);
         if budget == 0 {
             return 0;
         }
@@ -298,24 +344,20 @@ impl Inner {
             if copied.len() >= budget || len < 2 {
                 break;
             }
-            // Leave the front half to the member itself; take from the far end.
+            // Leave the front half to the member itself; take from the far end, looking at
+            // no more than HOIST_SCAN_MAX entries there. Stale entries stay: claims drop them.
             let share = (len / 2).min(budget - copied.len());
-            let Some(queue) = self.queues.get_mut(&member) else { continue };
+            let Some(queue) = self.queues.get(&member) else { continue };
             let mut taken = 0;
-            let mut index = queue.items.len();
-            while index > 0 && taken < share {
-                index -= 1;
-                let id = queue.items[index];
-                match self.requests.get_mut(&id) {
-                    Some(req) if req.running.is_none() && !req.hoisted => {
+            for &id in queue.items.iter().rev().take(HOIST_SCAN_MAX) {
+                if taken >= share {
+                    break;
+                }
+                if let Some(req) = self.requests.get_mut(&id) {
+                    if req.running.is_none() && !req.hoisted {
                         req.hoisted = true;
                         copied.push(id);
                         taken += 1;
-                    }
-                    Some(_) => {}
-                    None => {
-                        // Done: drop the stale entry while we are here.
-                        queue.items.remove(index);
                     }
                 }
             }
@@ -348,36 +390,65 @@ impl Inner {
 
     /// Removes `node` and gives everything it held back to the grid.
     fn remove_node(&mut self, node: &NodeId) {
+        if let Some(job) = self.detach(node) {
+            self.reclaim(job);
+        }
+    }
+
+    /// The first step of removing `node`: it leaves the membership, the directory and its
+    /// pools; what it held is returned, to be given back by [`Inner::reclaim`].
+    fn detach(&mut self, node: &NodeId) -> Option<Reclaim> {
         self.inboxes.remove(node);
-        let Some(state) = self.nodes.remove(node) else { return };
-        for name in &state.functions {
-            if let Some((_, nodes)) = self.functions.get_mut(name) {
-                nodes.remove(node);
-                if nodes.is_empty() {
-                    self.functions.remove(name);
-                    // The last node serving it is gone: whoever waits for it learns so now.
-                    let orphaned: Vec<ReqId> =
-                        self.requests.iter().filter(|(_, r)| &*r.request.function == name).map(|(id, _)| *id).collect();
-                    let unknown = Err(CallError::UnknownFunction { function: name.clone() });
-                    for id in orphaned {
-                        self.fail_waiters(&id, &unknown);
-                    }
+        let state = self.nodes.remove(node)?;
+        let mut names = state.functions.clone();
+        names.sort();
+        names.dedup();
+        let mut fails = Vec::new();
+        for name in names {
+            let Some((_, nodes)) = self.functions.get_mut(&name) else { continue };
+            nodes.remove(node);
+            if nodes.is_empty() {
+                // The last node serving it is gone: whoever waits for it learns so now.
+                self.functions.remove(&name);
+                if let Some(ids) = self.fn_requests.remove(&name) {
+                    fails.push((name, ids.into_iter().collect()));
                 }
             }
         }
-        for id in state.running {
-            if self.requests.get(&id).is_some_and(|r| r.running.as_ref() == Some(node)) {
+        // Detach its queues first, so nothing given back is handed to them.
+        let mut owned: Vec<QueueId> = state.queues.into_iter().collect();
+        owned.sort();
+        let mut queues = Vec::new();
+        for queue in owned {
+            if let Some(pool) = self.queue_pool.get(&queue).cloned() {
+                if let Some(pool_state) = self.pools.get_mut(&pool) {
+                    pool_state.members.retain(|m| m != &queue);
+                    pool_state.credits.remove(&queue);
+                    pool_state.next_member = 0;
+                }
+            }
+            self.queue_owner.remove(&queue);
+            if let Some(items) = self.queues.remove(&queue).map(|q| q.items) {
+                queues.push(items);
+            }
+        }
+        Some(Reclaim { node: node.clone(), fails, running: state.running.into_iter().collect(), queues })
+    }
+
+    /// Gives back what a removed node held (see [`Reclaim`] for the order).
+    fn reclaim(&mut self, job: Reclaim) {
+        for (name, ids) in job.fails {
+            let unknown = Err(CallError::UnknownFunction { function: name });
+            for id in ids {
+                self.fail_waiters(&id, &unknown);
+            }
+        }
+        for id in job.running {
+            if self.requests.get(&id).is_some_and(|r| r.running.as_ref() == Some(&job.node)) {
                 self.requeue(id, true);
             }
         }
-        for queue in state.queues {
-            let Some((_, pool)) = self.queue_owner.remove(&queue) else { continue };
-            if let Some(pool_state) = self.pools.get_mut(&pool) {
-                pool_state.members.retain(|m| m != &queue);
-                pool_state.credits.remove(&queue);
-                pool_state.next_member = 0;
-            }
-            let items = self.queues.remove(&queue).map(|q| q.items).unwrap_or_default();
+        for items in job.queues {
             for id in items {
                 if self.is_pending(&id) {
                     self.requeue(id, false);
@@ -386,12 +457,54 @@ impl Inner {
         }
     }
 
+    /// Declares dead every node whose lease ran out, in steps of at most
+    /// [`REAP_NODES_MAX`] nodes taken in id order: a step detaches its nodes, then gives
+    /// back what they held. Returns the nodes reaped.
+    fn reap(&mut self) -> Vec<NodeId> {
+        let mut reaped = Vec::new();
+        loop {
+            let now = Instant::now();
+            let mut dead: Vec<NodeId> =
+                self.nodes.iter().filter(|(_, s)| s.expires_at <= now).map(|(n, _)| n.clone()).collect();
+            if dead.is_empty() {
+                return reaped;
+            }
+            dead.sort();
+            dead.truncate(REAP_NODES_MAX);
+            let jobs: Vec<Reclaim> = dead.iter().filter_map(|node| self.detach(node)).collect();
+            for job in jobs {
+                self.reclaim(job);
+            }
+            reaped.extend(dead);
+        }
+    }
+
+    /// Forgets `id` as a request in flight for `function`.
+    fn untrack(&mut self, function: &str, id: &ReqId) {
+        if let Some(ids) = self.fn_requests.get_mut(function) {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.fn_requests.remove(function);
+            }
+        }
+    }
+
+    /// Sends `event` to `node`'s inbox, if it is registered. A closed inbox means the node
+    /// is stopping (nobody there waits any more); a full one drops the event and counts a
+    /// disruption, after which nodes resubmit what they wait for (see `inbox_len_max`).
+    fn send_event(&mut self, node: &NodeId, event: Event) {
+        let Some(state) = self.nodes.get(node) else { return };
+        if let Err(mpsc::error::TrySendError::Full(_)) = state.inbox.try_send(event) {
+            self.dropped_events += 1;
+            tracing::warn!(node = %node, "inbox full; dropped a notification (the node resubmits to recover it)");
+        }
+    }
+
     fn fail_waiters(&mut self, id: &ReqId, outcome: &Outcome) {
         if let Some(state) = self.requests.remove(id) {
+            self.untrack(&state.request.function, id);
             for waiter in state.waiters {
-                if let Some(node) = self.nodes.get(&waiter) {
-                    let _ = node.inbox.send(Event::Done { id: *id, outcome: outcome.clone() });
-                }
+                self.send_event(&waiter, Event::Done { id: *id, outcome: outcome.clone() });
             }
         }
     }
@@ -407,14 +520,14 @@ impl Statekeeper for Embedded {
             Some(_) => inner.remove_node(node),
             None => {}
         }
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(self.config.inbox_len_max.max(1));
         let state = NodeState {
             expires_at: now + Duration::from_millis(self.config.node_ttl_ms),
             info: NodeInfo { id: node.to_string(), ..Default::default() },
             inbox: tx,
             functions: functions.iter().map(|(name, _)| name.clone()).collect(),
             queues: HashSet::new(),
-            running: HashSet::new(),
+            running: BTreeSet::new(),
         };
         inner.nodes.insert(node.clone(), state);
         inner.inboxes.insert(node.clone(), rx);
@@ -436,7 +549,8 @@ impl Statekeeper for Embedded {
         match inner.nodes.get_mut(node) {
             Some(state) => {
                 state.expires_at = Instant::now() + Duration::from_millis(self.config.node_ttl_ms);
-                state.info = info.clone();
+                // The id is the node's, whatever the report says (as on Redis).
+                state.info = NodeInfo { id: node.to_string(), ..info.clone() };
                 Ok(true)
             }
             None => Ok(false),
@@ -444,13 +558,9 @@ impl Statekeeper for Embedded {
     }
 
     async fn reap(&self) -> SkResult<Vec<NodeId>> {
-        let mut inner = self.inner.lock();
-        let now = Instant::now();
-        let dead: Vec<NodeId> =
-            inner.nodes.iter().filter(|(_, s)| s.expires_at <= now).map(|(n, _)| n.clone()).collect();
+        let dead = self.inner.lock().reap();
         for node in &dead {
             tracing::warn!(node = %node, "node missed its heartbeats; re-running its work elsewhere");
-            inner.remove_node(node);
         }
         Ok(dead)
     }
@@ -563,6 +673,9 @@ impl Statekeeper for Embedded {
                 state.running.as_ref().is_some_and(|owner| nodes.get(owner).is_none_or(|n| n.expires_at <= now));
             let pending = state.running.is_none();
             if owner_dead {
+                if let Some(owner) = state.running.clone().and_then(|owner| inner.nodes.get_mut(&owner)) {
+                    owner.running.remove(&request.id);
+                }
                 inner.requeue(request.id, true);
             } else if front && pending {
                 inner.place(queue, request.id, true, 0);
@@ -576,6 +689,7 @@ impl Statekeeper for Embedded {
         let state =
             ReqState { request: request.clone(), running: None, waiters: vec![waiter.clone()], hoisted: false, home };
         inner.requests.insert(request.id, state);
+        inner.fn_requests.entry(request.function.to_string()).or_default().insert(request.id);
         inner.place(queue, request.id, front, 0);
         Ok(Submitted::Queued)
     }
@@ -584,6 +698,9 @@ impl Statekeeper for Embedded {
         let mut inner = self.inner.lock();
         let inner = &mut *inner;
         let mut claimed = Vec::new();
+        // A node the statekeeper does not know (never registered, removed, or reaped) holds
+        // no claims: it must register again first. Nothing is taken from the queue.
+        let Some(node) = inner.nodes.get_mut(owner) else { return Ok(claimed) };
         let Some(state) = inner.queues.get_mut(queue) else { return Ok(claimed) };
         while claimed.len() < max {
             let Some(id) = state.items.pop_front() else { break };
@@ -591,9 +708,7 @@ impl Statekeeper for Embedded {
                 if req.running.is_none() {
                     req.running = Some(owner.clone());
                     claimed.push(req.request.clone());
-                    if let Some(node) = inner.nodes.get_mut(owner) {
-                        node.running.insert(id);
-                    }
+                    node.running.insert(id);
                 }
             }
         }
@@ -623,6 +738,7 @@ impl Statekeeper for Embedded {
             inner.results().insert(*id, outcome.clone());
         }
         let Some(state) = inner.requests.remove(id) else { return Ok(false) };
+        inner.untrack(&state.request.function, id);
         if let Some(owner) = state.running.as_ref().and_then(|owner| inner.nodes.get_mut(owner)) {
             owner.running.remove(id);
         }
@@ -630,9 +746,8 @@ impl Statekeeper for Embedded {
         for waiter in state.waiters {
             if &waiter == local {
                 local_waits = true;
-            } else if let Some(node) = inner.nodes.get(&waiter) {
-                // A closed inbox means the node is stopping; nobody there waits any more.
-                let _ = node.inbox.send(Event::Done { id: *id, outcome: outcome.clone() });
+            } else {
+                inner.send_event(&waiter, Event::Done { id: *id, outcome: outcome.clone() });
             }
         }
         Ok(local_waits)
@@ -677,6 +792,10 @@ impl Statekeeper for Embedded {
         let signal = self.inner.lock().queue(queue).signal.clone();
         let _ = tokio::time::timeout(Duration::from_millis(timeout_ms), signal.notified()).await;
         Ok(())
+    }
+
+    fn disruptions(&self) -> u64 {
+        self.inner.lock().dropped_events
     }
 
     fn node_ttl_ms(&self) -> u64 {

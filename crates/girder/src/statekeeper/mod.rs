@@ -257,7 +257,11 @@ pub trait Statekeeper: Send + Sync + 'static {
     async fn register_node(&self, node: &NodeId, functions: &[(String, u32)]) -> SkResult<()>;
 
     /// Removes a node: its functions leave the directory, its workers leave their pools,
-    /// and the requests it had queued or claimed go back to their pools' queues.
+    /// and the requests it had queued or claimed go back to their pools' queues (first its
+    /// claims in id order, to the front; then its queues' pending entries, by queue name and
+    /// front to back, to the back); requests of a function no live node serves any more
+    /// fail for their waiters. A store may do this in bounded steps; the call returns when
+    /// all of it is done.
     async fn deregister_node(&self, node: &NodeId) -> SkResult<()>;
 
     /// Renews `node`'s lease and publishes `info`. Returns `false` when the statekeeper
@@ -267,7 +271,8 @@ pub trait Statekeeper: Send + Sync + 'static {
 
     /// Declares dead every node whose lease ran out and deregisters it (see
     /// [`Statekeeper::deregister_node`]), so its work is run elsewhere. Any node may call
-    /// it; returns the nodes reaped.
+    /// it; returns the nodes reaped. Dead nodes are taken in id order, at most 16 at a time:
+    /// each group is detached together, then what it held is given back.
     async fn reap(&self) -> SkResult<Vec<NodeId>>;
 
     /// The live nodes, with what they last reported.
@@ -306,9 +311,12 @@ pub trait Statekeeper: Send + Sync + 'static {
 
     /// Claims up to `max` pending requests from the front of `queue` for `owner`, skipping
     /// and dropping ids that are running or done. The claims are held under `owner`'s lease.
+    /// A node the statekeeper does not know (never registered, deregistered or reaped) holds
+    /// no claims: it gets nothing and the queue is left as it is.
     async fn claim(&self, queue: &QueueId, owner: &NodeId, max: usize) -> SkResult<Vec<Request>>;
 
-    /// Puts back in flight every request `owner` holds a claim on except those in `keep`.
+    /// Puts back in flight every request `owner` holds a claim on except those in `keep`
+    /// (in id order, each to the front of its pool).
     /// A node calls it after a claim whose reply it lost (the connection dropped), with the
     /// requests it really runs; anything else it holds is re-run elsewhere. Returns how many.
     async fn release_claims(&self, owner: &NodeId, keep: &[ReqId]) -> SkResult<usize>;
@@ -359,7 +367,8 @@ pub trait Statekeeper: Send + Sync + 'static {
 
     /// How many times this process lost its connection to the store or had an operation
     /// fail for it. Nodes submit their waited-on requests again when it changes: whatever
-    /// a broken connection swallowed is recovered. The embedded statekeeper never fails.
+    /// a broken connection swallowed is recovered. The embedded statekeeper never fails; it
+    /// counts here the inbox events it dropped because an inbox was full.
     fn disruptions(&self) -> u64 {
         0
     }

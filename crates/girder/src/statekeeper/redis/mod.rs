@@ -11,6 +11,11 @@
 //!   outcomes for the local callers;
 //! - a bounded near cache of memoized outcomes: outcomes never change for an identity, so
 //!   repeated hits are served locally without crossing the network.
+//!
+//! Every script does bounded work per call. Removing a node (deregistration, reaping, a
+//! re-registration over an expired node) detaches it in one step and gives back what it
+//! held in batches of at most 1,000 entries; the methods here call the scripts again until
+//! nothing is left, so each trait call still completes the whole removal.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -82,6 +87,17 @@ impl RedisConfig {
 const INBOX_BLOCK_S: f64 = 1.0;
 /// Events taken from an inbox per round trip once one has arrived.
 const INBOX_BATCH_MAX: usize = 256;
+/// Events decoded from an inbox and not yet taken by the node. When the node is slow the
+/// reader waits for room (the sender awaits) and leaves further events in the Redis list,
+/// itself bounded by `inbox_len_max`: no outcome is lost in between.
+const INBOX_CHANNEL_MAX: usize = 1_024;
+/// Most queues this process keeps a wake-up signal for. Signals are kept for the queues of
+/// the pools declared and the workers joined here and for queues being waited on; a `W`
+/// event for any other queue is ignored (nobody here waits on it). Past this many, signals
+/// nobody waits on are dropped; a wait on a queue beyond it falls back to its timeout.
+const SIGNALS_MAX: usize = 4_096;
+/// Most times `register_node` removes an expired node of the same id in its way.
+const REGISTER_TRIES_MAX: usize = 8;
 /// Backoff bounds for an inbox reader that lost its connection.
 const RECONNECT_MIN_MS: u64 = 50;
 const RECONNECT_MAX_MS: u64 = 2_000;
@@ -89,6 +105,7 @@ const RECONNECT_MAX_MS: u64 = 2_000;
 struct Scripts {
     register: Script,
     deregister: Script,
+    reclaim: Script,
     heartbeat: Script,
     reap: Script,
     live_nodes: Script,
@@ -119,6 +136,7 @@ impl Scripts {
         Scripts {
             register: script("register"),
             deregister: script("deregister"),
+            reclaim: script("reclaim"),
             heartbeat: script("heartbeat"),
             reap: script("reap"),
             live_nodes: script("live_nodes"),
@@ -259,8 +277,37 @@ impl RedisStatekeeper {
         unavailable(err)
     }
 
+    /// The wake-up signal of `queue`, kept until the map is full (see [`SIGNALS_MAX`]).
     fn signal(&self, queue: &QueueId) -> Arc<Notify> {
-        self.signals.lock().entry(queue.clone()).or_default().clone()
+        let mut signals = self.signals.lock();
+        if let Some(signal) = signals.get(queue) {
+            return signal.clone();
+        }
+        if signals.len() >= SIGNALS_MAX {
+            // Only the map holds these: nobody waits on them now.
+            signals.retain(|_, signal| Arc::strong_count(signal) > 1);
+        }
+        let signal = Arc::new(Notify::new());
+        if signals.len() < SIGNALS_MAX {
+            signals.insert(queue.clone(), signal.clone());
+        }
+        signal
+    }
+
+    /// Runs the `reclaim` script until removed nodes' work is all given back.
+    async fn reclaim_all(&self, mut more: i64) -> SkResult<()> {
+        while more == 1 {
+            more = self.run(&self.scripts.reclaim, &[]).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes `node` (only if its lease ran out, when `only_expired`) and gives back all it
+    /// held.
+    async fn remove_node(&self, node: &NodeId, only_expired: bool) -> SkResult<()> {
+        let flag: &[u8] = if only_expired { b"1" } else { b"0" };
+        let more: i64 = self.run(&self.scripts.deregister, &[node.as_str().as_bytes(), flag]).await?;
+        self.reclaim_all(more).await
     }
 
     fn remember(&self, id: ReqId, outcome: &Outcome) {
@@ -291,15 +338,20 @@ impl Statekeeper for RedisStatekeeper {
             args.push(version.as_bytes());
             args.push(unknown);
         }
-        match self.run::<String>(&self.scripts.register, &args).await?.as_str() {
-            "OK" => Ok(()),
-            "DUPLICATE" => Err(StatekeeperError::DuplicateNode(node.to_string())),
-            other => Err(corrupt("unexpected reply to register", other)),
+        for _ in 0..REGISTER_TRIES_MAX {
+            match self.run::<String>(&self.scripts.register, &args).await?.as_str() {
+                "OK" => return Ok(()),
+                "DUPLICATE" => return Err(StatekeeperError::DuplicateNode(node.to_string())),
+                // An expired node of this id, or its unfinished removal, is in the way.
+                "REMOVE" => self.remove_node(node, true).await?,
+                other => return Err(corrupt("unexpected reply to register", other)),
+            }
         }
+        Err(StatekeeperError::Unavailable(format!("node {node} could not register: its old self keeps coming back")))
     }
 
     async fn deregister_node(&self, node: &NodeId) -> SkResult<()> {
-        self.run::<String>(&self.scripts.deregister, &[node.as_str().as_bytes()]).await.map(|_| ())
+        self.remove_node(node, false).await
     }
 
     async fn heartbeat(&self, node: &NodeId, info: &NodeInfo) -> SkResult<bool> {
@@ -310,11 +362,18 @@ impl Statekeeper for RedisStatekeeper {
     }
 
     async fn reap(&self) -> SkResult<Vec<NodeId>> {
-        let dead: Vec<String> = self.run(&self.scripts.reap, &[]).await?;
-        for node in &dead {
-            tracing::warn!(node = %node, "node missed its heartbeats; re-running its work elsewhere");
+        let mut reaped = Vec::new();
+        loop {
+            let reply: Vec<String> = self.run(&self.scripts.reap, &[]).await?;
+            let Some((more, dead)) = reply.split_first() else { return Err(corrupt("reap", "empty reply")) };
+            for node in dead {
+                tracing::warn!(node = %node, "node missed its heartbeats; re-running its work elsewhere");
+                reaped.push(NodeId::new(node.as_str()));
+            }
+            if more != "1" {
+                return Ok(reaped);
+            }
         }
-        Ok(dead.into_iter().map(NodeId::new).collect())
     }
 
     async fn live_nodes(&self) -> SkResult<Vec<NodeInfo>> {
@@ -351,6 +410,8 @@ impl Statekeeper for RedisStatekeeper {
     }
 
     async fn declare_pool(&self, pool: &PoolId, parent: Option<&PoolId>, node: &NodeId) -> SkResult<()> {
+        // The distributor of `pool` runs here: keep its signal (see `join_pool`).
+        self.signal(&QueueId::pool(pool));
         let parent_name = parent.map_or("", |p| p.as_str());
         let args = [pool.as_str().as_bytes(), parent_name.as_bytes(), node.as_str().as_bytes()];
         let reply: String = self.run(&self.scripts.declare_pool, &args).await?;
@@ -358,12 +419,14 @@ impl Statekeeper for RedisStatekeeper {
     }
 
     async fn join_pool(&self, pool: &PoolId, member: &QueueId, node: &NodeId) -> SkResult<()> {
+        // Kept from now on, so a wake-up that arrives before the first wait is not lost.
         self.signal(member);
         let args = [pool.as_str().as_bytes(), member.as_str().as_bytes(), node.as_str().as_bytes()];
         expect_ok(self.run(&self.scripts.join_pool, &args).await?, pool)
     }
 
     async fn leave_pool(&self, pool: &PoolId, member: &QueueId) -> SkResult<()> {
+        self.signals.lock().remove(member);
         let args = [pool.as_str().as_bytes(), member.as_str().as_bytes()];
         expect_ok(self.run(&self.scripts.leave_pool, &args).await?, pool)
     }
@@ -441,9 +504,18 @@ impl Statekeeper for RedisStatekeeper {
 
     async fn release_claims(&self, owner: &NodeId, keep: &[ReqId]) -> SkResult<usize> {
         let hex: Vec<String> = keep.iter().map(ReqId::to_hex).collect();
-        let mut args: Vec<&[u8]> = vec![owner.as_str().as_bytes()];
-        args.extend(hex.iter().map(|h| h.as_bytes()));
-        self.run(&self.scripts.release_claims, &args).await
+        let mut released = 0;
+        let mut cursor = String::new();
+        loop {
+            let mut args: Vec<&[u8]> = vec![owner.as_str().as_bytes(), cursor.as_bytes()];
+            args.extend(hex.iter().map(|h| h.as_bytes()));
+            let (count, next): (usize, String) = self.run(&self.scripts.release_claims, &args).await?;
+            released += count;
+            if next.is_empty() {
+                return Ok(released);
+            }
+            cursor = next;
+        }
     }
 
     async fn complete(&self, id: &ReqId, outcome: &Outcome, memoize: bool, local: &NodeId) -> SkResult<bool> {
@@ -538,7 +610,7 @@ impl Statekeeper for RedisStatekeeper {
     }
 
     async fn open_inbox(&self, node: &NodeId) -> SkResult<BoxStream<'static, Event>> {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(INBOX_CHANNEL_MAX);
         let reader = InboxReader {
             client: self.client.clone(),
             key: format!("{}inbox:{}", self.prefix, node),
@@ -558,7 +630,7 @@ struct InboxReader {
     key: String,
     signals: Signals,
     disruptions: Arc<AtomicU64>,
-    tx: mpsc::UnboundedSender<Event>,
+    tx: mpsc::Sender<Event>,
 }
 
 impl InboxReader {
@@ -603,27 +675,33 @@ impl InboxReader {
             let popped: Option<(String, Vec<u8>)> =
                 redis::cmd("BLPOP").arg(&self.key).arg(INBOX_BLOCK_S).query_async(conn).await?;
             let Some((_, first)) = popped else { continue };
-            self.handle(&first);
+            self.handle(&first).await;
             let more: Option<Vec<Vec<u8>>> =
                 redis::cmd("LPOP").arg(&self.key).arg(INBOX_BATCH_MAX).query_async(conn).await?;
             for event in more.unwrap_or_default() {
-                self.handle(&event);
+                self.handle(&event).await;
             }
         }
         Ok(())
     }
 
-    fn handle(&self, event: &[u8]) {
+    /// Wakes a local waiter, or hands an outcome to the node: waiting for room when the
+    /// node is behind (the events not popped yet stay in Redis meanwhile).
+    async fn handle(&self, event: &[u8]) {
         match event.split_first() {
             Some((b'W', queue)) => {
                 let queue = QueueId::new(String::from_utf8_lossy(queue).into_owned());
-                self.signals.lock().entry(queue).or_default().notify_one();
+                // Only queues somebody here declared, joined or waits on have a signal.
+                if let Some(signal) = self.signals.lock().get(&queue) {
+                    signal.notify_one();
+                }
             }
             Some((b'D', rest)) if rest.len() >= 64 => {
                 let id = std::str::from_utf8(&rest[..64]).ok().and_then(ReqId::from_hex);
                 match (id, decode_outcome(&rest[64..])) {
                     (Some(id), Ok(outcome)) => {
-                        let _ = self.tx.send(Event::Done { id, outcome });
+                        // Fails only when the node dropped its stream: nobody waits any more.
+                        let _ = self.tx.send(Event::Done { id, outcome }).await;
                     }
                     _ => tracing::warn!(inbox = %self.key, "dropped an undecodable event"),
                 }

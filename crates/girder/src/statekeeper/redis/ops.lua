@@ -1,9 +1,12 @@
 --@@ register: ARGV = node, ttl_ms, then per function: name, version, unknown-function outcome
+-- Replies REMOVE when an expired node of this id, or its unfinished removal, is in the way:
+-- the caller removes it (`deregister` with only_expired, then `reclaim` until done) and
+-- registers again, so that its old work is given back before the new node exists.
 local node, ttl = ARGV[1], tonumber(ARGV[2])
 local now = now_ms()
 local exp = redis.call('HGET', P .. 'nodes', node)
 if exp and tonumber(exp) > now then return 'DUPLICATE' end
-if exp then remove_node(node) end
+if exp or redis.call('HEXISTS', P .. 'reclaiming', node) == 1 then return 'REMOVE' end
 redis.call('SETNX', P .. 'born', now)
 redis.call('HSET', P .. 'nodes', node, now + ttl)
 for i = 3, #ARGV, 3 do
@@ -13,23 +16,36 @@ for i = 3, #ARGV, 3 do
   redis.call('SADD', P .. 'nodefns:' .. node, ARGV[i])
 end
 return 'OK'
---@@ deregister: ARGV = node
-remove_node(ARGV[1])
-return 'OK'
+--@@ deregister: ARGV = node, only_expired ('1'/'0'); returns 1 while given-back work remains
+local node = ARGV[1]
+local exp = redis.call('HGET', P .. 'nodes', node)
+if exp and (ARGV[2] ~= '1' or tonumber(exp) <= now_ms()) then detach(node) end
+return reclaim_step(RECLAIM_BATCH)
+--@@ reclaim: ARGV = (none); gives back a batch of removed nodes' work; returns 1 while more remains
+return reclaim_step(RECLAIM_BATCH)
 --@@ heartbeat: ARGV = node, ttl_ms, info
 if redis.call('HEXISTS', P .. 'nodes', ARGV[1]) == 0 then return 0 end
 redis.call('HSET', P .. 'nodes', ARGV[1], now_ms() + tonumber(ARGV[2]))
 redis.call('HSET', P .. 'info', ARGV[1], ARGV[3])
 return 1
---@@ reap: ARGV = (none)
+--@@ reap: ARGV = (none); returns '1' while work remains (call again), else '0'; then the nodes reaped
+-- Finishes giving back the work of removed nodes first; then detaches at most REAP_NODES_MAX
+-- dead nodes, in id order (the embedded statekeeper's order).
+if reclaim_step(RECLAIM_BATCH) == 1 then return {'1'} end
 local now = now_ms()
 local all = redis.call('HGETALL', P .. 'nodes')
 local dead = {}
 for i = 1, #all, 2 do
   if tonumber(all[i + 1]) <= now then table.insert(dead, all[i]) end
 end
-for _, node in ipairs(dead) do remove_node(node) end
-return dead
+table.sort(dead)
+local out = {'0'}
+for i = 1, math.min(#dead, REAP_NODES_MAX) do
+  detach(dead[i])
+  table.insert(out, dead[i])
+end
+if #out > 1 then out[1] = '1' end
+return out
 --@@ live_nodes: ARGV = (none); returns now, then node, expiry, info triples
 local now = now_ms()
 local all = redis.call('HGETALL', P .. 'nodes')
@@ -63,15 +79,15 @@ if redis.call('EXISTS', P .. 'pool:' .. pool) == 0 then return 'UNKNOWN_POOL' en
 if not redis.call('LPOS', P .. 'members:' .. pool, member) then redis.call('RPUSH', P .. 'members:' .. pool, member) end
 redis.call('HSET', P .. 'qowner', member, node)
 redis.call('HSET', P .. 'qpool', member, pool)
-redis.call('SADD', P .. 'nodequeues:' .. node, member)
+-- Only a registered node's queues are given back when it goes (as in the embedded one).
+if redis.call('HEXISTS', P .. 'nodes', node) == 1 then redis.call('SADD', P .. 'nodequeues:' .. node, member) end
 return 'OK'
 --@@ leave_pool: ARGV = pool, member
+-- The queue stays its node's: what it holds is given back when the node goes.
 local pool, member = ARGV[1], ARGV[2]
 redis.call('LREM', P .. 'members:' .. pool, 0, member)
 redis.call('HDEL', P .. 'credits:' .. pool, member)
-local owner = redis.call('HGET', P .. 'qowner', member)
-if owner then redis.call('SREM', P .. 'nodequeues:' .. owner, member) end
-redis.call('HDEL', P .. 'qowner', member)
+if redis.call('EXISTS', P .. 'pool:' .. pool) == 1 then redis.call('HSET', P .. 'pool:' .. pool, 'next', 0) end
 return 'OK'
 --@@ submit: ARGV = id, request, fn, queue, front ('1'/'0'), waiter, unknown-function outcome, in_flight_max, node ttl ms
 local id, request, fn, queue, front, waiter = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5] == '1', ARGV[6]
@@ -95,7 +111,7 @@ local owner = redis.call('HGET', rkey, 'owner')
 if owner then
   redis.call('SADD', P .. 'wait:' .. id, waiter)
   if owner ~= '' and not node_alive(owner, now_ms()) then
-    redis.call('SREM', P .. 'running:' .. owner, id)
+    redis.call('ZREM', P .. 'claims:' .. owner, id)
     requeue(id, true)
   elseif owner == '' and front then
     place(queue, id, true, 0)
@@ -114,21 +130,28 @@ place(queue, id, front, 0)
 return {'QUEUED'}
 --@@ claim: ARGV = queue, owner, max
 return claim(ARGV[1], ARGV[2], tonumber(ARGV[3]))
---@@ release_claims: ARGV = owner, kept ids...
-local owner = ARGV[1]
+--@@ release_claims: ARGV = owner, cursor ('' to start), kept ids...
+-- Looks at up to RECLAIM_BATCH claims after `cursor`, in id order; returns {released, next
+-- cursor ('' when done)}.
+local owner, cursor = ARGV[1], ARGV[2]
 local keep = {}
-for i = 2, #ARGV do keep[ARGV[i]] = true end
+for i = 3, #ARGV do keep[ARGV[i]] = true end
+local from = '-'
+if cursor ~= '' then from = '(' .. cursor end
+local ids = redis.call('ZRANGEBYLEX', P .. 'claims:' .. owner, from, '+', 'LIMIT', 0, RECLAIM_BATCH)
 local released = 0
-for _, id in ipairs(redis.call('SMEMBERS', P .. 'running:' .. owner)) do
+for _, id in ipairs(ids) do
   if not keep[id] then
-    redis.call('SREM', P .. 'running:' .. owner, id)
+    redis.call('ZREM', P .. 'claims:' .. owner, id)
     if redis.call('HGET', P .. 'req:' .. id, 'owner') == owner then
       requeue(id, true)
       released = released + 1
     end
   end
 end
-return released
+local next_cursor = ''
+if #ids == RECLAIM_BATCH then next_cursor = ids[#ids] end
+return {released, next_cursor}
 --@@ complete: ARGV = id, outcome, memoize ('1'/'0'), local node, result ttl ms (0 = none)
 return complete(ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4], tonumber(ARGV[5]))
 --@@ volunteer: ARGV = pool, member, credits
@@ -149,8 +172,9 @@ local budget = math.min(max, idle(pool, 0))
 if budget <= 0 then return 0 end
 local members = redis.call('LRANGE', P .. 'members:' .. pool, 0, -1)
 local sized = {}
-for _, m in ipairs(members) do table.insert(sized, {m, redis.call('LLEN', P .. 'q:' .. m)}) end
-table.sort(sized, function(a, b) return a[2] > b[2] end)
+for i, m in ipairs(members) do table.insert(sized, {m, redis.call('LLEN', P .. 'q:' .. m), i}) end
+-- Busiest first; ties in member order (table.sort is not stable; the embedded sort is).
+table.sort(sized, function(a, b) return a[2] > b[2] or (a[2] == b[2] and a[3] < b[3]) end)
 local copied = {}
 for _, entry in ipairs(sized) do
   local member, len = entry[1], entry[2]

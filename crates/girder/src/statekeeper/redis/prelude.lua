@@ -9,14 +9,25 @@
 --   P pstat:NAME    pool counters (hash: handed_off, hoisted);  P pdist:NAME nodes running its distributor (set)
 --   P qowner / P qpool   worker queue -> owning node / pool (hashes)
 --   P nodes         node -> lease expiry in ms (hash);  P info  node -> reported NodeInfo (hash)
---   P nodefns:N / nodequeues:N / nodepools:N / running:N   what node N holds (sets)
+--   P nodefns:N / nodequeues:N / nodepools:N   what node N holds (sets)
+--   P claims:N      requests node N claimed (sorted set, all scores 0: in id order)
 --   P fver          function -> version (hash);  P fnodes:F  nodes serving F (set)
 --   P inbox:N       events for node N (list): 'D' .. ID .. outcome, or 'W' .. QUEUE
 --   P inflight      number of requests in flight (counter);  P born  when this grid state began (ms)
 --   P fnreq:F       requests in flight for function F (set);  P funknown  F -> outcome for "nobody serves F"
+--   P reclaim       removed nodes whose work is still being given back (list of job ids, oldest first)
+--   P reclaiming    node -> its pending job id (hash);  P rcseq  job id counter
+--   P rc:J          job J (hash: node, u:F -> unknown outcome of F);  P rc:J:fails  functions whose
+--                   requests fail (list), their ids in P rc:J:fail:F (set);  P rc:J:run  its claims
+--                   (sorted set);  P rc:J:queues  its queues by name (list), their ids in P rc:J:q:Q (list)
+-- Every script does bounded work: removing a node detaches it in one step (its functions,
+-- queues and pools, few) and gives its work back in later steps of at most RECLAIM_BATCH
+-- entries, which the Rust side runs until none is left (`reclaim`, `reap`).
 local P = KEYS[1]
 local DEPTH_MAX = 16
 local SCAN_MAX = 1000
+local RECLAIM_BATCH = 1000
+local REAP_NODES_MAX = 16
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -191,16 +202,25 @@ local function fail_waiters(id, outcome)
   end
 end
 
--- Removes a node and gives everything it held back to the grid.
-local function remove_node(node)
-  for _, fn in ipairs(redis.call('SMEMBERS', P .. 'nodefns:' .. node)) do
+-- The first step of removing a node: it leaves the membership, the directory and its pools
+-- at once; what it held becomes a reclaim job, given back by `reclaim_step`. Bounded by the
+-- node's functions, queues and pools. The embedded statekeeper (`detach`) does the same.
+local function detach(node)
+  local job = tostring(redis.call('INCR', P .. 'rcseq'))
+  local J = P .. 'rc:' .. job
+  redis.call('HSET', J, 'node', node)
+  local fns = redis.call('SMEMBERS', P .. 'nodefns:' .. node)
+  table.sort(fns)
+  for _, fn in ipairs(fns) do
     redis.call('SREM', P .. 'fnodes:' .. fn, node)
     if redis.call('SCARD', P .. 'fnodes:' .. fn) == 0 then
       -- The last node serving it is gone: whoever waits for it learns so now.
       redis.call('HDEL', P .. 'fver', fn)
       local unknown = redis.call('HGET', P .. 'funknown', fn)
-      for _, id in ipairs(redis.call('SMEMBERS', P .. 'fnreq:' .. fn)) do
-        if unknown then fail_waiters(id, unknown) end
+      if unknown and redis.call('EXISTS', P .. 'fnreq:' .. fn) == 1 then
+        redis.call('RENAME', P .. 'fnreq:' .. fn, J .. ':fail:' .. fn)
+        redis.call('HSET', J, 'u:' .. fn, unknown)
+        redis.call('RPUSH', J .. ':fails', fn)
       end
       redis.call('DEL', P .. 'fnreq:' .. fn)
       redis.call('HDEL', P .. 'funknown', fn)
@@ -211,9 +231,10 @@ local function remove_node(node)
   for _, pool in ipairs(redis.call('SMEMBERS', P .. 'nodepools:' .. node)) do
     redis.call('SREM', P .. 'pdist:' .. pool, node)
   end
-  -- Detach its queues first, so nothing below is handed back to them.
-  local orphans = {}
-  for _, q in ipairs(redis.call('SMEMBERS', P .. 'nodequeues:' .. node)) do
+  -- Detach its queues first, so nothing given back is handed to them.
+  local queues = redis.call('SMEMBERS', P .. 'nodequeues:' .. node)
+  table.sort(queues)
+  for _, q in ipairs(queues) do
     local pool = redis.call('HGET', P .. 'qpool', q)
     if pool then
       redis.call('LREM', P .. 'members:' .. pool, 0, q)
@@ -221,17 +242,64 @@ local function remove_node(node)
       redis.call('HSET', P .. 'pool:' .. pool, 'next', 0)
     end
     redis.call('HDEL', P .. 'qowner', q)
-    for _, id in ipairs(redis.call('LRANGE', P .. 'q:' .. q, 0, -1)) do table.insert(orphans, id) end
-    redis.call('DEL', P .. 'q:' .. q)
+    if redis.call('EXISTS', P .. 'q:' .. q) == 1 then
+      redis.call('RENAME', P .. 'q:' .. q, J .. ':q:' .. q)
+      redis.call('RPUSH', J .. ':queues', q)
+    end
   end
-  for _, id in ipairs(redis.call('SMEMBERS', P .. 'running:' .. node)) do
-    if redis.call('HGET', P .. 'req:' .. id, 'owner') == node then requeue(id, true) end
-  end
-  for _, id in ipairs(orphans) do
-    if redis.call('HGET', P .. 'req:' .. id, 'owner') == '' then requeue(id, false) end
+  if redis.call('EXISTS', P .. 'claims:' .. node) == 1 then
+    redis.call('RENAME', P .. 'claims:' .. node, J .. ':run')
   end
   redis.call('DEL', P .. 'nodefns:' .. node, P .. 'nodepools:' .. node, P .. 'nodequeues:' .. node,
-    P .. 'running:' .. node, P .. 'inbox:' .. node)
+    P .. 'inbox:' .. node)
+  redis.call('RPUSH', P .. 'reclaim', job)
+  redis.call('HSET', P .. 'reclaiming', node, job)
+end
+
+-- Gives back up to `budget` entries of what removed nodes held, oldest job first and in the
+-- embedded statekeeper's order: requests of functions nobody serves fail; then the node's
+-- claims, in id order, go back to the front of their pools; then the pending entries of its
+-- queues, by queue name, front to back, go to the back of their pools. Returns 1 while work
+-- remains.
+local function reclaim_step(budget)
+  while budget > 0 do
+    local job = redis.call('LINDEX', P .. 'reclaim', 0)
+    if not job then return 0 end
+    local J = P .. 'rc:' .. job
+    local node = redis.call('HGET', J, 'node') or ''
+    local fn = redis.call('LINDEX', J .. ':fails', 0)
+    local q = redis.call('LINDEX', J .. ':queues', 0)
+    if fn then
+      local unknown = redis.call('HGET', J, 'u:' .. fn)
+      local ids = redis.call('SPOP', J .. ':fail:' .. fn, budget)
+      budget = budget - math.max(1, #ids)
+      for _, id in ipairs(ids) do
+        if unknown and redis.call('EXISTS', P .. 'req:' .. id) == 1 then fail_waiters(id, unknown) end
+      end
+      if redis.call('EXISTS', J .. ':fail:' .. fn) == 0 then redis.call('LPOP', J .. ':fails') end
+    elseif redis.call('EXISTS', J .. ':run') == 1 then
+      local popped = redis.call('ZPOPMIN', J .. ':run', budget)
+      budget = budget - math.max(1, #popped / 2)
+      for i = 1, #popped, 2 do
+        local id = popped[i]
+        if redis.call('HGET', P .. 'req:' .. id, 'owner') == node then requeue(id, true) end
+      end
+    elseif q then
+      local ids = redis.call('LPOP', J .. ':q:' .. q, budget) or {}
+      budget = budget - math.max(1, #ids)
+      for _, id in ipairs(ids) do
+        if redis.call('HGET', P .. 'req:' .. id, 'owner') == '' then requeue(id, false) end
+      end
+      if redis.call('EXISTS', J .. ':q:' .. q) == 0 then redis.call('LPOP', J .. ':queues') end
+    else
+      redis.call('DEL', J, J .. ':fails', J .. ':queues')
+      redis.call('LPOP', P .. 'reclaim')
+      if redis.call('HGET', P .. 'reclaiming', node) == job then redis.call('HDEL', P .. 'reclaiming', node) end
+      budget = budget - 1
+    end
+  end
+  if redis.call('LLEN', P .. 'reclaim') > 0 then return 1 end
+  return 0
 end
 
 -- Claims up to `max` pending requests from the front of `queue` for `owner`.
@@ -247,7 +315,7 @@ local function claim(queue, owner, max)
     local h = redis.call('HMGET', rkey, 'owner', 'req')
     if h[2] and h[1] == '' then
       redis.call('HSET', rkey, 'owner', owner)
-      redis.call('SADD', P .. 'running:' .. owner, id)
+      redis.call('ZADD', P .. 'claims:' .. owner, 0, id)
       table.insert(out, h[2])
     end
   end
@@ -267,7 +335,7 @@ local function complete(id, outcome, memoize, localnode, ttl)
   local h = redis.call('HMGET', rkey, 'owner', 'fn')
   local owner = h[1]
   if not owner then return 0 end
-  if owner ~= '' then redis.call('SREM', P .. 'running:' .. owner, id) end
+  if owner ~= '' then redis.call('ZREM', P .. 'claims:' .. owner, id) end
   if h[2] then redis.call('SREM', P .. 'fnreq:' .. h[2], id) end
   redis.call('DEL', rkey)
   redis.call('DECR', P .. 'inflight')

@@ -36,6 +36,34 @@ async fn redis_passes_the_conformance_suite() {
     run_all(factory).await;
 }
 
+/// The embedded inbox is bounded: an event that finds it full is dropped and counted as a
+/// disruption, after which nodes resubmit what they wait for (and get it from the memo).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_embedded_inbox_drops_events_and_counts_a_disruption() {
+    use bytes::Bytes;
+    use girder::statekeeper::{NodeId, PoolId, QueueId, Submitted};
+    use girder::Request;
+    let sk = Embedded::new(EmbeddedConfig { inbox_len_max: 1, ..Default::default() });
+    let (n1, n2) = (NodeId::new("n1"), NodeId::new("n2"));
+    sk.register_node(&n1, &[("f".to_owned(), 1)]).await.unwrap();
+    sk.register_node(&n2, &[]).await.unwrap();
+    let pool = PoolId::new("p");
+    sk.declare_pool(&pool, None, &n1).await.unwrap();
+    let queue = QueueId::pool(&pool);
+    let requests: Vec<Request> = (0..2u8).map(|n| Request::new("f", 1, Bytes::from(vec![n]))).collect();
+    for req in &requests {
+        sk.submit(req, &queue, false, &n2).await.unwrap();
+    }
+    assert_eq!(sk.claim(&queue, &n1, 2).await.unwrap().len(), 2);
+    let value = Ok(Bytes::from_static(b"v"));
+    for req in &requests {
+        sk.complete(&req.id, &value, true, &n1).await.unwrap();
+    }
+    assert_eq!(sk.disruptions(), 1, "the second event found the inbox full");
+    // What the node does on a disruption: submit again, and the memo answers.
+    assert_eq!(sk.submit(&requests[1], &queue, false, &n2).await.unwrap(), Submitted::Done(value));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_over_tls_and_with_a_password_works_and_bad_urls_are_clear_errors() {
     let server = RedisServer::start_tls().unwrap_or_else(|e| panic!("{e}"));

@@ -2,11 +2,12 @@
 //! baseline measured in the same run (a bare tokio spawn-and-join round trip) and the
 //! issue's target.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use girder::examples::{echo, tree, tree_blocking};
+use girder::examples::{chain, chain_blocking, echo, tree, tree_blocking};
 use girder::{Client, Node, PoolSpec, Registry, WorkerSpec};
 use hdrhistogram::Histogram;
 
@@ -212,8 +213,119 @@ pub async fn run(registry: Registry, args: BenchArgs) -> anyhow::Result<()> {
             (ms * 1e6 / 1093.0) / base_p50
         );
     }
+    depth(&registry, trip_p50 as f64).await?;
     placement(&registry).await?;
     println!("\nfor comparison (issue figures on this machine size): Ray 2.60 1.4 ms round trip, 2,060 tasks/s, tree(6,3) 4.7 s; Dask 10.6 ms, 635 tasks/s");
+    Ok(())
+}
+
+/// The figures of `/proc/self/status` the depth section reports (KiB for memory).
+#[derive(Clone, Copy, Default)]
+struct ProcStatus {
+    /// `Threads:`, the process's thread count.
+    threads: u64,
+    /// `VmRSS:`, resident memory now.
+    rss_kib: u64,
+    /// `VmHWM:`, the most resident memory since start (or since the last reset).
+    hwm_kib: u64,
+}
+
+/// This process's thread count and resident memory now; `None` where there is no procfs.
+fn proc_status() -> Option<ProcStatus> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    let field =
+        |name: &str| text.lines().find_map(|line| line.strip_prefix(name)?.split_whitespace().next()?.parse().ok());
+    Some(ProcStatus { threads: field("Threads:")?, rss_kib: field("VmRSS:")?, hwm_kib: field("VmHWM:")? })
+}
+
+/// Samples [`proc_status`] from a thread of its own every millisecond, keeping the peaks.
+struct PeakSampler {
+    /// Set to end the sampling.
+    stop: Arc<AtomicBool>,
+    /// The sampling thread; returns the peak threads and resident memory it saw.
+    thread: std::thread::JoinHandle<ProcStatus>,
+}
+
+impl PeakSampler {
+    /// Starts sampling.
+    fn start() -> anyhow::Result<PeakSampler> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("bench-sampler".into())
+            .spawn(move || {
+                let mut peak = ProcStatus::default();
+                while !stopped.load(Ordering::Relaxed) {
+                    if let Some(now) = proc_status() {
+                        peak.threads = peak.threads.max(now.threads);
+                        peak.rss_kib = peak.rss_kib.max(now.rss_kib);
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                peak
+            })
+            .context("cannot start the sampler thread")?;
+        Ok(PeakSampler { stop, thread })
+    }
+
+    /// Stops sampling; returns the peaks seen.
+    fn finish(self) -> ProcStatus {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
+/// KiB as MiB.
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// Deep chains of nested requests on one slot, each on a fresh node and run once:
+/// `chain_blocking(100,000)` (fibers) and `chain(1,000,000)` (parked tasks). Reports the
+/// wall time, the cost per level beside the no-op round trip (`trip_p50_ns`), and the
+/// process's threads and resident memory before and at their peak.
+async fn depth(registry: &Registry, trip_p50_ns: f64) -> anyhow::Result<()> {
+    println!(
+        "\n{:<40} per level vs. the no-op round trip p50; this process's threads and RSS: before -> peak",
+        "deep chains (1 worker x 1 slot, once)"
+    );
+    for (blocking, n) in [(true, 100_000u64), (false, 1_000_000)] {
+        let label = if blocking { format!("chain_blocking({n})") } else { format!("chain({n})") };
+        let grid = node(registry, 1, 1).await?;
+        let client = grid.client();
+        // Resets VmHWM to the RSS now (Linux >= 4.0), so it is this run's peak; best effort.
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+        // The sampler's own thread is counted in both `before` and the peak.
+        let sampler = PeakSampler::start()?;
+        let before = proc_status().unwrap_or_default();
+        let begun = Instant::now();
+        let result = if blocking { chain_blocking::call(&client, n).await } else { chain::call(&client, n).await };
+        let took = begun.elapsed();
+        let peak = sampler.finish();
+        let hwm = proc_status().unwrap_or_default().hwm_kib;
+        let fiber_threads = grid.stats().await.workers.first().map_or(0, |w| w.fiber_threads);
+        grid.shutdown().await;
+        let value = result.with_context(|| format!("{label} failed"))?;
+        anyhow::ensure!(value == n, "{label} returned {value}, expected {n}");
+        let level_ns = took.as_nanos() as f64 / n as f64;
+        println!(
+            concat!(
+                "{:<40} {:>8.2} ms   {:.2} µs/level = {:.1}x round trip   threads {} -> {} (fiber threads {})   ",
+                "RSS {:.0} -> {:.0} MiB (VmHWM {:.0}, {:.1} KiB/level)"
+            ),
+            label,
+            took.as_secs_f64() * 1e3,
+            level_ns / 1e3,
+            level_ns / trip_p50_ns,
+            before.threads,
+            peak.threads,
+            fiber_threads,
+            mib(before.rss_kib),
+            mib(peak.rss_kib),
+            mib(hwm),
+            hwm.max(peak.rss_kib).saturating_sub(before.rss_kib) as f64 / n as f64
+        );
+    }
     Ok(())
 }
 

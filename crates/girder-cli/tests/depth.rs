@@ -91,7 +91,14 @@ async fn evaluations(http: &reqwest::Client, url: &str) -> String {
         Ok(response) => response.json().await.unwrap_or_default(),
         Err(e) => return format!("no stats: {e}"),
     };
-    format!("evaluations {} workers {}", stats["evaluations"], stats["workers"])
+    let counts: Vec<String> = stats["evaluations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["count"].as_u64().unwrap_or(0) > 0)
+        .map(|e| format!("{} {}", e["function"], e["count"]))
+        .collect();
+    format!("evaluations {}; workers {}", counts.join(", "), stats["workers"])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

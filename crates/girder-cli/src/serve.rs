@@ -2,6 +2,9 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
+
+use std::future::IntoFuture;
 
 use anyhow::Context;
 use girder::http::{router, HttpConfig};
@@ -174,18 +177,32 @@ pub async fn run(registry: Registry, args: NodeArgs) -> anyhow::Result<()> {
     };
     let cache = CacheConfig { compression, value_bytes_max: args.cache_value_max_bytes, ..Default::default() };
     let config = HttpConfig { cache, body_bytes_max: args.body_max_bytes, ..Default::default() };
-    let withdrawing = node.clone();
-    axum::serve(listener, router(node.clone(), config))
-        .with_graceful_shutdown(async move {
-            stop_signal().await;
-            // No new work from here on; calls in flight finish before the server stops.
-            withdrawing.withdraw().await;
-        })
-        .await
-        .context("the HTTP server failed")?;
-    node.drain(std::time::Duration::from_millis(args.drain_timeout_ms)).await;
+    let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, router(node.clone(), config)).with_graceful_shutdown(async move {
+        stop_signal().await;
+        let _ = stopping_tx.send(());
+    });
+    let mut server = tokio::spawn(server.into_future());
+    tokio::select! {
+        ended = &mut server => {
+            // The server stopped without a signal: that is a failure.
+            ended.context("the HTTP server task failed")?.context("the HTTP server failed")?;
+            anyhow::bail!("the HTTP server stopped unexpectedly");
+        }
+        _ = stopping => {}
+    }
+    // No new work from here on; held work finishes for up to the drain timeout, then the
+    // node stops and callers still waiting get a shutdown error, which ends their requests.
+    node.drain(Duration::from_millis(args.drain_timeout_ms)).await;
+    // Connections that still linger (slow clients) do not hold the process.
+    if tokio::time::timeout(SERVER_CLOSE_GRACE, server).await.is_err() {
+        tracing::warn!("closing connections that did not finish in time");
+    }
     Ok(())
 }
+
+/// How long open connections may take to finish after the node stopped.
+const SERVER_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 async fn stop_signal() {
     let interrupt = tokio::signal::ctrl_c();

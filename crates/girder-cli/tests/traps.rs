@@ -68,3 +68,55 @@ fn config_without_a_statekeeper_is_an_error() {
     assert!(!out.status.success(), "exit 0 would mean the setting went nowhere");
     assert!(text(&out.stderr).contains("needs the grid's statekeeper"), "{}", text(&out.stderr));
 }
+
+#[test]
+fn sigterm_with_blocking_and_async_work_in_flight_exits_cleanly() {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::Stdio;
+    let mut node = Command::new(GIRDER)
+        .args(["node", "--listen", "127.0.0.1:0", "--workers", "1", "--slots", "1", "--drain-timeout-ms", "300"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("girder node starts");
+    let mut line = String::new();
+    BufReader::new(node.stdout.take().expect("stdout")).read_line(&mut line).expect("address line");
+    let url = line.split_whitespace().last().unwrap_or_default().to_owned();
+    // Deep chains of both kinds in flight: suspended fibers and parked tasks when it stops.
+    let callers: Vec<_> = ["examples/zigzag", "examples/chain_blocking"]
+        .into_iter()
+        .map(|function| {
+            Command::new(GIRDER)
+                .args(["call", function, "200000", "--node", &url])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("girder call starts")
+        })
+        .collect();
+    // Wait until evaluations run, then stop it.
+    let begun = Instant::now();
+    loop {
+        let stats = Command::new(GIRDER).args(["status", "--json", "--node", &url]).output().expect("status");
+        let nodes: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap_or_default();
+        if nodes[0]["evaluations"].as_u64().unwrap_or(0) > 100 {
+            break;
+        }
+        assert!(begun.elapsed() < Duration::from_secs(20), "no evaluations started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stopping = Instant::now();
+    let sent = Command::new("kill").args(["-TERM", &node.id().to_string()]).status().expect("kill runs");
+    assert!(sent.success());
+    let status = node.wait().expect("node exits");
+    let took = stopping.elapsed();
+    let mut stderr = String::new();
+    node.stderr.take().expect("stderr").read_to_string(&mut stderr).expect("stderr reads");
+    assert!(!stderr.contains("panicked"), "the node panicked while stopping:\n{stderr}");
+    assert!(status.success(), "exit {status:?}:\n{stderr}");
+    assert!(took < Duration::from_millis(300) + Duration::from_secs(5), "stopping took {took:?}");
+    for mut caller in callers {
+        let _ = caller.kill();
+        let _ = caller.wait();
+    }
+}

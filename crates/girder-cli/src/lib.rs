@@ -2,7 +2,6 @@
 //! it: `fn main() -> ExitCode { girder_cli::main_with(my_registry()) }`.
 
 mod bench;
-mod bench_redis;
 mod cache;
 mod call;
 mod config;

@@ -1,7 +1,7 @@
 //! `girder status`: the grid's live nodes, from any node's HTTP API or from the statekeeper.
 
 use anyhow::Context;
-use girder::statekeeper::NodeInfo;
+use girder::control::NodeInfo;
 use girder::ResultStoreConfig;
 
 /// Arguments of `girder status`.

@@ -6,7 +6,7 @@ use std::process::Command;
 
 use common::{text, NodeProcess, GIRDER};
 
-const NODE_ARGS: &[&str] = &["--workers", "2", "--slots", "2"];
+const NODE_ARGS: &[&str] = &["--id", "node", "--workers", "2", "--slots", "2"];
 
 #[test]
 fn girder_call_against_a_running_node() {

@@ -173,7 +173,7 @@ async fn a_killed_node_turns_suspect_then_dead_and_loses_its_flocks() {
     loop {
         let nodes = statekeeper.live_nodes().await.unwrap();
         match nodes.iter().find(|n| n.id == "b").map(|n| n.health) {
-            Some(girder::statekeeper::Health::Suspect) => saw_suspect = true,
+            Some(girder::control::Health::Suspect) => saw_suspect = true,
             None => break, // dead and reaped
             _ => {}
         }

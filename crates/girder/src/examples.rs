@@ -4,8 +4,8 @@
 
 use futures::future::try_join_all;
 
-use crate::function::Registry;
-use crate::node::Ctx;
+use crate::grid::function::Registry;
+use crate::grid::Ctx;
 
 /// Longest `examples/sleep` sleeps: ten minutes.
 pub const SLEEP_MS_MAX: u64 = 600_000;
@@ -15,6 +15,15 @@ pub const FIB_N_MAX: u64 = 93;
 pub const TREE_REQUESTS_MAX: u64 = 10_000_000;
 /// Deepest `examples/chain` (and its twins) may go.
 pub const CHAIN_N_MAX: u64 = 10_000_000;
+
+impl Registry {
+    /// A registry holding girder's built-in `examples/*` functions.
+    pub fn with_examples() -> Registry {
+        let mut registry = Registry::new();
+        register(&mut registry);
+        registry
+    }
+}
 
 /// Registers every example in `registry`.
 pub fn register(registry: &mut Registry) {

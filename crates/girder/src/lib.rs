@@ -31,33 +31,30 @@
 // Lets `#[girder::function]` expand to `::girder::...` paths inside this crate too.
 extern crate self as girder;
 
-mod client;
 pub mod codec;
+pub mod control;
 mod error;
 pub mod examples;
-mod function;
+mod grid;
 pub mod http;
 mod id;
 mod lease;
-mod node;
 pub mod placement;
+mod redis;
 mod request;
 mod retry;
-pub mod statekeeper;
 pub mod structures;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
-pub use client::{call, call_blocking, Caller, Client};
+pub use control::{Embedded, EmbeddedConfig, NodeInfo, ResultStoreConfig, Statekeeper};
 pub use error::{CallError, ErrorKind, StatekeeperError};
-pub use function::{encode_args, error_text, FnKind, Function, Registry};
 pub use futures::future::BoxFuture;
 pub use girder_macros::function;
-pub use id::ReqId;
-pub use node::config;
-pub use node::{
+pub use grid::{call, call_blocking, config, encode_args, error_text, Caller, Client, FnKind, Function, Registry};
+pub use grid::{
     Ctx, Node, NodeBuilder, NodeError, NodeStats, PoolSpec, WorkerSpec, WorkerStats, SLOTS_MAX, WORKERS_MAX,
 };
+pub use id::ReqId;
+pub use redis::{redacted, RedisConfig, RedisStatekeeper};
 pub use request::{Outcome, Request};
-pub use statekeeper::{
-    Embedded, EmbeddedConfig, NodeInfo, RedisConfig, RedisStatekeeper, ResultStoreConfig, Statekeeper,
-};

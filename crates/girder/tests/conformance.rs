@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use girder::statekeeper::conformance::{run_all, Factory};
+use girder::control::conformance::{run_all, Factory};
 use girder::testing::RedisServer;
 use girder::{Embedded, EmbeddedConfig, RedisConfig, RedisStatekeeper, Statekeeper};
 
@@ -41,7 +41,7 @@ async fn redis_passes_the_conformance_suite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_embedded_inbox_drops_events_and_counts_a_disruption() {
     use bytes::Bytes;
-    use girder::statekeeper::{NodeId, PoolId, QueueId, Submitted};
+    use girder::control::{NodeId, PoolId, QueueId, Submitted};
     use girder::Request;
     let sk = Embedded::new(EmbeddedConfig { inbox_len_max: 1, ..Default::default() });
     let (n1, n2) = (NodeId::new("n1"), NodeId::new("n2"));

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
-use girder::statekeeper::{Event, NodeId, NodeInfo, PoolId, QueueId, Statekeeper, Submitted};
+use girder::control::{Event, NodeId, NodeInfo, PoolId, QueueId, Statekeeper, Submitted};
 use girder::testing::RedisServer;
 use girder::{CallError, Embedded, EmbeddedConfig, Outcome, RedisConfig, RedisStatekeeper, Request, StatekeeperError};
 

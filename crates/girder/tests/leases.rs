@@ -55,7 +55,7 @@ async fn a_busy_node_keeps_its_lease_while_probes_hang_and_placement_conflicts()
     assert!(probe.is_err(), "a connection to the full listener should hang");
     let peers = 48;
     for i in 0..peers {
-        sk.register_node(&girder::statekeeper::NodeId::new(format!("hang{i}")), &[]).await.expect("register");
+        sk.register_node(&girder::control::NodeId::new(format!("hang{i}")), &[]).await.expect("register");
     }
     // A writer that rewrites the placement table all the time: the node's compare-and-set
     // refreshes keep conflicting.
@@ -79,10 +79,10 @@ async fn a_busy_node_keeps_its_lease_while_probes_hang_and_placement_conflicts()
                 id: format!("hang{i}"),
                 http: Some(format!("http://{hanging}")),
                 heartbeat_ms: 100,
-                workers: vec![girder::statekeeper::WorkerInfo::default()],
+                workers: vec![girder::control::WorkerInfo::default()],
                 ..NodeInfo::default()
             };
-            sk.heartbeat(&girder::statekeeper::NodeId::new(format!("hang{i}")), &info).await.expect("heartbeat");
+            sk.heartbeat(&girder::control::NodeId::new(format!("hang{i}")), &info).await.expect("heartbeat");
         }
         let reaped = sk.reap().await.expect("reap");
         assert!(!reaped.iter().any(|n| n.as_str() == "busy"), "the busy node was reaped after {:?}", began.elapsed());

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use parking_lot::RwLock;
 
 use super::{flock_of, FlockTable, Strategy};
-use crate::statekeeper::{Health, NodeInfo, Statekeeper};
+use crate::control::{Health, NodeInfo, Statekeeper};
 use crate::structures::{Atom, DsError, Map, Store};
 
 /// Where the table lives in the store.
@@ -41,12 +41,7 @@ struct Snapshot {
 impl Default for Snapshot {
     fn default() -> Snapshot {
         let cap = std::num::NonZeroUsize::new(DIRECTORY_CACHED_MAX).unwrap_or(std::num::NonZeroUsize::MIN);
-        Snapshot {
-            table: Arc::default(),
-            nodes: HashMap::new(),
-            node_ttl_ms: 0,
-            directory: lru::LruCache::new(cap),
-        }
+        Snapshot { table: Arc::default(), nodes: HashMap::new(), node_ttl_ms: 0, directory: lru::LruCache::new(cap) }
     }
 }
 
@@ -95,7 +90,7 @@ impl Placement {
         };
         let weights = |strategy: Strategy| -> Vec<(String, f64)> {
             // Suspect nodes keep their flocks: only dead ones (reaped) lose them.
-            nodes.iter().map(|n| (n.id.clone(), n.weight(strategy))).collect()
+            nodes.iter().map(|n| (n.id.clone(), strategy.weight(n))).collect()
         };
         let current = atom.get().await?.unwrap_or_default();
         let (replicas, strategy) = settings(&current);
@@ -160,7 +155,7 @@ impl Placement {
             return Err(DsError::Invalid("no live node to place ids on".into()));
         }
         nodes.sort_by(|a, b| a.id.cmp(&b.id));
-        let weights: Vec<f64> = nodes.iter().map(|n| n.weight(strategy)).collect();
+        let weights: Vec<f64> = nodes.iter().map(|n| strategy.weight(n)).collect();
         let total: f64 = weights.iter().sum();
         let mut current = vec![0.0; nodes.len()];
         let take = (replicas.max(1) as usize).min(nodes.len());

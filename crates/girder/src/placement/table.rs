@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::control::NodeInfo;
+
 /// The number of flocks: the unit of placement and replication.
 pub const FLOCKS: u32 = 1_024;
 
@@ -16,6 +18,21 @@ pub enum Strategy {
     Cpu,
     /// In proportion to memory (the node's `max-memory` if set, else its total).
     Memory,
+}
+
+impl Strategy {
+    /// `node`'s weight under this strategy; zero for a node without workers (a pure client
+    /// or gateway holds no data and runs nothing).
+    pub fn weight(self, node: &NodeInfo) -> f64 {
+        if node.workers.is_empty() {
+            return 0.0;
+        }
+        match self {
+            Strategy::UniformNodes => 1.0,
+            Strategy::Cpu => f64::from(node.cpus.max(1)),
+            Strategy::Memory => node.memory_max_bytes.unwrap_or(node.memory_total_bytes).max(1) as f64,
+        }
+    }
 }
 
 impl Strategy {

@@ -10,6 +10,7 @@
 
 pub(crate) mod changes;
 mod collections;
+#[cfg(any(test, feature = "testing"))]
 pub mod conformance;
 mod coordination;
 mod frames;

@@ -18,12 +18,11 @@
 //! - [`Statekeeper::complete`] memoizes the outcome and wakes exactly the nodes that wait
 //!   for it, each through its own inbox.
 
+#[cfg(any(test, feature = "testing"))]
 pub mod conformance;
 mod embedded;
-mod redis;
 mod results;
 
-pub use self::redis::{redacted, RedisConfig, RedisStatekeeper};
 pub use embedded::{Embedded, EmbeddedConfig};
 pub use results::{ResultStore, ResultStoreConfig};
 
@@ -208,21 +207,6 @@ impl NodeInfo {
             Health::Suspect
         } else {
             Health::Alive
-        }
-    }
-
-    /// The node's weight under `strategy`; zero for a node without workers (a pure client
-    /// holds no data and runs nothing).
-    pub fn weight(&self, strategy: crate::placement::Strategy) -> f64 {
-        if self.workers.is_empty() {
-            return 0.0;
-        }
-        match strategy {
-            crate::placement::Strategy::UniformNodes => 1.0,
-            crate::placement::Strategy::Cpu => f64::from(self.cpus.max(1)),
-            crate::placement::Strategy::Memory => {
-                self.memory_max_bytes.unwrap_or(self.memory_total_bytes).max(1) as f64
-            }
         }
     }
 

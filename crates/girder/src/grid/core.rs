@@ -11,11 +11,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::waiters::{Submission, Waiters};
 use super::worker::Worker;
+use crate::control::{NodeId, PoolId, QueueId, Statekeeper, Submitted};
 use crate::error::{CallError, StatekeeperError};
-use crate::function::Registry;
+use crate::grid::function::Registry;
 use crate::request::{Outcome, Request};
 use crate::retry::Backoff;
-use crate::statekeeper::{NodeId, PoolId, QueueId, Statekeeper, Submitted};
 
 /// Counters of the call path, shared by all callers on a node.
 #[derive(Default)]

@@ -8,11 +8,11 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 
 use crate::codec;
+use crate::control::QueueId;
 use crate::error::CallError;
-use crate::function::{encode_args, Function};
-use crate::node::core::{NodeCore, Target};
+use crate::grid::core::{NodeCore, Target};
+use crate::grid::function::{encode_args, Function};
 use crate::request::{Outcome, Request};
-use crate::statekeeper::QueueId;
 
 /// Something that can send a request through the grid and wait for its outcome.
 pub trait Caller: Send + Sync {

@@ -23,11 +23,11 @@ use tokio_util::sync::PollSemaphore;
 use super::core::NodeCore;
 use super::ctx::Ctx;
 use super::fiber::FiberPool;
+use crate::control::{PoolId, QueueId};
 use crate::error::CallError;
-use crate::function::{FnKind, Registered};
+use crate::grid::function::{FnKind, Registered};
 use crate::request::{Outcome, Request};
 use crate::retry::Backoff;
-use crate::statekeeper::{PoolId, QueueId};
 
 /// How long the dispatcher sleeps without any signal before it looks again anyway.
 const IDLE_RECHECK_MS: u64 = 1_000;

@@ -11,11 +11,11 @@ use tokio::sync::OwnedSemaphorePermit;
 use super::core::{NodeCore, Target};
 use super::fiber;
 use super::worker::{self, Worker};
-use crate::client::Caller;
+use crate::control::QueueId;
 use crate::error::CallError;
-use crate::function::FnKind;
+use crate::grid::client::Caller;
+use crate::grid::function::FnKind;
 use crate::request::{Outcome, Request};
-use crate::statekeeper::QueueId;
 
 enum Mode {
     /// Counts the nested requests the evaluation is parked on; the slot is given back

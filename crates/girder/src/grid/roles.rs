@@ -6,7 +6,7 @@ use std::time::Duration;
 use futures::StreamExt;
 
 use super::core::NodeCore;
-use crate::statekeeper::{Event, PoolId, QueueId};
+use crate::control::{Event, PoolId, QueueId};
 
 /// Longest a distributor waits without a signal before it looks at its queue again.
 const DISTRIBUTOR_RECHECK_MS: u64 = 1_000;

@@ -11,7 +11,8 @@ use girder::examples::tree;
 use girder::testing::RedisServer;
 use girder::{Node, PoolSpec, RedisConfig, RedisStatekeeper, Registry};
 
-use crate::bench::{histogram, median, record, round_trips, throughput, us, BenchArgs, Fresh};
+use super::measure::{histogram, median, record, round_trips, throughput, us, Fresh};
+use super::BenchArgs;
 
 /// Slots of the worker process in the round-trip and throughput tests: no-ops are bound by
 /// round trips, so more slots keep more of them in flight.
@@ -60,12 +61,12 @@ async fn client_node(url: &str, namespace: &str) -> anyhow::Result<(Node, Arc<Re
     Ok((node, statekeeper))
 }
 
-pub async fn run(redis: &str, args: &BenchArgs) -> anyhow::Result<()> {
+pub(super) async fn run(redis: &str, args: &BenchArgs) -> anyhow::Result<()> {
     let server = if redis == "auto" { Some(RedisServer::start(false)?) } else { None };
     let url = server.as_ref().map_or_else(|| redis.to_owned(), RedisServer::url);
     let run_id = std::process::id();
     let namespace = format!("bench-{run_id}");
-    let shown = girder::statekeeper::redacted(&url);
+    let shown = girder::redacted(&url);
     println!("girder bench over Redis at {shown}: client in this process, 1 worker process x {WORKER_SLOTS} slots");
 
     let (node, statekeeper) = client_node(&url, &namespace).await?;

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
+use crate::control::QueueId;
 use crate::id::{IdMap, ReqId};
 use crate::request::{Outcome, Request};
-use crate::statekeeper::QueueId;
 
 /// How a request was submitted, to submit it again.
 #[derive(Clone)]

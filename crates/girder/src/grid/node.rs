@@ -1,18 +1,6 @@
-//! A node: one process's share of the grid. It hosts workers, the distributors and helpers
-//! of its pools, and the clients that submit work, all on one statekeeper.
-
-pub mod config;
-pub(crate) mod core;
-mod ctx;
-mod fiber;
-mod metrics;
-mod roles;
-mod system;
-mod upkeep;
-mod waiters;
-mod worker;
-
-pub use ctx::Ctx;
+//! [`Node`] and its builder: one process's share of the grid. It hosts workers, the
+//! distributors and helpers of its pools, and the clients that submit work, all on one
+//! statekeeper.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,14 +9,14 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use self::core::{CallCounters, DeclaredPool, NodeCore};
-use self::waiters::Waiters;
-use self::worker::Worker;
-use crate::client::Client;
+use super::client::Client;
+use super::core::{CallCounters, DeclaredPool, NodeCore};
+use super::function::Registry;
+use super::waiters::Waiters;
+use super::worker::Worker;
+use crate::control::{Embedded, NodeId, NodeInfo, PoolCounters, PoolId, QueueId, Statekeeper, WorkerInfo};
 use crate::error::StatekeeperError;
-use crate::function::Registry;
 use crate::lease::LocalLease;
-use crate::statekeeper::{Embedded, NodeId, NodeInfo, PoolCounters, PoolId, QueueId, Statekeeper, WorkerInfo};
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -125,7 +113,7 @@ pub struct NodeBuilder {
     heartbeat_ms: u64,
     resubmit_ms: u64,
     http: Option<String>,
-    settings: config::Settings,
+    settings: super::config::Settings,
 }
 
 /// Most slots a worker may have; a guard against typos, not a tuning limit.
@@ -282,7 +270,7 @@ impl NodeBuilder {
             settings: parking_lot::Mutex::new(self.settings.clone()),
             base_settings: self.settings,
             heartbeat_ms: self.heartbeat_ms,
-            latency: metrics::Latency::default(),
+            latency: super::metrics::Latency::default(),
             placement: Arc::new(crate::placement::Placement::new(statekeeper.clone(), Some(id.to_string()))),
             draining: std::sync::atomic::AtomicBool::new(false),
             hoist_hint: tokio::sync::Notify::new(),
@@ -301,10 +289,10 @@ impl NodeBuilder {
         core.apply_config().await;
         let mut tasks = Vec::new();
         let events = statekeeper.open_inbox(&id).await?;
-        tasks.push(handle.spawn(roles::inbox(core.clone(), events)));
-        tasks.extend(upkeep::spawn(
+        tasks.push(handle.spawn(super::roles::inbox(core.clone(), events)));
+        tasks.extend(super::upkeep::spawn(
             &core,
-            upkeep::Timing {
+            super::upkeep::Timing {
                 heartbeat: Duration::from_millis(self.heartbeat_ms),
                 node_ttl,
                 resubmit_after: Duration::from_millis(self.resubmit_ms),
@@ -313,15 +301,15 @@ impl NodeBuilder {
         for pool in &self.pools {
             let pool_id = PoolId::new(pool.name.as_str());
             if pool.distributor {
-                tasks.push(handle.spawn(roles::distributor(core.clone(), pool_id.clone())));
+                tasks.push(handle.spawn(super::roles::distributor(core.clone(), pool_id.clone())));
             }
             if pool.helper {
                 let interval = Duration::from_millis(pool.helper_interval_ms.max(1));
-                tasks.push(handle.spawn(roles::helper(core.clone(), pool_id, interval, pool.hoist_max)));
+                tasks.push(handle.spawn(super::roles::helper(core.clone(), pool_id, interval, pool.hoist_max)));
             }
         }
         for worker in &workers {
-            tasks.push(handle.spawn(worker::dispatch(core.clone(), worker.clone())));
+            tasks.push(handle.spawn(super::worker::dispatch(core.clone(), worker.clone())));
         }
         let entry = self.entry_pool.or_else(|| self.pools.first().map(|p| p.name.clone()));
         let entry_queue = entry.map(|name| QueueId::pool(&PoolId::new(name)));
@@ -332,7 +320,7 @@ impl NodeBuilder {
 
 /// `HOST-PID-XXXX`: unique per process, and a restarted process gets a new one.
 fn default_id() -> String {
-    let host = system::read().host;
+    let host = super::system::read().host;
     let host: String = host.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.').take(63).collect();
     let host = if host.is_empty() { "node".to_owned() } else { host };
     format!("{host}-{}-{:04x}", std::process::id(), fastrand::u16(..))
@@ -341,7 +329,7 @@ fn default_id() -> String {
 /// What this node reports about itself with each heartbeat.
 pub(crate) fn node_info(core: &NodeCore) -> NodeInfo {
     let counters = &core.counters;
-    let machine = system::read();
+    let machine = super::system::read();
     let settings = core.settings.lock().clone();
     let mut pools: Vec<String> = core.pools.iter().map(|p| p.pool.to_string()).collect();
     pools.dedup();
@@ -376,7 +364,7 @@ pub(crate) fn node_info(core: &NodeCore) -> NodeInfo {
         evaluations: core.evaluations.values().map(|c| c.load(Ordering::Relaxed)).sum(),
         heartbeat_age_ms: 0,
         flocks: u32::try_from(core.placement.table().flocks_of(core.id.as_str())).unwrap_or(u32::MAX),
-        health: crate::statekeeper::Health::Alive,
+        health: crate::control::Health::Alive,
     }
 }
 
@@ -446,7 +434,7 @@ impl Node {
             heartbeat_ms: 500,
             resubmit_ms: 30_000,
             http: None,
-            settings: config::Settings::default(),
+            settings: super::config::Settings::default(),
         }
     }
 
@@ -501,7 +489,7 @@ impl Node {
         let stats = self.stats().await;
         let info = self.info();
         let node = stats.node.as_str();
-        let mut out = metrics::Exposition::new();
+        let mut out = super::metrics::Exposition::new();
         for (name, help, value) in [
             ("girder_calls_total", "Calls made through the node, top level and nested.", stats.calls),
             ("girder_memo_hits_total", "Calls answered from memoized results.", stats.memo_hits),

@@ -1,4 +1,4 @@
-//! `girder bench`: the grid's speed on the embedded statekeeper, each figure beside a
+//! `girder bench` on the embedded statekeeper: the grid's speed on the embedded statekeeper, each figure beside a
 //! baseline measured in the same run (a bare tokio spawn-and-join round trip) and the
 //! issue's target.
 
@@ -8,32 +8,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use girder::examples::{chain, chain_blocking, echo, tree, tree_blocking};
-use girder::{Client, Node, PoolSpec, Registry, WorkerSpec};
-use hdrhistogram::Histogram;
+use girder::{Node, PoolSpec, Registry, WorkerSpec};
 
-/// Arguments of `girder bench`.
-#[derive(Debug, clap::Args)]
-pub struct BenchArgs {
-    /// Sequential round trips measured (and memo hits, ten times as many).
-    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(100..=10_000_000))]
-    pub(crate) round_trips: u64,
-    /// Requests submitted at once in the throughput test.
-    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=1_000_000))]
-    pub(crate) batch: u64,
-    /// Repetitions of the throughput and tree tests; the median is reported.
-    #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u64).range(1..=100))]
-    pub(crate) rounds: u64,
-    /// Workers of the benchmarked node.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
-    workers: u64,
-    /// Slots per worker.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=1024))]
-    slots: u64,
-    /// Benchmark over Redis instead: a redis:// URL, or `auto` to start a redis-server on a
-    /// free loopback port for the run. Workers run in separate `girder node` processes.
-    #[arg(long)]
-    redis: Option<String>,
-}
+use super::measure::{histogram, median, record, round_trips, throughput, us, Fresh};
+use super::BenchArgs;
 
 async fn node(registry: &Registry, workers: u64, slots: u64) -> anyhow::Result<Node> {
     Node::builder()
@@ -45,79 +23,8 @@ async fn node(registry: &Registry, workers: u64, slots: u64) -> anyhow::Result<N
         .context("cannot start the benchmark node")
 }
 
-pub(crate) fn histogram() -> anyhow::Result<Histogram<u64>> {
-    Histogram::new_with_bounds(1, 60_000_000_000, 3).context("histogram bounds")
-}
-
-pub(crate) fn record(hist: &mut Histogram<u64>, took: Duration) {
-    hist.saturating_record(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX).max(1));
-}
-
-pub(crate) fn us(nanos: u64) -> f64 {
-    nanos as f64 / 1_000.0
-}
-
-/// Distinct no-op arguments: every request is new, nothing is served from the cache.
-#[derive(Default)]
-pub(crate) struct Fresh(u64);
-
-impl Fresh {
-    fn next(&mut self) -> rmpv::Value {
-        self.0 += 1;
-        rmpv::Value::from(self.0)
-    }
-}
-
-/// Latencies of `count` no-op calls made one at a time, after `warm_up` unmeasured ones.
-pub(crate) async fn round_trips(
-    client: &Client,
-    fresh: &mut Fresh,
-    warm_up: u64,
-    count: u64,
-) -> anyhow::Result<Histogram<u64>> {
-    for _ in 0..warm_up {
-        echo::call(client, fresh.next()).await?;
-    }
-    let mut trip = histogram()?;
-    for _ in 0..count {
-        let value = fresh.next();
-        let begun = Instant::now();
-        echo::call(client, value).await?;
-        record(&mut trip, begun.elapsed());
-    }
-    Ok(trip)
-}
-
-/// Requests per second, one figure per round of `batch` no-ops submitted at once.
-pub(crate) async fn throughput(
-    client: &Client,
-    fresh: &mut Fresh,
-    batch: u64,
-    rounds: u64,
-) -> anyhow::Result<Vec<f64>> {
-    let mut rates = Vec::new();
-    for _ in 0..rounds {
-        let values: Vec<_> = (0..batch).map(|_| fresh.next()).collect();
-        let begun = Instant::now();
-        let results = futures::future::join_all(values.into_iter().map(|v| echo::call(client, v))).await;
-        let took = begun.elapsed();
-        if let Some(Err(err)) = results.into_iter().find(Result::is_err) {
-            return Err(err).context("a throughput request failed");
-        }
-        rates.push(batch as f64 / took.as_secs_f64());
-    }
-    Ok(rates)
-}
-
-pub(crate) fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
-pub async fn run(registry: Registry, args: BenchArgs) -> anyhow::Result<()> {
-    if let Some(redis) = args.redis.clone() {
-        return crate::bench_redis::run(&redis, &args).await;
-    }
+/// The embedded benchmarks.
+pub(super) async fn run(registry: Registry, args: BenchArgs) -> anyhow::Result<()> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
         "girder bench: embedded statekeeper, {} worker(s) x {} slot(s), {cpus} CPUs, {} rounds",

@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::codec;
 use crate::error::CallError;
-use crate::node::Ctx;
+use crate::grid::Ctx;
 use crate::request::Outcome;
 
 /// How a function runs on a worker.
@@ -110,13 +110,6 @@ impl Registry {
     /// An empty registry.
     pub fn new() -> Registry {
         Registry::default()
-    }
-
-    /// A registry holding girder's built-in `examples/*` functions.
-    pub fn with_examples() -> Registry {
-        let mut registry = Registry::new();
-        crate::examples::register(&mut registry);
-        registry
     }
 
     /// Registers `F`, replacing any function of the same name.

@@ -28,11 +28,11 @@ use parking_lot::Mutex;
 use redis::{FromRedisValue, IntoConnectionInfo, Script};
 use tokio::sync::{mpsc, Notify};
 
-use super::{
+use crate::codec;
+use crate::control::{
     Event, NodeId, NodeInfo, PoolCounters, PoolId, QueueId, ResultStore, ResultStoreConfig, SkResult, Statekeeper,
     Submitted,
 };
-use crate::codec;
 use crate::error::{CallError, StatekeeperError};
 use crate::id::ReqId;
 use crate::request::{Outcome, Request};

@@ -1,0 +1,56 @@
+//! `POST /v1/call/{function}`: calls with JSON arguments.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde::Deserialize;
+
+use super::{bad_request, body_error, ApiError, AppState};
+use axum::body::Bytes;
+use std::time::Duration;
+
+/// The call routes.
+pub(super) fn routes() -> Router<Arc<AppState>> {
+    Router::new().route("/v1/call/{*function}", post(call))
+}
+
+/// The query string of a call.
+#[derive(Debug, Deserialize)]
+struct CallQuery {
+    timeout_ms: Option<u64>,
+    affinity: Option<String>,
+}
+
+async fn call(
+    State(state): State<Arc<AppState>>,
+    Path(function): Path<String>,
+    query: Result<Query<CallQuery>, axum::extract::rejection::QueryRejection>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(query) = query.map_err(|e| bad_request(format!("bad query string: {e}")))?;
+    let body = body.map_err(body_error)?;
+    let args: serde_json::Value = if body.iter().all(u8::is_ascii_whitespace) {
+        serde_json::Value::Array(Vec::new())
+    } else {
+        serde_json::from_slice(&body).map_err(|e| bad_request(format!("the body is not valid JSON: {e}")))?
+    };
+    if !args.is_array() {
+        return Err(bad_request("the body must be a JSON array with one element per argument, e.g. [90]".to_owned()));
+    }
+    let mut client = state.node.client();
+    if let Some(timeout_ms) = query.timeout_ms {
+        if timeout_ms > state.config.timeout_ms_max {
+            return Err(bad_request(format!(
+                "timeout_ms is at most {}, got {timeout_ms}",
+                state.config.timeout_ms_max
+            )));
+        }
+        client = client.with_deadline(Duration::from_millis(timeout_ms));
+    }
+    if let Some(key) = query.affinity {
+        client = client.with_affinity(key);
+    }
+    Ok(Json(client.call_json(&function, &args).await?))
+}

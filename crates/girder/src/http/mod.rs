@@ -1,0 +1,129 @@
+//! The node's HTTP API (axum).
+//!
+//! - `POST /v1/call/{function}` with a JSON array of arguments returns the JSON result.
+//!   `?timeout_ms=N` sets a deadline; `?affinity=KEY` runs it on an owner of KEY when one
+//!   has a free slot. Errors are `{"kind": ..., "message": ...}` with a
+//!   fitting status: 400 bad request or arguments, 404 unknown function, 422 the function
+//!   returned an error, 500 it panicked, 503 the grid is unavailable, 504 the deadline passed.
+//! - `GET /v1/health` returns `{"status": "ok", "node": ID}`.
+//! - `GET /v1/stats` returns the node's counters.
+//! - `GET /v1/status` returns the grid's live nodes as the statekeeper knows them.
+//! - `GET /metrics` serves the node's metrics in Prometheus's text format.
+//! - `GET /v1/placement/{id}` returns `{"node_id": ..., "node_ids": [...], "flock": N}`.
+//! - `/v1/cache/{key}`: `GET` the value (raw bytes), `PUT` it (`?ttl_ms=N`), `POST` to
+//!   append to it, `DELETE` it. 404 `not_found`, 409 `wrong_kind`, 413 `too_large`.
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CallError, ErrorKind};
+
+mod cache;
+mod calls;
+mod grid;
+use crate::grid::Node;
+use crate::structures::{Cache, CacheConfig, DsError};
+
+/// Limits of the HTTP API.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpConfig {
+    /// How the cache routes store values.
+    pub cache: CacheConfig,
+    /// Largest request body accepted, in bytes.
+    pub body_bytes_max: usize,
+    /// Largest `timeout_ms` a caller may ask for.
+    pub timeout_ms_max: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig { cache: CacheConfig::default(), body_bytes_max: 4 << 20, timeout_ms_max: 3_600_000 }
+    }
+}
+
+struct AppState {
+    node: Arc<Node>,
+    cache: Cache,
+    config: HttpConfig,
+}
+
+/// The JSON body of every error response.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    /// The error's kind, e.g. `unknown_function`.
+    pub kind: ErrorKind,
+    /// A message a person can act on.
+    pub message: String,
+}
+
+/// An error response.
+struct ApiError(StatusCode, ErrorBody);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(self.1)).into_response()
+    }
+}
+
+impl From<CallError> for ApiError {
+    fn from(err: CallError) -> ApiError {
+        let status = match err.kind() {
+            ErrorKind::BadArguments | ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::UnknownFunction => StatusCode::NOT_FOUND,
+            ErrorKind::FunctionError => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorKind::Panic | ErrorKind::BlockingInAsync | ErrorKind::NoPool => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorKind::BadResult => StatusCode::BAD_GATEWAY,
+            ErrorKind::Statekeeper | ErrorKind::Shutdown => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+            // Not produced by calls; here for completeness.
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::WrongKind => StatusCode::CONFLICT,
+            ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        };
+        ApiError(status, ErrorBody { kind: err.kind(), message: err.to_string() })
+    }
+}
+
+impl From<DsError> for ApiError {
+    fn from(err: DsError) -> ApiError {
+        let (status, kind) = match &err {
+            DsError::WrongKind { .. } => (StatusCode::CONFLICT, ErrorKind::WrongKind),
+            DsError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, ErrorKind::TooLarge),
+            DsError::BadKey { .. } | DsError::Invalid(_) | DsError::Encode { .. } => {
+                (StatusCode::BAD_REQUEST, ErrorKind::BadRequest)
+            }
+            DsError::Decode { .. } => (StatusCode::INTERNAL_SERVER_ERROR, ErrorKind::BadResult),
+            DsError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, ErrorKind::DeadlineExceeded),
+            DsError::Gap { .. } | DsError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, ErrorKind::Statekeeper),
+        };
+        ApiError(status, ErrorBody { kind, message: err.to_string() })
+    }
+}
+
+/// A body that could not be read: over the size limit, or broken off.
+fn body_error(rejection: axum::extract::rejection::BytesRejection) -> ApiError {
+    let status = rejection.status();
+    let kind = if status == StatusCode::PAYLOAD_TOO_LARGE { ErrorKind::TooLarge } else { ErrorKind::BadRequest };
+    ApiError(status, ErrorBody { kind, message: format!("cannot read the request body: {}", rejection.body_text()) })
+}
+
+fn bad_request(message: String) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, ErrorBody { kind: ErrorKind::BadRequest, message })
+}
+
+/// The router serving `node`.
+pub fn router(node: Arc<Node>, config: HttpConfig) -> Router {
+    let cache = Cache::new(node.structures(), config.cache);
+    let state = Arc::new(AppState { node, cache, config });
+    Router::new()
+        .merge(calls::routes())
+        .merge(cache::routes())
+        .merge(grid::routes())
+        .layer(DefaultBodyLimit::max(config.body_bytes_max))
+        .with_state(state)
+}

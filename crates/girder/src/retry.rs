@@ -18,6 +18,11 @@ impl Backoff {
         Backoff::new(Duration::from_millis(20), Duration::from_secs(1))
     }
 
+    /// Starts at 20 ms and doubles up to 2 s: reconnecting to a store that went away.
+    pub(crate) fn reconnect() -> Backoff {
+        Backoff::new(Duration::from_millis(20), Duration::from_secs(2))
+    }
+
     /// Starts at `min` and doubles up to `max`.
     pub(crate) fn new(min: Duration, max: Duration) -> Backoff {
         Backoff { min, max: max.max(min), next: min, failures: 0 }

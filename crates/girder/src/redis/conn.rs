@@ -4,15 +4,12 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use parking_lot::RwLock;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, RedisError, RedisResult};
 
-/// Backoff bounds while reconnecting.
-const RECONNECT_MIN_MS: u64 = 20;
-const RECONNECT_MAX_MS: u64 = 2_000;
+use crate::retry::Backoff;
 
 pub(crate) struct Conn {
     client: redis::Client,
@@ -47,7 +44,7 @@ impl Conn {
         };
         let conn = self.clone();
         runtime.spawn(async move {
-            let mut backoff_ms = RECONNECT_MIN_MS;
+            let mut backoff = Backoff::reconnect();
             loop {
                 match conn.client.get_multiplexed_async_connection_with_config(&conn.config).await {
                     Ok(fresh) => {
@@ -58,8 +55,7 @@ impl Conn {
                     }
                     Err(err) => {
                         tracing::debug!(error = %err, "reconnecting to Redis");
-                        tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
-                        backoff_ms = (backoff_ms * 2).min(RECONNECT_MAX_MS);
+                        tokio::time::sleep(backoff.failed()).await;
                     }
                 }
             }

@@ -36,6 +36,7 @@ use crate::control::{
 use crate::error::{CallError, StatekeeperError};
 use crate::id::ReqId;
 use crate::request::{Outcome, Request};
+use crate::retry::Backoff;
 
 mod conn;
 mod structures;
@@ -98,9 +99,6 @@ const INBOX_CHANNEL_MAX: usize = 1_024;
 const SIGNALS_MAX: usize = 4_096;
 /// Most times `register_node` removes an expired node of the same id in its way.
 const REGISTER_TRIES_MAX: usize = 8;
-/// Backoff bounds for an inbox reader that lost its connection.
-const RECONNECT_MIN_MS: u64 = 50;
-const RECONNECT_MAX_MS: u64 = 2_000;
 
 struct Scripts {
     register: Script,
@@ -635,7 +633,7 @@ struct InboxReader {
 
 impl InboxReader {
     async fn run(self) {
-        let mut backoff_ms = RECONNECT_MIN_MS;
+        let mut backoff = Backoff::reconnect();
         let mut failing = false;
         while !self.tx.is_closed() {
             let config = redis::AsyncConnectionConfig::new()
@@ -649,8 +647,7 @@ impl InboxReader {
                         tracing::error!(inbox = %self.key, error = %err, "Redis unreachable; retrying with backoff");
                         failing = true;
                     }
-                    tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
-                    backoff_ms = (backoff_ms * 2).min(RECONNECT_MAX_MS);
+                    tokio::time::sleep(backoff.failed()).await;
                     continue;
                 }
             };
@@ -658,7 +655,7 @@ impl InboxReader {
                 tracing::info!(inbox = %self.key, "Redis reachable again");
                 failing = false;
             }
-            backoff_ms = RECONNECT_MIN_MS;
+            backoff.succeeded();
             if let Err(err) = self.read(&mut conn).await {
                 // Events popped in flight may be lost with the connection; the count tells
                 // the node to recover them by resubmitting.

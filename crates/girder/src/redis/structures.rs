@@ -19,6 +19,7 @@ use lru::LruCache;
 use parking_lot::Mutex;
 use redis::{FromRedisValue, Script};
 
+use crate::retry::Backoff;
 use crate::structures::changes::ChangeNotices;
 use crate::structures::{DsError, DsResult, Kind, ReliableBatch, Retention, Structures, Versioned};
 
@@ -213,7 +214,7 @@ impl RedisStructures {
         let (client, channel) = (self.client.clone(), self.channel.clone());
         let (near, subscribed, changes) = (self.near.clone(), self.subscribed.clone(), self.changes.clone());
         *listener = Some(handle.spawn(async move {
-            let mut backoff_ms = 50;
+            let mut backoff = Backoff::reconnect();
             loop {
                 let connected = match client.get_async_pubsub().await {
                     Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
@@ -224,7 +225,7 @@ impl RedisStructures {
                 };
                 match connected {
                     Some(mut pubsub) => {
-                        backoff_ms = 50;
+                        backoff.succeeded();
                         // Anything written while we were not listening may be stale here.
                         near.lock().reset();
                         subscribed.store(true, Ordering::Release);
@@ -239,8 +240,7 @@ impl RedisStructures {
                     }
                     None => {
                         subscribed.store(false, Ordering::Release);
-                        tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
-                        backoff_ms = (backoff_ms * 2).min(2_000);
+                        tokio::time::sleep(backoff.failed()).await;
                     }
                 }
             }

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::waiters::{Submission, Waiters};
 use super::worker::Worker;
-use crate::control::{NodeId, PoolId, QueueId, Statekeeper, Submitted};
+use crate::control::{NodeId, NodeInfo, PoolId, QueueId, Statekeeper, Submitted, WorkerInfo};
 use crate::error::{CallError, StatekeeperError};
 use crate::grid::function::Registry;
 use crate::request::{Outcome, Request};
@@ -317,5 +317,48 @@ impl NodeCore {
             worker.slot_freed.notify_one();
         }
         Ok(())
+    }
+
+    /// What this node reports about itself with each heartbeat.
+    pub(crate) fn info(&self) -> NodeInfo {
+        let core = self;
+        let counters = &core.counters;
+        let machine = super::system::read();
+        let settings = core.settings.lock().clone();
+        let mut pools: Vec<String> = core.pools.iter().map(|p| p.pool.to_string()).collect();
+        pools.dedup();
+        NodeInfo {
+            id: core.id.to_string(),
+            http: core.http.clone(),
+            data: None,
+            host: machine.host,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            cpus: settings.cpus.unwrap_or(machine.cpus),
+            memory_total_bytes: machine.memory_total_bytes,
+            memory_free_bytes: machine.memory_free_bytes,
+            memory_max_bytes: settings.max_memory_bytes,
+            load_1m: machine.load_1m,
+            pools,
+            functions: core.served().into_iter().map(|(n, _)| n).collect(),
+            heartbeat_ms: core.heartbeat_ms,
+            workers: core
+                .workers
+                .iter()
+                .map(|w| WorkerInfo {
+                    id: w.id.to_string(),
+                    pool: w.pool.to_string(),
+                    slots: u32::try_from(w.slots.load(Ordering::Relaxed)).unwrap_or(u32::MAX),
+                    busy: u32::try_from(w.busy()).unwrap_or(u32::MAX),
+                    executed: w.executed.load(Ordering::Relaxed),
+                    queue_len: w.queue_len_seen.load(Ordering::Relaxed),
+                })
+                .collect(),
+            calls: counters.calls.load(Ordering::Relaxed),
+            memo_hits: counters.memo_hits.load(Ordering::Relaxed),
+            evaluations: core.evaluations.values().map(|c| c.load(Ordering::Relaxed)).sum(),
+            heartbeat_age_ms: 0,
+            flocks: u32::try_from(core.placement.table().flocks_of(core.id.as_str())).unwrap_or(u32::MAX),
+            health: crate::control::Health::Alive,
+        }
     }
 }

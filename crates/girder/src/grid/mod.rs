@@ -2,13 +2,14 @@
 //!
 //! - [`function`]: the [`Function`] trait the attribute implements, and the [`Registry`].
 //! - [`client`]: [`Caller`], [`Client`] and the typed call helpers.
-//! - `node`: [`Node`], [`NodeBuilder`], the specs of pools and workers.
+//! - `node`: [`Node`]; `builder`: [`NodeBuilder`] and the specs of pools and workers.
 //! - `core`: the call path every caller on a node shares (memo, waiters, submit, complete).
 //! - `worker`, `fiber`, `ctx`: evaluation in slots; async tasks, blocking fibers, nesting.
 //! - `roles`: distributors, helpers and the inbox; `upkeep`: lease, reaping, placement,
 //!   configuration and resubmission, each a task of its own.
 //! - `waiters`, `config`, `metrics`, `system`: what they say.
 
+mod builder;
 pub mod client;
 pub mod config;
 pub(crate) mod core;
@@ -23,7 +24,8 @@ mod upkeep;
 mod waiters;
 mod worker;
 
+pub use builder::{NodeBuilder, NodeError, PoolSpec, WorkerSpec, SLOTS_MAX, WORKERS_MAX};
 pub use client::{call, call_blocking, Caller, Client};
 pub use ctx::Ctx;
 pub use function::{encode_args, error_text, FnKind, Function, Registry};
-pub use node::{Node, NodeBuilder, NodeError, NodeStats, PoolSpec, WorkerSpec, WorkerStats, SLOTS_MAX, WORKERS_MAX};
+pub use node::{Node, NodeStats, WorkerStats};

@@ -96,7 +96,7 @@ async fn lease(core: Arc<NodeCore>, timing: Timing) {
             _ = core.cancel.cancelled() => break,
             _ = ticker.tick() => {}
         }
-        let info = super::node::node_info(&core);
+        let info = core.info();
         let sent = Instant::now();
         let renewed = match tokio::time::timeout(
             timing.heartbeat_timeout(),

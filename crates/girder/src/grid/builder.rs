@@ -1,0 +1,348 @@
+//! [`NodeBuilder`] and the specs of what a node runs: it registers the node, declares its
+//! pools, and starts its workers, roles and upkeep.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use super::core::{CallCounters, DeclaredPool, NodeCore};
+use super::function::Registry;
+use super::node::Node;
+use super::waiters::Waiters;
+use super::worker::Worker;
+use crate::control::{Embedded, NodeId, PoolId, QueueId, Statekeeper};
+use crate::error::StatekeeperError;
+use crate::lease::LocalLease;
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The statekeeper refused or failed an operation.
+    #[error(transparent)]
+    Statekeeper(#[from] StatekeeperError),
+    /// The node's configuration is inconsistent.
+    #[error("invalid node configuration: {0}")]
+    Config(String),
+    /// `start` was called outside a tokio runtime.
+    #[error("a node must be started inside a tokio runtime")]
+    NoRuntime,
+}
+
+/// A pool this node declares and serves roles for.
+#[derive(Debug, Clone)]
+pub struct PoolSpec {
+    /// The pool's name.
+    pub name: String,
+    /// The pool it volunteers at when idle.
+    pub parent: Option<String>,
+    /// Run this pool's distributor on this node.
+    pub distributor: bool,
+    /// Run a helper for this pool on this node, hoisting every `helper_interval_ms`.
+    pub helper: bool,
+    /// How often the helper looks for surplus work.
+    pub helper_interval_ms: u64,
+    /// Most requests one helper round copies up.
+    pub hoist_max: usize,
+}
+
+impl PoolSpec {
+    /// A top-level pool with a distributor and a helper.
+    pub fn new(name: impl Into<String>) -> PoolSpec {
+        PoolSpec {
+            name: name.into(),
+            parent: None,
+            distributor: true,
+            helper: true,
+            helper_interval_ms: 2,
+            hoist_max: 64,
+        }
+    }
+
+    /// Sets the parent pool.
+    pub fn parent(mut self, parent: impl Into<String>) -> PoolSpec {
+        self.parent = Some(parent.into());
+        self
+    }
+
+    /// Turns the helper on or off.
+    pub fn helper(mut self, on: bool) -> PoolSpec {
+        self.helper = on;
+        self
+    }
+}
+
+/// Workers this node runs in one pool.
+#[derive(Debug, Clone)]
+pub struct WorkerSpec {
+    /// The pool the workers are members of.
+    pub pool: String,
+    /// How many workers.
+    pub count: usize,
+    /// Evaluation slots per worker: at most this many evaluations run at once on it.
+    pub slots: usize,
+    /// Requests taken ahead of free slots, to keep the worker busy between hand-offs
+    /// (default: as many as it has slots).
+    pub prefetch: u32,
+}
+
+impl WorkerSpec {
+    /// `count` workers of `slots` slots in `pool`.
+    pub fn new(pool: impl Into<String>, count: usize, slots: usize) -> WorkerSpec {
+        WorkerSpec { pool: pool.into(), count, slots, prefetch: u32::try_from(slots).unwrap_or(u32::MAX) }
+    }
+
+    /// Sets the prefetch.
+    pub fn prefetch(mut self, prefetch: u32) -> WorkerSpec {
+        self.prefetch = prefetch;
+        self
+    }
+}
+
+/// Builds and starts a [`Node`].
+pub struct NodeBuilder {
+    id: String,
+    registry: Registry,
+    statekeeper: Option<Arc<dyn Statekeeper>>,
+    pools: Vec<PoolSpec>,
+    workers: Vec<WorkerSpec>,
+    entry_pool: Option<String>,
+    heartbeat_ms: u64,
+    resubmit_ms: u64,
+    http: Option<String>,
+    settings: super::config::Settings,
+}
+
+/// Most slots a worker may have; a guard against typos, not a tuning limit.
+pub const SLOTS_MAX: usize = 4_096;
+/// Most workers one node may run.
+pub const WORKERS_MAX: usize = 1_024;
+
+impl Node {
+    /// Starts building a node with the default id and an embedded statekeeper.
+    pub fn builder() -> NodeBuilder {
+        NodeBuilder::new()
+    }
+}
+
+impl NodeBuilder {
+    /// The defaults: a unique id, no functions, an embedded statekeeper, no pools.
+    pub(super) fn new() -> NodeBuilder {
+        NodeBuilder {
+            id: default_id(),
+            registry: Registry::new(),
+            statekeeper: None,
+            pools: Vec::new(),
+            workers: Vec::new(),
+            entry_pool: None,
+            heartbeat_ms: 500,
+            resubmit_ms: 30_000,
+            http: None,
+            settings: super::config::Settings::default(),
+        }
+    }
+
+    /// Sets the node id (default: host, process id and a random suffix, so nodes started
+    /// without one never collide). Ids are unique among live nodes.
+    pub fn id(mut self, id: impl Into<String>) -> NodeBuilder {
+        self.id = id.into();
+        self
+    }
+
+    /// Sets the functions this node serves.
+    pub fn registry(mut self, registry: Registry) -> NodeBuilder {
+        self.registry = registry;
+        self
+    }
+
+    /// Sets the statekeeper (default: a fresh [`Embedded`] one).
+    pub fn statekeeper(mut self, statekeeper: Arc<dyn Statekeeper>) -> NodeBuilder {
+        self.statekeeper = Some(statekeeper);
+        self
+    }
+
+    /// Declares a pool; parents must be declared before their children.
+    pub fn pool(mut self, pool: PoolSpec) -> NodeBuilder {
+        self.pools.push(pool);
+        self
+    }
+
+    /// Adds workers.
+    pub fn workers(mut self, workers: WorkerSpec) -> NodeBuilder {
+        self.workers.push(workers);
+        self
+    }
+
+    /// Sets how often the node renews its lease, reports its state and reaps dead nodes
+    /// (default 500 ms). Keep it well under the statekeeper's node TTL.
+    pub fn heartbeat_ms(mut self, heartbeat_ms: u64) -> NodeBuilder {
+        self.heartbeat_ms = heartbeat_ms.max(1);
+        self
+    }
+
+    /// Sets how long a caller waits before its request is submitted again regardless of
+    /// disruptions (default 30 s): a last resort that recovers requests a statekeeper lost
+    /// without this node noticing.
+    pub fn resubmit_ms(mut self, resubmit_ms: u64) -> NodeBuilder {
+        self.resubmit_ms = resubmit_ms.max(1);
+        self
+    }
+
+    /// Sets the CPU count this node reports and placement weighs it by (default: the
+    /// machine's).
+    pub fn cpus(mut self, cpus: u32) -> NodeBuilder {
+        self.settings.cpus = Some(cpus.max(1));
+        self
+    }
+
+    /// Sets this node's memory budget, reported and used by memory-weighted placement.
+    pub fn max_memory_bytes(mut self, bytes: u64) -> NodeBuilder {
+        self.settings.max_memory_bytes = Some(bytes);
+        self
+    }
+
+    /// Records the address of this node's HTTP API, reported in its status.
+    pub fn http_address(mut self, address: impl Into<String>) -> NodeBuilder {
+        self.http = Some(address.into());
+        self
+    }
+
+    /// Sets the pool whose queue [`Node::client`] submits to (default: the first pool).
+    pub fn entry_pool(mut self, pool: impl Into<String>) -> NodeBuilder {
+        self.entry_pool = Some(pool.into());
+        self
+    }
+
+    fn validate(&self) -> Result<(), NodeError> {
+        if self.id.is_empty() || self.id.contains(char::is_whitespace) {
+            return Err(NodeError::Config(format!("node id {:?} must be non-empty and without spaces", self.id)));
+        }
+        let names: Vec<&str> = self.pools.iter().map(|p| p.name.as_str()).collect();
+        for (i, pool) in self.pools.iter().enumerate() {
+            if names[..i].contains(&pool.name.as_str()) {
+                return Err(NodeError::Config(format!("pool {:?} is declared twice", pool.name)));
+            }
+            if let Some(parent) = &pool.parent {
+                if !names[..i].contains(&parent.as_str()) {
+                    return Err(NodeError::Config(format!(
+                        "pool {:?} names parent {parent:?}, which must be declared before it",
+                        pool.name
+                    )));
+                }
+            }
+        }
+        let mut total = 0;
+        for spec in &self.workers {
+            if !names.contains(&spec.pool.as_str()) {
+                return Err(NodeError::Config(format!("workers name pool {:?}, which is not declared", spec.pool)));
+            }
+            if spec.slots == 0 || spec.slots > SLOTS_MAX {
+                return Err(NodeError::Config(format!("slots must be between 1 and {SLOTS_MAX}, got {}", spec.slots)));
+            }
+            total += spec.count;
+        }
+        if total > WORKERS_MAX {
+            return Err(NodeError::Config(format!("at most {WORKERS_MAX} workers per node, got {total}")));
+        }
+        if let Some(entry) = &self.entry_pool {
+            if !names.contains(&entry.as_str()) {
+                return Err(NodeError::Config(format!("entry pool {entry:?} is not declared")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Registers the node, declares its pools and starts its roles.
+    pub async fn start(self) -> Result<Node, NodeError> {
+        self.validate()?;
+        let handle = tokio::runtime::Handle::try_current().map_err(|_| NodeError::NoRuntime)?;
+        let statekeeper = self.statekeeper.unwrap_or_else(|| Arc::new(Embedded::default()));
+        let node_ttl = Duration::from_millis(statekeeper.node_ttl_ms());
+        let id = NodeId::new(self.id);
+        let evaluations = self.registry.names().into_iter().map(|(name, _)| (name, AtomicU64::new(0))).collect();
+        let pools: Vec<DeclaredPool> = self
+            .pools
+            .iter()
+            .map(|p| DeclaredPool { pool: PoolId::new(p.name.as_str()), parent: p.parent.as_deref().map(PoolId::new) })
+            .collect();
+        let mut workers = Vec::new();
+        for spec in &self.workers {
+            for _ in 0..spec.count {
+                let worker_id: Arc<str> = format!("{id}/w{}", workers.len()).into();
+                let pool = PoolId::new(spec.pool.as_str());
+                workers.push(Arc::new(Worker::new(worker_id, pool, spec.slots, spec.prefetch)));
+            }
+        }
+        let core = Arc::new(NodeCore {
+            id: id.clone(),
+            statekeeper: statekeeper.clone(),
+            registry: self.registry,
+            waiters: Waiters::default(),
+            handle: handle.clone(),
+            cancel: CancellationToken::new(),
+            counters: CallCounters::default(),
+            evaluations,
+            pools,
+            workers: workers.clone(),
+            http: self.http,
+            running: parking_lot::Mutex::default(),
+            claims_uncertain: std::sync::atomic::AtomicBool::new(false),
+            settings: parking_lot::Mutex::new(self.settings.clone()),
+            base_settings: self.settings,
+            heartbeat_ms: self.heartbeat_ms,
+            latency: super::metrics::Latency::default(),
+            placement: Arc::new(crate::placement::Placement::new(statekeeper.clone(), Some(id.to_string()))),
+            draining: std::sync::atomic::AtomicBool::new(false),
+            hoist_hint: tokio::sync::Notify::new(),
+            lease: parking_lot::Mutex::new(Arc::new(LocalLease::new(node_ttl, Instant::now()))),
+            beats: AtomicU64::new(0),
+        });
+        let registering = Instant::now();
+        if let Err(err) = core.rejoin().await {
+            // Do not leave a half-registered node behind (a duplicate id registered nothing).
+            if !matches!(err, StatekeeperError::DuplicateNode(_)) {
+                let _ = statekeeper.deregister_node(&id).await;
+            }
+            return Err(err.into());
+        }
+        *core.lease.lock() = Arc::new(LocalLease::new(node_ttl, registering));
+        core.apply_config().await;
+        let mut tasks = Vec::new();
+        let events = statekeeper.open_inbox(&id).await?;
+        tasks.push(handle.spawn(super::roles::inbox(core.clone(), events)));
+        tasks.extend(super::upkeep::spawn(
+            &core,
+            super::upkeep::Timing {
+                heartbeat: Duration::from_millis(self.heartbeat_ms),
+                node_ttl,
+                resubmit_after: Duration::from_millis(self.resubmit_ms),
+            },
+        ));
+        for pool in &self.pools {
+            let pool_id = PoolId::new(pool.name.as_str());
+            if pool.distributor {
+                tasks.push(handle.spawn(super::roles::distributor(core.clone(), pool_id.clone())));
+            }
+            if pool.helper {
+                let interval = Duration::from_millis(pool.helper_interval_ms.max(1));
+                tasks.push(handle.spawn(super::roles::helper(core.clone(), pool_id, interval, pool.hoist_max)));
+            }
+        }
+        for worker in &workers {
+            tasks.push(handle.spawn(super::worker::dispatch(core.clone(), worker.clone())));
+        }
+        let entry = self.entry_pool.or_else(|| self.pools.first().map(|p| p.name.clone()));
+        let entry_queue = entry.map(|name| QueueId::pool(&PoolId::new(name)));
+        tracing::info!(node = %id, workers = workers.len(), "node started");
+        Ok(Node { core, tasks: parking_lot::Mutex::new(tasks), entry_queue })
+    }
+}
+
+/// `HOST-PID-XXXX`: unique per process, and a restarted process gets a new one.
+fn default_id() -> String {
+    let host = super::system::read().host;
+    let host: String = host.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.').take(63).collect();
+    let host = if host.is_empty() { "node".to_owned() } else { host };
+    format!("{host}-{}-{:04x}", std::process::id(), fastrand::u16(..))
+}

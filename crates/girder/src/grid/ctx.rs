@@ -10,6 +10,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::core::{NodeCore, Target};
 use super::fiber;
+use super::waiters::Callback;
 use super::worker::{self, Worker};
 use crate::control::QueueId;
 use crate::error::CallError;
@@ -164,21 +165,36 @@ impl Ctx {
         outcome.unwrap_or_else(|| Err(CallError::Shutdown { function: request.function.to_string() }))
     }
 
-    /// Suspends fiber `id` until `rx` has the outcome and a slot is free.
+    /// Suspends fiber `id` until its outcome is there and a slot is free. Whoever delivers
+    /// the outcome resumes the fiber at once when a slot is free; otherwise a task waits
+    /// for one.
     fn suspend_for(
         &self,
         id: u64,
         request: &Request,
         rx: tokio::sync::oneshot::Receiver<Outcome>,
     ) -> (Option<Outcome>, Option<OwnedSemaphorePermit>) {
-        let (core, worker, function) = (self.core.clone(), self.worker.clone(), request.function.clone());
+        let (core, worker, function, req_id) =
+            (self.core.clone(), self.worker.clone(), request.function.clone(), request.id);
         let arrange: fiber::Arrange = Box::new(move |wake: fiber::Wake| {
             let handle = core.handle.clone();
-            handle.spawn(async move {
-                let outcome = core.finish_call(&function, rx, None).await;
-                let permit = worker.acquire_woken().await;
-                wake.send(outcome, permit);
-            });
+            let resume: Callback =
+                Box::new(move |outcome: Outcome| match worker.semaphore.clone().try_acquire_owned() {
+                    Ok(permit) => wake.send(outcome, Some(permit)),
+                    Err(_) => {
+                        handle.spawn(async move {
+                            let permit = worker.acquire_woken().await;
+                            wake.send(outcome, permit);
+                        });
+                    }
+                });
+            if let Err(resume) = core.waiters.add_callback(&req_id, resume) {
+                // Delivered meanwhile: the receiver has it, or is about to.
+                core.handle.clone().spawn(async move {
+                    let outcome = core.finish_call(&function, rx, None).await;
+                    resume(outcome);
+                });
+            }
         });
         match fiber::suspend(id, arrange) {
             Some(resumed) => (resumed.outcome, resumed.permit),

@@ -24,8 +24,30 @@ pub(crate) struct Submission {
     pub(crate) front: bool,
 }
 
+/// A caller to hand an outcome to, however it waits.
+enum Waiter {
+    /// A task awaiting the receiver.
+    Channel(oneshot::Sender<Outcome>),
+    /// A suspended fiber's wake-up, called by whoever delivers the outcome: no task sits
+    /// in between, so the fiber resumes one thread hop after the outcome is known.
+    Callback(Callback),
+}
+
+/// What a waiting fiber does with its outcome.
+pub(crate) type Callback = Box<dyn FnOnce(Outcome) + Send>;
+
+impl Waiter {
+    /// A receiver dropped means its caller stopped waiting; a callback always waits.
+    fn is_waiting(&self) -> bool {
+        match self {
+            Waiter::Channel(sender) => !sender.is_closed(),
+            Waiter::Callback(_) => true,
+        }
+    }
+}
+
 struct Entry {
-    senders: Vec<oneshot::Sender<Outcome>>,
+    senders: Vec<Waiter>,
     submission: Submission,
     /// When the request was last submitted.
     submitted_at: Instant,
@@ -49,18 +71,35 @@ impl Waiters {
             submitted_at: Instant::now(),
         });
         // Callers that gave up (deadline) left closed senders behind; they do not count.
-        entry.senders.retain(|sender| !sender.is_closed());
+        entry.senders.retain(Waiter::is_waiting);
         let first = entry.senders.is_empty();
-        entry.senders.push(tx);
+        entry.senders.push(Waiter::Channel(tx));
         (rx, first)
+    }
+
+    /// Adds `callback` as a waiter of `id`, which already has one. Gives it back when `id`
+    /// has none any more (its outcome was delivered meanwhile).
+    pub(crate) fn add_callback(&self, id: &ReqId, callback: Callback) -> Result<(), Callback> {
+        match self.map.lock().get_mut(id) {
+            Some(entry) => {
+                entry.senders.push(Waiter::Callback(callback));
+                Ok(())
+            }
+            None => Err(callback),
+        }
     }
 
     /// Hands `outcome` to every local caller of `id`.
     pub(crate) fn deliver(&self, id: &ReqId, outcome: &Outcome) {
         let entry = self.map.lock().remove(id);
-        for sender in entry.into_iter().flat_map(|e| e.senders) {
-            // A dropped receiver is a caller that stopped waiting; nothing to do.
-            let _ = sender.send(outcome.clone());
+        for waiter in entry.into_iter().flat_map(|e| e.senders) {
+            match waiter {
+                // A dropped receiver is a caller that stopped waiting; nothing to do.
+                Waiter::Channel(sender) => {
+                    let _ = sender.send(outcome.clone());
+                }
+                Waiter::Callback(callback) => callback(outcome.clone()),
+            }
         }
     }
 
@@ -69,7 +108,7 @@ impl Waiters {
     pub(crate) fn overdue(&self, age: Duration, max: usize) -> Vec<Submission> {
         let now = Instant::now();
         let mut map = self.map.lock();
-        map.retain(|_, entry| entry.senders.iter().any(|s| !s.is_closed()));
+        map.retain(|_, entry| entry.senders.iter().any(Waiter::is_waiting));
         map.values_mut()
             .filter(|entry| now.duration_since(entry.submitted_at) >= age)
             .take(max)

@@ -7,10 +7,9 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use super::core::{CallCounters, DeclaredPool, NodeCore};
+use super::core::{Calls, DeclaredPool, Membership, NodeCore, Work};
 use super::function::Registry;
 use super::node::Node;
-use super::waiters::Waiters;
 use super::worker::Worker;
 use crate::control::{Embedded, NodeId, PoolId, QueueId, Statekeeper};
 use crate::error::StatekeeperError;
@@ -278,25 +277,27 @@ impl NodeBuilder {
             id: id.clone(),
             statekeeper: statekeeper.clone(),
             registry: self.registry,
-            waiters: Waiters::default(),
             handle: handle.clone(),
             cancel: CancellationToken::new(),
-            counters: CallCounters::default(),
-            evaluations,
-            pools,
-            workers: workers.clone(),
-            http: self.http,
-            running: parking_lot::Mutex::default(),
-            claims_uncertain: std::sync::atomic::AtomicBool::new(false),
-            settings: parking_lot::Mutex::new(self.settings.clone()),
-            base_settings: self.settings,
-            heartbeat_ms: self.heartbeat_ms,
-            latency: super::metrics::Latency::default(),
-            placement: Arc::new(crate::placement::Placement::new(statekeeper.clone(), Some(id.to_string()))),
-            draining: std::sync::atomic::AtomicBool::new(false),
-            hoist_hint: tokio::sync::Notify::new(),
-            lease: parking_lot::Mutex::new(Arc::new(LocalLease::new(node_ttl, Instant::now()))),
-            beats: AtomicU64::new(0),
+            calls: Calls::default(),
+            work: Work {
+                workers: workers.clone(),
+                evaluations,
+                running: parking_lot::Mutex::default(),
+                claims_uncertain: std::sync::atomic::AtomicBool::new(false),
+                hoist_hint: tokio::sync::Notify::new(),
+                draining: std::sync::atomic::AtomicBool::new(false),
+            },
+            membership: Membership {
+                pools,
+                http: self.http,
+                settings: parking_lot::Mutex::new(self.settings.clone()),
+                base_settings: self.settings,
+                heartbeat_ms: self.heartbeat_ms,
+                lease: parking_lot::Mutex::new(Arc::new(LocalLease::new(node_ttl, Instant::now()))),
+                beats: AtomicU64::new(0),
+                placement: Arc::new(crate::placement::Placement::new(statekeeper.clone(), Some(id.to_string()))),
+            },
         });
         let registering = Instant::now();
         if let Err(err) = core.rejoin().await {
@@ -306,7 +307,7 @@ impl NodeBuilder {
             }
             return Err(err.into());
         }
-        *core.lease.lock() = Arc::new(LocalLease::new(node_ttl, registering));
+        *core.membership.lease.lock() = Arc::new(LocalLease::new(node_ttl, registering));
         core.apply_config().await;
         let mut tasks = Vec::new();
         let events = statekeeper.open_inbox(&id).await?;

@@ -90,7 +90,8 @@ impl Client {
     /// Where a call of `function` goes: an owner's worker for affinity calls that have
     /// one free, the client's pool otherwise.
     fn queue_for(&self, function: &str) -> Result<QueueId, CallError> {
-        let affine = self.affinity.as_deref().and_then(|key| self.core.placement.affinity_worker(key, function));
+        let affine =
+            self.affinity.as_deref().and_then(|key| self.core.membership.placement.affinity_worker(key, function));
         match (affine, &self.queue) {
             (Some(worker), _) => Ok(QueueId::worker(&worker)),
             (None, Some(queue)) => Ok(queue.clone()),
@@ -105,7 +106,7 @@ impl Caller for Client {
             let begun = std::time::Instant::now();
             let queue = self.queue_for(&request.function)?;
             let outcome = self.core.call(&request, Target { queue: &queue, front: false }, self.deadline).await;
-            self.core.latency.record(begun.elapsed());
+            self.core.calls.latency.record(begun.elapsed());
             outcome
         })
     }

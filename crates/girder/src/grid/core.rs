@@ -43,41 +43,61 @@ pub(crate) struct DeclaredPool {
 /// request's lease runs out and another node evaluates it again.
 const COMPLETE_RETRY_MAX: Duration = Duration::from_secs(120);
 
-/// The parts of a node that clients, workers and functions share.
+/// The parts of a node that clients, workers and functions share, grouped by concern:
+/// the call path ([`Calls`]), evaluation ([`Work`]) and the node's place in the grid
+/// ([`Membership`]).
 pub(crate) struct NodeCore {
     pub(crate) id: NodeId,
     pub(crate) statekeeper: Arc<dyn Statekeeper>,
+    /// The functions this node can run.
     pub(crate) registry: Registry,
-    pub(crate) waiters: Waiters,
     pub(crate) handle: Handle,
+    /// Cancelled when the node stops: every task of the node ends.
     pub(crate) cancel: CancellationToken,
+    pub(crate) calls: Calls,
+    pub(crate) work: Work,
+    pub(crate) membership: Membership,
+}
+
+/// The call path: who waits for what here, and what calls did.
+#[derive(Default)]
+pub(crate) struct Calls {
+    pub(crate) waiters: Waiters,
     pub(crate) counters: CallCounters,
+    /// Latency of top-level calls.
+    pub(crate) latency: super::metrics::Latency,
+}
+
+/// Evaluation: the workers and what runs on them.
+pub(crate) struct Work {
+    pub(crate) workers: Vec<Arc<Worker>>,
     /// Evaluations started per function, by name.
     pub(crate) evaluations: HashMap<&'static str, AtomicU64>,
-    pub(crate) pools: Vec<DeclaredPool>,
-    pub(crate) workers: Vec<Arc<Worker>>,
-    pub(crate) http: Option<String>,
     /// Requests being evaluated on this node, with how many evaluations each.
     pub(crate) running: parking_lot::Mutex<crate::id::IdMap<u32>>,
     /// A claim's reply was lost: the statekeeper may hold claims of ours we never saw.
     pub(crate) claims_uncertain: std::sync::atomic::AtomicBool,
+    /// Signalled when a worker of this node goes idle, or queues nested work while all its
+    /// slots are busy: the helpers look for work to hoist soon.
+    pub(crate) hoist_hint: tokio::sync::Notify,
+    /// Set while the node drains: it takes no new work and finishes what it holds.
+    pub(crate) draining: std::sync::atomic::AtomicBool,
+}
+
+/// The node's place in the grid: what it declared, its lease, its settings, placement.
+pub(crate) struct Membership {
+    pub(crate) pools: Vec<DeclaredPool>,
+    pub(crate) http: Option<String>,
     /// What the node runs with now: the builder's settings with its configuration applied.
     pub(crate) settings: parking_lot::Mutex<super::config::Settings>,
     /// The builder's settings, before configuration.
     pub(crate) base_settings: super::config::Settings,
     pub(crate) heartbeat_ms: u64,
-    /// Latency of top-level calls.
-    pub(crate) latency: super::metrics::Latency,
-    pub(crate) placement: Arc<crate::placement::Placement>,
-    /// Set while the node drains: it takes no new work and finishes what it holds.
-    pub(crate) draining: std::sync::atomic::AtomicBool,
-    /// Signalled when a worker of this node goes idle, or queues nested work while all its
-    /// slots are busy: the helpers look for work to hoist soon.
-    pub(crate) hoist_hint: tokio::sync::Notify,
     /// The node's lease by its own clock; workers claim nothing while it may have run out.
     pub(crate) lease: parking_lot::Mutex<Arc<crate::lease::LocalLease>>,
     /// Heartbeats that renewed the lease so far.
     pub(crate) beats: AtomicU64,
+    pub(crate) placement: Arc<crate::placement::Placement>,
 }
 
 /// Where a call's request goes when it must be queued.
@@ -95,15 +115,15 @@ impl NodeCore {
         request: &Request,
         target: Target<'_>,
     ) -> Result<Outcome, oneshot::Receiver<Outcome>> {
-        self.counters.calls.fetch_add(1, Ordering::Relaxed);
+        self.calls.counters.calls.fetch_add(1, Ordering::Relaxed);
         if let Some(outcome) = self.statekeeper.cached_result(&request.id) {
-            self.counters.memo_hits.fetch_add(1, Ordering::Relaxed);
+            self.calls.counters.memo_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(outcome);
         }
         let submission = Submission { request: request.clone(), queue: target.queue.clone(), front: target.front };
-        let (rx, first) = self.waiters.register(&submission);
+        let (rx, first) = self.calls.waiters.register(&submission);
         if !first {
-            self.counters.joined.fetch_add(1, Ordering::Relaxed);
+            self.calls.counters.joined.fetch_add(1, Ordering::Relaxed);
             return Err(rx);
         }
         self.submit(&submission).await;
@@ -116,15 +136,15 @@ impl NodeCore {
         let submitted = self.statekeeper.submit(request, &submission.queue, submission.front, &self.id).await;
         let outcome = match submitted {
             Ok(Submitted::Queued) => {
-                self.counters.queued.fetch_add(1, Ordering::Relaxed);
+                self.calls.counters.queued.fetch_add(1, Ordering::Relaxed);
                 return;
             }
             Ok(Submitted::Joined) => {
-                self.counters.joined.fetch_add(1, Ordering::Relaxed);
+                self.calls.counters.joined.fetch_add(1, Ordering::Relaxed);
                 return;
             }
             Ok(Submitted::Done(outcome)) => {
-                self.counters.memo_hits.fetch_add(1, Ordering::Relaxed);
+                self.calls.counters.memo_hits.fetch_add(1, Ordering::Relaxed);
                 outcome
             }
             Ok(Submitted::UnknownFunction) => {
@@ -137,7 +157,7 @@ impl NodeCore {
             }
             Err(err) => Err(CallError::statekeeper(&request.function, &err)),
         };
-        self.waiters.deliver(&request.id, &outcome);
+        self.calls.waiters.deliver(&request.id, &outcome);
     }
 
     /// Waits for an outcome, up to `deadline` when one is set.
@@ -205,14 +225,14 @@ impl NodeCore {
             match result {
                 Ok((local_waits, mut claimed)) => {
                     if local_waits {
-                        self.waiters.deliver(&request.id, &outcome);
+                        self.calls.waiters.deliver(&request.id, &outcome);
                     }
                     return claimed.pop();
                 }
                 Err(StatekeeperError::Unavailable(message)) if waited < COMPLETE_RETRY_MAX => {
                     if next.is_some() {
                         // The lost reply may have carried a claim.
-                        self.claims_uncertain.store(true, Ordering::Release);
+                        self.work.claims_uncertain.store(true, Ordering::Release);
                     }
                     if backoff.failures() == 0 {
                         tracing::warn!(request = %request.id, function = %request.function, %message,
@@ -227,7 +247,7 @@ impl NodeCore {
                     // re-run after this node's claims expire, or by their resubmission.
                     tracing::error!(request = %request.id, function = %request.function, error = %err,
                         "could not record an outcome");
-                    self.waiters.deliver(&request.id, &Err(CallError::statekeeper(&request.function, &err)));
+                    self.calls.waiters.deliver(&request.id, &Err(CallError::statekeeper(&request.function, &err)));
                     return None;
                 }
             }
@@ -235,11 +255,11 @@ impl NodeCore {
     }
 
     pub(crate) fn note_running(&self, request: &Request) {
-        *self.running.lock().entry(request.id).or_insert(0) += 1;
+        *self.work.running.lock().entry(request.id).or_insert(0) += 1;
     }
 
     fn note_finished(&self, request: &Request) {
-        let mut running = self.running.lock();
+        let mut running = self.work.running.lock();
         if let Some(count) = running.get_mut(&request.id) {
             *count -= 1;
             if *count == 0 {
@@ -251,12 +271,12 @@ impl NodeCore {
     /// After a lost claim reply: gives back every claim the statekeeper holds for this node
     /// that is not really running here, so it runs elsewhere instead of never.
     pub(crate) async fn release_uncertain_claims(&self) -> Result<(), StatekeeperError> {
-        if !self.claims_uncertain.load(Ordering::Acquire) {
+        if !self.work.claims_uncertain.load(Ordering::Acquire) {
             return Ok(());
         }
-        let keep: Vec<_> = self.running.lock().keys().copied().collect();
+        let keep: Vec<_> = self.work.running.lock().keys().copied().collect();
         let released = self.statekeeper.release_claims(&self.id, &keep).await?;
-        self.claims_uncertain.store(false, Ordering::Release);
+        self.work.claims_uncertain.store(false, Ordering::Release);
         if released > 0 {
             tracing::warn!(node = %self.id, released, "gave back claims whose replies were lost");
         }
@@ -273,9 +293,9 @@ impl NodeCore {
                 return;
             }
         };
-        let settings = super::config::apply(&self.base_settings, &config);
+        let settings = super::config::apply(&self.membership.base_settings, &config);
         let changed = {
-            let mut current = self.settings.lock();
+            let mut current = self.membership.settings.lock();
             let changed = *current != settings;
             *current = settings.clone();
             changed
@@ -283,14 +303,14 @@ impl NodeCore {
         if changed {
             tracing::info!(node = %self.id, ?settings, "configuration applied");
         }
-        for worker in &self.workers {
+        for worker in &self.work.workers {
             let target = settings.slots.unwrap_or(worker.initial_slots);
             worker.resize(target);
         }
     }
 
     pub(crate) fn count_evaluation(&self, function: &str) {
-        if let Some(counter) = self.evaluations.get(function) {
+        if let Some(counter) = self.work.evaluations.get(function) {
             counter.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -298,7 +318,7 @@ impl NodeCore {
     /// The functions this node serves: those of its registry, or none when it runs no
     /// workers (a gateway takes calls and runs nothing, so no work may wait for it).
     pub(crate) fn served(&self) -> Vec<(String, u32)> {
-        if self.workers.is_empty() {
+        if self.work.workers.is_empty() {
             return Vec::new();
         }
         self.registry.names().into_iter().map(|(n, v)| (n.to_owned(), v)).collect()
@@ -308,10 +328,10 @@ impl NodeCore {
     /// it (it was declared dead, or the store lost its state).
     pub(crate) async fn rejoin(&self) -> Result<(), StatekeeperError> {
         self.statekeeper.register_node(&self.id, &self.served()).await?;
-        for declared in &self.pools {
+        for declared in &self.membership.pools {
             self.statekeeper.declare_pool(&declared.pool, declared.parent.as_ref(), &self.id).await?;
         }
-        for worker in &self.workers {
+        for worker in &self.work.workers {
             self.statekeeper.join_pool(&worker.pool, &worker.queue, &self.id).await?;
             // Its dispatcher volunteers again on its next round.
             worker.slot_freed.notify_one();
@@ -322,14 +342,14 @@ impl NodeCore {
     /// What this node reports about itself with each heartbeat.
     pub(crate) fn info(&self) -> NodeInfo {
         let core = self;
-        let counters = &core.counters;
+        let counters = &core.calls.counters;
         let machine = super::system::read();
-        let settings = core.settings.lock().clone();
-        let mut pools: Vec<String> = core.pools.iter().map(|p| p.pool.to_string()).collect();
+        let settings = core.membership.settings.lock().clone();
+        let mut pools: Vec<String> = core.membership.pools.iter().map(|p| p.pool.to_string()).collect();
         pools.dedup();
         NodeInfo {
             id: core.id.to_string(),
-            http: core.http.clone(),
+            http: core.membership.http.clone(),
             data: None,
             host: machine.host,
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -340,8 +360,9 @@ impl NodeCore {
             load_1m: machine.load_1m,
             pools,
             functions: core.served().into_iter().map(|(n, _)| n).collect(),
-            heartbeat_ms: core.heartbeat_ms,
+            heartbeat_ms: core.membership.heartbeat_ms,
             workers: core
+                .work
                 .workers
                 .iter()
                 .map(|w| WorkerInfo {
@@ -355,9 +376,9 @@ impl NodeCore {
                 .collect(),
             calls: counters.calls.load(Ordering::Relaxed),
             memo_hits: counters.memo_hits.load(Ordering::Relaxed),
-            evaluations: core.evaluations.values().map(|c| c.load(Ordering::Relaxed)).sum(),
+            evaluations: core.work.evaluations.values().map(|c| c.load(Ordering::Relaxed)).sum(),
             heartbeat_age_ms: 0,
-            flocks: u32::try_from(core.placement.table().flocks_of(core.id.as_str())).unwrap_or(u32::MAX),
+            flocks: u32::try_from(core.membership.placement.table().flocks_of(core.id.as_str())).unwrap_or(u32::MAX),
             health: crate::control::Health::Alive,
         }
     }

@@ -81,7 +81,7 @@ impl Ctx {
         };
         if self.worker.semaphore.available_permits() == 0 {
             // Our queue grows while every slot is busy: an idle member may take some.
-            self.core.hoist_hint.notify_waiters();
+            self.core.work.hoist_hint.notify_waiters();
         }
         let nested = match &self.mode {
             Mode::Async(nested) => Some(nested),
@@ -133,7 +133,7 @@ impl Ctx {
                 Ok(mut claimed) => claimed.pop(),
                 Err(err) => {
                     tracing::warn!(worker = %self.worker.id, error = %err, "claim failed while waiting; suspending instead");
-                    core.claims_uncertain.store(true, Ordering::Release);
+                    core.work.claims_uncertain.store(true, Ordering::Release);
                     None
                 }
             };
@@ -188,7 +188,7 @@ impl Ctx {
                         });
                     }
                 });
-            if let Err(resume) = core.waiters.add_callback(&req_id, resume) {
+            if let Err(resume) = core.calls.waiters.add_callback(&req_id, resume) {
                 // Delivered meanwhile: the receiver has it, or is about to.
                 core.handle.clone().spawn(async move {
                     let outcome = core.finish_call(&function, rx, None).await;

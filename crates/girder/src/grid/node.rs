@@ -94,7 +94,7 @@ impl Node {
 
     /// Placement of keys and ids on the grid's nodes (flocks, `init`, `node_id`, `node_ids`).
     pub fn placement(&self) -> Arc<crate::placement::Placement> {
-        self.core.placement.clone()
+        self.core.membership.placement.clone()
     }
 
     /// The grid's data structures (caches, atoms, maps, locks, topics, ...).
@@ -104,7 +104,7 @@ impl Node {
 
     /// Evaluations of `function` started on this node.
     pub fn evaluations_of(&self, function: &str) -> u64 {
-        self.core.evaluations.get(function).map_or(0, |c| c.load(Ordering::Relaxed))
+        self.core.work.evaluations.get(function).map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
     /// What this node reports about itself to the statekeeper.
@@ -132,7 +132,7 @@ impl Node {
             out.sample("girder_evaluations_total", &[("node", node), ("function", function)], *count as f64);
         }
         let mut per_worker: Vec<(&WorkerInfo, u64)> = Vec::new();
-        for (reported, worker) in info.workers.iter().zip(&self.core.workers) {
+        for (reported, worker) in info.workers.iter().zip(&self.core.work.workers) {
             per_worker.push((reported, self.core.statekeeper.queue_len(&worker.queue).await.unwrap_or(0) as u64));
         }
         let worker_families: [Family<WorkerValue>; 4] = [
@@ -170,20 +170,25 @@ impl Node {
         out.family("girder_flocks_owned", "gauge", "Flocks this node owns in the placement table.");
         out.sample("girder_flocks_owned", &[("node", node)], f64::from(info.flocks));
         out.family("girder_placement_epoch", "gauge", "Epoch of the placement table this node last read.");
-        out.sample("girder_placement_epoch", &[("node", node)], self.core.placement.table().epoch as f64);
+        out.sample("girder_placement_epoch", &[("node", node)], self.core.membership.placement.table().epoch as f64);
         out.family("girder_call_duration_seconds", "histogram", "Time from a top-level call to its outcome.");
-        out.histogram("girder_call_duration_seconds", node, &self.core.latency);
+        out.histogram("girder_call_duration_seconds", node, &self.core.calls.latency);
         out.finish()
     }
 
     /// A snapshot of the node's counters.
     pub async fn stats(&self) -> NodeStats {
-        let counters = &self.core.counters;
-        let mut evaluations: Vec<(String, u64)> =
-            self.core.evaluations.iter().map(|(name, c)| ((*name).to_owned(), c.load(Ordering::Relaxed))).collect();
+        let counters = &self.core.calls.counters;
+        let mut evaluations: Vec<(String, u64)> = self
+            .core
+            .work
+            .evaluations
+            .iter()
+            .map(|(name, c)| ((*name).to_owned(), c.load(Ordering::Relaxed)))
+            .collect();
         evaluations.sort();
         let mut pools = Vec::new();
-        for declared in &self.core.pools {
+        for declared in &self.core.membership.pools {
             if let Ok(counters) = self.core.statekeeper.pool_counters(&declared.pool).await {
                 pools.push((declared.pool.to_string(), counters));
             }
@@ -196,6 +201,7 @@ impl Node {
             queued: counters.queued.load(Ordering::Relaxed),
             workers: self
                 .core
+                .work
                 .workers
                 .iter()
                 .map(|w| WorkerStats {
@@ -214,8 +220,8 @@ impl Node {
 
     /// Stops taking new work (the first step of [`Node::drain`]); what the node holds goes on.
     pub async fn withdraw(&self) {
-        self.core.draining.store(true, Ordering::Release);
-        for worker in &self.core.workers {
+        self.core.work.draining.store(true, Ordering::Release);
+        for worker in &self.core.work.workers {
             let _ = self.core.statekeeper.volunteer(&worker.pool, &worker.queue, 0).await;
         }
     }
@@ -229,10 +235,10 @@ impl Node {
         let deadline = tokio::time::Instant::now() + timeout;
         let finished = loop {
             let mut queued = 0;
-            for worker in &self.core.workers {
+            for worker in &self.core.work.workers {
                 queued += self.core.statekeeper.queue_len(&worker.queue).await.unwrap_or(0);
             }
-            if self.core.running.lock().is_empty() && queued == 0 {
+            if self.core.work.running.lock().is_empty() && queued == 0 {
                 break true;
             }
             if tokio::time::Instant::now() >= deadline {
@@ -249,7 +255,7 @@ impl Node {
     /// waiting on this node get [`crate::CallError::Shutdown`].
     pub async fn shutdown(&self) {
         self.core.cancel.cancel();
-        for worker in &self.core.workers {
+        for worker in &self.core.work.workers {
             worker.fibers.close();
         }
         let tasks = std::mem::take(&mut *self.tasks.lock());
@@ -260,9 +266,9 @@ impl Node {
         if let Err(err) = self.core.statekeeper.deregister_node(&self.core.id).await {
             tracing::warn!(node = %self.core.id, error = %err, "could not deregister");
         }
-        let waiting = self.core.waiters.len();
+        let waiting = self.core.calls.waiters.len();
         // Dropping the senders wakes every local caller with a shutdown error.
-        self.core.waiters.clear();
+        self.core.calls.waiters.clear();
         tracing::info!(node = %self.core.id, waiting, "node stopped");
     }
 }

@@ -47,7 +47,7 @@ pub(crate) async fn helper(core: Arc<NodeCore>, pool: PoolId, interval: Duration
         let woken = tokio::select! {
             _ = core.cancel.cancelled() => break,
             _ = tokio::time::sleep(wait) => false,
-            _ = core.hoist_hint.notified() => true,
+            _ = core.work.hoist_hint.notified() => true,
         };
         // Idle workers come and go with every request under load: answer them at most
         // once per gap, so hoisting does not cost a statekeeper step per request.
@@ -78,7 +78,7 @@ pub(crate) async fn inbox(core: Arc<NodeCore>, mut events: futures::stream::BoxS
         tokio::select! {
             _ = core.cancel.cancelled() => break,
             event = events.next() => match event {
-                Some(Event::Done { id, outcome }) => core.waiters.deliver(&id, &outcome),
+                Some(Event::Done { id, outcome }) => core.calls.waiters.deliver(&id, &outcome),
                 None => break,
             },
         }

@@ -53,7 +53,7 @@ pub(crate) fn spawn(core: &Arc<NodeCore>, timing: Timing) -> Vec<JoinHandle<()>>
         ("config", beat, beat * 2, |core| Box::pin(async move { core.apply_config().await })),
         ("placement", beat, timing.node_ttl, |core| Box::pin(refresh_placement(core))),
         ("probes", beat * RTT_EVERY_BEATS, beat * RTT_EVERY_BEATS, |core| {
-            Box::pin(async move { core.placement.measure_rtts().await })
+            Box::pin(async move { core.membership.placement.measure_rtts().await })
         }),
     ];
     for (name, every, budget, round) in rounds {
@@ -109,7 +109,7 @@ async fn lease(core: Arc<NodeCore>, timing: Timing) {
                 tracing::warn!(node = %core.id, "the statekeeper does not know this node any more; registering again");
                 match tokio::time::timeout(timing.heartbeat_timeout(), core.rejoin()).await {
                     Ok(Ok(())) => {
-                        *core.lease.lock() = Arc::new(LocalLease::new(timing.node_ttl, sent));
+                        *core.membership.lease.lock() = Arc::new(LocalLease::new(timing.node_ttl, sent));
                         Ok(())
                     }
                     Ok(Err(err)) => Err(err.to_string()),
@@ -121,9 +121,9 @@ async fn lease(core: Arc<NodeCore>, timing: Timing) {
         };
         match renewed {
             Ok(()) => {
-                let lapsed = !core.lease.lock().is_held();
-                core.lease.lock().renewed(sent);
-                core.beats.fetch_add(1, Ordering::AcqRel);
+                let lapsed = !core.membership.lease.lock().is_held();
+                core.membership.lease.lock().renewed(sent);
+                core.membership.beats.fetch_add(1, Ordering::AcqRel);
                 if failing || lapsed {
                     tracing::info!(node = %core.id, "heartbeat renewed again");
                     failing = false;
@@ -131,8 +131,8 @@ async fn lease(core: Arc<NodeCore>, timing: Timing) {
                 if lapsed {
                     // A lapsed lease stays lost: hold a fresh one, and let the workers,
                     // which stopped claiming meanwhile, claim again.
-                    *core.lease.lock() = Arc::new(LocalLease::new(timing.node_ttl, sent));
-                    core.workers.iter().for_each(|w| w.slot_freed.notify_one());
+                    *core.membership.lease.lock() = Arc::new(LocalLease::new(timing.node_ttl, sent));
+                    core.work.workers.iter().for_each(|w| w.slot_freed.notify_one());
                 }
             }
             Err(message) => {
@@ -147,7 +147,7 @@ async fn lease(core: Arc<NodeCore>, timing: Timing) {
 
 /// Reads the lengths of the workers' queues, which heartbeats report.
 async fn report(core: Arc<NodeCore>) {
-    for worker in &core.workers {
+    for worker in &core.work.workers {
         if let Ok(len) = core.statekeeper.queue_len(&worker.queue).await {
             worker.queue_len_seen.store(len as u64, Ordering::Relaxed);
         }
@@ -163,7 +163,7 @@ async fn reap(core: Arc<NodeCore>) {
 
 /// Keeps the placement table in step with the live nodes.
 async fn refresh_placement(core: Arc<NodeCore>) {
-    if let Err(err) = core.placement.refresh(core.statekeeper.node_ttl_ms()).await {
+    if let Err(err) = core.membership.placement.refresh(core.statekeeper.node_ttl_ms()).await {
         tracing::debug!(error = %err, "placement refresh failed");
     }
 }
@@ -190,11 +190,11 @@ async fn resubmit(core: Arc<NodeCore>, timing: Timing) {
             swept_disruptions = disruptions;
             // What the statekeeper holds for us that we do not run goes back (see
             // `release_claims`).
-            core.claims_uncertain.store(true, Ordering::Release);
-            pending_since_beat = Some(core.beats.load(Ordering::Acquire));
+            core.work.claims_uncertain.store(true, Ordering::Release);
+            pending_since_beat = Some(core.membership.beats.load(Ordering::Acquire));
         }
         let age = match pending_since_beat {
-            Some(beat) if core.beats.load(Ordering::Acquire) > beat => {
+            Some(beat) if core.membership.beats.load(Ordering::Acquire) > beat => {
                 pending_since_beat = None;
                 Duration::ZERO
             }
@@ -203,8 +203,8 @@ async fn resubmit(core: Arc<NodeCore>, timing: Timing) {
             None => continue,
         };
         swept_at = Instant::now();
-        let overdue = core.waiters.overdue(age, RESUBMIT_BATCH_MAX);
-        core.counters.resubmitted.fetch_add(overdue.len() as u64, Ordering::Relaxed);
+        let overdue = core.calls.waiters.overdue(age, RESUBMIT_BATCH_MAX);
+        core.calls.counters.resubmitted.fetch_add(overdue.len() as u64, Ordering::Relaxed);
         futures::stream::iter(overdue)
             .for_each_concurrent(RESUBMIT_CONCURRENCY, |submission| {
                 let core = core.clone();

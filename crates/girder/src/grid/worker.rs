@@ -140,7 +140,7 @@ pub(crate) async fn dispatch(core: Arc<NodeCore>, worker: Arc<Worker>) {
             wait = backoff.failed();
             continue;
         }
-        if !core.lease.lock().is_held() {
+        if !core.membership.lease.lock().is_held() {
             // Our lease may have run out and our claims gone to others: claim nothing until
             // a heartbeat renews it (the lease task wakes us then).
             tokio::select! {
@@ -165,7 +165,7 @@ pub(crate) async fn dispatch(core: Arc<NodeCore>, worker: Arc<Worker>) {
                     if backoff.failures() == 0 {
                         tracing::warn!(worker = %worker.id, error = %err, "claim failed; retrying with backoff");
                     }
-                    core.claims_uncertain.store(true, Ordering::Release);
+                    core.work.claims_uncertain.store(true, Ordering::Release);
                     wait = backoff.failed();
                     continue;
                 }
@@ -178,7 +178,7 @@ pub(crate) async fn dispatch(core: Arc<NodeCore>, worker: Arc<Worker>) {
             if drained {
                 // Our queue is empty: offer the free slots, plus the prefetch, to the pool;
                 // a draining node offers none, and only finishes what it holds.
-                let credits = if core.draining.load(Ordering::Acquire) {
+                let credits = if core.work.draining.load(Ordering::Acquire) {
                     0
                 } else {
                     u32::try_from(worker.semaphore.available_permits()).unwrap_or(u32::MAX) + worker.prefetch
@@ -187,7 +187,7 @@ pub(crate) async fn dispatch(core: Arc<NodeCore>, worker: Arc<Worker>) {
                     tracing::warn!(worker = %worker.id, error = %err, "volunteering failed; retrying");
                 }
                 if worker.semaphore.available_permits() > 0 {
-                    core.hoist_hint.notify_waiters();
+                    core.work.hoist_hint.notify_waiters();
                 }
             }
         }

@@ -10,7 +10,7 @@ pub struct CacheArgs {
     #[command(subcommand)]
     op: CacheOp,
     /// The node's base URL.
-    #[arg(long, global = true, default_value = "http://127.0.0.1:7070", env = "GIRDER_NODE")]
+    #[arg(long, global = true, default_value = "http://127.0.0.1:7070", env = "GIRDER_NODE", hide_env_values = true)]
     node: String,
 }
 

@@ -12,7 +12,7 @@ pub struct CallArgs {
     /// The arguments, each one JSON value: `90`, `'"text"'`, `'[1,2]'`.
     args: Vec<String>,
     /// The node's base URL.
-    #[arg(long, default_value = "http://127.0.0.1:7070", env = "GIRDER_NODE")]
+    #[arg(long, default_value = "http://127.0.0.1:7070", env = "GIRDER_NODE", hide_env_values = true)]
     node: String,
     /// Give up after this many milliseconds.
     #[arg(long)]
@@ -52,7 +52,7 @@ pub async fn run(args: CallArgs) -> anyhow::Result<()> {
     let body: serde_json::Value =
         response.json().await.with_context(|| format!("the node at {base} answered {status} without a JSON body"))?;
     if status.is_success() {
-        println!("{body}");
+        outln!("{body}");
         return Ok(());
     }
     match body.get("message").and_then(|m| m.as_str()) {

@@ -11,7 +11,7 @@ pub struct ConfigArgs {
     op: ConfigOp,
     /// The statekeeper holding the grid's configuration: a redis:// URL. Required: an
     /// embedded statekeeper lives in one process, so a separate command cannot reach it.
-    #[arg(long, global = true, env = "GIRDER_STATEKEEPER")]
+    #[arg(long, global = true, env = "GIRDER_STATEKEEPER", hide_env_values = true)]
     statekeeper: Option<String>,
     /// The grid's namespace.
     #[arg(long, global = true, default_value = "girder")]
@@ -56,7 +56,7 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<()> {
     match args.op {
         ConfigOp::Get { node } => {
             for (key, value) in config::get(&store, &node).await? {
-                println!("{key} = {value}");
+                outln!("{key} = {value}");
             }
         }
         ConfigOp::Set { node, key, value } => config::set(&store, &node, &key, &value).await?,

@@ -109,9 +109,12 @@ pub async fn run(registry: Registry, args: DemoArgs) -> anyhow::Result<()> {
         .await
         .context("cannot start the demo grid")?;
     let jobs = workload(args.requests, args.seed);
-    println!(
+    outln!(
         "girder demo: {} requests (fib, tree fan-outs, sleeps, echoes) on {} workers x {} slots, {} in flight",
-        args.requests, args.workers, args.slots, args.concurrency
+        args.requests,
+        args.workers,
+        args.slots,
+        args.concurrency
     );
     let progress = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(args.requests) };
     progress.set_style(
@@ -148,7 +151,7 @@ pub async fn run(registry: Registry, args: DemoArgs) -> anyhow::Result<()> {
     if !failures.is_empty() {
         bail!("{} of {} requests gave a wrong answer or failed; first: {}", failures.len(), args.requests, failures[0]);
     }
-    println!("\nall {} answers verified against local computation", args.requests);
+    outln!("\nall {} answers verified against local computation", args.requests);
     Ok(())
 }
 
@@ -163,40 +166,41 @@ fn ms(micros: u64) -> String {
 fn print_summary(args: &DemoArgs, wall: Duration, latencies: &Histogram<u64>, stats: &girder::NodeStats) {
     let secs = wall.as_secs_f64().max(1e-9);
     let evaluations: u64 = stats.evaluations.iter().map(|(_, n)| n).sum();
-    println!("\n== summary ==");
-    println!(
+    outln!("\n== summary ==");
+    outln!(
         "top-level requests   {:>10}   in {:.3} s   ({:.0} requests/s)",
         args.requests,
         secs,
         args.requests as f64 / secs
     );
-    println!("calls incl. nested   {:>10}", stats.calls);
-    println!("  computed           {:>10}   (evaluations run)", evaluations);
-    println!("  served from cache  {:>10}   (memoized results)", stats.memo_hits);
-    println!("  joined in flight   {:>10}   (identical requests computed once)", stats.joined);
-    println!(
+    outln!("calls incl. nested   {:>10}", stats.calls);
+    outln!("  computed           {:>10}   (evaluations run)", evaluations);
+    outln!("  served from cache  {:>10}   (memoized results)", stats.memo_hits);
+    outln!("  joined in flight   {:>10}   (identical requests computed once)", stats.joined);
+    outln!(
         "latency              p50 {}   p90 {}   p99 {}   max {}",
         ms(latencies.value_at_quantile(0.50)),
         ms(latencies.value_at_quantile(0.90)),
         ms(latencies.value_at_quantile(0.99)),
         ms(latencies.max())
     );
-    println!("\nper function:");
+    outln!("\nper function:");
     for (name, count) in &stats.evaluations {
         if *count > 0 {
-            println!("  {name:<24} {count:>8} evaluations");
+            outln!("  {name:<24} {count:>8} evaluations");
         }
     }
-    println!("\nper worker:");
+    outln!("\nper worker:");
     for worker in &stats.workers {
         let share = 100.0 * worker.executed as f64 / evaluations.max(1) as f64;
-        println!("  {:<10} pool {:<5} {:>8} evaluations ({share:>4.1}%)", worker.id, worker.pool, worker.executed);
+        outln!("  {:<10} pool {:<5} {:>8} evaluations ({share:>4.1}%)", worker.id, worker.pool, worker.executed);
     }
-    println!("\npools:");
+    outln!("\npools:");
     for (pool, counters) in &stats.pools {
-        println!(
+        outln!(
             "  {pool:<5} distributor handed off {:>7}   helper hoisted {:>6}",
-            counters.handed_off, counters.hoisted
+            counters.handed_off,
+            counters.hoisted
         );
     }
 }

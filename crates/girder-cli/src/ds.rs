@@ -16,7 +16,7 @@ pub struct DsArgs {
     #[command(subcommand)]
     op: DsOp,
     /// The statekeeper: a redis:// URL (or `embedded`, this process only).
-    #[arg(long, global = true, default_value = "embedded", env = "GIRDER_STATEKEEPER")]
+    #[arg(long, global = true, default_value = "embedded", env = "GIRDER_STATEKEEPER", hide_env_values = true)]
     statekeeper: String,
     /// The grid's namespace.
     #[arg(long, global = true, default_value = "girder")]
@@ -109,7 +109,7 @@ pub async fn run(args: DsArgs) -> anyhow::Result<()> {
                 .buffer_unordered(concurrency as usize)
                 .fold(Ok(0u64), |acc, r| async move { acc.and_then(|a| r.map(|v| a.max(v))) })
                 .await?;
-            println!("{last}");
+            outln!("{last}");
         }
         DsOp::LockContend { key, contenders, rounds, lease_ms, hold_ms } => {
             let tasks = (0..contenders).map(|_| {
@@ -120,12 +120,12 @@ pub async fn run(args: DsArgs) -> anyhow::Result<()> {
             for task in futures::future::join_all(tasks).await {
                 violations += task.context("a contender panicked")??;
             }
-            println!("violations {violations}");
+            outln!("violations {violations}");
         }
         DsOp::LockHold { key, lease_ms } => {
             let lock = Lock::new(store, key, Duration::from_millis(lease_ms))?;
             let guard = lock.lock().await?;
-            println!("held {}", guard.token());
+            outln!("held {}", guard.token());
             std::io::stdout().flush().context("stdout")?;
             std::future::pending::<()>().await;
         }

@@ -1,6 +1,17 @@
 //! girder's command line, as a library so that a binary with its own functions can reuse
 //! it: `fn main() -> ExitCode { girder_cli::main_with(my_registry()) }`.
 
+/// Prints a line on stdout like `println!`, but a closed stdout (`girder status | head -1`)
+/// ends the command quietly and successfully, as Unix tools do, instead of panicking.
+macro_rules! outln {
+    () => {
+        $crate::stdout_line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::stdout_line(format_args!($($arg)*))
+    };
+}
+
 mod bench;
 mod cache;
 mod call;
@@ -74,6 +85,7 @@ pub fn main_with(registry: Registry) -> ExitCode {
     runtime.shutdown_background();
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("girder: error: {err:#}");
             ExitCode::FAILURE
@@ -82,6 +94,25 @@ pub fn main_with(registry: Registry) -> ExitCode {
 }
 
 /// Help and version go out whole; a usage error becomes one line.
+/// Writes one line on stdout; see `outln!`.
+fn stdout_line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let written = out.write_fmt(args).and_then(|()| out.write_all(b"\n"));
+    if let Err(err) = written {
+        if err.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        // Any other failure to print (a full disk) is the same as the reader going away.
+        std::process::exit(1);
+    }
+}
+
+/// Whether `err` comes from writing to a stdout nobody reads any more.
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe))
+}
+
 fn clap_error(err: clap::Error) -> ExitCode {
     use clap::error::ErrorKind;
     match err.kind() {

@@ -31,7 +31,7 @@ pub struct NodeArgs {
     parent: Option<String>,
     /// Where the grid's state lives: `embedded` (this process only) or
     /// `redis://[:PASSWORD@]HOST:PORT/DB` (`rediss://` for TLS) to join a cluster.
-    #[arg(long, default_value = "embedded", env = "GIRDER_STATEKEEPER")]
+    #[arg(long, default_value = "embedded", env = "GIRDER_STATEKEEPER", hide_env_values = true)]
     statekeeper: String,
     /// The CPU count this node reports (default: the machine's); CPU-weighted placement uses it.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65_536))]
@@ -169,7 +169,12 @@ pub async fn run(registry: Registry, args: NodeArgs) -> anyhow::Result<()> {
         .await
         .context("cannot start the node")?;
     let node = Arc::new(node);
-    println!("girder node {} listening on http://{addr}", node.id());
+    {
+        // The address line is the ready signal; a node whose stdout is closed keeps serving.
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "girder node {} listening on http://{addr}", node.id()).and_then(|()| out.flush());
+    }
     let compression = match args.cache_compression.as_str() {
         "zstd" => Compression::Zstd(3),
         "none" => Compression::None,

@@ -8,7 +8,13 @@ use girder::ResultStoreConfig;
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
     /// Ask this node (its base URL).
-    #[arg(long, default_value = "http://127.0.0.1:7070", env = "GIRDER_NODE", conflicts_with = "statekeeper")]
+    #[arg(
+        long,
+        default_value = "http://127.0.0.1:7070",
+        env = "GIRDER_NODE",
+        hide_env_values = true,
+        conflicts_with = "statekeeper"
+    )]
     node: String,
     /// Read the statekeeper directly instead (a redis:// URL).
     #[arg(long)]
@@ -40,20 +46,29 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         }
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&nodes)?);
+        outln!("{}", serde_json::to_string_pretty(&nodes)?);
         return Ok(());
     }
-    println!("{} live node(s)", nodes.len());
-    println!(
+    outln!("{} live node(s)", nodes.len());
+    outln!(
         "{:<14} {:<8} {:<16} {:>5} {:>5} {:>6} {:>7} {:>6} {:>9} {:>11}  heartbeat",
-        "node", "health", "pools", "cpus", "load", "slots", "busy", "queued", "flocks", "evaluations"
+        "node",
+        "health",
+        "pools",
+        "cpus",
+        "load",
+        "slots",
+        "busy",
+        "queued",
+        "flocks",
+        "evaluations"
     );
     for node in &nodes {
         let (busy, slots) = node.slots();
         let queued: u64 = node.workers.iter().map(|w| w.queue_len).sum();
         let health =
             serde_json::to_value(node.health).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
-        println!(
+        outln!(
             "{:<14} {:<8} {:<16} {:>5} {:>5.2} {:>6} {:>7} {:>6} {:>9} {:>11}  {} ms ago",
             node.id,
             health,

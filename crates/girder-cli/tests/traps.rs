@@ -120,3 +120,37 @@ fn sigterm_with_blocking_and_async_work_in_flight_exits_cleanly() {
         let _ = caller.wait();
     }
 }
+
+#[test]
+fn a_closed_stdout_ends_a_verb_quietly() {
+    use std::io::Read;
+    use std::process::Stdio;
+    // The demo prints many lines; nobody reads them.
+    let mut demo = Command::new(GIRDER)
+        .args(["demo", "--requests", "300"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("girder demo starts");
+    drop(demo.stdout.take());
+    let status = demo.wait().expect("demo exits");
+    let mut stderr = String::new();
+    demo.stderr.take().expect("stderr").read_to_string(&mut stderr).expect("stderr reads");
+    assert!(status.success(), "exit {status:?}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn help_never_shows_secrets_from_the_environment() {
+    for verb in ["node", "config", "ds", "status"] {
+        let out = Command::new(GIRDER)
+            .args([verb, "--help"])
+            .env("GIRDER_STATEKEEPER", "redis://:hunter2@127.0.0.1:1/0")
+            .env("GIRDER_NODE", "http://user:hunter2@127.0.0.1:1")
+            .output()
+            .expect("girder runs");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "{verb} --help: {text}");
+        assert!(!text.contains("hunter2"), "girder {verb} --help shows a secret:\n{text}");
+    }
+}

@@ -26,9 +26,11 @@ async fn node(registry: &Registry, workers: u64, slots: u64) -> anyhow::Result<N
 /// The embedded benchmarks.
 pub(super) async fn run(registry: Registry, args: BenchArgs) -> anyhow::Result<()> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!(
+    outln!(
         "girder bench: embedded statekeeper, {} worker(s) x {} slot(s), {cpus} CPUs, {} rounds",
-        args.workers, args.slots, args.rounds
+        args.workers,
+        args.slots,
+        args.rounds
     );
 
     // Baseline: the cheapest cross-task round trip tokio offers.
@@ -40,7 +42,7 @@ pub(super) async fn run(registry: Registry, args: BenchArgs) -> anyhow::Result<(
         std::hint::black_box(value);
     }
     let base_p50 = base.value_at_quantile(0.5) as f64;
-    println!(
+    outln!(
         "\n{:<40} p50 {:>8.2} µs   p99 {:>8.2} µs",
         "baseline: tokio spawn + join",
         us(base.value_at_quantile(0.5)),
@@ -52,7 +54,7 @@ pub(super) async fn run(registry: Registry, args: BenchArgs) -> anyhow::Result<(
     let mut fresh = Fresh::default();
     let trip = round_trips(&client, &mut fresh, 1_000, args.round_trips).await?;
     let trip_p50 = trip.value_at_quantile(0.5);
-    println!(
+    outln!(
         "{:<40} p50 {:>8.2} µs   p99 {:>8.2} µs   {:>6.1}x baseline   target p50 <= 20 µs",
         "round trip, no-op, one at a time",
         us(trip_p50),
@@ -62,7 +64,7 @@ pub(super) async fn run(registry: Registry, args: BenchArgs) -> anyhow::Result<(
 
     let rates = throughput(&client, &mut fresh, args.batch, args.rounds).await?;
     let rate = median(rates.clone());
-    println!(
+    outln!(
         "{:<40} {:>10.0} req/s (best {:.0})   {:>6.2} µs/req = {:.2}x baseline   target >= 200,000 req/s",
         format!("throughput, {} no-ops at once", args.batch),
         rate,
@@ -82,7 +84,7 @@ pub(super) async fn run(registry: Registry, args: BenchArgs) -> anyhow::Result<(
         record(&mut memo, begun.elapsed());
     }
     let memo_mean = begun_all.elapsed().as_nanos() as f64 / hits as f64;
-    println!(
+    outln!(
         "{:<40} p50 {:>8.2} µs   p99 {:>8.2} µs   mean {:.2} µs   {:.2}x baseline   target <= 2 µs",
         "memo hit",
         us(memo.value_at_quantile(0.5)),
@@ -111,7 +113,7 @@ pub(super) async fn run(registry: Registry, args: BenchArgs) -> anyhow::Result<(
             grid.shutdown().await;
         }
         let ms = median(times.clone());
-        println!(
+        outln!(
             "{:<40} {:>8.2} ms (best {:.2})   {:.2} µs/request = {:.1}x baseline   target <= 50 ms",
             label,
             ms,
@@ -122,7 +124,7 @@ pub(super) async fn run(registry: Registry, args: BenchArgs) -> anyhow::Result<(
     }
     depth(&registry, trip_p50 as f64).await?;
     placement(&registry).await?;
-    println!("\nfor comparison (issue figures on this machine size): Ray 2.60 1.4 ms round trip, 2,060 tasks/s, tree(6,3) 4.7 s; Dask 10.6 ms, 635 tasks/s");
+    outln!("\nfor comparison (issue figures on this machine size): Ray 2.60 1.4 ms round trip, 2,060 tasks/s, tree(6,3) 4.7 s; Dask 10.6 ms, 635 tasks/s");
     Ok(())
 }
 
@@ -192,7 +194,7 @@ fn mib(kib: u64) -> f64 {
 /// wall time, the cost per level beside the no-op round trip (`trip_p50_ns`), and the
 /// process's threads and resident memory before and at their peak.
 async fn depth(registry: &Registry, trip_p50_ns: f64) -> anyhow::Result<()> {
-    println!(
+    outln!(
         "\n{:<40} per level vs. the no-op round trip p50; this process's threads and RSS: before -> peak",
         "deep chains (1 worker x 1 slot, once)"
     );
@@ -215,7 +217,7 @@ async fn depth(registry: &Registry, trip_p50_ns: f64) -> anyhow::Result<()> {
         let value = result.with_context(|| format!("{label} failed"))?;
         anyhow::ensure!(value == n, "{label} returned {value}, expected {n}");
         let level_ns = took.as_nanos() as f64 / n as f64;
-        println!(
+        outln!(
             concat!(
                 "{:<40} {:>8.2} ms   {:.2} µs/level = {:.1}x round trip   threads {} -> {} (fiber threads {})   ",
                 "RSS {:.0} -> {:.0} MiB (VmHWM {:.0}, {:.1} KiB/level)"
@@ -272,7 +274,7 @@ async fn placement(registry: &Registry) -> anyhow::Result<()> {
         std::hint::black_box(placement.node_id_cached(key));
     }
     let node_id_ns = begun.elapsed().as_nanos() as f64 / keys.len() as f64;
-    println!(
+    outln!(
         "\n{:<40} {:>8.3} µs   hashing the key alone {:.3} µs ({:.1}x)   target <= 1 µs",
         "node_id from the cached table, 4 nodes",
         node_id_ns / 1e3,
@@ -282,9 +284,12 @@ async fn placement(registry: &Registry) -> anyhow::Result<()> {
     for node in &nodes {
         node.shutdown().await;
     }
-    println!(
+    outln!(
         "{:<40} {:>12} {:>12} {:>16}",
-        "table change (2 replicas, 1,024 flocks)", "compute", "moved on +1", "ideal (share)"
+        "table change (2 replicas, 1,024 flocks)",
+        "compute",
+        "moved on +1",
+        "ideal (share)"
     );
     for n in [4usize, 8, 16, 32, 64] {
         let weights = |count: usize| (0..count).map(|i| (format!("sim-{i}"), 1.0)).collect::<Vec<_>>();
@@ -294,7 +299,7 @@ async fn placement(registry: &Registry) -> anyhow::Result<()> {
         let after = FlockTable::compute(2, 2, Strategy::UniformNodes, &weights(n + 1));
         let moved = after.moved_from(&before);
         let ideal = 2 * FLOCKS as usize / (n + 1);
-        println!(
+        outln!(
             "{:<40} {:>9.2} ms {:>12} {:>10} ({:.2}x)",
             format!("  {n} -> {} nodes", n + 1),
             compute_ms,

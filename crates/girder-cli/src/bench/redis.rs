@@ -67,7 +67,7 @@ pub(super) async fn run(redis: &str, args: &BenchArgs) -> anyhow::Result<()> {
     let run_id = std::process::id();
     let namespace = format!("bench-{run_id}");
     let shown = girder::redacted(&url);
-    println!("girder bench over Redis at {shown}: client in this process, 1 worker process x {WORKER_SLOTS} slots");
+    outln!("girder bench over Redis at {shown}: client in this process, 1 worker process x {WORKER_SLOTS} slots");
 
     let (node, statekeeper) = client_node(&url, &namespace).await?;
     let mut ping = histogram()?;
@@ -77,7 +77,7 @@ pub(super) async fn run(redis: &str, args: &BenchArgs) -> anyhow::Result<()> {
         record(&mut ping, begun.elapsed());
     }
     let floor = ping.value_at_quantile(0.5) as f64;
-    println!(
+    outln!(
         "\n{:<40} p50 {:>8.2} µs   p99 {:>8.2} µs",
         "floor: bare Redis PING",
         us(ping.value_at_quantile(0.5)),
@@ -90,7 +90,7 @@ pub(super) async fn run(redis: &str, args: &BenchArgs) -> anyhow::Result<()> {
     // The warm-up loads the scripts and brings the connections up.
     let trip = round_trips(&client, &mut fresh, 500, args.round_trips).await?;
     let p50 = trip.value_at_quantile(0.5);
-    println!(
+    outln!(
         "{:<40} p50 {:>8.2} µs   p99 {:>8.2} µs   {:>5.1}x PING   target p50 <= 250 µs",
         "round trip, no-op, one at a time",
         us(p50),
@@ -100,7 +100,7 @@ pub(super) async fn run(redis: &str, args: &BenchArgs) -> anyhow::Result<()> {
 
     let rates = throughput(&client, &mut fresh, args.batch, args.rounds).await?;
     let rate = median(rates.clone());
-    println!(
+    outln!(
         "{:<40} {:>10.0} req/s (best {:.0})   {:.1} µs/req = {:.2}x PING   target >= 20,000 req/s",
         format!("throughput, {} no-ops at once", args.batch),
         rate,
@@ -124,7 +124,7 @@ pub(super) async fn run(redis: &str, args: &BenchArgs) -> anyhow::Result<()> {
         node.shutdown().await;
     }
     let ms = median(times.clone());
-    println!(
+    outln!(
         "{:<40} {:>8.2} ms (best {:.2})   {:.1} µs/request = {:.1}x PING   target <= 500 ms",
         "tree(6,3,0), 2 nodes x 1 slot",
         ms,
@@ -132,9 +132,9 @@ pub(super) async fn run(redis: &str, args: &BenchArgs) -> anyhow::Result<()> {
         ms * 1e3 / 1093.0,
         (ms * 1e6 / 1093.0) / floor
     );
-    println!();
+    outln!();
     structures(&url, &namespace, args.round_trips, floor).await?;
-    println!("\nfor comparison (issue figures on this machine size): Ray 2.60 1.4 ms round trip, 2,060 tasks/s, tree(6,3) 4.7 s");
+    outln!("\nfor comparison (issue figures on this machine size): Ray 2.60 1.4 ms round trip, 2,060 tasks/s, tree(6,3) 4.7 s");
     Ok(())
 }
 
@@ -188,14 +188,14 @@ pub(crate) async fn structures(url: &str, namespace: &str, round_trips: u64, flo
         ("cache get, 100 B (not near-cached)", &get, &bare_get, "1.3x bare"),
     ] {
         let (a, b) = (ours.value_at_quantile(0.5), theirs.value_at_quantile(0.5));
-        println!(
+        outln!(
             "{label:<40} p50 {:>8.2} µs   bare Redis {:>8.2} µs   {:.2}x bare   target <= {target}",
             us(a),
             us(b),
             a as f64 / b as f64
         );
     }
-    println!(
+    outln!(
         "{:<40} p50 {:>8.3} µs   p99 {:>8.3} µs   {:.4}x PING   target <= 1 µs",
         "near-cache hit",
         us(near.value_at_quantile(0.5)),
@@ -221,9 +221,10 @@ pub(crate) async fn structures(url: &str, namespace: &str, round_trips: u64, flo
         anyhow::ensure!(child.wait()?.success(), "a swapping process failed");
     }
     let rate = (2 * swaps_each) as f64 / begun.elapsed().as_secs_f64();
-    println!(
+    outln!(
         "{:<40} {:>10.0} swaps/s (2 processes x 16 concurrent swappers on one atom)",
-        "atom swap under contention", rate
+        "atom swap under contention",
+        rate
     );
     Ok(())
 }

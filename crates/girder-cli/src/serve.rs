@@ -102,7 +102,10 @@ pub async fn open_statekeeper(
         return Ok(Arc::new(Embedded::new(EmbeddedConfig { results, node_ttl_ms, ..Default::default() })));
     }
     if !(spec.starts_with("redis://") || spec.starts_with("rediss://")) {
-        anyhow::bail!("--statekeeper must be `embedded` or a redis:// or rediss:// URL, got {spec:?}");
+        anyhow::bail!(
+            "--statekeeper must be `embedded` or a redis:// or rediss:// URL, got {:?}",
+            girder::redacted(spec)
+        );
     }
     let mut config = RedisConfig::new(spec);
     config.namespace = namespace.to_owned();

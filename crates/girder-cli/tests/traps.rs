@@ -154,3 +154,37 @@ fn help_never_shows_secrets_from_the_environment() {
         assert!(!text.contains("hunter2"), "girder {verb} --help shows a secret:\n{text}");
     }
 }
+
+#[tokio::test]
+async fn a_refused_ttl_changes_nothing_on_either_store() {
+    let redis = RedisServer::start(false).unwrap_or_else(|e| panic!("{e}"));
+    let url = redis.url();
+    let embedded = NodeProcess::start(&["--workers", "1"]);
+    let on_redis = redis_node(&url, &["--workers", "1"]);
+    let http = reqwest::Client::new();
+    for node in [&embedded, &on_redis] {
+        let key = format!("{}/v1/cache/ttl-key", node.url);
+        let put = http.put(&key).body("first").send().await.expect("PUT");
+        assert!(put.status().is_success(), "{}", put.status());
+        for ttl in ["18446744073709551615", "999999999999999999"] {
+            let refused = http.put(format!("{key}?ttl_ms={ttl}")).body("second").send().await.expect("PUT");
+            assert_eq!(refused.status(), 400, "ttl {ttl} on {}", node.url);
+            let body: serde_json::Value = refused.json().await.expect("a JSON error body");
+            assert!(body["message"].as_str().is_some_and(|m| m.contains("time-to-live")), "{body}");
+        }
+        let value = http.get(&key).send().await.expect("GET").text().await.expect("body");
+        assert_eq!(value, "first", "a refused write changed the value on {}", node.url);
+    }
+}
+
+#[test]
+fn statekeeper_urls_never_show_their_password_in_errors() {
+    for url in ["redis://:pa/hunter2@127.0.0.1:1/0", "redis:/:hunter2@127.0.0.1:1/0", "rediss//u:hunter2@127.0.0.1:1"] {
+        for verb in [&["node", "--listen", "127.0.0.1:0"][..], &["status"], &["config", "get", "n1"]] {
+            let out = Command::new(GIRDER).args(verb).args(["--statekeeper", url]).output().expect("girder runs");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{verb:?} with {url} succeeded");
+            assert!(!stderr.contains("hunter2"), "{verb:?} with {url} shows the password: {stderr}");
+        }
+    }
+}

@@ -185,12 +185,11 @@ pub struct RedisStatekeeper {
 
 /// `url` with any password replaced by `***`, for messages and logs.
 pub fn redacted(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
-        None => url.to_owned(),
-    }
+    // Everything up to the last `@` may be credentials, whatever the URL's shape: a `/` in
+    // the password, or a mistyped scheme, must not make it show.
+    let Some(at) = url.rfind('@') else { return url.to_owned() };
+    let start = url.find("://").map_or(0, |i| i + 3).min(at);
+    format!("{}***@{}", &url[..start], &url[at + 1..])
 }
 
 fn unavailable(err: redis::RedisError) -> StatekeeperError {
@@ -718,5 +717,8 @@ mod tests {
         assert_eq!(redacted("rediss://user:pw@host/1"), "rediss://***@host/1");
         assert_eq!(redacted("redis://host:6379/0"), "redis://host:6379/0");
         assert_eq!(redacted("not a url"), "not a url");
+        assert_eq!(redacted("redis://:pa/ss@host:6379/0"), "redis://***@host:6379/0");
+        assert_eq!(redacted("redis:/:s3cret@host/0"), "***@host/0");
+        assert_eq!(redacted("rediss//user:pw@host"), "***@host");
     }
 }

@@ -83,8 +83,11 @@ fn lease_poll_ms(lease_ms: u64) -> u64 {
 
 fn check_lease(lease: Duration) -> DsResult<u64> {
     let ms = millis(lease);
-    if ms < LEASE_MS_MIN {
-        return Err(DsError::Invalid(format!("a lease must be at least {LEASE_MS_MIN} ms, got {ms}")));
+    if !(LEASE_MS_MIN..=super::TTL_MS_MAX).contains(&ms) {
+        return Err(DsError::Invalid(format!(
+            "a lease must be between {LEASE_MS_MIN} and {} ms, got {ms}",
+            super::TTL_MS_MAX
+        )));
     }
     Ok(ms)
 }

@@ -146,7 +146,7 @@ impl Structures for InMemory {
         let new_version = self.next_version();
         let version = self.with(kind, key, true, |entry| {
             let entry = entry.ok_or_else(|| unreachable_kind(key, kind))?;
-            entry.expires_at = ttl_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
+            entry.expires_at = ttl_ms.map(|ms| later(Instant::now(), ms));
             data!(entry, key, kind, Data::Value { bytes, version } => {
                 *bytes = Bytes::copy_from_slice(value);
                 *version = new_version;
@@ -400,7 +400,7 @@ impl Structures for InMemory {
     }
 
     async fn queue_poll(&self, key: &str, timeout_ms: u64) -> DsResult<Option<Bytes>> {
-        let deadline = Instant::now() + Duration::from_millis(timeout_ms);
+        let deadline = later(Instant::now(), timeout_ms);
         loop {
             if let Some(item) = self.list_pop(Kind::Queue, key, true).await? {
                 return Ok(Some(item));
@@ -467,7 +467,7 @@ impl Structures for InMemory {
                     return Ok(None);
                 }
                 *last_token += 1;
-                *current = Some((holder.to_owned(), *last_token, now + Duration::from_millis(lease_ms)));
+                *current = Some((holder.to_owned(), *last_token, later(now, lease_ms)));
                 Ok(Some(*last_token))
             })
         })
@@ -480,7 +480,7 @@ impl Structures for InMemory {
                 let now = Instant::now();
                 match current {
                     Some((h, t, until)) if h == holder && *t == token && *until > now => {
-                        *until = now + Duration::from_millis(lease_ms);
+                        *until = later(now, lease_ms);
                         Ok(true)
                     }
                     _ => Ok(false),
@@ -572,7 +572,7 @@ impl Structures for InMemory {
                 if holders.len() as u64 >= *permits && !holders.contains_key(holder) {
                     return Ok(false);
                 }
-                holders.insert(holder.to_owned(), now + Duration::from_millis(lease_ms));
+                holders.insert(holder.to_owned(), later(now, lease_ms));
                 Ok(true)
             })
         })
@@ -585,7 +585,7 @@ impl Structures for InMemory {
                 let now = Instant::now();
                 match holders.get_mut(holder) {
                     Some(until) if *until > now => {
-                        *until = now + Duration::from_millis(lease_ms);
+                        *until = later(now, lease_ms);
                         Ok(true)
                     }
                     _ => Ok(false),
@@ -666,7 +666,7 @@ impl Structures for InMemory {
     }
 
     async fn reliable_read(&self, topic: &str, after: u64, max: usize, wait_ms: u64) -> DsResult<ReliableBatch> {
-        let deadline = Instant::now() + Duration::from_millis(wait_ms);
+        let deadline = later(Instant::now(), wait_ms);
         loop {
             let batch = self.with(Kind::ReliableTopic, topic, false, |entry| match entry {
                 None => Ok(ReliableBatch::default()),
@@ -693,4 +693,13 @@ fn resolve(index: i64, len: usize) -> Option<usize> {
     let len = len as i64;
     let i = if index < 0 { len + index } else { index };
     (0..len).contains(&i).then_some(i as usize)
+}
+
+/// `ms` after `from`; far in the future when that overflows the clock (callers bound their
+/// durations, so this only guards against a panic).
+fn later(from: Instant, ms: u64) -> Instant {
+    const FAR_MS: u64 = super::TTL_MS_MAX;
+    from.checked_add(Duration::from_millis(ms))
+        .or_else(|| from.checked_add(Duration::from_millis(FAR_MS)))
+        .unwrap_or(from)
 }

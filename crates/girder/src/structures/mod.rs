@@ -181,6 +181,9 @@ pub type DsResult<T> = Result<T, DsError>;
 
 /// Longest key accepted, in bytes.
 pub const KEY_BYTES_MAX: usize = 1_024;
+/// Longest time-to-live or lease accepted, in milliseconds (100 years): longer ones are
+/// refused before anything is written, so no clock arithmetic can overflow.
+pub const TTL_MS_MAX: u64 = 100 * 365 * 24 * 3_600_000;
 
 pub(crate) fn check_key(key: &str) -> DsResult<()> {
     if key.is_empty() || key.len() > KEY_BYTES_MAX {

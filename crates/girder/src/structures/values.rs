@@ -21,8 +21,17 @@ pub(crate) fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> DsResult<T
     codec::decode(bytes).map_err(|message| DsError::Decode { key: key.to_owned(), message })
 }
 
-fn ttl_ms(ttl: Option<Duration>) -> Option<u64> {
-    ttl.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX).max(1))
+/// A TTL in milliseconds (at least 1), refused over [`super::TTL_MS_MAX`].
+fn ttl_ms(ttl: Option<Duration>) -> DsResult<Option<u64>> {
+    let Some(ttl) = ttl else { return Ok(None) };
+    match u64::try_from(ttl.as_millis()) {
+        Ok(ms) if ms <= super::TTL_MS_MAX => Ok(Some(ms.max(1))),
+        _ => Err(DsError::Invalid(format!(
+            "a time-to-live must be at most {} ms, got {} ms",
+            super::TTL_MS_MAX,
+            ttl.as_millis()
+        ))),
+    }
 }
 
 /// Settings of a [`Cache`].
@@ -72,7 +81,8 @@ impl Cache {
     /// Sets `key` to `value`, expiring after `ttl` if given.
     pub async fn set_bytes(&self, key: &str, value: &[u8], ttl: Option<Duration>) -> DsResult<()> {
         let frame = self.frame(key, value)?;
-        self.store.value_set(Kind::Value, key, &frame, ttl_ms(ttl)).await.map(|_| ())
+        let ttl_ms = ttl_ms(ttl)?;
+        self.store.value_set(Kind::Value, key, &frame, ttl_ms).await.map(|_| ())
     }
 
     /// The value of `key`.

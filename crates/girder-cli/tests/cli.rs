@@ -164,3 +164,23 @@ async fn metrics_parse_and_count_the_calls_just_made() {
     assert!(value(&after, "girder_calls_total{node=\"node\"}").unwrap() >= 5.0);
     assert!(after.iter().any(|(s, _)| s.starts_with("girder_worker_slots{")));
 }
+
+#[tokio::test]
+async fn every_http_error_has_a_json_body_and_a_fitting_status() {
+    let node = NodeProcess::start(NODE_ARGS);
+    let http = reqwest::Client::new();
+    let cases = [
+        (reqwest::Method::GET, "/nope", 404, "not_found"),
+        (reqwest::Method::GET, "/v1/call/examples/echo", 405, "bad_request"),
+        (reqwest::Method::DELETE, "/v1/health", 405, "bad_request"),
+        (reqwest::Method::GET, "/v1/cache/%FF%FE", 400, "bad_request"),
+        (reqwest::Method::GET, "/v1/placement/%C3%28", 400, "bad_request"),
+    ];
+    for (method, path, status, kind) in cases {
+        let response = http.request(method.clone(), format!("{}{path}", node.url)).send().await.expect("request");
+        assert_eq!(response.status().as_u16(), status, "{method} {path}");
+        let body: serde_json::Value = response.json().await.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        assert_eq!(body["kind"], kind, "{method} {path}: {body}");
+        assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{method} {path}: {body}");
+    }
+}

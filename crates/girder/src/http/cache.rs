@@ -2,14 +2,14 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 
-use super::{bad_request, body_error, ApiError, AppState, ErrorBody};
+use super::{bad_request, body_error, ApiError, AppState, ErrorBody, PathParam};
 use crate::error::ErrorKind;
 use axum::body::Bytes;
 use std::time::Duration;
@@ -25,7 +25,10 @@ struct CacheQuery {
     ttl_ms: Option<u64>,
 }
 
-async fn cache_get(State(state): State<Arc<AppState>>, Path(key): Path<String>) -> Result<Response, ApiError> {
+async fn cache_get(
+    State(state): State<Arc<AppState>>,
+    PathParam(key): PathParam<String>,
+) -> Result<Response, ApiError> {
     match state.cache.get_bytes(&key).await? {
         Some(value) => Ok(([(axum::http::header::CONTENT_TYPE, "application/octet-stream")], value).into_response()),
         None => Err(ApiError(
@@ -37,7 +40,7 @@ async fn cache_get(State(state): State<Arc<AppState>>, Path(key): Path<String>) 
 
 async fn cache_set(
     State(state): State<Arc<AppState>>,
-    Path(key): Path<String>,
+    PathParam(key): PathParam<String>,
     query: Result<Query<CacheQuery>, axum::extract::rejection::QueryRejection>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<StatusCode, ApiError> {
@@ -50,7 +53,7 @@ async fn cache_set(
 
 async fn cache_append(
     State(state): State<Arc<AppState>>,
-    Path(key): Path<String>,
+    PathParam(key): PathParam<String>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let body = body.map_err(body_error)?;
@@ -58,7 +61,10 @@ async fn cache_append(
     Ok(Json(serde_json::json!({ "stored_bytes": stored_bytes })))
 }
 
-async fn cache_delete(State(state): State<Arc<AppState>>, Path(key): Path<String>) -> Result<StatusCode, ApiError> {
+async fn cache_delete(
+    State(state): State<Arc<AppState>>,
+    PathParam(key): PathParam<String>,
+) -> Result<StatusCode, ApiError> {
     if state.cache.delete(&key).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {

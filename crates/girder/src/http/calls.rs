@@ -2,12 +2,12 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde::Deserialize;
 
-use super::{bad_request, body_error, ApiError, AppState};
+use super::{bad_request, body_error, ApiError, AppState, PathParam};
 use axum::body::Bytes;
 use std::time::Duration;
 
@@ -25,7 +25,7 @@ struct CallQuery {
 
 async fn call(
     State(state): State<Arc<AppState>>,
-    Path(function): Path<String>,
+    PathParam(function): PathParam<String>,
     query: Result<Query<CallQuery>, axum::extract::rejection::QueryRejection>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {

@@ -3,13 +3,13 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 
-use super::{ApiError, AppState, ErrorBody};
+use super::{ApiError, AppState, ErrorBody, PathParam};
 use crate::error::ErrorKind;
 
 /// The routes about the node and the grid.
@@ -64,7 +64,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 
 async fn placement(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let placement = state.node.placement();
     let node_ids = placement.node_ids(&id).await?;

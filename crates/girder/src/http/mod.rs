@@ -112,6 +112,33 @@ fn body_error(rejection: axum::extract::rejection::BytesRejection) -> ApiError {
     ApiError(status, ErrorBody { kind, message: format!("cannot read the request body: {}", rejection.body_text()) })
 }
 
+/// A path parameter, whose rejection (e.g. invalid UTF-8) is a JSON `bad_request` like
+/// every other error of the API.
+struct PathParam<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> axum::extract::FromRequestParts<S> for PathParam<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(PathParam(value)),
+            Err(rejection) => Err(bad_request(format!("bad path: {}", rejection.body_text()))),
+        }
+    }
+}
+
+/// Any route the API does not have.
+async fn no_route(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    let message = format!("no route {method} {}", uri.path());
+    ApiError(StatusCode::NOT_FOUND, ErrorBody { kind: ErrorKind::NotFound, message })
+}
+
+/// A route the API has, with a method it does not take.
+async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    let message = format!("{} does not take {method}", uri.path());
+    ApiError(StatusCode::METHOD_NOT_ALLOWED, ErrorBody { kind: ErrorKind::BadRequest, message })
+}
+
 fn bad_request(message: String) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, ErrorBody { kind: ErrorKind::BadRequest, message })
 }
@@ -124,6 +151,8 @@ pub fn router(node: Arc<Node>, config: HttpConfig) -> Router {
         .merge(calls::routes())
         .merge(cache::routes())
         .merge(grid::routes())
+        .fallback(no_route)
+        .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(config.body_bytes_max))
         .with_state(state)
 }

@@ -12,6 +12,8 @@ pub struct CacheArgs {
     /// The node's base URL.
     #[arg(long, global = true, default_value = "http://127.0.0.1:7070", env = "GIRDER_NODE", hide_env_values = true)]
     node: String,
+    #[command(flatten)]
+    auth: crate::auth::TokenArgs,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -58,7 +60,7 @@ fn url(base: &str, key: &str) -> String {
 }
 
 pub async fn run(args: CacheArgs) -> anyhow::Result<()> {
-    let client = reqwest::Client::new();
+    let client = args.auth.client(reqwest::Client::builder())?;
     let base = args.node.trim_end_matches('/').to_owned();
     let request = match &args.op {
         CacheOp::Get { key } => client.get(url(&base, key)),

@@ -20,6 +20,8 @@ pub struct CallArgs {
     /// Run on a node that owns this key when one has a free slot.
     #[arg(long)]
     affinity: Option<String>,
+    #[command(flatten)]
+    auth: crate::auth::TokenArgs,
 }
 
 pub async fn run(args: CallArgs) -> anyhow::Result<()> {
@@ -40,7 +42,7 @@ pub async fn run(args: CallArgs) -> anyhow::Result<()> {
     }
     // The node enforces the deadline; the client waits a little longer to hear about it.
     let client_timeout = Duration::from_millis(args.timeout_ms.unwrap_or(3_600_000).saturating_add(5_000));
-    let client = reqwest::Client::builder().timeout(client_timeout).build().context("cannot build an HTTP client")?;
+    let client = args.auth.client(reqwest::Client::builder().timeout(client_timeout))?;
     let response = client
         .post(&url)
         .query(&query)

@@ -12,6 +12,7 @@ macro_rules! outln {
     };
 }
 
+mod auth;
 mod bench;
 mod cache;
 mod call;

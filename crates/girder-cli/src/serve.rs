@@ -80,6 +80,9 @@ pub struct NodeArgs {
     /// On SIGTERM or SIGINT, finish held work for at most this long before leaving.
     #[arg(long, default_value_t = 30_000)]
     drain_timeout_ms: u64,
+    // The bearer token every HTTP route but /v1/health requires.
+    #[command(flatten)]
+    auth: crate::auth::TokenArgs,
     /// Largest HTTP request body, in bytes.
     #[arg(long, default_value_t = 4 << 20)]
     body_max_bytes: usize,
@@ -118,6 +121,7 @@ pub async fn open_statekeeper(
 }
 
 pub async fn run(registry: Registry, args: NodeArgs) -> anyhow::Result<()> {
+    let token = args.auth.token()?;
     let results = ResultStoreConfig {
         entries_max: args.results_max_entries,
         bytes_max: args.results_max_bytes,
@@ -184,7 +188,12 @@ pub async fn run(registry: Registry, args: NodeArgs) -> anyhow::Result<()> {
         _ => Compression::Lz4,
     };
     let cache = CacheConfig { compression, value_bytes_max: args.cache_value_max_bytes, ..Default::default() };
-    let config = HttpConfig { cache, body_bytes_max: args.body_max_bytes, ..Default::default() };
+    if token.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "listening beyond this machine without a token: anyone who reaches the port can call \
+            any function and read or change any cache key; set one with --token-file or GIRDER_TOKEN");
+    }
+    let config =
+        HttpConfig { cache, token: token.map(Into::into), body_bytes_max: args.body_max_bytes, ..Default::default() };
     let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
     let server = axum::serve(listener, router(node.clone(), config)).with_graceful_shutdown(async move {
         stop_signal().await;

@@ -22,6 +22,8 @@ pub struct StatusArgs {
     /// The grid's namespace, with --statekeeper.
     #[arg(long, default_value = "girder")]
     namespace: String,
+    #[command(flatten)]
+    auth: crate::auth::TokenArgs,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -36,7 +38,10 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         }
         None => {
             let base = args.node.trim_end_matches('/');
-            let body: serde_json::Value = reqwest::get(format!("{base}/v1/status"))
+            let client = args.auth.client(reqwest::Client::builder())?;
+            let body: serde_json::Value = client
+                .get(format!("{base}/v1/status"))
+                .send()
                 .await
                 .with_context(|| format!("cannot reach the girder node at {base} (is `girder node` running there?)"))?
                 .json()

@@ -188,3 +188,77 @@ fn statekeeper_urls_never_show_their_password_in_errors() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_node_with_a_token_refuses_requests_without_it() {
+    let dir = std::env::temp_dir().join(format!("girder-token-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, "s3cr3t-token\n").expect("token file");
+    let file = token_file.to_string_lossy().into_owned();
+    let node = NodeProcess::start(&["--workers", "1", "--token-file", &file]);
+    let http = reqwest::Client::new();
+    // Health answers anyone (probes); everything else needs the token.
+    assert_eq!(http.get(format!("{}/v1/health", node.url)).send().await.expect("health").status(), 200);
+    for (method, path) in [
+        (reqwest::Method::POST, "/v1/call/examples/echo"),
+        (reqwest::Method::GET, "/v1/cache/k"),
+        (reqwest::Method::GET, "/v1/status"),
+        (reqwest::Method::GET, "/metrics"),
+    ] {
+        for token in [None, Some("wrong"), Some("s3cr3t-token-but-longer")] {
+            let mut request = http.request(method.clone(), format!("{}{path}", node.url)).body("[1]");
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            let response = request.send().await.expect("request");
+            assert_eq!(response.status(), 401, "{method} {path} with {token:?}");
+            let body: serde_json::Value = response.json().await.expect("JSON body");
+            assert_eq!(body["kind"], "unauthorized", "{body}");
+        }
+    }
+    let ok = http.post(format!("{}/v1/call/examples/echo", node.url)).bearer_auth("s3cr3t-token").body("[7]");
+    assert_eq!(ok.send().await.expect("call").text().await.expect("body"), "7");
+    // The CLI verbs send it from the file or the environment.
+    let out = node.call(&["examples/echo", "8", "--token-file", &file]);
+    assert_eq!(text(&out.stdout), "8", "{}", text(&out.stderr));
+    let out = Command::new(GIRDER)
+        .args(["call", "examples/echo", "9", "--node", &node.url])
+        .env("GIRDER_TOKEN", "s3cr3t-token")
+        .output()
+        .expect("girder call");
+    assert_eq!(text(&out.stdout), "9", "{}", text(&out.stderr));
+    let out = node.call(&["examples/echo", "10"]);
+    assert!(!out.status.success() && text(&out.stderr).contains("bearer token"), "{}", text(&out.stderr));
+    let status = Command::new(GIRDER)
+        .args(["status", "--node", &node.url, "--token-file", &file])
+        .output()
+        .expect("girder status");
+    assert!(status.status.success(), "{}", text(&status.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn cache_keys_from_http_cannot_touch_internal_state() {
+    let redis = RedisServer::start(false).unwrap_or_else(|e| panic!("{e}"));
+    let url = redis.url();
+    let node = redis_node(&url, &["--id", "n1", "--workers", "1"]);
+    let http = reqwest::Client::new();
+    for internal in ["girder%2Fplacement%2Fids", "girder%2Fplacement%2Ftable", "girder%2Fconfig%2Fn1"] {
+        let put = http.put(format!("{}/v1/cache/{internal}", node.url)).body("junk").send().await.expect("PUT");
+        assert!(put.status().is_success(), "{internal}: {}", put.status());
+    }
+    // Placement and configuration still read their own state.
+    let placed = http.get(format!("{}/v1/placement/some-id", node.url)).send().await.expect("placement");
+    assert_eq!(placed.status(), 200, "{}", placed.text().await.unwrap_or_default());
+    let set = Command::new(GIRDER)
+        .args(["config", "set", "n1", "slots", "3", "--statekeeper", &url])
+        .output()
+        .expect("config");
+    assert!(set.status.success(), "{}", text(&set.stderr));
+    let got = Command::new(GIRDER).args(["config", "get", "n1", "--statekeeper", &url]).output().expect("config");
+    assert_eq!(text(&got.stdout), "slots = 3", "{}", text(&got.stderr));
+    // And the user's values are theirs.
+    let value = http.get(format!("{}/v1/cache/girder%2Fconfig%2Fn1", node.url)).send().await.expect("GET");
+    assert_eq!(value.text().await.expect("body"), "junk");
+}

@@ -120,6 +120,8 @@ pub enum ErrorKind {
     WrongKind,
     /// A value over the configured size limit.
     TooLarge,
+    /// A request without the node's bearer token.
+    Unauthorized,
 }
 
 impl ErrorKind {
@@ -140,6 +142,7 @@ impl ErrorKind {
             ErrorKind::NotFound => "not_found",
             ErrorKind::WrongKind => "wrong_kind",
             ErrorKind::TooLarge => "too_large",
+            ErrorKind::Unauthorized => "unauthorized",
         }
     }
 }

@@ -1,4 +1,6 @@
-//! `/v1/cache/{key}`: the cache as raw bytes.
+//! `/v1/cache/{key}`: the cache as raw bytes. Keys from HTTP live under
+//! [`USER_KEY_PREFIX`], so no caller can reach girder's own state in the same store (its
+//! configuration, placement directory, ...).
 
 use std::sync::Arc;
 
@@ -13,6 +15,13 @@ use super::{bad_request, body_error, ApiError, AppState, ErrorBody, PathParam};
 use crate::error::ErrorKind;
 use axum::body::Bytes;
 use std::time::Duration;
+
+/// Where keys from HTTP live in the structures store.
+pub const USER_KEY_PREFIX: &str = "user/";
+
+fn user_key(key: &str) -> String {
+    format!("{USER_KEY_PREFIX}{key}")
+}
 
 /// The cache routes.
 pub(super) fn routes() -> Router<Arc<AppState>> {
@@ -29,7 +38,7 @@ async fn cache_get(
     State(state): State<Arc<AppState>>,
     PathParam(key): PathParam<String>,
 ) -> Result<Response, ApiError> {
-    match state.cache.get_bytes(&key).await? {
+    match state.cache.get_bytes(&user_key(&key)).await? {
         Some(value) => Ok(([(axum::http::header::CONTENT_TYPE, "application/octet-stream")], value).into_response()),
         None => Err(ApiError(
             StatusCode::NOT_FOUND,
@@ -47,7 +56,7 @@ async fn cache_set(
     let Query(query) = query.map_err(|e| bad_request(format!("bad query string: {e}")))?;
     let body = body.map_err(body_error)?;
     let ttl = query.ttl_ms.map(Duration::from_millis);
-    state.cache.set_bytes(&key, &body, ttl).await?;
+    state.cache.set_bytes(&user_key(&key), &body, ttl).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -57,7 +66,7 @@ async fn cache_append(
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let body = body.map_err(body_error)?;
-    let stored_bytes = state.cache.append(&key, &body).await?;
+    let stored_bytes = state.cache.append(&user_key(&key), &body).await?;
     Ok(Json(serde_json::json!({ "stored_bytes": stored_bytes })))
 }
 
@@ -65,7 +74,7 @@ async fn cache_delete(
     State(state): State<Arc<AppState>>,
     PathParam(key): PathParam<String>,
 ) -> Result<StatusCode, ApiError> {
-    if state.cache.delete(&key).await? {
+    if state.cache.delete(&user_key(&key)).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError(

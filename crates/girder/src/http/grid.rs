@@ -12,10 +12,14 @@ use axum::{Json, Router};
 use super::{ApiError, AppState, ErrorBody, PathParam};
 use crate::error::ErrorKind;
 
+/// `GET /v1/health`, which answers without a token (for load balancers and probes).
+pub(super) fn health_route() -> Router<Arc<AppState>> {
+    Router::new().route("/v1/health", get(health))
+}
+
 /// The routes about the node and the grid.
 pub(super) fn routes() -> Router<Arc<AppState>> {
     Router::new()
-        .route("/v1/health", get(health))
         .route("/v1/stats", get(stats))
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))

@@ -24,16 +24,19 @@ use serde::{Deserialize, Serialize};
 use crate::error::{CallError, ErrorKind};
 
 mod cache;
+pub use cache::USER_KEY_PREFIX;
 mod calls;
 mod grid;
 use crate::grid::Node;
 use crate::structures::{Cache, CacheConfig, DsError};
 
-/// Limits of the HTTP API.
-#[derive(Debug, Clone, Copy)]
+/// Limits and access of the HTTP API.
+#[derive(Clone)]
 pub struct HttpConfig {
     /// How the cache routes store values.
     pub cache: CacheConfig,
+    /// When set, every route but `GET /v1/health` requires `Authorization: Bearer TOKEN`.
+    pub token: Option<Arc<str>>,
     /// Largest request body accepted, in bytes.
     pub body_bytes_max: usize,
     /// Largest `timeout_ms` a caller may ask for.
@@ -42,7 +45,19 @@ pub struct HttpConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { cache: CacheConfig::default(), body_bytes_max: 4 << 20, timeout_ms_max: 3_600_000 }
+        HttpConfig { cache: CacheConfig::default(), token: None, body_bytes_max: 4 << 20, timeout_ms_max: 3_600_000 }
+    }
+}
+
+impl std::fmt::Debug for HttpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token itself.
+        f.debug_struct("HttpConfig")
+            .field("cache", &self.cache)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("body_bytes_max", &self.body_bytes_max)
+            .field("timeout_ms_max", &self.timeout_ms_max)
+            .finish()
     }
 }
 
@@ -84,6 +99,7 @@ impl From<CallError> for ApiError {
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::WrongKind => StatusCode::CONFLICT,
             ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
         };
         ApiError(status, ErrorBody { kind: err.kind(), message: err.to_string() })
     }
@@ -146,13 +162,41 @@ fn bad_request(message: String) -> ApiError {
 /// The router serving `node`.
 pub fn router(node: Arc<Node>, config: HttpConfig) -> Router {
     let cache = Cache::new(node.structures(), config.cache);
+    let body_bytes_max = config.body_bytes_max;
     let state = Arc::new(AppState { node, cache, config });
-    Router::new()
+    let guarded = Router::new()
         .merge(calls::routes())
         .merge(cache::routes())
         .merge(grid::routes())
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .merge(guarded)
+        .merge(grid::health_route())
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
-        .layer(DefaultBodyLimit::max(config.body_bytes_max))
+        .layer(DefaultBodyLimit::max(body_bytes_max))
         .with_state(state)
+}
+
+/// Lets a request through when the API has no token or the request carries it, compared
+/// in constant time (as BLAKE3 hashes, whose equality is constant-time).
+async fn require_token(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(token) = &state.config.token else { return next.run(request).await };
+    let given = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if blake3::hash(given.as_bytes()) == blake3::hash(token.as_bytes()) {
+        return next.run(request).await;
+    }
+    let message = "this node requires a bearer token: send `Authorization: Bearer TOKEN` \
+                   (girder verbs read it from --token-file or GIRDER_TOKEN)"
+        .to_owned();
+    ApiError(StatusCode::UNAUTHORIZED, ErrorBody { kind: ErrorKind::Unauthorized, message }).into_response()
 }

@@ -40,7 +40,7 @@ enum Command {
     /// Run a realistic workload on an in-process grid and summarize what happened.
     Demo(demo::DemoArgs),
     /// Run a long-lived node serving the HTTP API.
-    Node(serve::NodeArgs),
+    Node(Box<serve::NodeArgs>),
     /// Call a function on a running node and print its JSON result.
     Call(call::CallArgs),
     /// Read and write the grid's cache through a node.
@@ -73,7 +73,7 @@ pub fn main_with(registry: Registry) -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Demo(args) => demo::run(registry, args).await,
-            Command::Node(args) => serve::run(registry, args).await,
+            Command::Node(args) => serve::run(registry, *args).await,
             Command::Call(args) => call::run(args).await,
             Command::Cache(args) => cache::run(args).await,
             Command::Ds(args) => ds::run(args).await,

@@ -262,3 +262,36 @@ async fn cache_keys_from_http_cannot_touch_internal_state() {
     let value = http.get(format!("{}/v1/cache/girder%2Fconfig%2Fn1", node.url)).send().await.expect("GET");
     assert_eq!(value.text().await.expect("body"), "junk");
 }
+
+#[tokio::test]
+async fn panicking_calls_are_logged_once_per_interval_not_each() {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::Stdio;
+    let mut node = Command::new(GIRDER)
+        .args(["node", "--listen", "127.0.0.1:0", "--workers", "1", "--slots", "2"])
+        .env("RUST_BACKTRACE", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("girder node starts");
+    let mut line = String::new();
+    BufReader::new(node.stdout.take().expect("stdout")).read_line(&mut line).expect("address line");
+    let url = line.split_whitespace().last().unwrap_or_default().to_owned();
+    let http = reqwest::Client::new();
+    for _ in 0..200 {
+        let response = http.post(format!("{url}/v1/call/examples/panic")).body("[]").send().await.expect("call");
+        assert_eq!(response.status(), 500);
+    }
+    // The node still serves.
+    let echo = http.post(format!("{url}/v1/call/examples/echo")).body("[1]").send().await.expect("call");
+    assert_eq!(echo.text().await.expect("body"), "1");
+    let sent = Command::new("kill").args(["-TERM", &node.id().to_string()]).status().expect("kill");
+    assert!(sent.success());
+    node.wait().expect("node exits");
+    let mut stderr = String::new();
+    node.stderr.take().expect("stderr").read_to_string(&mut stderr).expect("stderr reads");
+    let logged = stderr.lines().filter(|l| l.contains("function panicked")).count();
+    assert!((1..=2).contains(&logged), "{logged} panic lines for 200 panics:\n{stderr}");
+    assert!(!stderr.contains("stack backtrace"), "backtraces were printed:\n{stderr}");
+    assert!(stderr.len() < 16 * 1024, "{} bytes of stderr for 200 panics", stderr.len());
+}

@@ -18,6 +18,7 @@ mod fiber;
 pub mod function;
 mod metrics;
 mod node;
+mod panics;
 mod roles;
 mod system;
 mod upkeep;

@@ -300,9 +300,11 @@ pub(crate) fn run_blocking(
     request: Request,
 ) {
     let ctx = Ctx::for_blocking(core.clone(), worker.clone(), slot.clone());
-    let outcome: Outcome =
+    let outcome: Outcome = {
+        let _evaluating = super::panics::Evaluating::enter();
         std::panic::catch_unwind(AssertUnwindSafe(|| registered.function.invoke_blocking(ctx, &request.args)))
-            .unwrap_or_else(|payload| Err(panic_error(&request, payload)));
+    }
+    .unwrap_or_else(|payload| Err(panic_error(&request, payload)));
     if core.cancel.is_cancelled() {
         // The node stopped under us: its runtime may be gone, and deregistering handed
         // its claims back, so the request runs again elsewhere.
@@ -319,7 +321,7 @@ fn panic_error(request: &Request, payload: Box<dyn std::any::Any + Send>) -> Cal
     } else {
         "a non-string panic payload".to_owned()
     };
-    tracing::warn!(function = %request.function, request = %request.id, %message, "function panicked");
+    super::panics::report(&request.function, &request.id, &message);
     CallError::Panic { function: request.function.to_string(), message }
 }
 
@@ -373,7 +375,11 @@ impl<F: Future<Output = ()>> Future for Slotted<F> {
                 }
             }
         }
-        match this.inner.as_mut().poll(cx) {
+        let polled = {
+            let _evaluating = super::panics::Evaluating::enter();
+            this.inner.as_mut().poll(cx)
+        };
+        match polled {
             Poll::Ready(()) => {
                 if let Some(permit) = this.permit.take() {
                     this.worker.release(permit);

@@ -1,0 +1,159 @@
+//! Property tests for every decoder of outside input: JSON and MessagePack arguments and
+//! results, stored cache frames, configuration values and statekeeper URLs. Each must answer
+//! an error, never panic, and round-trip what it accepts. Bounded case counts keep them
+//! fast in CI; `PROPTEST_CASES=N` runs more.
+
+use std::time::Duration;
+
+use girder::structures::{Cache, CacheConfig, Kind};
+use girder::{codec, config, redacted, Embedded, Statekeeper};
+use proptest::prelude::*;
+
+fn json_value() -> impl Strategy<Value = serde_json::Value> {
+    let leaf = prop_oneof![
+        Just(serde_json::Value::Null),
+        any::<bool>().prop_map(serde_json::Value::from),
+        any::<i64>().prop_map(serde_json::Value::from),
+        any::<u64>().prop_map(serde_json::Value::from),
+        any::<f64>().prop_filter("JSON has no NaN or infinity", |f| f.is_finite()).prop_map(serde_json::Value::from),
+        ".{0,40}".prop_map(serde_json::Value::from),
+    ];
+    leaf.prop_recursive(4, 64, 8, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..8).prop_map(serde_json::Value::Array),
+            prop::collection::btree_map(".{0,12}", inner, 0..8)
+                .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn json_arguments_round_trip_through_msgpack(args in prop::collection::vec(json_value(), 0..6)) {
+        let json = serde_json::Value::Array(args);
+        let packed = codec::json_args_to_msgpack(&json).expect("an array of JSON values encodes");
+        let back = codec::msgpack_to_json(&packed).expect("what we encoded decodes");
+        prop_assert_eq!(back, json);
+    }
+
+    #[test]
+    fn arbitrary_json_arguments_are_an_error_or_an_encoding(value in json_value()) {
+        let _ = codec::json_args_to_msgpack(&value);
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic_the_msgpack_decoders(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+        let _ = codec::msgpack_to_json(&bytes);
+        let _ = codec::decode::<(u64, String)>(&bytes);
+        let _ = codec::decode::<Vec<rmpv::Value>>(&bytes);
+    }
+
+    #[test]
+    fn corrupt_stored_cache_values_are_errors(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        runtime().block_on(async {
+            let store = Embedded::default().structures();
+            store.value_set(Kind::Value, "fuzzed", &bytes, None).await.expect("raw write");
+            let cache = Cache::new(store, CacheConfig::default());
+            // Whatever is stored, reading it answers (a value or a decode error).
+            let _ = cache.get_bytes("fuzzed").await;
+            let _ = cache.get::<String>("fuzzed").await;
+            let _ = cache.append("fuzzed", b"more").await;
+        });
+    }
+
+    #[test]
+    fn cache_values_round_trip_through_frames(value in prop::collection::vec(any::<u8>(), 0..4096), appended in prop::collection::vec(any::<u8>(), 0..512)) {
+        runtime().block_on(async {
+            let store = Embedded::default().structures();
+            let cache = Cache::new(store, CacheConfig::default());
+            cache.set_bytes("k", &value, Some(Duration::from_secs(60))).await.expect("set");
+            cache.append("k", &appended).await.expect("append");
+            let read = cache.get_bytes("k").await.expect("get").expect("present");
+            let mut expected = value.clone();
+            expected.extend_from_slice(&appended);
+            assert_eq!(read.as_ref(), expected.as_slice());
+        });
+    }
+
+    #[test]
+    fn configuration_values_are_parsed_or_refused(text in ".{0,32}", key in prop_oneof![Just("slots".to_owned()), Just("max-memory".to_owned()), Just("cpus".to_owned()), ".{0,12}"]) {
+        let _ = config::parse_bytes(&text);
+        runtime().block_on(async {
+            let store = Embedded::default().structures();
+            if config::set(&store, "n1", &key, &text).await.is_err() {
+                // Refused means unchanged.
+                let stored = config::get(&store, "n1").await.expect("readable");
+                assert!(!stored.contains_key(&*key), "a refused value was stored: {key} = {text:?}");
+            }
+        });
+    }
+
+    #[test]
+    fn redacted_urls_never_show_the_password(user in "[a-z]{0,8}", password in "[^@]{1,24}", host in "[a-z0-9.]{1,20}", scheme in prop_oneof![Just("redis://"), Just("rediss://"), Just("redis:/"), Just("redis//"), Just("")]) {
+        let url = format!("{scheme}{user}:{password}@{host}:6379/0");
+        let shown = redacted(&url);
+        prop_assert!(!shown.contains(&format!(":{password}@")), "{} shows the password", shown);
+        prop_assert!(shown.ends_with(&format!("@{host}:6379/0")), "{} lost the host", shown);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Any path, method and body against the HTTP API: a response with a fitting status,
+    /// and a JSON body for every error; never a panic, never a 500 outside a function panic.
+    #[test]
+    fn http_requests_of_any_shape_get_a_clear_answer(
+        method in prop_oneof![Just("GET"), Just("PUT"), Just("POST"), Just("DELETE"), Just("PATCH")],
+        path in prop_oneof![
+            "/v1/call/[a-z/%]{0,24}",
+            "/v1/cache/[a-zA-Z0-9%/._-]{0,24}",
+            "/v1/placement/[a-zA-Z0-9%._-]{0,24}",
+            "/[a-z0-9/%]{0,24}",
+        ],
+        query in prop_oneof![Just(String::new()), "\\?[a-z_=0-9&%]{0,24}"],
+        body in prop::collection::vec(any::<u8>(), 0..128),
+    ) {
+        use tower::ServiceExt;
+        let answered = runtime().block_on(async {
+            let node = std::sync::Arc::new(
+                girder::Node::builder()
+                    .registry(girder::Registry::with_examples())
+                    .pool(girder::PoolSpec::new("main"))
+                    .workers(girder::WorkerSpec::new("main", 1, 1))
+                    .start()
+                    .await
+                    .expect("node starts"),
+            );
+            let router = girder::http::router(node.clone(), girder::http::HttpConfig::default());
+            let uri = format!("{path}{query}");
+            let Ok(request) = axum::http::Request::builder().method(method).uri(&uri).body(axum::body::Body::from(body))
+            else {
+                return None; // Not even a valid HTTP request line: nothing to send.
+            };
+            let response = tokio::time::timeout(Duration::from_secs(10), router.oneshot(request))
+                .await
+                .expect("answered in time")
+                .expect("infallible");
+            let status = response.status();
+            let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.expect("body");
+            node.shutdown().await;
+            Some((uri, status, bytes))
+        });
+        if let Some((uri, status, bytes)) = answered {
+            let panicked = uri.starts_with("/v1/call/examples/panic");
+            prop_assert!(status != 500 || panicked, "{} {} -> 500: {:?}", method, uri, bytes);
+            if status.is_client_error() || status.is_server_error() {
+                let body: serde_json::Value = serde_json::from_slice(&bytes)
+                    .map_err(|e| TestCaseError::fail(format!("{method} {uri} -> {status} without JSON: {e}")))?;
+                prop_assert!(body["kind"].is_string() && body["message"].is_string(), "{}", body);
+            }
+        }
+    }
+}

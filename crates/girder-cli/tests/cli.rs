@@ -67,6 +67,9 @@ async fn http_api_statuses_and_error_bodies() {
     check(post("examples/fib", "[20").await.unwrap(), 400, "bad_request").await;
     check(post("examples/fib", r#"{"n": 20}"#).await.unwrap(), 400, "bad_request").await;
     check(post("examples/fib", r#"["x"]"#).await.unwrap(), 400, "bad_arguments").await;
+    // Bad arguments stay a 400 whatever the deadline: they are refused before any wait.
+    let zero = http.post(format!("{}/v1/call/examples/fib?timeout_ms=0", node.url)).body(r#"["x"]"#).send();
+    check(zero.await.unwrap(), 400, "bad_arguments").await;
     check(post("no/such", "[]").await.unwrap(), 404, "unknown_function").await;
     let body = check(post("examples/fail", r#"["boom"]"#).await.unwrap(), 422, "function_error").await;
     assert!(body["message"].as_str().unwrap().contains("boom"));
@@ -83,10 +86,10 @@ async fn http_api_statuses_and_error_bodies() {
     assert_eq!(health["status"], "ok");
     let stats: serde_json::Value =
         http.get(format!("{}/v1/stats", node.url)).send().await.unwrap().json().await.unwrap();
-    // fib(20) evaluates 21 distinct requests; the ["x"] call was one more attempt that
-    // failed to decode its arguments on the worker.
+    // fib(20) evaluates 21 distinct requests; the ["x"] calls were refused before anything
+    // was submitted, so no worker saw them.
     assert!(
-        stats["evaluations"].as_array().unwrap().iter().any(|e| e["function"] == "examples/fib" && e["count"] == 22),
+        stats["evaluations"].as_array().unwrap().iter().any(|e| e["function"] == "examples/fib" && e["count"] == 21),
         "{stats}"
     );
 

@@ -83,6 +83,11 @@ impl Client {
         };
         let encoded = codec::json_args_to_msgpack(args)
             .map_err(|message| CallError::BadArguments { function: name.to_owned(), message })?;
+        if let Some(registered) = self.core.registry.get(name) {
+            // Known here: bad arguments are refused before anything is submitted or waited
+            // for, so they are a bad request whatever the deadline.
+            registered.function.check_args(&encoded)?;
+        }
         let bytes = self.call_request(Request::new(name, version, encoded)).await?;
         codec::msgpack_to_json(&bytes).map_err(|message| CallError::BadResult { function: name.to_owned(), message })
     }

@@ -52,6 +52,8 @@ pub(crate) trait DynFunction: Send + Sync {
     fn kind(&self) -> FnKind;
     fn invoke_async(&self, ctx: Ctx, args: &[u8]) -> BoxFuture<'static, Outcome>;
     fn invoke_blocking(&self, ctx: Ctx, args: &[u8]) -> Outcome;
+    /// Whether `args` decode into the parameters, without running anything.
+    fn check_args(&self, args: &[u8]) -> Result<(), CallError>;
 }
 
 struct Adapter<F>(std::marker::PhantomData<fn() -> F>);
@@ -90,6 +92,10 @@ impl<F: Function> DynFunction for Adapter<F> {
 
     fn invoke_blocking(&self, ctx: Ctx, args: &[u8]) -> Outcome {
         encode_output::<F>(F::run_blocking(ctx, decode_args::<F>(args)?))
+    }
+
+    fn check_args(&self, args: &[u8]) -> Result<(), CallError> {
+        decode_args::<F>(args).map(|_| ())
     }
 }
 

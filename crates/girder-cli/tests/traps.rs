@@ -295,3 +295,52 @@ async fn panicking_calls_are_logged_once_per_interval_not_each() {
     assert!(!stderr.contains("stack backtrace"), "backtraces were printed:\n{stderr}");
     assert!(stderr.len() < 16 * 1024, "{} bytes of stderr for 200 panics", stderr.len());
 }
+
+/// Live node ids as `node` sees them.
+fn live_ids(node: &NodeProcess) -> Vec<String> {
+    let out = Command::new(GIRDER).args(["status", "--json", "--node", &node.url]).output().expect("status");
+    let nodes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    nodes.as_array().into_iter().flatten().filter_map(|n| n["id"].as_str().map(str::to_owned)).collect()
+}
+
+#[test]
+fn a_node_frozen_past_its_lease_serves_its_callers_at_once_when_it_resumes() {
+    let redis = RedisServer::start(false).unwrap_or_else(|e| panic!("{e}"));
+    let url = redis.url();
+    let frozen = redis_node(&url, &["--id", "frozen", "--workers", "0"]);
+    let worker = redis_node(&url, &["--id", "worker", "--workers", "1"]);
+    let caller = Command::new(GIRDER)
+        .args(["call", "examples/sleep", "1000", "--node", &frozen.url])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("girder call starts");
+    // Freeze the caller's node once the worker runs the call.
+    let begun = Instant::now();
+    loop {
+        let out = Command::new(GIRDER).args(["status", "--json", "--node", &worker.url]).output().expect("status");
+        let nodes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let running =
+            nodes.as_array().into_iter().flatten().any(|n| n["id"] == "worker" && n["evaluations"].as_u64() >= Some(1));
+        if running {
+            break;
+        }
+        assert!(begun.elapsed() < Duration::from_secs(20), "the call never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(Command::new("kill").args(["-STOP", &frozen.pid().to_string()]).status().expect("kill").success());
+    // Past its lease: the worker's view drops it.
+    let begun = Instant::now();
+    while live_ids(&worker).contains(&"frozen".to_owned()) {
+        assert!(begun.elapsed() < Duration::from_secs(20), "the frozen node was never reaped");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // By now the call has finished on the worker; its outcome is memoized.
+    std::thread::sleep(Duration::from_millis(1_200));
+    let resumed = Instant::now();
+    assert!(Command::new("kill").args(["-CONT", &frozen.pid().to_string()]).status().expect("kill").success());
+    let out = caller.wait_with_output().expect("girder call ends");
+    let waited = resumed.elapsed();
+    assert_eq!(text(&out.stdout), "1000", "{}", text(&out.stderr));
+    assert!(waited < Duration::from_secs(6), "the caller waited {waited:?} after its node resumed");
+}

@@ -296,6 +296,7 @@ impl NodeBuilder {
                 heartbeat_ms: self.heartbeat_ms,
                 lease: parking_lot::Mutex::new(Arc::new(LocalLease::new(node_ttl, Instant::now()))),
                 beats: AtomicU64::new(0),
+                rejoins: AtomicU64::new(0),
                 placement: Arc::new(crate::placement::Placement::new(statekeeper.clone(), Some(id.to_string()))),
             },
         });

@@ -97,6 +97,10 @@ pub(crate) struct Membership {
     pub(crate) lease: parking_lot::Mutex<Arc<crate::lease::LocalLease>>,
     /// Heartbeats that renewed the lease so far.
     pub(crate) beats: AtomicU64,
+    /// Times the node registered again after the statekeeper forgot it (it was frozen past
+    /// its lease, or the store lost its state): its claims were given away, so what its
+    /// callers wait for is submitted again at once.
+    pub(crate) rejoins: AtomicU64,
     pub(crate) placement: Arc<crate::placement::Placement>,
 }
 

@@ -110,6 +110,7 @@ async fn lease(core: Arc<NodeCore>, timing: Timing) {
                 match tokio::time::timeout(timing.heartbeat_timeout(), core.rejoin()).await {
                     Ok(Ok(())) => {
                         *core.membership.lease.lock() = Arc::new(LocalLease::new(timing.node_ttl, sent));
+                        core.membership.rejoins.fetch_add(1, Ordering::AcqRel);
                         Ok(())
                     }
                     Ok(Err(err)) => Err(err.to_string()),
@@ -170,12 +171,14 @@ async fn refresh_placement(core: Arc<NodeCore>) {
 
 /// Submits again the requests the node's callers wait on: all of them once the node
 /// heartbeats again after a disruption of the statekeeper connection (a broken connection
-/// may have swallowed a claim, a submission or a notification), and those waited on for
-/// longer than `resubmit_after` from time to time regardless.
+/// may have swallowed a claim, a submission or a notification) or after it had to register
+/// again (it was frozen past its lease: what it claimed went elsewhere, and notifications
+/// to it may be gone), and those waited on for longer than `resubmit_after` regardless.
 async fn resubmit(core: Arc<NodeCore>, timing: Timing) {
     let mut ticker = tokio::time::interval(timing.heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut swept_disruptions = core.statekeeper.disruptions();
+    let mut swept_rejoins = core.membership.rejoins.load(Ordering::Acquire);
     // Set while a disruption waits for a heartbeat after it: sweeping before the node is
     // registered again would submit into pools the statekeeper may not know yet.
     let mut pending_since_beat: Option<u64> = None;
@@ -186,8 +189,10 @@ async fn resubmit(core: Arc<NodeCore>, timing: Timing) {
             _ = ticker.tick() => {}
         }
         let disruptions = core.statekeeper.disruptions();
-        if disruptions != swept_disruptions {
+        let rejoins = core.membership.rejoins.load(Ordering::Acquire);
+        if disruptions != swept_disruptions || rejoins != swept_rejoins {
             swept_disruptions = disruptions;
+            swept_rejoins = rejoins;
             // What the statekeeper holds for us that we do not run goes back (see
             // `release_claims`).
             core.work.claims_uncertain.store(true, Ordering::Release);

@@ -344,3 +344,32 @@ fn a_node_frozen_past_its_lease_serves_its_callers_at_once_when_it_resumes() {
     assert_eq!(text(&out.stdout), "1000", "{}", text(&out.stderr));
     assert!(waited < Duration::from_secs(6), "the caller waited {waited:?} after its node resumed");
 }
+
+#[test]
+fn a_node_restarted_after_a_crash_takes_over_its_id_at_once() {
+    let redis = RedisServer::start(false).unwrap_or_else(|e| panic!("{e}"));
+    let url = redis.url();
+    // A long lease, so that waiting it out would show.
+    let args = ["--statekeeper", url.as_str(), "--id", "phoenix", "--node-ttl-ms", "30000", "--heartbeat-ms", "100"];
+    let mut first = NodeProcess::start(&args);
+    // Its first heartbeat records its process id.
+    let begun = Instant::now();
+    loop {
+        let out = Command::new(GIRDER).args(["status", "--json", "--node", &first.url]).output().expect("status");
+        let nodes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if nodes.as_array().into_iter().flatten().any(|n| n["id"] == "phoenix" && n["pid"] == first.pid()) {
+            break;
+        }
+        assert!(begun.elapsed() < Duration::from_secs(10), "no heartbeat with the process id");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    first.kill();
+    let restarted = Instant::now();
+    let second = NodeProcess::start(&args);
+    assert!(restarted.elapsed() < Duration::from_secs(5), "took {:?} to take over", restarted.elapsed());
+    assert_eq!(text(&second.call(&["examples/echo", "3"]).stdout), "3");
+    // A live node with the same id is still refused.
+    let third = Command::new(GIRDER).args(["node", "--listen", "127.0.0.1:0"]).args(args).output().expect("runs");
+    assert!(!third.status.success());
+    assert!(text(&third.stderr).contains("already in use"), "{}", text(&third.stderr));
+}

@@ -150,6 +150,10 @@ pub struct NodeInfo {
     pub data: Option<String>,
     /// The machine's host name.
     pub host: String,
+    /// The node's process id on its host (0 when unknown), so that a node restarted on the
+    /// same host can tell that its predecessor is gone.
+    #[serde(default)]
+    pub pid: u32,
     /// girder's version on the node.
     pub version: String,
     /// CPUs the node counts with (the machine's, unless configured).

@@ -301,7 +301,17 @@ impl NodeBuilder {
             },
         });
         let registering = Instant::now();
-        if let Err(err) = core.rejoin().await {
+        let mut joined = core.rejoin().await;
+        if let Err(StatekeeperError::DuplicateNode(_)) = &joined {
+            if predecessor_is_gone(statekeeper.as_ref(), &id).await {
+                // This node's crashed predecessor on this host: take over at once, rather
+                // than wait for its lease to run out. Its work goes back to its pools.
+                tracing::warn!(node = %id, "taking over from this node's crashed predecessor");
+                statekeeper.deregister_node(&id).await?;
+                joined = core.rejoin().await;
+            }
+        }
+        if let Err(err) = joined {
             // Do not leave a half-registered node behind (a duplicate id registered nothing).
             if !matches!(err, StatekeeperError::DuplicateNode(_)) {
                 let _ = statekeeper.deregister_node(&id).await;
@@ -347,4 +357,18 @@ fn default_id() -> String {
     let host: String = host.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.').take(63).collect();
     let host = if host.is_empty() { "node".to_owned() } else { host };
     format!("{host}-{}-{:04x}", std::process::id(), fastrand::u16(..))
+}
+
+/// Whether the live node registered as `id` is a process of this host that no longer runs:
+/// the predecessor of a node restarted with the same id after a crash.
+async fn predecessor_is_gone(statekeeper: &dyn Statekeeper, id: &NodeId) -> bool {
+    let Ok(nodes) = statekeeper.live_nodes().await else { return false };
+    let Some(old) = nodes.into_iter().find(|n| n.id == id.as_str()) else { return false };
+    let here = super::system::read().host;
+    // Only where /proc tells which processes run; elsewhere wait for the lease.
+    cfg!(target_os = "linux")
+        && old.pid != 0
+        && old.pid != std::process::id()
+        && old.host == here
+        && !std::path::Path::new(&format!("/proc/{}", old.pid)).exists()
 }

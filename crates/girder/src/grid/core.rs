@@ -356,6 +356,7 @@ impl NodeCore {
             http: core.membership.http.clone(),
             data: None,
             host: machine.host,
+            pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             cpus: settings.cpus.unwrap_or(machine.cpus),
             memory_total_bytes: machine.memory_total_bytes,

@@ -9,6 +9,25 @@ use std::time::{Duration, Instant};
 use common::{text, NodeProcess, GIRDER};
 use girder::testing::RedisServer;
 
+/// Starts `girder node ARGS` with its stderr kept for the test to read; returns the child
+/// and the URL it printed.
+fn node_with_stderr(args: &[&str], envs: &[(&str, &str)]) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let mut node = Command::new(GIRDER)
+        .args(["node", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("girder node starts");
+    let mut line = String::new();
+    BufReader::new(node.stdout.take().expect("stdout")).read_line(&mut line).expect("address line");
+    let url = line.split_whitespace().last().unwrap_or_default().to_owned();
+    (node, url)
+}
+
 fn redis_node(url: &str, extra: &[&str]) -> NodeProcess {
     let base = ["--statekeeper", url, "--node-ttl-ms", "1500", "--heartbeat-ms", "250"];
     NodeProcess::start(&[&base[..], extra].concat())
@@ -71,17 +90,9 @@ fn config_without_a_statekeeper_is_an_error() {
 
 #[test]
 fn sigterm_with_blocking_and_async_work_in_flight_exits_cleanly() {
-    use std::io::{BufRead, BufReader, Read};
+    use std::io::Read;
     use std::process::Stdio;
-    let mut node = Command::new(GIRDER)
-        .args(["node", "--listen", "127.0.0.1:0", "--workers", "1", "--slots", "1", "--drain-timeout-ms", "300"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("girder node starts");
-    let mut line = String::new();
-    BufReader::new(node.stdout.take().expect("stdout")).read_line(&mut line).expect("address line");
-    let url = line.split_whitespace().last().unwrap_or_default().to_owned();
+    let (mut node, url) = node_with_stderr(&["--workers", "1", "--slots", "1", "--drain-timeout-ms", "300"], &[]);
     // Deep chains of both kinds in flight: suspended fibers and parked tasks when it stops.
     let callers: Vec<_> = ["examples/zigzag", "examples/chain_blocking"]
         .into_iter()
@@ -265,18 +276,8 @@ async fn cache_keys_from_http_cannot_touch_internal_state() {
 
 #[tokio::test]
 async fn panicking_calls_are_logged_once_per_interval_not_each() {
-    use std::io::{BufRead, BufReader, Read};
-    use std::process::Stdio;
-    let mut node = Command::new(GIRDER)
-        .args(["node", "--listen", "127.0.0.1:0", "--workers", "1", "--slots", "2"])
-        .env("RUST_BACKTRACE", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("girder node starts");
-    let mut line = String::new();
-    BufReader::new(node.stdout.take().expect("stdout")).read_line(&mut line).expect("address line");
-    let url = line.split_whitespace().last().unwrap_or_default().to_owned();
+    use std::io::Read;
+    let (mut node, url) = node_with_stderr(&["--workers", "1", "--slots", "2"], &[("RUST_BACKTRACE", "1")]);
     let http = reqwest::Client::new();
     for _ in 0..200 {
         let response = http.post(format!("{url}/v1/call/examples/panic")).body("[]").send().await.expect("call");

@@ -345,15 +345,14 @@ impl NodeCore {
 
     /// What this node reports about itself with each heartbeat.
     pub(crate) fn info(&self) -> NodeInfo {
-        let core = self;
-        let counters = &core.calls.counters;
+        let counters = &self.calls.counters;
         let machine = super::system::read();
-        let settings = core.membership.settings.lock().clone();
-        let mut pools: Vec<String> = core.membership.pools.iter().map(|p| p.pool.to_string()).collect();
+        let settings = self.membership.settings.lock().clone();
+        let mut pools: Vec<String> = self.membership.pools.iter().map(|p| p.pool.to_string()).collect();
         pools.dedup();
         NodeInfo {
-            id: core.id.to_string(),
-            http: core.membership.http.clone(),
+            id: self.id.to_string(),
+            http: self.membership.http.clone(),
             data: None,
             host: machine.host,
             pid: std::process::id(),
@@ -364,9 +363,9 @@ impl NodeCore {
             memory_max_bytes: settings.max_memory_bytes,
             load_1m: machine.load_1m,
             pools,
-            functions: core.served().into_iter().map(|(n, _)| n).collect(),
-            heartbeat_ms: core.membership.heartbeat_ms,
-            workers: core
+            functions: self.served().into_iter().map(|(n, _)| n).collect(),
+            heartbeat_ms: self.membership.heartbeat_ms,
+            workers: self
                 .work
                 .workers
                 .iter()
@@ -381,9 +380,9 @@ impl NodeCore {
                 .collect(),
             calls: counters.calls.load(Ordering::Relaxed),
             memo_hits: counters.memo_hits.load(Ordering::Relaxed),
-            evaluations: core.work.evaluations.values().map(|c| c.load(Ordering::Relaxed)).sum(),
+            evaluations: self.work.evaluations.values().map(|c| c.load(Ordering::Relaxed)).sum(),
             heartbeat_age_ms: 0,
-            flocks: u32::try_from(core.membership.placement.table().flocks_of(core.id.as_str())).unwrap_or(u32::MAX),
+            flocks: u32::try_from(self.membership.placement.table().flocks_of(self.id.as_str())).unwrap_or(u32::MAX),
             health: crate::control::Health::Alive,
         }
     }

@@ -132,6 +132,38 @@ macro_rules! data {
     };
 }
 
+impl InMemory {
+    /// Sets `key` to `value` when `matches(version, bytes)` holds for what it holds now (an
+    /// absent key, created only when `create`, has version 0 and no bytes); the new version,
+    /// or `None` when it did not match. One step under the store's lock.
+    fn set_value_if(
+        &self,
+        kind: Kind,
+        key: &str,
+        create: bool,
+        value: &[u8],
+        matches: impl FnOnce(u64, &[u8]) -> bool,
+    ) -> DsResult<Option<u64>> {
+        let new_version = self.next_version();
+        let swapped = self.with(kind, key, create, |entry| {
+            // Absent while something was expected: no match.
+            let Some(entry) = entry else { return Ok(None) };
+            data!(entry, key, kind, Data::Value { bytes, version } => {
+                if !matches(*version, &bytes[..]) {
+                    return Ok(None);
+                }
+                *bytes = Bytes::copy_from_slice(value);
+                *version = new_version;
+                Ok(Some(new_version))
+            })
+        })?;
+        if swapped.is_some() {
+            self.changed(key);
+        }
+        Ok(swapped)
+    }
+}
+
 #[async_trait]
 impl Structures for InMemory {
     async fn value_get(&self, kind: Kind, key: &str) -> DsResult<Option<Versioned>> {
@@ -158,24 +190,8 @@ impl Structures for InMemory {
     }
 
     async fn value_cas(&self, kind: Kind, key: &str, expected: Option<u64>, value: &[u8]) -> DsResult<Option<u64>> {
-        let new_version = self.next_version();
-        let swapped = self.with(kind, key, expected.is_none(), |entry| {
-            // Absent while a version was expected: no match.
-            let Some(entry) = entry else { return Ok(None) };
-            data!(entry, key, kind, Data::Value { bytes, version } => {
-                // A fresh entry has version 0: "expected unset" matches only that.
-                if *version != expected.unwrap_or(0) {
-                    return Ok(None);
-                }
-                *bytes = Bytes::copy_from_slice(value);
-                *version = new_version;
-                Ok(Some(new_version))
-            })
-        })?;
-        if swapped.is_some() {
-            self.changed(key);
-        }
-        Ok(swapped)
+        // A fresh entry has version 0: "expected unset" matches only that.
+        self.set_value_if(kind, key, expected.is_none(), value, |version, _| version == expected.unwrap_or(0))
     }
 
     async fn value_compare_and_set(
@@ -185,28 +201,10 @@ impl Structures for InMemory {
         expected: Option<&[u8]>,
         value: &[u8],
     ) -> DsResult<Option<u64>> {
-        let new_version = self.next_version();
-        let swapped = self.with(kind, key, expected.is_none(), |entry| {
-            // Absent while a value was expected: no match.
-            let Some(entry) = entry else { return Ok(None) };
-            data!(entry, key, kind, Data::Value { bytes, version } => {
-                // A fresh entry has version 0: "expected unset" matches only that.
-                let matches = match expected {
-                    None => *version == 0,
-                    Some(expected) => *version != 0 && bytes[..] == *expected,
-                };
-                if !matches {
-                    return Ok(None);
-                }
-                *bytes = Bytes::copy_from_slice(value);
-                *version = new_version;
-                Ok(Some(new_version))
-            })
-        })?;
-        if swapped.is_some() {
-            self.changed(key);
-        }
-        Ok(swapped)
+        self.set_value_if(kind, key, expected.is_none(), value, |version, bytes| match expected {
+            None => version == 0,
+            Some(expected) => version != 0 && bytes == expected,
+        })
     }
 
     async fn value_append(&self, key: &str, chunk: &[u8], max_bytes: usize) -> DsResult<u64> {

@@ -135,3 +135,35 @@ async fn a_lock_holder_cut_off_from_redis_lets_go_before_anyone_else_can_take_it
     assert!(taken.token() > guard.token(), "fencing tokens grow");
     assert!(!guard.is_held(), "a lease once lost stays lost");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_lease_lapsed_while_redis_was_frozen_works_again_after() {
+    let server = RedisServer::start(false).unwrap_or_else(|e| panic!("{e}"));
+    let ttl_ms = 600;
+    let sk = statekeeper(&server, "lapse", ttl_ms).await;
+    let node = girder::Node::builder()
+        .id("lapsing")
+        .statekeeper(sk.clone())
+        .registry(Registry::with_examples())
+        .pool(PoolSpec::new("main"))
+        .workers(WorkerSpec::new("main", 1, 2))
+        .heartbeat_ms(100)
+        .start()
+        .await
+        .expect("node starts");
+    let client = node.client().with_deadline(Duration::from_secs(20));
+    assert_eq!(girder::examples::fib::call(&client, 20).await.expect("before"), 6765);
+    // Frozen well past the lease: by its own clock the node stops claiming.
+    server.pause();
+    let during = tokio::spawn({
+        let client = client.clone();
+        async move { girder::examples::fib::call(&client, 30).await }
+    });
+    tokio::time::sleep(Duration::from_millis(3 * ttl_ms)).await;
+    server.resume();
+    // Once a heartbeat renews it, the node claims again: what waited and what comes next
+    // both complete.
+    assert_eq!(during.await.expect("task").expect("the call made during the freeze"), 832_040);
+    assert_eq!(girder::examples::fib::call(&client, 31).await.expect("after"), 1_346_269);
+    node.shutdown().await;
+}

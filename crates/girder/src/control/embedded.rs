@@ -47,6 +47,8 @@ pub struct EmbeddedConfig {
     /// was not memoized). No caller loses its outcome; the statekeeper, which cannot wait
     /// under its lock, never blocks on a slow reader.
     pub inbox_len_max: usize,
+    /// Limits of the data structures (the cache, atoms, maps, ...) kept in this process.
+    pub structures: crate::structures::memory::InMemoryConfig,
 }
 
 impl Default for EmbeddedConfig {
@@ -56,6 +58,7 @@ impl Default for EmbeddedConfig {
             in_flight_max: 4_000_000,
             node_ttl_ms: 3_000,
             inbox_len_max: 1_000_000,
+            structures: crate::structures::memory::InMemoryConfig::default(),
         }
     }
 }
@@ -162,7 +165,8 @@ impl Embedded {
     /// A fresh, empty statekeeper.
     pub fn new(config: EmbeddedConfig) -> Embedded {
         let inner = Inner { results: Some(ResultStore::new(config.results)), ..Default::default() };
-        Embedded { inner: Mutex::new(inner), config, structures: Arc::default() }
+        let structures = Arc::new(crate::structures::memory::InMemory::with_config(config.structures));
+        Embedded { inner: Mutex::new(inner), config, structures }
     }
 
     /// The number of memoized outcomes held.

@@ -56,9 +56,27 @@ impl Entry {
     }
 }
 
+/// Default of [`InMemoryConfig::bytes_max`]: 1 GiB.
+pub const BYTES_MAX_DEFAULT: u64 = 1 << 30;
+
+/// Limits of the in-memory store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InMemoryConfig {
+    /// Most bytes every structure together may take, counted as key and value bytes plus a
+    /// fixed overhead per key and per element of a collection.
+    pub bytes_max: u64,
+}
+
+impl Default for InMemoryConfig {
+    fn default() -> Self {
+        InMemoryConfig { bytes_max: BYTES_MAX_DEFAULT }
+    }
+}
+
 /// Every structure in this process's memory.
 #[derive(Default)]
 pub struct InMemory {
+    config: InMemoryConfig,
     entries: Mutex<HashMap<String, Entry>>,
     changes: super::changes::ChangeNotices,
     topics: Mutex<HashMap<String, broadcast::Sender<Bytes>>>,
@@ -80,6 +98,11 @@ impl InMemory {
     /// An empty store.
     pub fn new() -> InMemory {
         InMemory::default()
+    }
+
+    /// An empty store with the limits of `config`.
+    pub fn with_config(config: InMemoryConfig) -> InMemory {
+        InMemory { config, ..InMemory::default() }
     }
 
     /// Runs `f` on `key`'s entry of `kind` (created when `create`), after checking the kind

@@ -86,6 +86,33 @@ pub enum CallError {
         /// The function's name.
         function: String,
     },
+    /// The call tree went past one of its limits (see [`crate::Budget`]): it created more
+    /// new requests, or nested deeper, than it may. Nothing more of it is submitted.
+    #[error("{function} was refused: the call tree exceeded its {limit} limit of {max}")]
+    BudgetExceeded {
+        /// The function whose call was refused.
+        function: String,
+        /// Which limit: `requests` or `depth`.
+        limit: String,
+        /// The limit's value.
+        max: u64,
+    },
+    /// Nobody waits for the call tree any more (its callers left, their deadlines passed, or
+    /// it was cancelled): its evaluations are dropped and nothing of it is memoized.
+    #[error("{function} was cancelled: no caller waits for its call tree any more")]
+    Cancelled {
+        /// The function's name.
+        function: String,
+    },
+    /// The evaluation ran past its function's time limit on the node; the grid abandoned it
+    /// (its result, should it still come, is discarded). Not memoized.
+    #[error("{function} ran past its time limit of {limit_ms} ms and was abandoned")]
+    TimeLimitExceeded {
+        /// The function's name.
+        function: String,
+        /// The limit, in milliseconds.
+        limit_ms: u64,
+    },
 }
 
 /// A short, stable name for each [`CallError`] variant: the `kind` field of HTTP errors.
@@ -112,6 +139,12 @@ pub enum ErrorKind {
     BlockingInAsync,
     /// [`CallError::NoPool`].
     NoPool,
+    /// [`CallError::BudgetExceeded`].
+    BudgetExceeded,
+    /// [`CallError::Cancelled`].
+    Cancelled,
+    /// [`CallError::TimeLimitExceeded`].
+    TimeLimitExceeded,
     /// A malformed HTTP request (not valid JSON, not an array): it never reached the grid.
     BadRequest,
     /// A cache key or structure that does not exist.
@@ -138,6 +171,9 @@ impl ErrorKind {
             ErrorKind::Shutdown => "shutdown",
             ErrorKind::BlockingInAsync => "blocking_in_async",
             ErrorKind::NoPool => "no_pool",
+            ErrorKind::BudgetExceeded => "budget_exceeded",
+            ErrorKind::Cancelled => "cancelled",
+            ErrorKind::TimeLimitExceeded => "time_limit_exceeded",
             ErrorKind::BadRequest => "bad_request",
             ErrorKind::NotFound => "not_found",
             ErrorKind::WrongKind => "wrong_kind",
@@ -161,6 +197,9 @@ impl CallError {
             CallError::Shutdown { .. } => ErrorKind::Shutdown,
             CallError::BlockingInAsync { .. } => ErrorKind::BlockingInAsync,
             CallError::NoPool { .. } => ErrorKind::NoPool,
+            CallError::BudgetExceeded { .. } => ErrorKind::BudgetExceeded,
+            CallError::Cancelled { .. } => ErrorKind::Cancelled,
+            CallError::TimeLimitExceeded { .. } => ErrorKind::TimeLimitExceeded,
         }
     }
 

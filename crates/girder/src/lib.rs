@@ -53,8 +53,8 @@ pub use futures::future::BoxFuture;
 pub use girder_macros::function;
 pub use grid::{call, call_blocking, config, encode_args, error_text, Caller, Client, FnKind, Function, Registry};
 pub use grid::{
-    Ctx, Node, NodeBuilder, NodeError, NodeStats, PoolSpec, WorkerSpec, WorkerStats, SLOTS_MAX, WORKERS_MAX,
+    CallLimits, Ctx, Node, NodeBuilder, NodeError, NodeStats, PoolSpec, WorkerSpec, WorkerStats, SLOTS_MAX, WORKERS_MAX,
 };
 pub use id::ReqId;
 pub use redis::{redacted, RedisConfig, RedisStatekeeper};
-pub use request::{Outcome, Request};
+pub use request::{Budget, Outcome, Request};

@@ -12,9 +12,9 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::StreamExt;
 
-use super::{Event, NodeId, NodeInfo, PoolId, QueueId, Statekeeper, Submitted};
+use super::{Event, NodeId, NodeInfo, PoolId, QueueId, Statekeeper, Submitted, TreeEnd, CLAIM_DROP_MAX};
 use crate::error::{CallError, StatekeeperError};
-use crate::request::Request;
+use crate::request::{Budget, Request};
 
 /// Makes a fresh, empty statekeeper whose nodes die `node_ttl_ms` after their last heartbeat.
 pub type Factory = Arc<dyn Fn(u64) -> BoxFuture<'static, Arc<dyn Statekeeper>> + Send + Sync>;
@@ -46,6 +46,10 @@ pub const CASES: &[(&str, Case)] = &[
     ("a_removed_node_gives_work_back_in_order", |f| Box::pin(a_removed_node_gives_work_back_in_order(f))),
     ("reaping_many_nodes_and_long_queues_completes", |f| Box::pin(reaping_many_nodes_and_long_queues_completes(f))),
     ("an_expired_node_registering_again_gives_back_its_work", |f| Box::pin(expired_node_registering_again(f))),
+    ("a_tree_past_its_budget_ends", |f| Box::pin(a_tree_past_its_budget_ends(f))),
+    ("a_tree_is_cancelled_when_its_root_has_no_waiter", |f| Box::pin(a_tree_is_cancelled_when_unwaited(f))),
+    ("a_tree_whose_root_caller_died_ends", |f| Box::pin(a_tree_whose_root_caller_died_ends(f))),
+    ("claims_drop_a_bounded_number_of_ended_requests", |f| Box::pin(claims_drop_a_bounded_number(f))),
 ];
 
 /// Runs every case against statekeepers from `factory`, naming the case that fails.
@@ -606,4 +610,128 @@ async fn expired_node_registering_again(factory: Factory) {
     assert_eq!(sk.queue_len(&worker("n1/w0")).await.unwrap(), 0, "its old queue was given back");
     assert_eq!(sk.claim(&pool_queue, &node("n1"), 5).await.unwrap(), vec![req, request("f", 2)]);
     assert_eq!(sk.release_claims(&node("n1"), &[]).await.unwrap(), 2);
+}
+
+fn in_tree(function: &str, n: u32, tree: u64, depth: u32, requests_max: u64) -> Request {
+    request(function, n).with_budget(Budget { tree, depth, depth_max: u32::MAX, requests_max })
+}
+
+/// Drains `events` until `want` matches one, within 10 s.
+async fn event_matching(events: &mut futures::stream::BoxStream<'static, Event>, want: impl Fn(&Event) -> bool) {
+    loop {
+        if want(&next_event(events).await) {
+            return;
+        }
+    }
+}
+
+async fn a_tree_past_its_budget_ends(factory: Factory) {
+    let sk = one_node(&factory, LONG_TTL_MS).await;
+    let mut events = sk.open_inbox(&node("n1")).await.unwrap();
+    let own = worker("n1/w0");
+    let tree = 0x5eed;
+    assert_eq!(sk.submit(&in_tree("f", 0, tree, 0, 3), &own, false, &node("n1")).await.unwrap(), Submitted::Queued);
+    for n in 1..3 {
+        assert_eq!(sk.submit(&in_tree("f", n, tree, 1, 3), &own, true, &node("n1")).await.unwrap(), Submitted::Queued);
+    }
+    // Joins and memoized answers are free.
+    assert_eq!(sk.submit(&in_tree("f", 1, tree, 1, 3), &own, true, &node("n1")).await.unwrap(), Submitted::Joined);
+    let over = sk.submit(&in_tree("f", 3, tree, 1, 3), &own, true, &node("n1")).await.unwrap();
+    assert_eq!(over, Submitted::TreeEnded(TreeEnd::OverBudget(3)));
+    event_matching(
+        &mut events,
+        |e| matches!(e, Event::TreeEnded { tree: t, end: TreeEnd::OverBudget(3) } if *t == tree),
+    )
+    .await;
+    // Nothing more of the tree is recorded, and what it queued is dropped, not claimed.
+    let after = sk.submit(&in_tree("f", 9, tree, 1, 3), &own, true, &node("n1")).await.unwrap();
+    assert_eq!(after, Submitted::TreeEnded(TreeEnd::OverBudget(3)));
+    assert!(sk.claim(&own, &node("n1"), 10).await.unwrap().is_empty(), "requests of an ended tree are not claimed");
+    event_matching(&mut events, |e| matches!(e, Event::Dropped { end: TreeEnd::OverBudget(3), .. })).await;
+    // Another tree, and requests outside any tree, are not affected.
+    assert_eq!(sk.submit(&in_tree("f", 0, 77, 0, 3), &own, false, &node("n1")).await.unwrap(), Submitted::Queued);
+    assert_eq!(sk.submit(&request("f", 50), &own, false, &node("n1")).await.unwrap(), Submitted::Queued);
+    assert_eq!(sk.claim(&own, &node("n1"), 10).await.unwrap().len(), 2);
+}
+
+async fn a_tree_is_cancelled_when_unwaited(factory: Factory) {
+    let sk = one_node(&factory, LONG_TTL_MS).await;
+    sk.register_node(&node("n2"), &[]).await.unwrap();
+    let mut events = sk.open_inbox(&node("n1")).await.unwrap();
+    let mut n2_events = sk.open_inbox(&node("n2")).await.unwrap();
+    let own = worker("n1/w0");
+    let tree = 0xca11;
+    let root = in_tree("f", 0, tree, 0, 100);
+    let child = in_tree("f", 1, tree, 1, 100);
+    assert_eq!(sk.submit(&root, &own, false, &node("n2")).await.unwrap(), Submitted::Queued);
+    let claimed = sk.claim(&own, &node("n1"), 1).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].budget, root.budget, "a claimed request keeps its tree");
+    assert_eq!(sk.submit(&child, &own, true, &node("n1")).await.unwrap(), Submitted::Queued);
+    // A second caller of the root, on n1: the first one leaving cancels nothing.
+    assert_eq!(sk.submit(&root, &own, false, &node("n1")).await.unwrap(), Submitted::Joined);
+    assert!(!sk.cancel_tree(&root.id, &node("n2")).await.unwrap());
+    assert_eq!(sk.submit(&in_tree("f", 2, tree, 1, 100), &own, true, &node("n1")).await.unwrap(), Submitted::Queued);
+    // Withdrawing from a request that is not a root cancels nothing either.
+    assert!(!sk.cancel_tree(&child.id, &node("n1")).await.unwrap());
+    assert_eq!(sk.submit(&in_tree("f", 3, tree, 1, 100), &own, true, &node("n1")).await.unwrap(), Submitted::Queued);
+    // The last caller of the root leaves: the tree ends, every live node hears it.
+    assert!(sk.cancel_tree(&root.id, &node("n1")).await.unwrap());
+    for inbox in [&mut events, &mut n2_events] {
+        event_matching(inbox, |e| matches!(e, Event::TreeEnded { tree: t, end: TreeEnd::Cancelled } if *t == tree))
+            .await;
+    }
+    let refused = sk.submit(&in_tree("f", 4, tree, 1, 100), &own, true, &node("n1")).await.unwrap();
+    assert_eq!(refused, Submitted::TreeEnded(TreeEnd::Cancelled));
+    assert!(sk.claim(&own, &node("n1"), 10).await.unwrap().is_empty(), "its queued requests are dropped");
+    // A cancelled request is not memoized: submitted again in a live tree, it is new.
+    let again = in_tree("f", 2, 0xfeed, 0, 100);
+    assert_eq!(sk.submit(&again, &own, false, &node("n1")).await.unwrap(), Submitted::Queued);
+}
+
+async fn a_tree_whose_root_caller_died_ends(factory: Factory) {
+    let sk = one_node(&factory, 1_000).await;
+    sk.register_node(&node("caller"), &[]).await.unwrap();
+    let own = worker("n1/w0");
+    let tree = 0xdead;
+    let root = in_tree("f", 0, tree, 0, 100);
+    assert_eq!(sk.submit(&root, &own, false, &node("caller")).await.unwrap(), Submitted::Queued);
+    assert_eq!(sk.claim(&own, &node("n1"), 1).await.unwrap().len(), 1);
+    assert_eq!(sk.submit(&in_tree("f", 1, tree, 1, 100), &own, true, &node("n1")).await.unwrap(), Submitted::Queued);
+    // The caller's node stops heartbeating; n1 keeps its lease.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(sk.heartbeat(&node("n1"), &NodeInfo::default()).await.unwrap());
+        let submitted = sk.submit(&in_tree("f", 2, tree, 1, 100), &own, true, &node("n1")).await.unwrap();
+        if submitted == Submitted::TreeEnded(TreeEnd::Cancelled) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the tree of a dead caller ends within its lease");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(sk.claim(&own, &node("n1"), 10).await.unwrap().is_empty(), "nothing of it runs any more");
+}
+
+async fn claims_drop_a_bounded_number(factory: Factory) {
+    let sk = one_node(&factory, LONG_TTL_MS).await;
+    let own = worker("n1/w0");
+    let tree = 0xb0b;
+    let count = CLAIM_DROP_MAX as u32 + 10;
+    assert_eq!(
+        sk.submit(&in_tree("f", 0, tree, 0, u64::MAX), &own, false, &node("n1")).await.unwrap(),
+        Submitted::Queued
+    );
+    for n in 1..count {
+        let submitted = sk.submit(&in_tree("f", n, tree, 1, u64::MAX), &own, false, &node("n1")).await.unwrap();
+        assert_eq!(submitted, Submitted::Queued);
+    }
+    let live = request("f", 999_999);
+    assert_eq!(sk.submit(&live, &own, false, &node("n1")).await.unwrap(), Submitted::Queued);
+    assert!(sk.cancel_tree(&in_tree("f", 0, tree, 0, 0).id, &node("n1")).await.unwrap());
+    // The first claim drops at most CLAIM_DROP_MAX; the next ones reach the live request.
+    let first = sk.claim(&own, &node("n1"), 1).await.unwrap();
+    assert!(first.is_empty(), "one claim drops a bounded number of ended requests");
+    assert_eq!(sk.queue_len(&own).await.unwrap(), 11);
+    let second = sk.claim(&own, &node("n1"), 1).await.unwrap();
+    assert_eq!(second.iter().map(|r| r.id).collect::<Vec<_>>(), vec![live.id]);
 }

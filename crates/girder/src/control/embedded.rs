@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, Notify};
 
 use super::{
     Event, NodeId, NodeInfo, PoolCounters, PoolId, QueueId, ResultStore, ResultStoreConfig, SkResult, Statekeeper,
-    Submitted,
+    Submitted, TreeEnd, CLAIM_DROP_MAX, TREE_TTL_MS,
 };
 use crate::error::{CallError, StatekeeperError};
 use crate::id::{IdMap, ReqId};
@@ -74,6 +74,38 @@ pub(crate) const HOIST_SCAN_MAX: usize = 1_000;
 /// Most dead nodes one reaping step detaches before it gives their work back (the Redis
 /// script's `REAP_NODES_MAX`); the embedded `reap` loops over steps until none is left.
 pub(crate) const REAP_NODES_MAX: usize = 16;
+/// Most call trees whose records are kept; the least recently used is forgotten first
+/// (as if its [`TREE_TTL_MS`] had passed).
+const TREES_MAX: usize = 1_000_000;
+
+/// A call tree: how many requests it created, who called its root, how it ended.
+struct TreeRecord {
+    count: u64,
+    /// The node whose caller submitted the root, and the root.
+    root: Option<(NodeId, ReqId)>,
+    end: Option<TreeEnd>,
+    touched: Instant,
+}
+
+/// The call trees' records, bounded by count and by age.
+struct Trees(lru::LruCache<u64, TreeRecord>);
+
+impl Default for Trees {
+    fn default() -> Self {
+        Trees(lru::LruCache::new(std::num::NonZeroUsize::new(TREES_MAX).unwrap_or(std::num::NonZeroUsize::MIN)))
+    }
+}
+
+impl Trees {
+    /// The record of `tree`, unless it is older than [`TREE_TTL_MS`].
+    fn get(&mut self, tree: u64) -> Option<&mut TreeRecord> {
+        let ttl = Duration::from_millis(TREE_TTL_MS);
+        if self.0.peek(&tree).is_some_and(|r| r.touched.elapsed() >= ttl) {
+            self.0.pop(&tree);
+        }
+        self.0.get_mut(&tree)
+    }
+}
 
 struct ReqState {
     request: Request,
@@ -146,6 +178,7 @@ struct Inner {
     fn_requests: HashMap<String, HashSet<ReqId>>,
     /// Inbox events dropped because the inbox was full (see `inbox_len_max`).
     dropped_events: u64,
+    trees: Trees,
 }
 
 /// The in-process statekeeper: the default, one process is a whole grid.
@@ -504,6 +537,69 @@ impl Inner {
         }
     }
 
+    /// How `tree` ended, if it did. A tree whose root's caller's node is gone ends now.
+    fn tree_end(&mut self, tree: u64) -> Option<TreeEnd> {
+        if tree == 0 {
+            return None;
+        }
+        let now = Instant::now();
+        let record = self.trees.get(tree)?;
+        if let Some(end) = record.end {
+            return Some(end);
+        }
+        let root_node = record.root.as_ref().map(|(node, _)| node.clone())?;
+        if self.nodes.get(&root_node).is_some_and(|n| n.expires_at > now) {
+            return None;
+        }
+        self.end_tree(tree, TreeEnd::Cancelled);
+        Some(TreeEnd::Cancelled)
+    }
+
+    /// Ends `tree` and tells every live node.
+    fn end_tree(&mut self, tree: u64, end: TreeEnd) {
+        if let Some(record) = self.trees.get(tree) {
+            record.end = Some(end);
+        }
+        let nodes: Vec<NodeId> = self.nodes.keys().cloned().collect();
+        for node in nodes {
+            self.send_event(&node, Event::TreeEnded { tree, end });
+        }
+    }
+
+    /// Counts a new request of `request`'s tree; ends the tree when that is past its budget.
+    fn count_in_tree(&mut self, request: &Request, waiter: &NodeId) -> Result<(), TreeEnd> {
+        let budget = request.budget;
+        if budget.tree == 0 {
+            return Ok(());
+        }
+        let now = Instant::now();
+        if self.trees.get(budget.tree).is_none() {
+            self.trees.0.put(budget.tree, TreeRecord { count: 0, root: None, end: None, touched: now });
+        }
+        let Some(record) = self.trees.get(budget.tree) else { return Ok(()) };
+        if record.count >= budget.requests_max {
+            let end = TreeEnd::OverBudget(budget.requests_max);
+            self.end_tree(budget.tree, end);
+            return Err(end);
+        }
+        record.count += 1;
+        record.touched = now;
+        if budget.depth == 0 && record.root.is_none() {
+            record.root = Some((waiter.clone(), request.id));
+        }
+        Ok(())
+    }
+
+    /// Drops the pending request `id` of an ended tree; its waiters are told why.
+    fn drop_request(&mut self, id: &ReqId, end: TreeEnd) {
+        if let Some(state) = self.requests.remove(id) {
+            self.untrack(&state.request.function, id);
+            for waiter in state.waiters {
+                self.send_event(&waiter, Event::Dropped { id: *id, end });
+            }
+        }
+    }
+
     fn fail_waiters(&mut self, id: &ReqId, outcome: &Outcome) {
         if let Some(state) = self.requests.remove(id) {
             self.untrack(&state.request.function, id);
@@ -666,6 +762,9 @@ impl Statekeeper for Embedded {
             inner.fail_waiters(&request.id, &unknown);
             return Ok(Submitted::UnknownFunction);
         }
+        if let Some(end) = inner.tree_end(request.budget.tree) {
+            return Ok(Submitted::TreeEnded(end));
+        }
         let inner = &mut *inner;
         if let Some(state) = inner.requests.get_mut(&request.id) {
             if !state.waiters.contains(waiter) {
@@ -689,6 +788,9 @@ impl Statekeeper for Embedded {
         if inner.requests.len() >= self.config.in_flight_max {
             return Err(StatekeeperError::Overloaded(self.config.in_flight_max));
         }
+        if let Err(end) = inner.count_in_tree(request, waiter) {
+            return Ok(Submitted::TreeEnded(end));
+        }
         let home = inner.home_of(queue);
         let state =
             ReqState { request: request.clone(), running: None, waiters: vec![waiter.clone()], hoisted: false, home };
@@ -704,16 +806,30 @@ impl Statekeeper for Embedded {
         let mut claimed = Vec::new();
         // A node the statekeeper does not know (never registered, removed, or reaped) holds
         // no claims: it must register again first. Nothing is taken from the queue.
-        let Some(node) = inner.nodes.get_mut(owner) else { return Ok(claimed) };
-        let Some(state) = inner.queues.get_mut(queue) else { return Ok(claimed) };
+        if !inner.nodes.contains_key(owner) {
+            return Ok(claimed);
+        }
+        let mut dropped = 0;
         while claimed.len() < max {
-            let Some(id) = state.items.pop_front() else { break };
-            if let Some(req) = inner.requests.get_mut(&id) {
-                if req.running.is_none() {
-                    req.running = Some(owner.clone());
-                    claimed.push(req.request.clone());
-                    node.running.insert(id);
+            let Some(id) = inner.queues.get_mut(queue).and_then(|q| q.items.pop_front()) else { break };
+            let Some(tree) = inner.requests.get(&id).filter(|r| r.running.is_none()).map(|r| r.request.budget.tree)
+            else {
+                continue;
+            };
+            if let Some(end) = inner.tree_end(tree) {
+                inner.drop_request(&id, end);
+                dropped += 1;
+                if dropped >= CLAIM_DROP_MAX {
+                    // Bounded work per call: the owner comes back for the rest.
+                    inner.queue(queue).signal.notify_one();
+                    break;
                 }
+                continue;
+            }
+            if let (Some(req), Some(node)) = (inner.requests.get_mut(&id), inner.nodes.get_mut(owner)) {
+                req.running = Some(owner.clone());
+                claimed.push(req.request.clone());
+                node.running.insert(id);
             }
         }
         Ok(claimed)
@@ -755,6 +871,23 @@ impl Statekeeper for Embedded {
             }
         }
         Ok(local_waits)
+    }
+
+    async fn cancel_tree(&self, root: &ReqId, waiter: &NodeId) -> SkResult<bool> {
+        let mut inner = self.inner.lock();
+        let Some(state) = inner.requests.get_mut(root) else { return Ok(false) };
+        state.waiters.retain(|w| w != waiter);
+        if !state.waiters.is_empty() {
+            return Ok(false);
+        }
+        let tree = state.request.budget.tree;
+        let is_root =
+            inner.trees.get(tree).is_some_and(|r| r.end.is_none() && r.root.as_ref().is_some_and(|(_, id)| id == root));
+        if tree == 0 || !is_root {
+            return Ok(false);
+        }
+        inner.end_tree(tree, TreeEnd::Cancelled);
+        Ok(true)
     }
 
     async fn volunteer(&self, pool: &PoolId, member: &QueueId, credits: u32) -> SkResult<()> {

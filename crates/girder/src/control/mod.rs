@@ -37,6 +37,12 @@ use crate::error::StatekeeperError;
 use crate::id::ReqId;
 use crate::request::{Outcome, Request};
 
+/// Most requests of ended call trees one [`Statekeeper::claim`] drops.
+pub const CLAIM_DROP_MAX: usize = 1_000;
+/// How long a call tree's record (its request count, how it ended) outlives the last new
+/// request of the tree.
+pub const TREE_TTL_MS: u64 = 3_600_000;
+
 /// Result of a statekeeper operation.
 pub type SkResult<T> = Result<T, StatekeeperError>;
 
@@ -113,6 +119,31 @@ pub enum Submitted {
     Joined,
     /// No live node has the function registered; nothing was recorded.
     UnknownFunction,
+    /// The request's call tree has ended (cancelled, or over its budget): nothing was
+    /// recorded, and nothing more of the tree will be.
+    TreeEnded(TreeEnd),
+}
+
+/// Why a call tree ended before its root had an outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TreeEnd {
+    /// Nobody waits for its root any more: its callers left, or its root's caller's node died.
+    Cancelled,
+    /// It tried to create more new requests than its budget allows (the limit).
+    OverBudget(u64),
+}
+
+impl TreeEnd {
+    /// The error callers in the tree get for a call of `function`.
+    pub fn error(self, function: &str) -> crate::error::CallError {
+        use crate::error::CallError;
+        match self {
+            TreeEnd::Cancelled => CallError::Cancelled { function: function.to_owned() },
+            TreeEnd::OverBudget(max) => {
+                CallError::BudgetExceeded { function: function.to_owned(), limit: "requests".to_owned(), max }
+            }
+        }
+    }
 }
 
 /// A message to a node's inbox.
@@ -124,6 +155,21 @@ pub enum Event {
         id: ReqId,
         /// Its outcome.
         outcome: Outcome,
+    },
+    /// A request this node waits for was dropped because its call tree ended; its
+    /// callers get [`TreeEnd::error`] (a caller in another, live tree submits it again).
+    Dropped {
+        /// The request.
+        id: ReqId,
+        /// Why its tree ended.
+        end: TreeEnd,
+    },
+    /// A call tree ended: evaluations of it stop (sent to every live node).
+    TreeEnded {
+        /// The tree's id ([`crate::Budget::tree`]).
+        tree: u64,
+        /// Why.
+        end: TreeEnd,
     },
 }
 
@@ -290,7 +336,12 @@ pub trait Statekeeper: Send + Sync + 'static {
     fn cached_result(&self, id: &ReqId) -> Option<Outcome>;
 
     /// Submits `request` into `queue` (at the front when `front`) on behalf of `waiter`,
-    /// unless it is memoized or in flight. A nested (`front`) submission of a request that
+    /// unless it is memoized or in flight. For a request of a call tree
+    /// ([`crate::Budget::tree`] not 0): a tree that ended gets [`Submitted::TreeEnded`]
+    /// (so does one whose root's caller's node is dead: the tree ends then, as by
+    /// [`Statekeeper::cancel_tree`]); a new request past the tree's `requests_max` ends the
+    /// tree as [`TreeEnd::OverBudget`]; a new request counts against the budget, a join or a
+    /// memoized answer does not. A nested (`front`) submission of a request that
     /// is pending elsewhere also puts a copy at the front of `queue`, so the caller can
     /// run it itself instead of waiting (the copy that is claimed first wins). A request in
     /// flight whose owner died is queued again. When no live node serves the function, a
@@ -298,7 +349,9 @@ pub trait Statekeeper: Send + Sync + 'static {
     async fn submit(&self, request: &Request, queue: &QueueId, front: bool, waiter: &NodeId) -> SkResult<Submitted>;
 
     /// Claims up to `max` pending requests from the front of `queue` for `owner`, skipping
-    /// and dropping ids that are running or done. The claims are held under `owner`'s lease.
+    /// and dropping ids that are running or done. A request whose call tree ended is
+    /// dropped, not claimed: its waiters get [`Event::Dropped`]; at most
+    /// [`CLAIM_DROP_MAX`] are dropped per call (the queue's owner is woken to go on). The claims are held under `owner`'s lease.
     /// A node the statekeeper does not know (never registered, deregistered or reaped) holds
     /// no claims: it gets nothing and the queue is left as it is.
     async fn claim(&self, queue: &QueueId, owner: &NodeId, max: usize) -> SkResult<Vec<Request>>;
@@ -329,6 +382,12 @@ pub trait Statekeeper: Send + Sync + 'static {
         let next = if max > 0 { self.claim(queue, local, max).await? } else { Vec::new() };
         Ok((local_waits, next))
     }
+
+    /// Withdraws `waiter` from the request `root`. When nobody waits for it any more and it
+    /// is the root of a call tree still running, the tree ends as [`TreeEnd::Cancelled`]:
+    /// every live node gets [`Event::TreeEnded`], further submissions of the tree are
+    /// refused and its queued requests are dropped. Returns whether the tree was cancelled.
+    async fn cancel_tree(&self, root: &ReqId, waiter: &NodeId) -> SkResult<bool>;
 
     /// Sets `member`'s credits at `pool`: how many more requests it takes now. Zero
     /// withdraws it. Queued work of the pool and its ancestors flows to it at once.

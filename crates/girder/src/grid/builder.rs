@@ -111,6 +111,7 @@ pub struct NodeBuilder {
     resubmit_ms: u64,
     http: Option<String>,
     settings: super::config::Settings,
+    limits: super::core::CallLimits,
 }
 
 /// Most slots a worker may have; a guard against typos, not a tuning limit.
@@ -139,6 +140,7 @@ impl NodeBuilder {
             resubmit_ms: 30_000,
             http: None,
             settings: super::config::Settings::default(),
+            limits: super::core::CallLimits::default(),
         }
     }
 
@@ -198,6 +200,14 @@ impl NodeBuilder {
     /// Sets this node's memory budget, reported and used by memory-weighted placement.
     pub fn max_memory_bytes(mut self, bytes: u64) -> NodeBuilder {
         self.settings.max_memory_bytes = Some(bytes);
+        self
+    }
+
+    /// Sets the limits of every call tree this node's clients start (default: a million
+    /// requests, a million levels). A client may ask for lower ones
+    /// ([`crate::Client::with_limits`]), never for higher ones.
+    pub fn call_limits(mut self, limits: super::core::CallLimits) -> NodeBuilder {
+        self.limits = limits;
         self
     }
 
@@ -287,6 +297,8 @@ impl NodeBuilder {
                 claims_uncertain: std::sync::atomic::AtomicBool::new(false),
                 hoist_hint: tokio::sync::Notify::new(),
                 draining: std::sync::atomic::AtomicBool::new(false),
+                trees: Arc::default(),
+                limits: self.limits,
             },
             membership: Membership {
                 pools,

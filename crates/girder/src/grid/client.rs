@@ -10,9 +10,9 @@ use futures::future::BoxFuture;
 use crate::codec;
 use crate::control::QueueId;
 use crate::error::CallError;
-use crate::grid::core::{NodeCore, Target};
+use crate::grid::core::{CallLimits, NodeCore, Target};
 use crate::grid::function::{encode_args, Function};
-use crate::request::{Outcome, Request};
+use crate::request::{Budget, Outcome, Request};
 
 /// Something that can send a request through the grid and wait for its outcome.
 pub trait Caller: Send + Sync {
@@ -50,11 +50,27 @@ pub struct Client {
     queue: Option<QueueId>,
     deadline: Option<Duration>,
     affinity: Option<Arc<str>>,
+    limits: Option<CallLimits>,
 }
 
 impl Client {
     pub(crate) fn new(core: Arc<NodeCore>, queue: Option<QueueId>) -> Client {
-        Client { core, queue, deadline: None, affinity: None }
+        Client { core, queue, deadline: None, affinity: None, limits: None }
+    }
+
+    /// A client whose call trees have at most these limits (each capped by the node's own,
+    /// see [`crate::NodeBuilder::call_limits`]). Past them a call fails with
+    /// [`CallError::BudgetExceeded`].
+    pub fn with_limits(&self, limits: CallLimits) -> Client {
+        Client { limits: Some(limits), ..self.clone() }
+    }
+
+    /// `request` as the root of a new call tree with this client's limits.
+    fn rooted(&self, request: Request) -> Request {
+        let node = self.core.work.limits;
+        let asked = self.limits.unwrap_or(node);
+        let budget = Budget::root(asked.requests_max.min(node.requests_max), asked.depth_max.min(node.depth_max));
+        request.with_budget(budget)
     }
 
     /// A client whose calls give up after `deadline` with [`CallError::DeadlineExceeded`].
@@ -110,7 +126,8 @@ impl Caller for Client {
         Box::pin(async move {
             let begun = std::time::Instant::now();
             let queue = self.queue_for(&request.function)?;
-            let outcome = self.core.call(&request, Target { queue: &queue, front: false }, self.deadline).await;
+            let request = self.rooted(request);
+            let outcome = self.core.call_root(request, Target { queue: &queue, front: false }, self.deadline).await;
             self.core.calls.latency.record(begun.elapsed());
             outcome
         })
@@ -121,6 +138,7 @@ impl Caller for Client {
             return Err(CallError::BlockingInAsync { function: request.function.to_string() });
         }
         let queue = self.queue_for(&request.function)?;
-        self.core.handle.block_on(self.core.call(&request, Target { queue: &queue, front: false }, self.deadline))
+        let request = self.rooted(request);
+        self.core.handle.block_on(self.core.call_root(request, Target { queue: &queue, front: false }, self.deadline))
     }
 }

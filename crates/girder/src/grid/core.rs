@@ -14,7 +14,8 @@ use super::worker::Worker;
 use crate::control::{NodeId, NodeInfo, PoolId, QueueId, Statekeeper, Submitted, WorkerInfo};
 use crate::error::{CallError, StatekeeperError};
 use crate::grid::function::Registry;
-use crate::request::{Outcome, Request};
+use crate::id::ReqId;
+use crate::request::{Budget, Outcome, Request};
 use crate::retry::Backoff;
 
 /// Counters of the call path, shared by all callers on a node.
@@ -37,6 +38,27 @@ pub(crate) struct CallCounters {
 pub(crate) struct DeclaredPool {
     pub(crate) pool: PoolId,
     pub(crate) parent: Option<PoolId>,
+}
+
+/// How often a caller still waiting calls again after its request was dropped with a
+/// cancelled tree (another caller's tree, or its own taken for dead).
+pub(crate) const CANCELLED_RETRIES_MAX: u32 = 3;
+
+/// Withdraws from a top-level call whose caller left without its outcome.
+struct Leaving {
+    core: Arc<NodeCore>,
+    id: crate::id::ReqId,
+    armed: bool,
+}
+
+impl Drop for Leaving {
+    fn drop(&mut self) {
+        if self.armed {
+            // In a task of its own: the caller's receiver is dropped by then.
+            let (core, id) = (self.core.clone(), self.id);
+            self.core.handle.spawn(async move { core.abandon(&id).await });
+        }
+    }
 }
 
 /// Longest a completion is retried while the statekeeper is unreachable; after that the
@@ -82,6 +104,26 @@ pub(crate) struct Work {
     pub(crate) hoist_hint: tokio::sync::Notify,
     /// Set while the node drains: it takes no new work and finishes what it holds.
     pub(crate) draining: std::sync::atomic::AtomicBool,
+    /// The call trees of the evaluations running here, and those that ended.
+    pub(crate) trees: Arc<super::trees::Trees>,
+    /// The limits of the call trees this node's clients start.
+    pub(crate) limits: CallLimits,
+}
+
+/// Limits of a call tree: the most new requests it may create and how deep it may nest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallLimits {
+    /// Most new requests one call tree may create, its root included.
+    pub requests_max: u64,
+    /// Deepest nesting of a call tree (a top-level call is depth 0).
+    pub depth_max: u32,
+}
+
+impl Default for CallLimits {
+    /// Generous: a million requests and a million levels per tree.
+    fn default() -> Self {
+        CallLimits { requests_max: 1_000_000, depth_max: 1_000_000 }
+    }
 }
 
 /// The node's place in the grid: what it declared, its lease, its settings, placement.
@@ -154,6 +196,10 @@ impl NodeCore {
             Ok(Submitted::UnknownFunction) => {
                 Err(CallError::UnknownFunction { function: request.function.to_string() })
             }
+            Ok(Submitted::TreeEnded(end)) => {
+                self.work.trees.end(request.budget.tree, end);
+                Err(end.error(&request.function))
+            }
             Err(StatekeeperError::Unavailable(message)) => {
                 // The callers keep waiting; the resubmission sweep tries again.
                 tracing::warn!(function = %request.function, %message, "submission failed; will retry");
@@ -192,6 +238,66 @@ impl NodeCore {
         match self.begin_call(request, target).await {
             Ok(outcome) => outcome,
             Err(rx) => self.finish_call(&request.function, rx, deadline).await,
+        }
+    }
+
+    /// A top-level call: [`NodeCore::call`] in a call tree of its own. When the caller leaves
+    /// without the outcome (its future dropped, or its deadline passed) and no other caller
+    /// here waits for it, the node withdraws from the request, which ends the tree when
+    /// nobody else waits for its root. A caller still waiting whose tree was cancelled under
+    /// it (its node was taken for dead) tries again in a fresh tree, a few times.
+    pub(crate) async fn call_root(
+        self: &Arc<Self>,
+        request: Request,
+        target: Target<'_>,
+        deadline: Option<Duration>,
+    ) -> Outcome {
+        let mut leaving = Leaving { core: self.clone(), id: request.id, armed: true };
+        let mut request = request;
+        let mut attempts = 0;
+        loop {
+            let outcome = self.call(&request, Target { queue: target.queue, front: target.front }, deadline).await;
+            match &outcome {
+                Err(CallError::DeadlineExceeded { .. }) => return outcome,
+                Err(CallError::Cancelled { .. }) if attempts < CANCELLED_RETRIES_MAX => {
+                    attempts += 1;
+                    let fresh = Budget::root(request.budget.requests_max, request.budget.depth_max);
+                    request = request.with_budget(fresh);
+                }
+                _ => {
+                    leaving.armed = false;
+                    return outcome;
+                }
+            }
+        }
+    }
+
+    /// The caller of `id` here left: when no other caller here waits for it, withdraws
+    /// this node from it (see [`Statekeeper::cancel_tree`]).
+    async fn abandon(&self, id: &ReqId) {
+        if !self.calls.waiters.forget_if_unwaited(id) {
+            return;
+        }
+        match self.statekeeper.cancel_tree(id, &self.id).await {
+            Ok(true) => tracing::debug!(request = %id, "caller left; its call tree was cancelled"),
+            Ok(false) => {}
+            Err(err) => tracing::warn!(request = %id, error = %err, "cannot withdraw from an abandoned call"),
+        }
+    }
+
+    /// The outcome to record for an evaluation of `request`: an error of a tree that ended
+    /// says so, and an error after a nested call failed for a reason of the tree (`taint`)
+    /// is that reason; neither is memoized, whatever the function made of them.
+    pub(crate) fn settle(&self, request: &Request, outcome: Outcome, taint: &super::ctx::Taint) -> Outcome {
+        if outcome.is_ok() {
+            return outcome;
+        }
+        if let Some(end) = self.work.trees.ended(request.budget.tree) {
+            return Err(end.error(&request.function));
+        }
+        match taint.lock().take() {
+            Some(reason) => Err(reason),
+            None => outcome,
         }
     }
 

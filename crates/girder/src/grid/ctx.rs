@@ -7,8 +7,9 @@ use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use tokio::sync::oneshot::error::TryRecvError;
 use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
 
-use super::core::{NodeCore, Target};
+use super::core::{NodeCore, Target, CANCELLED_RETRIES_MAX};
 use super::fiber;
 use super::waiters::Callback;
 use super::worker::{self, Worker};
@@ -16,7 +17,7 @@ use crate::control::QueueId;
 use crate::error::CallError;
 use crate::grid::client::Caller;
 use crate::grid::function::FnKind;
-use crate::request::{Outcome, Request};
+use crate::request::{Budget, Outcome, Request};
 
 enum Mode {
     /// Counts the nested requests the evaluation is parked on; the slot is given back
@@ -38,19 +39,109 @@ pub struct Ctx {
     core: Arc<NodeCore>,
     worker: Arc<Worker>,
     mode: Mode,
+    /// The budget of the request being evaluated; nested calls go one level deeper.
+    budget: Budget,
+    /// Cancelled when the evaluation's call tree ends.
+    token: Option<CancellationToken>,
+    /// The first nested call that failed for a reason of the tree, not of its arguments.
+    taint: Taint,
+}
+
+/// The first error of a nested call that says nothing about the function's arguments
+/// (a budget, a cancellation): an error the evaluation returns after it is not its value
+/// for these arguments, so it is replaced by this one and not memoized.
+pub(crate) type Taint = Arc<Mutex<Option<CallError>>>;
+
+/// What an evaluation's context is made of besides its mode.
+pub(crate) struct Scope {
+    pub(crate) core: Arc<NodeCore>,
+    pub(crate) worker: Arc<Worker>,
+    pub(crate) budget: Budget,
+    pub(crate) token: Option<CancellationToken>,
+    pub(crate) taint: Taint,
 }
 
 impl Ctx {
-    pub(crate) fn for_async(core: Arc<NodeCore>, worker: Arc<Worker>, nested: Arc<AtomicUsize>) -> Ctx {
-        Ctx { core, worker, mode: Mode::Async(nested) }
+    pub(crate) fn for_async(scope: Scope, nested: Arc<AtomicUsize>) -> Ctx {
+        let Scope { core, worker, budget, token, taint } = scope;
+        Ctx { core, worker, mode: Mode::Async(nested), budget, token, taint }
     }
 
-    pub(crate) fn for_blocking(
-        core: Arc<NodeCore>,
-        worker: Arc<Worker>,
-        slot: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
-    ) -> Ctx {
-        Ctx { core, worker, mode: Mode::Blocking { slot, fiber: fiber::current() } }
+    pub(crate) fn for_blocking(scope: Scope, slot: Arc<Mutex<Option<OwnedSemaphorePermit>>>) -> Ctx {
+        let Scope { core, worker, budget, token, taint } = scope;
+        Ctx { core, worker, mode: Mode::Blocking { slot, fiber: fiber::current() }, budget, token, taint }
+    }
+
+    /// Whether nobody waits for this evaluation's call tree any more (its callers left or
+    /// it went over its budget). A long blocking function should check it now and then and
+    /// return early: its result is discarded anyway, and its nested calls fail at once.
+    /// (An async function is simply dropped at its next await.)
+    pub fn is_cancelled(&self) -> bool {
+        self.token.as_ref().is_some_and(CancellationToken::is_cancelled)
+    }
+
+    /// The call tree this evaluation belongs to and its limits.
+    pub fn budget(&self) -> Budget {
+        self.budget
+    }
+
+    /// `request` as a nested call of this evaluation, or why it may not be made: the tree
+    /// ended, or the call would be deeper than the tree may go.
+    fn nest(&self, request: Request) -> Result<Request, CallError> {
+        if let Some(end) = self.core.work.trees.ended(self.budget.tree) {
+            return Err(end.error(&request.function));
+        }
+        if self.is_cancelled() {
+            return Err(CallError::Cancelled { function: request.function.to_string() });
+        }
+        let budget = self.budget.nested(&request.function)?;
+        Ok(request.with_budget(budget))
+    }
+
+    /// Whether a nested call that came back `outcome` is worth making again: it was
+    /// dropped with another tree while ours still runs.
+    fn retry(&self, outcome: &Outcome, attempts: &mut u32) -> bool {
+        let dropped = matches!(outcome, Err(CallError::Cancelled { .. }));
+        if dropped && *attempts < CANCELLED_RETRIES_MAX && !self.is_cancelled() {
+            *attempts += 1;
+            return true;
+        }
+        false
+    }
+
+    async fn call_async(&self, request: Request) -> Outcome {
+        let request = self.nest(request).inspect_err(|e| self.note(e))?;
+        let mut attempts = 0;
+        loop {
+            let outcome = self.call_async_once(&request).await;
+            if !self.retry(&outcome, &mut attempts) {
+                return outcome.inspect_err(|e| self.note(e));
+            }
+        }
+    }
+
+    /// Remembers the first error of a nested call that is the tree's, not the function's.
+    fn note(&self, error: &CallError) {
+        if matches!(
+            error,
+            CallError::BudgetExceeded { .. } | CallError::Cancelled { .. } | CallError::TimeLimitExceeded { .. }
+        ) {
+            self.taint.lock().get_or_insert_with(|| error.clone());
+        }
+    }
+
+    fn call_on_thread(&self, request: Request) -> Outcome {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return Err(CallError::BlockingInAsync { function: request.function.to_string() });
+        }
+        let request = self.nest(request).inspect_err(|e| self.note(e))?;
+        let mut attempts = 0;
+        loop {
+            let outcome = self.call_on_thread_once(&request);
+            if !self.retry(&outcome, &mut attempts) {
+                return outcome.inspect_err(|e| self.note(e));
+            }
+        }
     }
 
     /// The id of the node running this evaluation.
@@ -73,9 +164,9 @@ impl Ctx {
         }
     }
 
-    async fn call_async(&self, request: Request) -> Outcome {
+    async fn call_async_once(&self, request: &Request) -> Outcome {
         let pool_queue = QueueId::pool(&self.worker.pool);
-        let rx = match self.core.begin_call(&request, self.target(&request, &pool_queue)).await {
+        let rx = match self.core.begin_call(request, self.target(request, &pool_queue)).await {
             Ok(outcome) => return outcome,
             Err(rx) => rx,
         };
@@ -101,16 +192,13 @@ impl Ctx {
     /// A nested call from a blocking function: submit to our own queue, run what is in it
     /// inline while the fiber's stack has room and the outcome is not there, then give the
     /// slot back and suspend the fiber until the outcome is there and a slot is free again.
-    fn call_on_thread(&self, request: Request) -> Outcome {
+    fn call_on_thread_once(&self, request: &Request) -> Outcome {
         let core = &self.core;
-        if tokio::runtime::Handle::try_current().is_ok() {
-            return Err(CallError::BlockingInAsync { function: request.function.to_string() });
-        }
         if core.cancel.is_cancelled() {
             return Err(CallError::Shutdown { function: request.function.to_string() });
         }
         let pool_queue = QueueId::pool(&self.worker.pool);
-        let mut rx = match core.handle.block_on(core.begin_call(&request, self.target(&request, &pool_queue))) {
+        let mut rx = match core.handle.block_on(core.begin_call(request, self.target(request, &pool_queue))) {
             Ok(outcome) => return outcome,
             Err(rx) => rx,
         };
@@ -153,7 +241,7 @@ impl Ctx {
             self.worker.release(permit);
         }
         let (outcome, permit) = match fiber.filter(|id| fiber::current() == Some(*id)) {
-            Some(id) => self.suspend_for(id, &request, rx),
+            Some(id) => self.suspend_for(id, request, rx),
             None => {
                 // Not on our fiber (the context was handed to a thread of the user's own):
                 // that thread blocks.

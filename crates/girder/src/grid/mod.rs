@@ -7,6 +7,7 @@
 //! - `worker`, `fiber`, `ctx`: evaluation in slots; async tasks, blocking fibers, nesting.
 //! - `roles`: distributors, helpers and the inbox; `upkeep`: lease, reaping, placement,
 //!   configuration and resubmission, each a task of its own.
+//! - `trees`: the call trees evaluations belong to, their cancellation.
 //! - `waiters`, `config`, `metrics`, `system`: what they say.
 
 mod builder;
@@ -21,12 +22,14 @@ mod node;
 mod panics;
 mod roles;
 mod system;
+mod trees;
 mod upkeep;
 mod waiters;
 mod worker;
 
 pub use builder::{NodeBuilder, NodeError, PoolSpec, WorkerSpec, SLOTS_MAX, WORKERS_MAX};
 pub use client::{call, call_blocking, Caller, Client};
+pub use core::CallLimits;
 pub use ctx::Ctx;
 pub use function::{encode_args, error_text, FnKind, Function, Registry};
 pub use node::{Node, NodeStats, WorkerStats};

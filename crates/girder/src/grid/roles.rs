@@ -79,6 +79,8 @@ pub(crate) async fn inbox(core: Arc<NodeCore>, mut events: futures::stream::BoxS
             _ = core.cancel.cancelled() => break,
             event = events.next() => match event {
                 Some(Event::Done { id, outcome }) => core.calls.waiters.deliver(&id, &outcome),
+                Some(Event::Dropped { id, end }) => core.calls.waiters.deliver_dropped(&id, end),
+                Some(Event::TreeEnded { tree, end }) => core.work.trees.end(tree, end),
                 None => break,
             },
         }

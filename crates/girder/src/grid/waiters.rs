@@ -103,6 +103,28 @@ impl Waiters {
         }
     }
 
+    /// Tells every local caller of `id` that it was dropped because its tree ended.
+    pub(crate) fn deliver_dropped(&self, id: &ReqId, end: crate::control::TreeEnd) {
+        let function = match self.map.lock().get(id) {
+            Some(entry) => entry.submission.request.function.clone(),
+            None => return,
+        };
+        self.deliver(id, &Err(end.error(&function)));
+    }
+
+    /// Forgets `id` when none of its local callers waits any more; returns whether it did
+    /// (the node then withdraws from the request).
+    pub(crate) fn forget_if_unwaited(&self, id: &ReqId) -> bool {
+        let mut map = self.map.lock();
+        let Some(entry) = map.get_mut(id) else { return false };
+        entry.senders.retain(Waiter::is_waiting);
+        if entry.senders.is_empty() {
+            map.remove(id);
+            return true;
+        }
+        false
+    }
+
     /// Up to `max` submissions waited on for longer than `age`, marked as submitted now.
     /// Entries whose callers all gave up are dropped instead.
     pub(crate) fn overdue(&self, age: Duration, max: usize) -> Vec<Submission> {

@@ -21,7 +21,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::PollSemaphore;
 
 use super::core::NodeCore;
-use super::ctx::Ctx;
+use super::ctx::{Ctx, Scope, Taint};
 use super::fiber::FiberPool;
 use crate::control::{PoolId, QueueId};
 use crate::error::CallError;
@@ -270,9 +270,30 @@ async fn evaluate_async(
     nested: Arc<AtomicUsize>,
 ) {
     loop {
-        let ctx = Ctx::for_async(core.clone(), worker.clone(), nested.clone());
+        let entered = core.work.trees.enter(request.budget.tree);
+        let taint = Taint::default();
+        let scope = Scope {
+            core: core.clone(),
+            worker: worker.clone(),
+            budget: request.budget,
+            token: entered.token.clone(),
+            taint: taint.clone(),
+        };
+        let ctx = Ctx::for_async(scope, nested.clone());
         let running = AssertUnwindSafe(async { registered.function.invoke_async(ctx, &request.args).await });
-        let outcome = running.catch_unwind().await.unwrap_or_else(|payload| Err(panic_error(&request, payload)));
+        let evaluation = running.catch_unwind();
+        let outcome = match &entered.token {
+            // Dropped at its next await once its tree ends.
+            Some(token) => tokio::select! {
+                biased;
+                _ = token.cancelled() => Ok(Err(CallError::Cancelled { function: request.function.to_string() })),
+                outcome = evaluation => outcome,
+            },
+            None => evaluation.await,
+        };
+        let outcome = outcome.unwrap_or_else(|payload| Err(panic_error(&request, payload)));
+        let outcome = core.settle(&request, outcome, &taint);
+        drop(entered);
         // Parked evaluations that woke up go first: they finish work already begun.
         let next_queue = (worker.waiting_for_slot.load(Ordering::Acquire) == 0).then_some(&worker.queue);
         let Some(next) = core.complete_and_claim(&request, outcome, next_queue).await else { return };
@@ -299,12 +320,24 @@ pub(crate) fn run_blocking(
     slot: &Arc<Mutex<Option<OwnedSemaphorePermit>>>,
     request: Request,
 ) {
-    let ctx = Ctx::for_blocking(core.clone(), worker.clone(), slot.clone());
+    let entered = core.work.trees.enter(request.budget.tree);
+    let taint = Taint::default();
+    let scope = Scope {
+        core: core.clone(),
+        worker: worker.clone(),
+        budget: request.budget,
+        token: entered.token.clone(),
+        taint: taint.clone(),
+    };
+    let ctx = Ctx::for_blocking(scope, slot.clone());
     let outcome: Outcome = {
         let _evaluating = super::panics::Evaluating::enter();
         std::panic::catch_unwind(AssertUnwindSafe(|| registered.function.invoke_blocking(ctx, &request.args)))
     }
     .unwrap_or_else(|payload| Err(panic_error(&request, payload)));
+    // A tree that ended while it ran: the grid discards what it made of that.
+    let outcome = core.settle(&request, outcome, &taint);
+    drop(entered);
     if core.cancel.is_cancelled() {
         // The node stopped under us: its runtime may be gone, and deregistering handed
         // its claims back, so the request runs again elsewhere.

@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, Notify};
 use crate::codec;
 use crate::control::{
     Event, NodeId, NodeInfo, PoolCounters, PoolId, QueueId, ResultStore, ResultStoreConfig, SkResult, Statekeeper,
-    Submitted,
+    Submitted, TreeEnd,
 };
 use crate::error::{CallError, StatekeeperError};
 use crate::id::ReqId;
@@ -115,6 +115,7 @@ struct Scripts {
     release_claims: Script,
     complete: Script,
     complete_and_claim: Script,
+    cancel_tree: Script,
     volunteer: Script,
     distribute: Script,
     hoist: Script,
@@ -146,6 +147,7 @@ impl Scripts {
             release_claims: script("release_claims"),
             complete: script("complete"),
             complete_and_claim: script("complete_and_claim"),
+            cancel_tree: script("cancel_tree"),
             volunteer: script("volunteer"),
             distribute: script("distribute"),
             hoist: script("hoist"),
@@ -198,6 +200,24 @@ fn unavailable(err: redis::RedisError) -> StatekeeperError {
 
 fn corrupt(what: &str, err: impl std::fmt::Display) -> StatekeeperError {
     StatekeeperError::Corrupt(format!("{what}: {err}"))
+}
+
+/// A call tree's id as the scripts key it: 16 hex digits, or empty for "no tree".
+fn tree_hex(tree: u64) -> String {
+    if tree == 0 {
+        String::new()
+    } else {
+        format!("{tree:016x}")
+    }
+}
+
+/// How a tree ended, as the scripts write it: `C`, or `B` and the budget.
+fn parse_tree_end(code: &[u8]) -> Option<TreeEnd> {
+    match code.split_first()? {
+        (b'C', []) => Some(TreeEnd::Cancelled),
+        (b'B', max) => std::str::from_utf8(max).ok()?.parse().ok().map(TreeEnd::OverBudget),
+        _ => None,
+    }
 }
 
 fn encode_outcome(outcome: &Outcome) -> SkResult<Vec<u8>> {
@@ -458,6 +478,10 @@ impl Statekeeper for RedisStatekeeper {
         let unknown = encode_outcome(&Err(CallError::UnknownFunction { function: request.function.to_string() }))?;
         let in_flight_max = self.config.in_flight_max.to_string();
         let ttl = self.config.node_ttl_ms.to_string();
+        let budget = request.budget;
+        let tree = tree_hex(budget.tree);
+        let (depth, requests_max) = (budget.depth.to_string(), budget.requests_max.to_string());
+        let tree_ttl = crate::control::TREE_TTL_MS.to_string();
         let args = [
             id.as_bytes(),
             &encoded,
@@ -468,6 +492,10 @@ impl Statekeeper for RedisStatekeeper {
             &unknown,
             in_flight_max.as_bytes(),
             ttl.as_bytes(),
+            tree.as_bytes(),
+            depth.as_bytes(),
+            requests_max.as_bytes(),
+            tree_ttl.as_bytes(),
         ];
         let reply: Vec<Vec<u8>> = self.run(&self.scripts.submit, &args).await?;
         match reply.first().map(Vec::as_slice) {
@@ -479,6 +507,10 @@ impl Statekeeper for RedisStatekeeper {
             Some(b"QUEUED") => Ok(Submitted::Queued),
             Some(b"JOINED") => Ok(Submitted::Joined),
             Some(b"UNKNOWN") => Ok(Submitted::UnknownFunction),
+            Some(b"ENDED") => match reply.get(1).and_then(|code| parse_tree_end(code)) {
+                Some(end) => Ok(Submitted::TreeEnded(end)),
+                None => Err(corrupt("unexpected tree end in reply to submit", format!("{reply:?}"))),
+            },
             Some(b"OVERLOADED") => Err(StatekeeperError::Overloaded(self.config.in_flight_max as usize)),
             Some(b"NOT_YET") => {
                 // Counts as a disruption: the node submits again on its next heartbeat.
@@ -558,6 +590,12 @@ impl Statekeeper for RedisStatekeeper {
             .map(|bytes| codec::decode::<Request>(bytes).map_err(|e| corrupt("a queued request", e)))
             .collect::<SkResult<_>>()?;
         Ok((local_waits == 1, claimed))
+    }
+
+    async fn cancel_tree(&self, root: &ReqId, waiter: &NodeId) -> SkResult<bool> {
+        let hex = root.to_hex();
+        let cancelled: i64 = self.run(&self.scripts.cancel_tree, &[hex.as_bytes(), waiter.as_str().as_bytes()]).await?;
+        Ok(cancelled == 1)
     }
 
     async fn volunteer(&self, pool: &PoolId, member: &QueueId, credits: u32) -> SkResult<()> {
@@ -698,6 +736,24 @@ impl InboxReader {
                     (Some(id), Ok(outcome)) => {
                         // Fails only when the node dropped its stream: nobody waits any more.
                         let _ = self.tx.send(Event::Done { id, outcome }).await;
+                    }
+                    _ => tracing::warn!(inbox = %self.key, "dropped an undecodable event"),
+                }
+            }
+            Some((b'K', rest)) if rest.len() > 64 => {
+                let id = std::str::from_utf8(&rest[..64]).ok().and_then(ReqId::from_hex);
+                match (id, parse_tree_end(&rest[64..])) {
+                    (Some(id), Some(end)) => {
+                        let _ = self.tx.send(Event::Dropped { id, end }).await;
+                    }
+                    _ => tracing::warn!(inbox = %self.key, "dropped an undecodable event"),
+                }
+            }
+            Some((b'T', rest)) if rest.len() > 16 => {
+                let tree = std::str::from_utf8(&rest[..16]).ok().and_then(|h| u64::from_str_radix(h, 16).ok());
+                match (tree, parse_tree_end(&rest[16..])) {
+                    (Some(tree), Some(end)) => {
+                        let _ = self.tx.send(Event::TreeEnded { tree, end }).await;
                     }
                     _ => tracing::warn!(inbox = %self.key, "dropped an undecodable event"),
                 }

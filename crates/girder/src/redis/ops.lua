@@ -89,8 +89,9 @@ redis.call('LREM', P .. 'members:' .. pool, 0, member)
 redis.call('HDEL', P .. 'credits:' .. pool, member)
 if redis.call('EXISTS', P .. 'pool:' .. pool) == 1 then redis.call('HSET', P .. 'pool:' .. pool, 'next', 0) end
 return 'OK'
---@@ submit: ARGV = id, request, fn, queue, front ('1'/'0'), waiter, unknown-function outcome, in_flight_max, node ttl ms
+--@@ submit: ARGV = id, request, fn, queue, front ('1'/'0'), waiter, unknown-function outcome, in_flight_max, node ttl ms, tree ('' for none), depth, requests_max, tree ttl ms
 local id, request, fn, queue, front, waiter = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5] == '1', ARGV[6]
+local tree = ARGV[10]
 local res = redis.call('GET', P .. 'res:' .. id)
 if res then return {'DONE', res} end
 -- A worker queue whose node is gone takes no more work: its pool does instead.
@@ -107,6 +108,8 @@ if redis.call('HEXISTS', P .. 'fver', fn) == 0 then
   if redis.call('EXISTS', rkey) == 1 then fail_waiters(id, ARGV[7]) end
   return {'UNKNOWN'}
 end
+local ended = tree_end(tree)
+if ended ~= '' then return {'ENDED', ended} end
 local owner = redis.call('HGET', rkey, 'owner')
 if owner then
   redis.call('SADD', P .. 'wait:' .. id, waiter)
@@ -119,10 +122,24 @@ if owner then
   return {'JOINED'}
 end
 if tonumber(redis.call('GET', P .. 'inflight') or '0') >= tonumber(ARGV[8]) then return {'OVERLOADED'} end
+if tree ~= '' then
+  -- A new request counts against its tree's budget; past it, the whole tree ends.
+  local tkey = P .. 'tree:' .. tree
+  if tonumber(redis.call('HGET', tkey, 'n') or '0') >= tonumber(ARGV[12]) then
+    end_tree(tree, 'B' .. ARGV[12])
+    redis.call('PEXPIRE', tkey, ARGV[13])
+    return {'ENDED', 'B' .. ARGV[12]}
+  end
+  redis.call('HINCRBY', tkey, 'n', 1)
+  if ARGV[11] == '0' and redis.call('HEXISTS', tkey, 'rootreq') == 0 then
+    redis.call('HSET', tkey, 'rootnode', waiter, 'rootreq', id)
+  end
+  redis.call('PEXPIRE', tkey, ARGV[13])
+end
 local home = queue
 local pool = redis.call('HGET', P .. 'qpool', queue)
 if pool then home = 'pool:' .. pool end
-redis.call('HSET', rkey, 'req', request, 'fn', fn, 'owner', '', 'hoisted', '0', 'home', home)
+redis.call('HSET', rkey, 'req', request, 'fn', fn, 'owner', '', 'hoisted', '0', 'home', home, 'tree', tree)
 redis.call('SADD', P .. 'fnreq:' .. fn, id)
 redis.call('INCR', P .. 'inflight')
 redis.call('SADD', P .. 'wait:' .. id, waiter)
@@ -154,6 +171,18 @@ if #ids == RECLAIM_BATCH then next_cursor = ids[#ids] end
 return {released, next_cursor}
 --@@ complete: ARGV = id, outcome, memoize ('1'/'0'), local node, result ttl ms (0 = none)
 return complete(ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4], tonumber(ARGV[5]))
+--@@ cancel_tree: ARGV = root id, waiter; returns 1 when the tree was cancelled
+local id, waiter = ARGV[1], ARGV[2]
+local rkey = P .. 'req:' .. id
+if redis.call('EXISTS', rkey) == 0 then return 0 end
+redis.call('SREM', P .. 'wait:' .. id, waiter)
+if redis.call('SCARD', P .. 'wait:' .. id) > 0 then return 0 end
+local tree = redis.call('HGET', rkey, 'tree')
+if not tree or tree == '' then return 0 end
+local h = redis.call('HMGET', P .. 'tree:' .. tree, 'end', 'rootreq')
+if h[2] ~= id or (h[1] and h[1] ~= '') then return 0 end
+end_tree(tree, 'C')
+return 1
 --@@ volunteer: ARGV = pool, member, credits
 local pool, member, credits = ARGV[1], ARGV[2], tonumber(ARGV[3])
 if redis.call('EXISTS', P .. 'pool:' .. pool) == 0 then return 'UNKNOWN_POOL' end

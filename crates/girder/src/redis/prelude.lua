@@ -15,6 +15,9 @@
 --   P inbox:N       events for node N (list): 'D' .. ID .. outcome, or 'W' .. QUEUE
 --   P inflight      number of requests in flight (counter);  P born  when this grid state began (ms)
 --   P fnreq:F       requests in flight for function F (set);  P funknown  F -> outcome for "nobody serves F"
+--   P tree:T        call tree T (16 hex digits; hash: n = new requests so far, rootnode, rootreq,
+--                   end = '' while running, 'C' cancelled, 'B<max>' over budget); PX TREE_TTL_MS
+--                   after its last new request. Requests carry their tree in req:ID's `tree`.
 --   P reclaim       removed nodes whose work is still being given back (list of job ids, oldest first)
 --   P reclaiming    node -> its pending job id (hash);  P rcseq  job id counter
 --   P rc:J          job J (hash: node, u:F -> unknown outcome of F);  P rc:J:fails  functions whose
@@ -28,6 +31,7 @@ local DEPTH_MAX = 16
 local SCAN_MAX = 1000
 local RECLAIM_BATCH = 1000
 local REAP_NODES_MAX = 16
+local CLAIM_DROP_MAX = 1000
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -191,15 +195,38 @@ local function ancestors(pool)
   return chain
 end
 
-local function fail_waiters(id, outcome)
+-- Forgets request `id` and sends `event` to every registered node waiting for it.
+local function remove_request(id, event)
   local fn = redis.call('HGET', P .. 'req:' .. id, 'fn')
   if fn then redis.call('SREM', P .. 'fnreq:' .. fn, id) end
   local waiters = redis.call('SMEMBERS', P .. 'wait:' .. id)
   redis.call('DEL', P .. 'wait:' .. id, P .. 'req:' .. id)
   redis.call('DECR', P .. 'inflight')
   for _, w in ipairs(waiters) do
-    if redis.call('HEXISTS', P .. 'nodes', w) == 1 then push_event(w, 'D' .. id .. outcome) end
+    if redis.call('HEXISTS', P .. 'nodes', w) == 1 then push_event(w, event) end
   end
+end
+
+local function fail_waiters(id, outcome)
+  remove_request(id, 'D' .. id .. outcome)
+end
+
+-- Ends call tree `tree` with `code` ('C' cancelled, 'B<max>' over budget) and tells every live node.
+local function end_tree(tree, code)
+  redis.call('HSET', P .. 'tree:' .. tree, 'end', code)
+  for _, node in ipairs(redis.call('HKEYS', P .. 'nodes')) do push_event(node, 'T' .. tree .. code) end
+end
+
+-- How `tree` ended ('' while it runs). A tree whose root's caller's node is gone ends now.
+local function tree_end(tree)
+  if not tree or tree == '' then return '' end
+  local h = redis.call('HMGET', P .. 'tree:' .. tree, 'end', 'rootnode')
+  if h[1] and h[1] ~= '' then return h[1] end
+  if h[2] and h[2] ~= '' and not node_alive(h[2], now_ms()) then
+    end_tree(tree, 'C')
+    return 'C'
+  end
+  return ''
 end
 
 -- The first step of removing a node: it leaves the membership, the directory and its pools
@@ -308,15 +335,28 @@ local function claim(queue, owner, max)
   local out = {}
   -- A node the grid declared dead holds no claims: it registers again first.
   if max <= 0 or redis.call('HEXISTS', P .. 'nodes', owner) == 0 then return out end
+  local dropped = 0
   while #out < max do
     local id = redis.call('LPOP', qkey)
     if not id then break end
     local rkey = P .. 'req:' .. id
-    local h = redis.call('HMGET', rkey, 'owner', 'req')
+    local h = redis.call('HMGET', rkey, 'owner', 'req', 'tree')
     if h[2] and h[1] == '' then
-      redis.call('HSET', rkey, 'owner', owner)
-      redis.call('ZADD', P .. 'claims:' .. owner, 0, id)
-      table.insert(out, h[2])
+      local ended = tree_end(h[3])
+      if ended ~= '' then
+        -- Its tree ended: dropped, and its waiters are told why.
+        remove_request(id, 'K' .. id .. ended)
+        dropped = dropped + 1
+        if dropped >= CLAIM_DROP_MAX then
+          -- Bounded work per call: the queue's owner comes back for the rest.
+          notify(queue)
+          break
+        end
+      else
+        redis.call('HSET', rkey, 'owner', owner)
+        redis.call('ZADD', P .. 'claims:' .. owner, 0, id)
+        table.insert(out, h[2])
+      end
     end
   end
   return out

@@ -34,6 +34,11 @@ pub const CASES: &[(&str, Case)] = &[
     ("reliable_topics_replay_and_retain", |s| Box::pin(reliable_topics_replay_and_retain(s))),
     ("cache_writers_read_their_own_writes", |s| Box::pin(read_your_writes(vec![s], 4_000))),
     ("atom_compare_and_set_compares_values", |s| Box::pin(compare_and_set_history(vec![s], 2_000))),
+    ("cache_ttls_kept_by_compare_and_set_cleared_by_set", |s| {
+        Box::pin(cache_ttls_kept_by_compare_and_set_cleared_by_set(s))
+    }),
+    ("expired_keys_are_free_for_any_kind", |s| Box::pin(expired_keys_are_free_for_any_kind(s))),
+    ("refused_writes_change_nothing", |s| Box::pin(refused_writes_change_nothing(s))),
 ];
 
 /// Runs every case against stores from `factory`, naming the case that fails.
@@ -95,6 +100,74 @@ async fn cache_compresses_and_bounds_sizes(store: Store) {
     let too_long = small.append("s", &[7u8; 95]).await.unwrap_err();
     assert!(matches!(too_long, DsError::TooLarge { .. }), "{too_long:?}");
     assert_eq!(small.get_bytes("s").await.unwrap().as_deref(), Some(&b"keep me"[..]), "refused writes change nothing");
+}
+
+/// Waits until `key` no longer holds a `kind` (its TTL ran out), failing after 5 s.
+async fn until_gone(store: &Store, kind: Kind, key: &str) {
+    let begun = Instant::now();
+    while store.exists(kind, key).await.unwrap() {
+        assert!(begun.elapsed() < Duration::from_secs(5), "{key} outlived its TTL");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn cache_ttls_kept_by_compare_and_set_cleared_by_set(store: Store) {
+    // A compare-and-set keeps the TTL: the entry still goes when it was due.
+    store.value_set(Kind::Value, "kept", b"a", Some(100)).await.unwrap();
+    let v1 = store.value_get(Kind::Value, "kept").await.unwrap().expect("set").version;
+    store.value_cas(Kind::Value, "kept", Some(v1), b"bb").await.unwrap().expect("the version matches");
+    let swapped = store.value_compare_and_set(Kind::Value, "kept", Some(b"bb"), b"ccc").await.unwrap();
+    assert!(swapped.is_some(), "the bytes match");
+    let v3 = store.value_get(Kind::Value, "kept").await.unwrap().expect("set").version;
+    assert!(v3 > v1, "every write increases the version");
+    until_gone(&store, Kind::Value, "kept").await;
+    // A plain set clears it; a set with a TTL gives one back.
+    store.value_set(Kind::Value, "cleared", b"a", Some(100)).await.unwrap();
+    store.value_set(Kind::Value, "cleared", b"b", None).await.unwrap();
+    store.value_set(Kind::Value, "marker", b"m", Some(100)).await.unwrap();
+    until_gone(&store, Kind::Value, "marker").await;
+    let kept = store.value_get(Kind::Value, "cleared").await.unwrap().expect("no TTL any more");
+    assert_eq!(&kept.bytes[..], b"b");
+    store.value_set(Kind::Value, "cleared", b"c", Some(50)).await.unwrap();
+    until_gone(&store, Kind::Value, "cleared").await;
+}
+
+async fn expired_keys_are_free_for_any_kind(store: Store) {
+    store.value_set(Kind::Value, "reused", b"old bytes", Some(50)).await.unwrap();
+    let map: Map<String, u32> = Map::new(store.clone(), "reused").unwrap();
+    assert!(matches!(map.put(&"a".into(), &1).await, Err(DsError::WrongKind { .. })), "a live value");
+    until_gone(&store, Kind::Value, "reused").await;
+    map.put(&"a".into(), &1).await.expect("an expired value holds the key no more");
+    assert_eq!(map.len().await.unwrap(), 1);
+    // An append after expiry starts from nothing, with no TTL.
+    store.value_set(Kind::Value, "appended", b"old", Some(50)).await.unwrap();
+    until_gone(&store, Kind::Value, "appended").await;
+    assert_eq!(store.value_append("appended", b"new", 1 << 20).await.unwrap(), 3);
+    store.value_set(Kind::Value, "marker", b"m", Some(100)).await.unwrap();
+    until_gone(&store, Kind::Value, "marker").await;
+    let appended = store.value_get(Kind::Value, "appended").await.unwrap().expect("appended");
+    assert_eq!(&appended.bytes[..], b"new");
+}
+
+async fn refused_writes_change_nothing(store: Store) {
+    // An append over the size limit leaves the value and its version as they were.
+    store.value_set(Kind::Value, "v", b"abc", None).await.unwrap();
+    let version = store.value_get(Kind::Value, "v").await.unwrap().expect("set").version;
+    let err = store.value_append("v", b"defg", 5).await.unwrap_err();
+    assert!(matches!(err, DsError::TooLarge { .. }), "{err:?}");
+    let kept = store.value_get(Kind::Value, "v").await.unwrap().expect("kept");
+    assert_eq!((&kept.bytes[..], kept.version), (&b"abc"[..], version));
+    // A write of the wrong kind leaves the key's structure as it was.
+    store.list_push(Kind::List, "l", b"x", false, None).await.unwrap();
+    assert!(store.map_put(Kind::Map, "l", b"f", b"v").await.is_err());
+    assert!(store.set_add("l", b"m").await.is_err());
+    assert!(store.value_append("l", b"m", 1 << 20).await.is_err());
+    assert_eq!(store.list_range("l", 0, -1, 10).await.unwrap(), vec![bytes::Bytes::from_static(b"x")]);
+    // Removing what is not there changes nothing either.
+    assert_eq!(store.map_remove(Kind::Map, "absent", b"f", None).await.unwrap(), 0);
+    assert!(!store.set_remove("absent", b"m").await.unwrap());
+    assert_eq!(store.list_pop(Kind::List, "absent", true).await.unwrap(), None);
+    assert!(!store.exists(Kind::Map, "absent").await.unwrap());
 }
 
 async fn wrong_kinds_are_refused_and_data_kept(store: Store) {

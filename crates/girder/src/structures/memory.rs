@@ -1,7 +1,25 @@
 //! The in-memory implementation of [`Structures`], used by the embedded statekeeper.
+//!
+//! The store is bounded in bytes ([`InMemoryConfig::bytes_max`]): every key counts its
+//! name, its contents and fixed overheads ([`ENTRY_OVERHEAD_BYTES`] per key,
+//! [`ITEM_OVERHEAD_BYTES`] per element of a collection), and the count is kept exact on
+//! every write, delete, pop, expiry and eviction. A write that would go over the budget
+//! first evicts cache values that have a time-to-live, those closest to expiry first (they
+//! are the ones the writer agreed to lose soonest); if that cannot make room it fails with
+//! [`DsError::is_full`] and changes nothing (nothing is evicted for a write that is refused
+//! anyway). Keys under [`RESERVED_PREFIX`] (girder's own state: placement, configuration)
+//! may use the whole budget, every other key only all but a sixteenth of it, so users
+//! filling the cache cannot lock girder out of its own state. Plain topics are not counted:
+//! their messages live only until every subscriber got them, at most [`TOPIC_BUFFER_LEN`]
+//! per topic.
+//!
+//! Expired entries are purged a few per write and in bounded batches by a periodic sweep
+//! (when the store is made inside a tokio runtime), so they stop counting without any
+//! operation scanning the whole store.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -13,11 +31,45 @@ use tokio::sync::broadcast;
 use super::{DsError, DsResult, Kind, ReliableBatch, Retention, Structures, Versioned};
 
 /// Messages a slow subscriber of a topic may fall behind before it misses some.
-const TOPIC_BUFFER_LEN: usize = 4_096;
+pub const TOPIC_BUFFER_LEN: usize = 4_096;
 /// Most keys held; creating more fails until some are deleted or expire.
 pub const KEYS_MAX: usize = 10_000_000;
-/// Every this many key creations, expired entries nobody read again are swept.
-const SWEEP_EVERY: u64 = 4_096;
+/// Default of [`InMemoryConfig::bytes_max`]: 1 GiB.
+pub const BYTES_MAX_DEFAULT: u64 = 1 << 30;
+/// Bytes counted for every key besides its name and contents: its slot in the table, the
+/// entry itself and its place in the expiry index.
+pub const ENTRY_OVERHEAD_BYTES: u64 = 128;
+/// Bytes counted for every element of a collection besides its own bytes (a map field, a
+/// multimap value, a set member, a list item, a semaphore holder, a reliable topic message).
+pub const ITEM_OVERHEAD_BYTES: u64 = 48;
+/// Keys under this prefix hold girder's own state and may use the whole budget.
+pub const RESERVED_PREFIX: &str = "girder/";
+/// Other keys may use all of the budget but `bytes_max / RESERVED_SHARE_DIVISOR`.
+const RESERVED_SHARE_DIVISOR: u64 = 16;
+/// Expired entries every write purges, soonest expired first: cheap (the index is ordered)
+/// and enough that writes alone keep expired entries from piling up.
+const PURGE_PER_WRITE: usize = 8;
+/// Expired entries a write that finds no room purges before it looks at what to evict.
+const PURGE_WHEN_FULL: usize = 4_096;
+/// Expired entries one round of the sweep purges, so the lock is never held for long.
+const SWEEP_BATCH: usize = 1_024;
+/// How often the sweep runs; again at once while it finds full batches.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Limits of the in-memory store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InMemoryConfig {
+    /// Most bytes every structure together may take, counted as key and value bytes plus
+    /// [`ENTRY_OVERHEAD_BYTES`] per key and [`ITEM_OVERHEAD_BYTES`] per element of a
+    /// collection. Keys outside [`RESERVED_PREFIX`] get all of it but a sixteenth.
+    pub bytes_max: u64,
+}
+
+impl Default for InMemoryConfig {
+    fn default() -> Self {
+        InMemoryConfig { bytes_max: BYTES_MAX_DEFAULT }
+    }
+}
 
 enum Data {
     Value { bytes: Bytes, version: u64 },
@@ -32,14 +84,37 @@ enum Data {
     Reliable { last_seq: u64, items: VecDeque<(u64, Instant, Bytes)> },
 }
 
+impl Data {
+    /// The bytes counted for the contents, from scratch (the store keeps the count as it
+    /// goes; this checks it).
+    fn bytes(&self) -> u64 {
+        let item = |len: usize| len as u64 + ITEM_OVERHEAD_BYTES;
+        match self {
+            Data::Value { bytes, .. } => bytes.len() as u64,
+            Data::Counter(_) | Data::Latch(_) => 0,
+            Data::Map(map) => map.iter().map(|(f, v)| item(f.len()) + v.len() as u64).sum(),
+            Data::MultiMap(map) => {
+                map.iter().map(|(f, vs)| item(f.len()) + vs.iter().map(|v| item(v.len())).sum::<u64>()).sum()
+            }
+            Data::Set(set) => set.iter().map(|m| item(m.len())).sum(),
+            Data::List(list) => list.iter().map(|v| item(v.len())).sum(),
+            Data::Lock { holder, .. } => holder.as_ref().map_or(0, |(h, _, _)| h.len() as u64),
+            Data::Semaphore { holders, .. } => holders.keys().map(|h| item(h.len())).sum(),
+            Data::Reliable { items, .. } => items.iter().map(|(_, _, m)| item(m.len())).sum(),
+        }
+    }
+}
+
 struct Entry {
     kind: Kind,
     expires_at: Option<Instant>,
     data: Data,
+    /// Bytes counted for this entry: key, overhead and contents.
+    bytes: u64,
 }
 
 impl Entry {
-    fn new(kind: Kind) -> Entry {
+    fn new(kind: Kind, key: &str) -> Entry {
         let data = match kind {
             Kind::Value | Kind::Atom => Data::Value { bytes: Bytes::new(), version: 0 },
             Kind::Counter => Data::Counter(0),
@@ -52,38 +127,146 @@ impl Entry {
             Kind::Semaphore => Data::Semaphore { permits: 0, holders: HashMap::new() },
             Kind::ReliableTopic => Data::Reliable { last_seq: 0, items: VecDeque::new() },
         };
-        Entry { kind, expires_at: None, data }
+        Entry { kind, expires_at: None, data, bytes: key.len() as u64 + ENTRY_OVERHEAD_BYTES }
+    }
+
+    fn expired(&self, now: Instant) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
+
+    /// Cache values with a TTL may be evicted to make room.
+    fn evictable(&self) -> bool {
+        self.kind == Kind::Value && self.expires_at.is_some()
     }
 }
 
-/// Default of [`InMemoryConfig::bytes_max`]: 1 GiB.
-pub const BYTES_MAX_DEFAULT: u64 = 1 << 30;
-
-/// Limits of the in-memory store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct InMemoryConfig {
-    /// Most bytes every structure together may take, counted as key and value bytes plus a
-    /// fixed overhead per key and per element of a collection.
-    pub bytes_max: u64,
+/// The entries and their byte count, under one lock so that the count and the budget check
+/// are atomic with every write.
+#[derive(Default)]
+struct State {
+    entries: HashMap<Arc<str>, Entry>,
+    /// Sum of the entries' `bytes`.
+    used_bytes: u64,
+    /// Every entry with a TTL, soonest expiry first.
+    expiring: BTreeSet<(Instant, Arc<str>)>,
+    /// The cache values with a TTL (what a write may evict), soonest expiry first.
+    evictable: BTreeSet<(Instant, Arc<str>)>,
+    /// Sum of the `bytes` of the entries in `evictable`.
+    evictable_bytes: u64,
 }
 
-impl Default for InMemoryConfig {
-    fn default() -> Self {
-        InMemoryConfig { bytes_max: BYTES_MAX_DEFAULT }
+impl State {
+    /// Removes `key` with its index entries and its bytes.
+    fn take(&mut self, key: &str) -> Option<(Arc<str>, Entry)> {
+        let (name, entry) = self.entries.remove_entry(key)?;
+        if let Some(at) = entry.expires_at {
+            let slot = (at, name.clone());
+            self.expiring.remove(&slot);
+            if entry.evictable() {
+                self.evictable.remove(&slot);
+                self.evictable_bytes -= entry.bytes;
+            }
+        }
+        self.used_bytes -= entry.bytes;
+        Some((name, entry))
+    }
+
+    /// Puts an entry (back) in, indexed and counted.
+    fn put(&mut self, name: Arc<str>, entry: Entry) {
+        if let Some(at) = entry.expires_at {
+            self.expiring.insert((at, name.clone()));
+            if entry.evictable() {
+                self.evictable.insert((at, name.clone()));
+                self.evictable_bytes += entry.bytes;
+            }
+        }
+        self.used_bytes += entry.bytes;
+        self.entries.insert(name, entry);
+    }
+
+    /// Drops up to `max` entries expired at `now`, soonest expired first; returns how many.
+    fn purge_expired(&mut self, now: Instant, max: usize) -> usize {
+        let mut purged = 0;
+        while purged < max {
+            let Some((at, name)) = self.expiring.first().cloned() else { break };
+            if at > now {
+                break;
+            }
+            self.take(&name);
+            purged += 1;
+        }
+        purged
+    }
+}
+
+/// What a write may do to make room for itself: see [`Room::resize`].
+struct Room<'a> {
+    state: &'a mut State,
+    key: &'a str,
+    /// Most bytes the store may hold after a write of this key.
+    limit: u64,
+    bytes_max: u64,
+    /// What the entry counted before this write (0 for a new one).
+    before: u64,
+    /// Keys evicted to make room, to notify once the lock is released.
+    evicted: Vec<Arc<str>>,
+}
+
+impl Room<'_> {
+    /// Counts `added` more and `removed` fewer bytes for `entry`, first making room for them
+    /// when it grows: expired entries go, then cache values with a TTL, soonest expiry
+    /// first. When even that cannot make room, nothing is evicted and the write is refused;
+    /// call this before changing anything.
+    fn resize(&mut self, entry: &mut Entry, added: u64, removed: u64) -> DsResult<()> {
+        let bytes = (entry.bytes + added).saturating_sub(removed);
+        if bytes > self.before {
+            self.make_room(bytes)?;
+        }
+        entry.bytes = bytes;
+        Ok(())
+    }
+
+    /// Makes the store hold at most `limit` bytes with this entry at `bytes`.
+    fn make_room(&mut self, bytes: u64) -> DsResult<()> {
+        let limit = self.limit;
+        let over = |state: &State| (state.used_bytes + bytes).saturating_sub(limit);
+        if over(self.state) == 0 {
+            return Ok(());
+        }
+        self.state.purge_expired(Instant::now(), PURGE_WHEN_FULL);
+        let over_by = over(self.state);
+        if over_by > self.state.evictable_bytes {
+            return Err(DsError::full(format_args!(
+                "writing key {:?} ({bytes} bytes counted) would take the in-memory store over its limit of {} \
+                 bytes ({} in use, bytes_max {}), and evicting every cache value with a TTL would not make room; \
+                 delete some keys, give values a TTL, or raise bytes_max",
+                self.key, self.limit, self.state.used_bytes, self.bytes_max,
+            )));
+        }
+        while over(self.state) > 0 {
+            let Some((_, name)) = self.state.evictable.first().cloned() else { break };
+            self.state.take(&name);
+            self.evicted.push(name);
+        }
+        Ok(())
     }
 }
 
 /// Every structure in this process's memory.
-#[derive(Default)]
 pub struct InMemory {
     config: InMemoryConfig,
-    entries: Mutex<HashMap<String, Entry>>,
+    state: Arc<Mutex<State>>,
     changes: super::changes::ChangeNotices,
     topics: Mutex<HashMap<String, broadcast::Sender<Bytes>>>,
     /// Versions are unique across keys and time, so a deleted and re-created value never
     /// reuses a version a stale compare-and-set could match.
     versions: AtomicU64,
-    creations: AtomicU64,
+}
+
+impl Default for InMemory {
+    fn default() -> Self {
+        InMemory::with_config(InMemoryConfig::default())
+    }
 }
 
 fn wrong(key: &str, expected: Kind, found: Kind) -> DsError {
@@ -94,47 +277,170 @@ fn unreachable_kind(key: &str, kind: Kind) -> DsError {
     DsError::Invalid(format!("key {key:?}: internal kind mismatch for {kind}"))
 }
 
+/// Purges expired entries in bounded batches until the store is dropped.
+async fn sweep(state: Weak<Mutex<State>>) {
+    loop {
+        tokio::time::sleep(SWEEP_INTERVAL).await;
+        loop {
+            let Some(state) = state.upgrade() else { return };
+            let purged = state.lock().purge_expired(Instant::now(), SWEEP_BATCH);
+            if purged < SWEEP_BATCH {
+                break;
+            }
+            drop(state);
+            // More are due: go on after letting others have the lock.
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
 impl InMemory {
-    /// An empty store.
+    /// An empty store with the default limits.
     pub fn new() -> InMemory {
         InMemory::default()
     }
 
-    /// An empty store with the limits of `config`.
+    /// An empty store with the limits of `config`. Made inside a tokio runtime, it sweeps
+    /// expired entries periodically on that runtime.
     pub fn with_config(config: InMemoryConfig) -> InMemory {
-        InMemory { config, ..InMemory::default() }
+        let state = Arc::new(Mutex::new(State::default()));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(sweep(Arc::downgrade(&state)));
+        }
+        InMemory {
+            config,
+            state,
+            changes: super::changes::ChangeNotices::default(),
+            topics: Mutex::new(HashMap::new()),
+            versions: AtomicU64::new(0),
+        }
+    }
+
+    /// The limits this store was made with.
+    pub fn config(&self) -> InMemoryConfig {
+        self.config
+    }
+
+    /// Bytes counted now, expired entries not yet purged included (for metrics and tests).
+    pub fn bytes_used(&self) -> u64 {
+        self.state.lock().used_bytes
+    }
+
+    /// Keys held now, expired ones not yet purged included.
+    pub fn len(&self) -> usize {
+        self.state.lock().entries.len()
+    }
+
+    /// Whether no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes counted for every entry recomputed from scratch, and the running count,
+    /// which must be equal: for tests.
+    #[doc(hidden)]
+    pub fn bytes_recounted(&self) -> (u64, u64) {
+        let state = self.state.lock();
+        let recounted = state.entries.iter().map(|(k, e)| k.len() as u64 + ENTRY_OVERHEAD_BYTES + e.data.bytes()).sum();
+        let listed: u64 = state.entries.values().map(|e| e.bytes).sum();
+        assert_eq!(listed, state.used_bytes, "the running count is the sum of the entries'");
+        (recounted, state.used_bytes)
+    }
+
+    /// Most bytes the store may hold after a write of `key`.
+    fn limit(&self, key: &str) -> u64 {
+        let bytes_max = self.config.bytes_max;
+        if key.starts_with(RESERVED_PREFIX) {
+            bytes_max
+        } else {
+            bytes_max - bytes_max / RESERVED_SHARE_DIVISOR
+        }
+    }
+
+    /// Runs `f` on `key`'s entry of `kind`, after checking the kind and dropping it if
+    /// expired. For reads and for writes that do not change the entry's size.
+    fn with<R>(&self, kind: Kind, key: &str, f: impl FnOnce(Option<&mut Entry>) -> DsResult<R>) -> DsResult<R> {
+        let mut state = self.state.lock();
+        if state.entries.get(key).is_some_and(|e| e.expired(Instant::now())) {
+            state.take(key);
+        }
+        match state.entries.get_mut(key) {
+            Some(entry) if entry.kind != kind => Err(wrong(key, kind, entry.kind)),
+            entry => f(entry),
+        }
     }
 
     /// Runs `f` on `key`'s entry of `kind` (created when `create`), after checking the kind
-    /// and dropping it if expired.
-    fn with<R>(
+    /// and dropping it if expired, for writes that may change its size: `f` counts every
+    /// change with [`Room::resize`] before making it, and changes nothing when it fails.
+    fn write<R>(
         &self,
         kind: Kind,
         key: &str,
         create: bool,
-        f: impl FnOnce(Option<&mut Entry>) -> DsResult<R>,
+        f: impl FnOnce(Option<&mut Entry>, &mut Room<'_>) -> DsResult<R>,
     ) -> DsResult<R> {
-        let mut entries = self.entries.lock();
-        if entries.get(key).is_some_and(|e| e.expires_at.is_some_and(|at| at <= Instant::now())) {
-            entries.remove(key);
+        let mut guard = self.state.lock();
+        let state = &mut *guard;
+        let now = Instant::now();
+        state.purge_expired(now, PURGE_PER_WRITE);
+        if state.entries.get(key).is_some_and(|e| e.expired(now)) {
+            state.take(key);
         }
-        if let Some(entry) = entries.get(key) {
-            let compatible = entry.kind == kind;
-            if !compatible {
+        if let Some(entry) = state.entries.get(key) {
+            if entry.kind != kind {
                 return Err(wrong(key, kind, entry.kind));
             }
         }
-        if create && !entries.contains_key(key) {
-            if self.creations.fetch_add(1, Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
-                let now = Instant::now();
-                entries.retain(|_, e| e.expires_at.is_none_or(|at| at > now));
+        // The entry is out of the store while `f` runs, so making room never evicts it and
+        // the running count is that of every other entry.
+        let taken = state.take(key);
+        let existed = taken.is_some();
+        let (name, mut entry) = match taken {
+            Some(taken) => taken,
+            None if create => {
+                if state.entries.len() >= KEYS_MAX {
+                    return Err(DsError::Invalid(format!(
+                        "the store holds {KEYS_MAX} keys, its limit; delete some first"
+                    )));
+                }
+                (Arc::from(key), Entry::new(kind, key))
             }
-            if entries.len() >= KEYS_MAX {
-                return Err(DsError::Invalid(format!("the store holds {KEYS_MAX} keys, its limit; delete some first")));
+            None => {
+                let mut room = self.room(state, key, 0);
+                return f(None, &mut room);
             }
-            entries.insert(key.to_owned(), Entry::new(kind));
+        };
+        let before = if existed { entry.bytes } else { 0 };
+        let mut room = self.room(state, key, before);
+        let result = f(Some(&mut entry), &mut room).and_then(|r| {
+            // A new entry counts its key and overhead even when `f` did not resize it; it
+            // is not in the store yet, so refusing it here still changes nothing.
+            if existed {
+                Ok(r)
+            } else {
+                room.make_room(entry.bytes).map(|()| r)
+            }
+        });
+        let evicted = std::mem::take(&mut room.evicted);
+        match &result {
+            Ok(_) => state.put(name, entry),
+            Err(_) if existed => {
+                // Refused: the entry is as it was.
+                entry.bytes = before;
+                state.put(name, entry);
+            }
+            Err(_) => {}
         }
-        f(entries.get_mut(key))
+        drop(guard);
+        for name in evicted {
+            self.changed(&name);
+        }
+        result
+    }
+
+    fn room<'a>(&self, state: &'a mut State, key: &'a str, before: u64) -> Room<'a> {
+        Room { state, key, limit: self.limit(key), bytes_max: self.config.bytes_max, before, evicted: Vec::new() }
     }
 
     fn changed(&self, key: &str) {
@@ -155,10 +461,15 @@ macro_rules! data {
     };
 }
 
+/// Bytes counted for an element of `len` bytes.
+fn item(len: usize) -> u64 {
+    len as u64 + ITEM_OVERHEAD_BYTES
+}
+
 impl InMemory {
     /// Sets `key` to `value` when `matches(version, bytes)` holds for what it holds now (an
     /// absent key, created only when `create`, has version 0 and no bytes); the new version,
-    /// or `None` when it did not match. One step under the store's lock.
+    /// or `None` when it did not match. One step under the store's lock; keeps the TTL.
     fn set_value_if(
         &self,
         kind: Kind,
@@ -168,13 +479,16 @@ impl InMemory {
         matches: impl FnOnce(u64, &[u8]) -> bool,
     ) -> DsResult<Option<u64>> {
         let new_version = self.next_version();
-        let swapped = self.with(kind, key, create, |entry| {
+        let swapped = self.write(kind, key, create, |entry, room| {
             // Absent while something was expected: no match.
             let Some(entry) = entry else { return Ok(None) };
+            let old_len = match &entry.data {
+                Data::Value { bytes, version } if matches(*version, &bytes[..]) => bytes.len(),
+                Data::Value { .. } => return Ok(None),
+                _ => return Err(unreachable_kind(key, kind)),
+            };
+            room.resize(entry, value.len() as u64, old_len as u64)?;
             data!(entry, key, kind, Data::Value { bytes, version } => {
-                if !matches(*version, &bytes[..]) {
-                    return Ok(None);
-                }
                 *bytes = Bytes::copy_from_slice(value);
                 *version = new_version;
                 Ok(Some(new_version))
@@ -190,7 +504,7 @@ impl InMemory {
 #[async_trait]
 impl Structures for InMemory {
     async fn value_get(&self, kind: Kind, key: &str) -> DsResult<Option<Versioned>> {
-        self.with(kind, key, false, |entry| match entry {
+        self.with(kind, key, |entry| match entry {
             None => Ok(None),
             Some(entry) => data!(entry, key, kind, Data::Value { bytes, version } =>
                 Ok(Some(Versioned { bytes: bytes.clone(), version: *version }))),
@@ -199,8 +513,13 @@ impl Structures for InMemory {
 
     async fn value_set(&self, kind: Kind, key: &str, value: &[u8], ttl_ms: Option<u64>) -> DsResult<u64> {
         let new_version = self.next_version();
-        let version = self.with(kind, key, true, |entry| {
+        let version = self.write(kind, key, true, |entry, room| {
             let entry = entry.ok_or_else(|| unreachable_kind(key, kind))?;
+            let old_len = match &entry.data {
+                Data::Value { bytes, .. } => bytes.len() as u64,
+                _ => return Err(unreachable_kind(key, kind)),
+            };
+            room.resize(entry, value.len() as u64, old_len)?;
             entry.expires_at = ttl_ms.map(|ms| later(Instant::now(), ms));
             data!(entry, key, kind, Data::Value { bytes, version } => {
                 *bytes = Bytes::copy_from_slice(value);
@@ -232,13 +551,17 @@ impl Structures for InMemory {
 
     async fn value_append(&self, key: &str, chunk: &[u8], max_bytes: usize) -> DsResult<u64> {
         let new_version = self.next_version();
-        let len = self.with(Kind::Value, key, true, |entry| {
+        let len = self.write(Kind::Value, key, true, |entry, room| {
             let entry = entry.ok_or_else(|| unreachable_kind(key, Kind::Value))?;
+            let total = match &entry.data {
+                Data::Value { bytes, .. } => bytes.len() + chunk.len(),
+                _ => return Err(unreachable_kind(key, Kind::Value)),
+            };
+            if total > max_bytes {
+                return Err(DsError::TooLarge { key: key.to_owned(), bytes: total, max_bytes });
+            }
+            room.resize(entry, chunk.len() as u64, 0)?;
             data!(entry, key, Kind::Value, Data::Value { bytes, version } => {
-                let total = bytes.len() + chunk.len();
-                if total > max_bytes {
-                    return Err(DsError::TooLarge { key: key.to_owned(), bytes: total, max_bytes });
-                }
                 let mut joined = Vec::with_capacity(total);
                 joined.extend_from_slice(bytes);
                 joined.extend_from_slice(chunk);
@@ -252,20 +575,30 @@ impl Structures for InMemory {
     }
 
     async fn delete(&self, kind: Kind, key: &str) -> DsResult<bool> {
-        let existed = self.with(kind, key, false, |entry| Ok(entry.is_some()))?;
+        let existed = {
+            let mut state = self.state.lock();
+            match state.entries.get(key) {
+                None => false,
+                Some(entry) if entry.kind != kind => return Err(wrong(key, kind, entry.kind)),
+                Some(entry) => {
+                    let live = !entry.expired(Instant::now());
+                    state.take(key);
+                    live
+                }
+            }
+        };
         if existed {
-            self.entries.lock().remove(key);
             self.changed(key);
         }
         Ok(existed)
     }
 
     async fn exists(&self, kind: Kind, key: &str) -> DsResult<bool> {
-        self.with(kind, key, false, |entry| Ok(entry.is_some()))
+        self.with(kind, key, |entry| Ok(entry.is_some()))
     }
 
     async fn counter_add(&self, key: &str, delta: i64) -> DsResult<i64> {
-        self.with(Kind::Counter, key, true, |entry| {
+        self.write(Kind::Counter, key, true, |entry, _| {
             let entry = entry.ok_or_else(|| unreachable_kind(key, Kind::Counter))?;
             data!(entry, key, Kind::Counter, Data::Counter(value) => {
                 *value = value.checked_add(delta).ok_or_else(|| DsError::Invalid(format!("counter {key:?} would overflow")))?;
@@ -275,7 +608,7 @@ impl Structures for InMemory {
     }
 
     async fn counter_cas(&self, key: &str, expected: i64, new: i64) -> DsResult<bool> {
-        self.with(Kind::Counter, key, true, |entry| {
+        self.write(Kind::Counter, key, true, |entry, _| {
             let entry = entry.ok_or_else(|| unreachable_kind(key, Kind::Counter))?;
             data!(entry, key, Kind::Counter, Data::Counter(value) => {
                 if *value != expected {
@@ -288,8 +621,21 @@ impl Structures for InMemory {
     }
 
     async fn map_put(&self, kind: Kind, key: &str, field: &[u8], value: &[u8]) -> DsResult<Option<Bytes>> {
-        self.with(kind, key, true, |entry| {
+        self.write(kind, key, true, |entry, room| {
             let entry = entry.ok_or_else(|| unreachable_kind(key, kind))?;
+            let (added, removed) = match &entry.data {
+                Data::Map(map) => match map.get(field) {
+                    Some(old) => (value.len() as u64, old.len() as u64),
+                    None => (item(field.len()) + value.len() as u64, 0),
+                },
+                Data::MultiMap(map) => match map.get(field) {
+                    Some(values) if values.contains(value) => (0, 0),
+                    Some(_) => (item(value.len()), 0),
+                    None => (item(field.len()) + item(value.len()), 0),
+                },
+                _ => return Err(unreachable_kind(key, kind)),
+            };
+            room.resize(entry, added, removed)?;
             match &mut entry.data {
                 Data::Map(map) => Ok(map.insert(Bytes::copy_from_slice(field), Bytes::copy_from_slice(value))),
                 Data::MultiMap(map) => {
@@ -303,7 +649,7 @@ impl Structures for InMemory {
     }
 
     async fn map_get(&self, kind: Kind, key: &str, field: &[u8]) -> DsResult<Vec<Bytes>> {
-        self.with(kind, key, false, |entry| match entry.map(|e| &e.data) {
+        self.with(kind, key, |entry| match entry.map(|e| &e.data) {
             None => Ok(Vec::new()),
             Some(Data::Map(map)) => Ok(map.get(field).cloned().into_iter().collect()),
             Some(Data::MultiMap(map)) => Ok(map.get(field).map(|s| s.iter().cloned().collect()).unwrap_or_default()),
@@ -312,25 +658,41 @@ impl Structures for InMemory {
     }
 
     async fn map_remove(&self, kind: Kind, key: &str, field: &[u8], value: Option<&[u8]>) -> DsResult<u64> {
-        self.with(kind, key, false, |entry| match entry.map(|e| &mut e.data) {
-            None => Ok(0),
-            Some(Data::Map(map)) => Ok(u64::from(map.remove(field).is_some())),
-            Some(Data::MultiMap(map)) => match value {
-                None => Ok(map.remove(field).map_or(0, |s| s.len() as u64)),
-                Some(value) => {
-                    let removed = map.get_mut(field).is_some_and(|s| s.remove(value));
-                    if map.get(field).is_some_and(HashSet::is_empty) {
-                        map.remove(field);
-                    }
-                    Ok(u64::from(removed))
+        self.write(kind, key, false, |entry, room| {
+            let Some(entry) = entry else { return Ok(0) };
+            // What goes, counted before anything changes.
+            let removed = match (&entry.data, value) {
+                (Data::Map(map), _) => map.get(field).map_or(0, |v| item(field.len()) + v.len() as u64),
+                (Data::MultiMap(map), None) => {
+                    map.get(field).map_or(0, |vs| item(field.len()) + vs.iter().map(|v| item(v.len())).sum::<u64>())
                 }
-            },
-            Some(_) => Err(unreachable_kind(key, kind)),
+                (Data::MultiMap(map), Some(value)) => match map.get(field) {
+                    Some(vs) if vs.len() == 1 && vs.contains(value) => item(field.len()) + item(value.len()),
+                    Some(vs) if vs.contains(value) => item(value.len()),
+                    _ => 0,
+                },
+                _ => return Err(unreachable_kind(key, kind)),
+            };
+            room.resize(entry, 0, removed)?;
+            match &mut entry.data {
+                Data::Map(map) => Ok(u64::from(map.remove(field).is_some())),
+                Data::MultiMap(map) => match value {
+                    None => Ok(map.remove(field).map_or(0, |s| s.len() as u64)),
+                    Some(value) => {
+                        let removed = map.get_mut(field).is_some_and(|s| s.remove(value));
+                        if map.get(field).is_some_and(HashSet::is_empty) {
+                            map.remove(field);
+                        }
+                        Ok(u64::from(removed))
+                    }
+                },
+                _ => Err(unreachable_kind(key, kind)),
+            }
         })
     }
 
     async fn map_len(&self, kind: Kind, key: &str) -> DsResult<u64> {
-        self.with(kind, key, false, |entry| match entry.map(|e| &e.data) {
+        self.with(kind, key, |entry| match entry.map(|e| &e.data) {
             None => Ok(0),
             Some(Data::Map(map)) => Ok(map.len() as u64),
             Some(Data::MultiMap(map)) => Ok(map.values().map(|s| s.len() as u64).sum()),
@@ -339,7 +701,7 @@ impl Structures for InMemory {
     }
 
     async fn map_entries(&self, kind: Kind, key: &str, limit: usize) -> DsResult<Vec<(Bytes, Bytes)>> {
-        self.with(kind, key, false, |entry| match entry.map(|e| &e.data) {
+        self.with(kind, key, |entry| match entry.map(|e| &e.data) {
             None => Ok(Vec::new()),
             Some(Data::Map(map)) => Ok(map.iter().take(limit).map(|(k, v)| (k.clone(), v.clone())).collect()),
             Some(Data::MultiMap(map)) => {
@@ -350,35 +712,51 @@ impl Structures for InMemory {
     }
 
     async fn set_add(&self, key: &str, member: &[u8]) -> DsResult<bool> {
-        self.with(Kind::Set, key, true, |entry| {
+        self.write(Kind::Set, key, true, |entry, room| {
             let entry = entry.ok_or_else(|| unreachable_kind(key, Kind::Set))?;
+            let new = match &entry.data {
+                Data::Set(set) => !set.contains(member),
+                _ => return Err(unreachable_kind(key, Kind::Set)),
+            };
+            if new {
+                room.resize(entry, item(member.len()), 0)?;
+            }
             data!(entry, key, Kind::Set, Data::Set(set) => Ok(set.insert(Bytes::copy_from_slice(member))))
         })
     }
 
     async fn set_remove(&self, key: &str, member: &[u8]) -> DsResult<bool> {
-        self.with(Kind::Set, key, false, |entry| match entry {
+        self.write(Kind::Set, key, false, |entry, room| match entry {
             None => Ok(false),
-            Some(entry) => data!(entry, key, Kind::Set, Data::Set(set) => Ok(set.remove(member))),
+            Some(entry) => {
+                let present = match &entry.data {
+                    Data::Set(set) => set.contains(member),
+                    _ => return Err(unreachable_kind(key, Kind::Set)),
+                };
+                if present {
+                    room.resize(entry, 0, item(member.len()))?;
+                }
+                data!(entry, key, Kind::Set, Data::Set(set) => Ok(set.remove(member)))
+            }
         })
     }
 
     async fn set_contains(&self, key: &str, member: &[u8]) -> DsResult<bool> {
-        self.with(Kind::Set, key, false, |entry| match entry {
+        self.with(Kind::Set, key, |entry| match entry {
             None => Ok(false),
             Some(entry) => data!(entry, key, Kind::Set, Data::Set(set) => Ok(set.contains(member))),
         })
     }
 
     async fn set_len(&self, key: &str) -> DsResult<u64> {
-        self.with(Kind::Set, key, false, |entry| match entry {
+        self.with(Kind::Set, key, |entry| match entry {
             None => Ok(0),
             Some(entry) => data!(entry, key, Kind::Set, Data::Set(set) => Ok(set.len() as u64)),
         })
     }
 
     async fn set_members(&self, key: &str, limit: usize) -> DsResult<Vec<Bytes>> {
-        self.with(Kind::Set, key, false, |entry| match entry {
+        self.with(Kind::Set, key, |entry| match entry {
             None => Ok(Vec::new()),
             Some(entry) => {
                 data!(entry, key, Kind::Set, Data::Set(set) => Ok(set.iter().take(limit).cloned().collect()))
@@ -394,12 +772,17 @@ impl Structures for InMemory {
         front: bool,
         capacity: Option<u64>,
     ) -> DsResult<Option<u64>> {
-        let pushed = self.with(kind, key, true, |entry| {
+        let pushed = self.write(kind, key, true, |entry, room| {
             let entry = entry.ok_or_else(|| unreachable_kind(key, kind))?;
+            let len = match &entry.data {
+                Data::List(list) => list.len() as u64,
+                _ => return Err(unreachable_kind(key, kind)),
+            };
+            if capacity.is_some_and(|cap| len >= cap) {
+                return Ok(None);
+            }
+            room.resize(entry, item(value.len()), 0)?;
             data!(entry, key, kind, Data::List(list) => {
-                if capacity.is_some_and(|cap| list.len() as u64 >= cap) {
-                    return Ok(None);
-                }
                 let value = Bytes::copy_from_slice(value);
                 if front { list.push_front(value) } else { list.push_back(value) }
                 Ok(Some(list.len() as u64))
@@ -412,10 +795,15 @@ impl Structures for InMemory {
     }
 
     async fn list_pop(&self, kind: Kind, key: &str, front: bool) -> DsResult<Option<Bytes>> {
-        self.with(kind, key, false, |entry| match entry {
+        self.write(kind, key, false, |entry, room| match entry {
             None => Ok(None),
             Some(entry) => {
-                data!(entry, key, kind, Data::List(list) => Ok(if front { list.pop_front() } else { list.pop_back() }))
+                let popped = data!(entry, key, kind, Data::List(list) => Ok(if front { list.pop_front() } else { list.pop_back() }))?;
+                if let Some(value) = &popped {
+                    // Shrinking never fails.
+                    room.resize(entry, 0, item(value.len()))?;
+                }
+                Ok(popped)
             }
         })
     }
@@ -435,7 +823,7 @@ impl Structures for InMemory {
     }
 
     async fn list_get(&self, key: &str, index: i64) -> DsResult<Option<Bytes>> {
-        self.with(Kind::List, key, false, |entry| match entry {
+        self.with(Kind::List, key, |entry| match entry {
             None => Ok(None),
             Some(entry) => data!(entry, key, Kind::List, Data::List(list) =>
                 Ok(resolve(index, list.len()).and_then(|i| list.get(i)).cloned())),
@@ -443,22 +831,30 @@ impl Structures for InMemory {
     }
 
     async fn list_set(&self, key: &str, index: i64, value: &[u8]) -> DsResult<bool> {
-        self.with(Kind::List, key, false, |entry| match entry {
+        self.write(Kind::List, key, false, |entry, room| match entry {
             None => Ok(false),
-            Some(entry) => data!(entry, key, Kind::List, Data::List(list) => {
-                match resolve(index, list.len()).and_then(|i| list.get_mut(i)) {
-                    Some(slot) => {
-                        *slot = Bytes::copy_from_slice(value);
-                        Ok(true)
+            Some(entry) => {
+                let old_len = match &entry.data {
+                    Data::List(list) => resolve(index, list.len()).and_then(|i| list.get(i)).map(Bytes::len),
+                    _ => return Err(unreachable_kind(key, Kind::List)),
+                };
+                let Some(old_len) = old_len else { return Ok(false) };
+                room.resize(entry, value.len() as u64, old_len as u64)?;
+                data!(entry, key, Kind::List, Data::List(list) => {
+                    match resolve(index, list.len()).and_then(|i| list.get_mut(i)) {
+                        Some(slot) => {
+                            *slot = Bytes::copy_from_slice(value);
+                            Ok(true)
+                        }
+                        None => Err(unreachable_kind(key, Kind::List)),
                     }
-                    None => Ok(false),
-                }
-            }),
+                })
+            }
         })
     }
 
     async fn list_range(&self, key: &str, start: i64, stop: i64, limit: usize) -> DsResult<Vec<Bytes>> {
-        self.with(Kind::List, key, false, |entry| match entry {
+        self.with(Kind::List, key, |entry| match entry {
             None => Ok(Vec::new()),
             Some(entry) => data!(entry, key, Kind::List, Data::List(list) => {
                 let len = list.len() as i64;
@@ -473,20 +869,23 @@ impl Structures for InMemory {
     }
 
     async fn list_len(&self, kind: Kind, key: &str) -> DsResult<u64> {
-        self.with(kind, key, false, |entry| match entry {
+        self.with(kind, key, |entry| match entry {
             None => Ok(0),
             Some(entry) => data!(entry, key, kind, Data::List(list) => Ok(list.len() as u64)),
         })
     }
 
     async fn lock_acquire(&self, key: &str, holder: &str, lease_ms: u64) -> DsResult<Option<u64>> {
-        self.with(Kind::Lock, key, true, |entry| {
+        self.write(Kind::Lock, key, true, |entry, room| {
             let entry = entry.ok_or_else(|| unreachable_kind(key, Kind::Lock))?;
+            let now = Instant::now();
+            let previous = match &entry.data {
+                Data::Lock { holder: Some((_, _, until)), .. } if *until > now => return Ok(None),
+                Data::Lock { holder: current, .. } => current.as_ref().map_or(0, |(h, _, _)| h.len() as u64),
+                _ => return Err(unreachable_kind(key, Kind::Lock)),
+            };
+            room.resize(entry, holder.len() as u64, previous)?;
             data!(entry, key, Kind::Lock, Data::Lock { holder: current, last_token } => {
-                let now = Instant::now();
-                if current.as_ref().is_some_and(|(_, _, until)| *until > now) {
-                    return Ok(None);
-                }
                 *last_token += 1;
                 *current = Some((holder.to_owned(), *last_token, later(now, lease_ms)));
                 Ok(Some(*last_token))
@@ -495,7 +894,7 @@ impl Structures for InMemory {
     }
 
     async fn lock_renew(&self, key: &str, holder: &str, token: u64, lease_ms: u64) -> DsResult<bool> {
-        self.with(Kind::Lock, key, false, |entry| match entry {
+        self.with(Kind::Lock, key, |entry| match entry {
             None => Ok(false),
             Some(entry) => data!(entry, key, Kind::Lock, Data::Lock { holder: current, .. } => {
                 let now = Instant::now();
@@ -511,17 +910,23 @@ impl Structures for InMemory {
     }
 
     async fn lock_release(&self, key: &str, holder: &str, token: u64) -> DsResult<bool> {
-        let released = self.with(Kind::Lock, key, false, |entry| match entry {
+        let released = self.write(Kind::Lock, key, false, |entry, room| match entry {
             None => Ok(false),
-            Some(entry) => data!(entry, key, Kind::Lock, Data::Lock { holder: current, .. } => {
-                match current {
-                    Some((h, t, until)) if h == holder && *t == token && *until > Instant::now() => {
-                        *current = None;
-                        Ok(true)
-                    }
-                    _ => Ok(false),
+            Some(entry) => {
+                let releases = match &entry.data {
+                    Data::Lock { holder: current, .. } => matches!(current,
+                        Some((h, t, until)) if h == holder && *t == token && *until > Instant::now()),
+                    _ => return Err(unreachable_kind(key, Kind::Lock)),
+                };
+                if !releases {
+                    return Ok(false);
                 }
-            }),
+                room.resize(entry, 0, holder.len() as u64)?;
+                data!(entry, key, Kind::Lock, Data::Lock { holder: current, .. } => {
+                    *current = None;
+                    Ok(true)
+                })
+            }
         })?;
         if released {
             self.changed(key);
@@ -530,7 +935,7 @@ impl Structures for InMemory {
     }
 
     async fn lock_holder(&self, key: &str) -> DsResult<Option<(String, u64)>> {
-        self.with(Kind::Lock, key, false, |entry| match entry {
+        self.with(Kind::Lock, key, |entry| match entry {
             None => Ok(None),
             Some(entry) => data!(entry, key, Kind::Lock, Data::Lock { holder: current, .. } => Ok(current
                 .as_ref()
@@ -540,7 +945,7 @@ impl Structures for InMemory {
     }
 
     async fn latch_try_set(&self, key: &str, count: u64) -> DsResult<bool> {
-        self.with(Kind::Latch, key, true, |entry| {
+        self.write(Kind::Latch, key, true, |entry, _| {
             let entry = entry.ok_or_else(|| unreachable_kind(key, Kind::Latch))?;
             data!(entry, key, Kind::Latch, Data::Latch(current) => {
                 if *current > 0 {
@@ -553,7 +958,7 @@ impl Structures for InMemory {
     }
 
     async fn latch_count_down(&self, key: &str) -> DsResult<u64> {
-        let left = self.with(Kind::Latch, key, false, |entry| match entry {
+        let left = self.with(Kind::Latch, key, |entry| match entry {
             None => Ok(0),
             Some(entry) => data!(entry, key, Kind::Latch, Data::Latch(current) => {
                 *current = current.saturating_sub(1);
@@ -565,15 +970,15 @@ impl Structures for InMemory {
     }
 
     async fn latch_count(&self, key: &str) -> DsResult<u64> {
-        self.with(Kind::Latch, key, false, |entry| match entry {
+        self.with(Kind::Latch, key, |entry| match entry {
             None => Ok(0),
             Some(entry) => data!(entry, key, Kind::Latch, Data::Latch(current) => Ok(*current)),
         })
     }
 
     async fn semaphore_init(&self, key: &str, permits: u64) -> DsResult<bool> {
-        let fresh = self.with(Kind::Semaphore, key, false, |entry| Ok(entry.is_none()))?;
-        self.with(Kind::Semaphore, key, true, |entry| {
+        let fresh = self.with(Kind::Semaphore, key, |entry| Ok(entry.is_none()))?;
+        self.write(Kind::Semaphore, key, true, |entry, _| {
             let entry = entry.ok_or_else(|| unreachable_kind(key, Kind::Semaphore))?;
             data!(entry, key, Kind::Semaphore, Data::Semaphore { permits: current, .. } => {
                 *current = permits;
@@ -585,22 +990,34 @@ impl Structures for InMemory {
     }
 
     async fn semaphore_acquire(&self, key: &str, holder: &str, lease_ms: u64) -> DsResult<bool> {
-        self.with(Kind::Semaphore, key, false, |entry| {
+        self.write(Kind::Semaphore, key, false, |entry, room| {
             let entry = entry.ok_or_else(|| DsError::Invalid(format!("semaphore {key:?} is not initialized")))?;
-            data!(entry, key, Kind::Semaphore, Data::Semaphore { permits, holders } => {
-                let now = Instant::now();
-                holders.retain(|_, until| *until > now);
-                if holders.len() as u64 >= *permits && !holders.contains_key(holder) {
-                    return Ok(false);
+            let now = Instant::now();
+            let (expired, granted, new) = match &entry.data {
+                Data::Semaphore { permits, holders } => {
+                    let expired: u64 =
+                        holders.iter().filter(|(_, until)| **until <= now).map(|(h, _)| item(h.len())).sum();
+                    let live = holders.values().filter(|until| **until > now).count() as u64;
+                    let mine = holders.get(holder).is_some_and(|until| *until > now);
+                    let granted = live < *permits || mine;
+                    (expired, granted, !mine)
                 }
-                holders.insert(holder.to_owned(), later(now, lease_ms));
-                Ok(true)
+                _ => return Err(unreachable_kind(key, Kind::Semaphore)),
+            };
+            let added = if granted && new { item(holder.len()) } else { 0 };
+            room.resize(entry, added, expired)?;
+            data!(entry, key, Kind::Semaphore, Data::Semaphore { holders, .. } => {
+                holders.retain(|_, until| *until > now);
+                if granted {
+                    holders.insert(holder.to_owned(), later(now, lease_ms));
+                }
+                Ok(granted)
             })
         })
     }
 
     async fn semaphore_renew(&self, key: &str, holder: &str, lease_ms: u64) -> DsResult<bool> {
-        self.with(Kind::Semaphore, key, false, |entry| match entry {
+        self.with(Kind::Semaphore, key, |entry| match entry {
             None => Ok(false),
             Some(entry) => data!(entry, key, Kind::Semaphore, Data::Semaphore { holders, .. } => {
                 let now = Instant::now();
@@ -616,9 +1033,16 @@ impl Structures for InMemory {
     }
 
     async fn semaphore_release(&self, key: &str, holder: &str) -> DsResult<bool> {
-        let released = self.with(Kind::Semaphore, key, false, |entry| match entry {
+        let released = self.write(Kind::Semaphore, key, false, |entry, room| match entry {
             None => Ok(false),
             Some(entry) => {
+                let held = match &entry.data {
+                    Data::Semaphore { holders, .. } => holders.contains_key(holder),
+                    _ => return Err(unreachable_kind(key, Kind::Semaphore)),
+                };
+                if held {
+                    room.resize(entry, 0, item(holder.len()))?;
+                }
                 data!(entry, key, Kind::Semaphore, Data::Semaphore { holders, .. } => Ok(holders.remove(holder).is_some()))
             }
         })?;
@@ -629,7 +1053,7 @@ impl Structures for InMemory {
     }
 
     async fn semaphore_available(&self, key: &str) -> DsResult<u64> {
-        self.with(Kind::Semaphore, key, false, |entry| match entry {
+        self.with(Kind::Semaphore, key, |entry| match entry {
             None => Ok(0),
             Some(entry) => data!(entry, key, Kind::Semaphore, Data::Semaphore { permits, holders } => {
                 let now = Instant::now();
@@ -664,20 +1088,37 @@ impl Structures for InMemory {
     }
 
     async fn reliable_publish(&self, topic: &str, message: &[u8], retention: Retention) -> DsResult<u64> {
-        let seq = self.with(Kind::ReliableTopic, topic, true, |entry| {
+        let seq = self.write(Kind::ReliableTopic, topic, true, |entry, room| {
             let entry = entry.ok_or_else(|| unreachable_kind(topic, Kind::ReliableTopic))?;
+            let now = Instant::now();
+            let oldest = retention.age_ms_max.and_then(|age_ms| now.checked_sub(Duration::from_millis(age_ms)));
+            let too_old = |at: &Instant| oldest.is_some_and(|o| *at < o);
+            // What retention drops once the message is in, counted before anything changes:
+            // a prefix of the existing messages (by count, then by age), and the new one
+            // itself only when the count allows none.
+            let (added, removed) = match &entry.data {
+                Data::Reliable { items, .. } => {
+                    let count_drop = (items.len() as u64 + 1).saturating_sub(retention.count_max);
+                    let removed: u64 = items
+                        .iter()
+                        .enumerate()
+                        .take_while(|(i, (_, at, _))| (*i as u64) < count_drop || too_old(at))
+                        .map(|(_, (_, _, m))| item(m.len()))
+                        .sum();
+                    let added = if count_drop > items.len() as u64 { 0 } else { item(message.len()) };
+                    (added, removed)
+                }
+                _ => return Err(unreachable_kind(topic, Kind::ReliableTopic)),
+            };
+            room.resize(entry, added, removed)?;
             data!(entry, topic, Kind::ReliableTopic, Data::Reliable { last_seq, items } => {
-                let now = Instant::now();
                 *last_seq += 1;
                 items.push_back((*last_seq, now, Bytes::copy_from_slice(message)));
                 while items.len() as u64 > retention.count_max {
                     items.pop_front();
                 }
-                if let Some(age_ms) = retention.age_ms_max {
-                    let oldest = now.checked_sub(Duration::from_millis(age_ms));
-                    while items.front().is_some_and(|(_, at, _)| oldest.is_some_and(|o| *at < o)) {
-                        items.pop_front();
-                    }
+                while items.front().is_some_and(|(_, at, _)| too_old(at)) {
+                    items.pop_front();
                 }
                 Ok(*last_seq)
             })
@@ -689,7 +1130,7 @@ impl Structures for InMemory {
     async fn reliable_read(&self, topic: &str, after: u64, max: usize, wait_ms: u64) -> DsResult<ReliableBatch> {
         let deadline = later(Instant::now(), wait_ms);
         loop {
-            let batch = self.with(Kind::ReliableTopic, topic, false, |entry| match entry {
+            let batch = self.with(Kind::ReliableTopic, topic, |entry| match entry {
                 None => Ok(ReliableBatch::default()),
                 Some(entry) => data!(entry, topic, Kind::ReliableTopic, Data::Reliable { items, .. } => Ok(ReliableBatch {
                     first_retained: items.front().map_or(0, |(seq, _, _)| *seq),

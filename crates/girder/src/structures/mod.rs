@@ -176,6 +176,23 @@ pub enum DsError {
     Unavailable(String),
 }
 
+/// How a store that is out of room says so; see [`DsError::is_full`].
+const FULL_PREFIX: &str = "full: ";
+
+impl DsError {
+    /// A write refused because the store has no room left for it (the in-memory store's
+    /// [`memory::InMemoryConfig::bytes_max`]); it changed nothing.
+    pub(crate) fn full(message: impl fmt::Display) -> DsError {
+        // `Unavailable` until a variant of its own is mapped by the HTTP API.
+        DsError::Unavailable(format!("{FULL_PREFIX}{message}"))
+    }
+
+    /// Whether this is a write refused because the store is full.
+    pub fn is_full(&self) -> bool {
+        matches!(self, DsError::Unavailable(message) if message.starts_with(FULL_PREFIX))
+    }
+}
+
 /// Result of a data-structure operation.
 pub type DsResult<T> = Result<T, DsError>;
 

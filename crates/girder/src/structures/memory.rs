@@ -1165,3 +1165,224 @@ fn later(from: Instant, ms: u64) -> Instant {
         .or_else(|| from.checked_add(Duration::from_millis(FAR_MS)))
         .unwrap_or(from)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KIB: u64 = 1 << 10;
+
+    fn store(bytes_max: u64) -> InMemory {
+        InMemory::with_config(InMemoryConfig { bytes_max })
+    }
+
+    fn assert_exact(store: &InMemory) -> u64 {
+        let (recounted, used) = store.bytes_recounted();
+        assert_eq!(recounted, used, "the running count matches a recount");
+        used
+    }
+
+    /// Bytes a cache value of `len` bytes under `key` counts.
+    fn value_bytes(key: &str, len: usize) -> u64 {
+        key.len() as u64 + ENTRY_OVERHEAD_BYTES + len as u64
+    }
+
+    #[tokio::test]
+    async fn accounting_stays_exact_through_every_kind_and_operation() {
+        let bytes_max = 64 * KIB;
+        let store = store(bytes_max);
+        let mut rng = fastrand::Rng::with_seed(9);
+        let kinds = [Kind::Value, Kind::Map, Kind::MultiMap, Kind::Set, Kind::List, Kind::Queue];
+        let (mut refused, mut evicting) = (0, 0);
+        for step in 0..20_000 {
+            let key = format!("k{}", rng.usize(..24));
+            let kind = kinds[rng.usize(..kinds.len())];
+            let bytes = vec![rng.u8(..4); rng.usize(..2_000)];
+            let small = [rng.u8(..8)];
+            let before = store.len();
+            let result = match (kind, rng.u8(..4)) {
+                (Kind::Value, 0) => store.value_set(kind, &key, &bytes, Some(rng.u64(1..50))).await.map(drop),
+                (Kind::Value, 1) => store.value_set(kind, &key, &bytes, None).await.map(drop),
+                (Kind::Value, 2) => store.value_append(&key, &bytes, 8_000).await.map(drop),
+                (Kind::Value, _) => store.value_cas(kind, &key, None, &bytes).await.map(drop),
+                (Kind::Map | Kind::MultiMap, 0 | 1) => store.map_put(kind, &key, &small, &bytes).await.map(drop),
+                (Kind::Map | Kind::MultiMap, 2) => store.map_remove(kind, &key, &small, None).await.map(drop),
+                (Kind::Map | Kind::MultiMap, _) => store.map_remove(kind, &key, &small, Some(&bytes)).await.map(drop),
+                (Kind::Set, 0 | 1) => store.set_add(&key, &bytes).await.map(drop),
+                (Kind::Set, _) => store.set_remove(&key, &bytes).await.map(drop),
+                (_, 0 | 1) => store.list_push(kind, &key, &bytes, rng.bool(), Some(8)).await.map(drop),
+                (Kind::List, 2) => store.list_set(&key, rng.i64(-3..3), &bytes).await.map(drop),
+                (_, _) => store.list_pop(kind, &key, rng.bool()).await.map(drop),
+            };
+            match result {
+                Err(err) if err.is_full() => refused += 1,
+                // Keys reused across kinds.
+                Err(DsError::WrongKind { .. } | DsError::TooLarge { .. }) => {}
+                Err(err) => panic!("step {step}: {err}"),
+                Ok(()) => {}
+            }
+            if store.len() < before {
+                evicting += 1;
+            }
+            if rng.u8(..50) == 0 {
+                let _ = store.delete(kind, &key).await;
+            }
+            let used = assert_exact(&store);
+            assert!(used <= bytes_max, "step {step}: {used} bytes held, over {bytes_max}");
+        }
+        assert!(refused > 0 && evicting > 0, "the budget was reached: {refused} refused, {evicting} evicting");
+    }
+
+    #[tokio::test]
+    async fn coordination_structures_count_too() {
+        let store = store(64 * KIB);
+        assert!(store.lock_acquire("lock", &"h".repeat(300), 60_000).await.unwrap().is_some());
+        assert_eq!(assert_exact(&store), value_bytes("lock", 300));
+        store.semaphore_init("sem", 2).await.unwrap();
+        assert!(store.semaphore_acquire("sem", "a", 1).await.unwrap());
+        assert!(store.semaphore_acquire("sem", "b", 60_000).await.unwrap());
+        assert_exact(&store);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        // a's lease ran out: acquiring drops it from the count.
+        assert!(store.semaphore_acquire("sem", "c", 60_000).await.unwrap());
+        assert!(store.semaphore_release("sem", "b").await.unwrap());
+        assert_exact(&store);
+        let retention = Retention { count_max: 3, age_ms_max: None };
+        for _ in 0..10 {
+            store.reliable_publish("topic", &[7; 500], retention).await.unwrap();
+            assert_exact(&store);
+        }
+        let none = Retention { count_max: 0, age_ms_max: None };
+        store.reliable_publish("topic", &[7; 500], none).await.unwrap();
+        assert_eq!(store.reliable_read("topic", 0, 10, 0).await.unwrap().messages.len(), 0);
+        assert_exact(&store);
+        store.counter_add("counter", 5).await.unwrap();
+        store.latch_try_set("latch", 2).await.unwrap();
+        assert_exact(&store);
+        for (kind, key) in [(Kind::Lock, "lock"), (Kind::Semaphore, "sem"), (Kind::ReliableTopic, "topic")] {
+            assert!(store.delete(kind, key).await.unwrap());
+        }
+        assert!(store.delete(Kind::Counter, "counter").await.unwrap());
+        assert!(store.delete(Kind::Latch, "latch").await.unwrap());
+        assert_eq!(assert_exact(&store), 0, "nothing is counted once everything is deleted");
+    }
+
+    #[tokio::test]
+    async fn a_full_store_evicts_values_with_a_ttl_soonest_expiry_first() {
+        // Room for about four 1 KiB values besides the reserve.
+        let bytes_max = 4 * value_bytes("v0", 1_024) * 16 / 15 + 8;
+        let store = store(bytes_max);
+        store.value_set(Kind::Value, "v0", &[0; 1_024], Some(60_000)).await.unwrap();
+        store.value_set(Kind::Value, "v1", &[1; 1_024], Some(10_000)).await.unwrap();
+        store.value_set(Kind::Value, "v2", &[2; 1_024], None).await.unwrap();
+        store.value_set(Kind::Value, "v3", &[3; 1_024], Some(30_000)).await.unwrap();
+        let used = assert_exact(&store);
+        assert_eq!(used, 4 * value_bytes("v0", 1_024));
+        // A fifth value evicts v1, the one closest to expiry; a sixth, v3.
+        store.value_set(Kind::Value, "v4", &[4; 1_024], None).await.unwrap();
+        assert!(!store.exists(Kind::Value, "v1").await.unwrap(), "v1 expires first: evicted");
+        assert!(store.exists(Kind::Value, "v3").await.unwrap());
+        store.value_set(Kind::Value, "v5", &[5; 1_024], Some(1_000)).await.unwrap();
+        assert!(!store.exists(Kind::Value, "v3").await.unwrap(), "then v3");
+        for kept in ["v0", "v2", "v4", "v5"] {
+            assert!(store.exists(Kind::Value, kept).await.unwrap(), "{kept} is kept");
+        }
+        assert!(assert_exact(&store) <= bytes_max);
+        // Overwriting a value never evicts it to make room for itself.
+        store.value_set(Kind::Value, "v5", &[6; 1_100], Some(1_000)).await.unwrap();
+        assert_eq!(store.value_get(Kind::Value, "v5").await.unwrap().unwrap().bytes.len(), 1_100);
+        assert!(!store.exists(Kind::Value, "v0").await.unwrap(), "v0 was the only other one with a TTL");
+    }
+
+    #[tokio::test]
+    async fn a_write_that_cannot_fit_is_refused_and_changes_nothing() {
+        let bytes_max = 16 * KIB;
+        let store = store(bytes_max);
+        store.value_set(Kind::Value, "plain", &[1; 8_000], None).await.unwrap();
+        store.value_set(Kind::Value, "brief", &[2; 2_000], Some(60_000)).await.unwrap();
+        store.list_push(Kind::List, "list", b"item", false, None).await.unwrap();
+        let used = assert_exact(&store);
+        let version = store.value_get(Kind::Value, "plain").await.unwrap().unwrap().version;
+        // Even with "brief" evicted there is no room: nothing is evicted, nothing written.
+        let refusals = [
+            store.value_set(Kind::Value, "plain", &[3; 16_000], None).await.map(drop),
+            store.value_set(Kind::Value, "new", &[3; 8_000], Some(10)).await.map(drop),
+            store.value_append("plain", &[3; 8_000], 1 << 20).await.map(drop),
+            store.value_cas(Kind::Value, "plain", Some(version), &[3; 16_000]).await.map(drop),
+            store.map_put(Kind::Map, "map", b"f", &[3; 16_000]).await.map(drop),
+            store.set_add("set", &[3; 16_000]).await.map(drop),
+            store.list_push(Kind::List, "list", &[3; 16_000], true, None).await.map(drop),
+            store.list_set("list", 0, &[3; 16_000]).await.map(drop),
+            store.reliable_publish("topic", &[3; 16_000], Retention::default()).await.map(drop),
+            store.lock_acquire("lock", &"h".repeat(16_000), 1_000).await.map(drop),
+        ];
+        for (i, refused) in refusals.into_iter().enumerate() {
+            let err = refused.err().unwrap_or_else(|| panic!("write {i} found no room"));
+            assert!(err.is_full(), "write {i}: {err}");
+            assert!(err.to_string().contains("bytes_max"), "a message that says what to do: {err}");
+        }
+        assert_eq!(assert_exact(&store), used, "the count did not move");
+        let plain = store.value_get(Kind::Value, "plain").await.unwrap().unwrap();
+        assert_eq!((plain.bytes.len(), plain.version), (8_000, version));
+        assert!(store.exists(Kind::Value, "brief").await.unwrap(), "nothing was evicted for a refused write");
+        for (kind, key) in [(Kind::Value, "new"), (Kind::Map, "map"), (Kind::Set, "set"), (Kind::Lock, "lock")] {
+            assert!(!store.exists(kind, key).await.unwrap(), "{key} was not created");
+        }
+        assert_eq!(store.list_range("list", 0, -1, 10).await.unwrap(), vec![Bytes::from_static(b"item")]);
+        // Shrinking writes and deletes always work; then there is room again.
+        store.value_set(Kind::Value, "plain", b"small", None).await.unwrap();
+        store.value_set(Kind::Value, "new", &[3; 8_000], None).await.unwrap();
+        assert!(assert_exact(&store) <= bytes_max);
+    }
+
+    #[tokio::test]
+    async fn reserved_keys_may_use_the_last_sixteenth() {
+        let bytes_max = 16 * KIB;
+        let store = store(bytes_max);
+        let user_max = bytes_max - bytes_max / 16;
+        let fill = (user_max - value_bytes("user/a", 0)) as usize;
+        store.value_set(Kind::Value, "user/a", &vec![0; fill], None).await.unwrap();
+        assert_eq!(assert_exact(&store), user_max);
+        assert!(store.set_add("user/b", b"x").await.unwrap_err().is_full(), "users are at their limit");
+        store.value_set(Kind::Value, "girder/config/n1", &[0; 512], None).await.expect("girder's own state fits");
+        let err = store.value_set(Kind::Value, "girder/big", &[0; 1_024], None).await.unwrap_err();
+        assert!(err.is_full(), "the whole budget is a hard limit: {err}");
+    }
+
+    #[test]
+    fn writes_purge_expired_entries_without_a_sweep() {
+        // Made outside a runtime: no sweep task, only the writes purge.
+        let store = store(1 << 20);
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            for i in 0..1_000 {
+                store.value_set(Kind::Value, &format!("brief{i}"), &[0; 100], Some(300)).await.unwrap();
+            }
+            assert!(assert_exact(&store) >= 1_000 * 100);
+            assert_eq!(store.len(), 1_000, "nothing expired yet");
+            std::thread::sleep(Duration::from_millis(300));
+            for i in 0..1_000 / PURGE_PER_WRITE {
+                store.counter_add(&format!("n{i}"), 1).await.unwrap();
+            }
+            let counters: u64 = (0..1_000 / PURGE_PER_WRITE).map(|i| value_bytes(&format!("n{i}"), 0)).sum();
+            assert_eq!(assert_exact(&store), counters, "every expired value was purged by the writes");
+            assert_eq!(store.len(), 1_000 / PURGE_PER_WRITE);
+        });
+    }
+
+    #[tokio::test]
+    async fn the_sweep_purges_expired_entries_of_an_idle_store() {
+        let store = store(1 << 20);
+        for i in 0..3_000 {
+            // Atoms are never evicted, only purged once expired.
+            store.value_set(Kind::Atom, &format!("a{i}"), &[0; 10], Some(300)).await.unwrap();
+        }
+        assert_eq!(store.len(), 3_000, "nothing expired yet");
+        let begun = Instant::now();
+        while !store.is_empty() {
+            assert!(begun.elapsed() < Duration::from_secs(5), "{} entries left after 5 s", store.len());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(assert_exact(&store), 0);
+    }
+}

@@ -13,6 +13,8 @@ pub struct ConfigArgs {
     /// embedded statekeeper lives in one process, so a separate command cannot reach it.
     #[arg(long, global = true, env = "GIRDER_STATEKEEPER", hide_env_values = true)]
     statekeeper: Option<String>,
+    #[command(flatten)]
+    password: crate::serve::PasswordArgs,
     /// The grid's namespace.
     #[arg(long, global = true, default_value = "girder")]
     namespace: String,
@@ -51,7 +53,8 @@ pub async fn run(args: ConfigArgs) -> anyhow::Result<()> {
         );
     };
     let statekeeper =
-        crate::serve::open_statekeeper(spec, &args.namespace, ResultStoreConfig::default(), 3_000).await?;
+        crate::serve::open_statekeeper_with(spec, &args.password, &args.namespace, ResultStoreConfig::default(), 3_000)
+            .await?;
     let store = statekeeper.structures();
     match args.op {
         ConfigOp::Get { node } => {

@@ -1,13 +1,12 @@
 //! `girder node`: a long-lived node serving the HTTP API until SIGINT or SIGTERM.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::future::IntoFuture;
-
 use anyhow::Context;
-use girder::http::{router, HttpConfig};
+use girder::http::{router, HttpConfig, Server, ServerConfig};
 use girder::structures::{CacheConfig, Compression};
 use girder::{
     Embedded, EmbeddedConfig, Node, PoolSpec, RedisConfig, RedisStatekeeper, Registry, ResultStoreConfig, Statekeeper,
@@ -33,6 +32,8 @@ pub struct NodeArgs {
     /// `redis://[:PASSWORD@]HOST:PORT/DB` (`rediss://` for TLS) to join a cluster.
     #[arg(long, default_value = "embedded", env = "GIRDER_STATEKEEPER", hide_env_values = true)]
     statekeeper: String,
+    #[command(flatten)]
+    password: PasswordArgs,
     /// The CPU count this node reports (default: the machine's); CPU-weighted placement uses it.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65_536))]
     cpus: Option<u32>,
@@ -80,12 +81,116 @@ pub struct NodeArgs {
     /// On SIGTERM or SIGINT, finish held work for at most this long before leaving.
     #[arg(long, default_value_t = 30_000)]
     drain_timeout_ms: u64,
-    // The bearer token every HTTP route but /v1/health requires.
+    /// Most new requests one call tree may create (its root included); past it the tree
+    /// ends and its caller gets `budget_exceeded`. Per call, `?requests_max=` may lower it.
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    call_requests_max: u64,
+    /// Deepest a call tree may nest (a top-level call is depth 0); per call,
+    /// `?depth_max=` may lower it.
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u32).range(1..))]
+    call_depth_max: u32,
+    // The bearer tokens every HTTP route but /v1/health requires.
     #[command(flatten)]
-    auth: crate::auth::TokenArgs,
-    /// Largest HTTP request body, in bytes.
+    auth: crate::auth::NodeTokenArgs,
+    /// Largest HTTP request body, in bytes; a larger announced body is refused (413) before
+    /// it is sent.
     #[arg(long, default_value_t = 4 << 20)]
     body_max_bytes: usize,
+    /// Serve HTTPS with this PEM certificate chain (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Most open HTTP connections; at the cap the longest-idle ones make room for new ones
+    /// (default: 10,000, fewer if the file-descriptor limit is lower).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    connections_max: Option<u64>,
+    /// A request's head must arrive within this many milliseconds of its first byte (and a
+    /// new connection's first request within this long of connecting).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    header_timeout_ms: u64,
+    /// A keep-alive connection without a request for this long closes, as does one whose
+    /// client stops reading its response for this long.
+    #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    idle_timeout_ms: u64,
+    /// A request body must arrive whole within this many milliseconds of its head (408).
+    #[arg(long, default_value_t = 60_000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    body_timeout_ms: u64,
+    /// Most calls in flight through this node's HTTP API; more are answered 503 at once.
+    #[arg(long, default_value_t = 4_096, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    calls_max: u64,
+    /// The share of this node's slots one caller (a token, else a connection) may keep busy
+    /// with calls in flight, at least one call: a fraction (0.5) or a percentage (50%); more
+    /// are answered 429 at once.
+    #[arg(long, default_value = "0.5", value_parser = parse_share)]
+    caller_share: f64,
+    /// The deadline of an HTTP call that names none (?timeout_ms=), in milliseconds.
+    #[arg(long, default_value_t = 300_000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    http_deadline_ms: u64,
+    /// /v1/health says "degraded" once every slot has been busy for this many milliseconds.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
+    degraded_after_ms: u64,
+}
+
+/// Where the statekeeper's password comes from, so that it never needs to be on a command
+/// line (where `ps` shows it) nor in a URL.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PasswordArgs {
+    /// A file holding the Redis password (surrounding whitespace is ignored); the
+    /// --statekeeper URL then has none.
+    #[arg(long, global = true, env = "GIRDER_STATEKEEPER_PASSWORD_FILE", hide_env_values = true)]
+    statekeeper_password_file: Option<PathBuf>,
+}
+
+impl PasswordArgs {
+    /// The password file, from the flag or, for verbs without it, the environment.
+    fn file(&self) -> Option<PathBuf> {
+        self.statekeeper_password_file
+            .clone()
+            .or_else(|| std::env::var_os(PASSWORD_FILE_ENV).filter(|v| !v.is_empty()).map(PathBuf::from))
+    }
+}
+
+const PASSWORD_FILE_ENV: &str = "GIRDER_STATEKEEPER_PASSWORD_FILE";
+/// Longest password file read.
+const PASSWORD_FILE_BYTES_MAX: u64 = 4_096;
+
+fn parse_share(text: &str) -> Result<f64, String> {
+    let text = text.trim();
+    let share = match text.strip_suffix('%') {
+        Some(percent) => percent.trim().parse::<f64>().map(|p| p / 100.0),
+        None => text.parse::<f64>(),
+    };
+    match share {
+        Ok(share) if share > 0.0 && share <= 1.0 => Ok(share),
+        _ => Err(format!("{text:?} is not a share like 0.5 or 50% (more than 0, at most 1)")),
+    }
+}
+
+/// `spec` with the password of `file` in it, percent-encoded. The URL must have none.
+fn with_password(spec: &str, file: &Path) -> anyhow::Result<String> {
+    let password = crate::auth::read_secret_file(file, PASSWORD_FILE_BYTES_MAX, "statekeeper password")?;
+    let password = password.trim();
+    anyhow::ensure!(!password.is_empty(), "the statekeeper password file {} is empty", file.display());
+    let Some((scheme, rest)) = spec.split_once("://") else {
+        anyhow::bail!("the statekeeper URL {:?} has no scheme", girder::redacted(spec));
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let (user, host) = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            anyhow::ensure!(
+                !userinfo.contains(':'),
+                "the statekeeper URL {:?} has a password and --statekeeper-password-file gives one: keep one",
+                girder::redacted(spec)
+            );
+            (userinfo, host)
+        }
+        None => ("", authority),
+    };
+    let encoded = percent_encoding::utf8_percent_encode(password, percent_encoding::NON_ALPHANUMERIC);
+    Ok(format!("{scheme}://{user}:{encoded}@{host}{tail}"))
 }
 
 fn parse_memory(text: &str) -> Result<u64, String> {
@@ -94,9 +199,22 @@ fn parse_memory(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{text:?} is not a size like 512M or 2G"))
 }
 
-/// Opens the statekeeper named on the command line.
+/// Opens the statekeeper named on the command line; a Redis password comes from the file
+/// named by `GIRDER_STATEKEEPER_PASSWORD_FILE`, if set.
 pub async fn open_statekeeper(
     spec: &str,
+    namespace: &str,
+    results: ResultStoreConfig,
+    node_ttl_ms: u64,
+) -> anyhow::Result<Arc<dyn Statekeeper>> {
+    let password = PasswordArgs { statekeeper_password_file: None };
+    open_statekeeper_with(spec, &password, namespace, results, node_ttl_ms).await
+}
+
+/// Opens the statekeeper named on the command line, with the password of `password`.
+pub async fn open_statekeeper_with(
+    spec: &str,
+    password: &PasswordArgs,
     namespace: &str,
     results: ResultStoreConfig,
     node_ttl_ms: u64,
@@ -110,7 +228,12 @@ pub async fn open_statekeeper(
             girder::redacted(spec)
         );
     }
-    let mut config = RedisConfig::new(spec);
+    let url = match password.file() {
+        Some(file) => with_password(spec, &file)?,
+        None => spec.to_owned(),
+    };
+    // Errors name the URL only through `redacted`, which hides the password.
+    let mut config = RedisConfig::new(url);
     config.namespace = namespace.to_owned();
     config.node_ttl_ms = node_ttl_ms;
     config.results_ttl_ms = results.ttl_ms.or(config.results_ttl_ms);
@@ -121,7 +244,19 @@ pub async fn open_statekeeper(
 }
 
 pub async fn run(registry: Registry, args: NodeArgs) -> anyhow::Result<()> {
-    let token = args.auth.token()?;
+    let tokens = args.auth.tokens()?;
+    if args.http_deadline_ms > HttpConfig::default().timeout_ms_max {
+        anyhow::bail!(
+            "--http-deadline-ms ({}) must be at most the longest timeout_ms a caller may ask for ({})",
+            args.http_deadline_ms,
+            HttpConfig::default().timeout_ms_max
+        );
+    }
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(girder::http::tls_config(cert, key)?),
+        _ => None,
+    };
+    let connections_max = connections_max(args.connections_max);
     let results = ResultStoreConfig {
         entries_max: args.results_max_entries,
         bytes_max: args.results_max_bytes,
@@ -140,12 +275,14 @@ pub async fn run(registry: Registry, args: NodeArgs) -> anyhow::Result<()> {
         let names: Vec<&str> = args.functions.iter().map(String::as_str).collect();
         registry.only(&names).map_err(anyhow::Error::msg)?
     };
-    let statekeeper = open_statekeeper(&args.statekeeper, &args.namespace, results, args.node_ttl_ms).await?;
+    let statekeeper =
+        open_statekeeper_with(&args.statekeeper, &args.password, &args.namespace, results, args.node_ttl_ms).await?;
     // Bind first: the address is part of what the node reports about itself.
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {} (is the port taken?)", args.listen))?;
     let addr = listener.local_addr().context("cannot read the bound address")?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let mut builder = Node::builder();
     if let Some(id) = &args.id {
         builder = builder.id(id.clone());
@@ -154,13 +291,15 @@ pub async fn run(registry: Registry, args: NodeArgs) -> anyhow::Result<()> {
         .registry(registry)
         .statekeeper(statekeeper)
         .heartbeat_ms(args.heartbeat_ms)
-        .http_address(format!("http://{addr}"));
+        .http_address(format!("{scheme}://{addr}"));
     if let Some(cpus) = args.cpus {
         builder = builder.cpus(cpus);
     }
     if let Some(bytes) = args.max_memory {
         builder = builder.max_memory_bytes(bytes);
     }
+    builder =
+        builder.call_limits(girder::CallLimits { requests_max: args.call_requests_max, depth_max: args.call_depth_max });
     if let Some(parent) = &args.parent {
         builder = builder.pool(PoolSpec::new(parent.clone()));
     }
@@ -180,7 +319,7 @@ pub async fn run(registry: Registry, args: NodeArgs) -> anyhow::Result<()> {
         // The address line is the ready signal; a node whose stdout is closed keeps serving.
         use std::io::Write;
         let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "girder node {} listening on http://{addr}", node.id()).and_then(|()| out.flush());
+        let _ = writeln!(out, "girder node {} listening on {scheme}://{addr}", node.id()).and_then(|()| out.flush());
     }
     let compression = match args.cache_compression.as_str() {
         "zstd" => Compression::Zstd(3),
@@ -188,35 +327,67 @@ pub async fn run(registry: Registry, args: NodeArgs) -> anyhow::Result<()> {
         _ => Compression::Lz4,
     };
     let cache = CacheConfig { compression, value_bytes_max: args.cache_value_max_bytes, ..Default::default() };
-    if token.is_none() && !addr.ip().is_loopback() {
+    if tokens.is_empty() && !addr.ip().is_loopback() {
         tracing::warn!(%addr, "listening beyond this machine without a token: anyone who reaches the port can call \
             any function and read or change any cache key; set one with --token-file or GIRDER_TOKEN");
     }
-    let config =
-        HttpConfig { cache, token: token.map(Into::into), body_bytes_max: args.body_max_bytes, ..Default::default() };
-    let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, router(node.clone(), config)).with_graceful_shutdown(async move {
-        stop_signal().await;
-        let _ = stopping_tx.send(());
-    });
-    let mut server = tokio::spawn(server.into_future());
-    tokio::select! {
-        ended = &mut server => {
-            // The server stopped without a signal: that is a failure.
-            ended.context("the HTTP server task failed")?.context("the HTTP server failed")?;
-            anyhow::bail!("the HTTP server stopped unexpectedly");
-        }
-        _ = stopping => {}
-    }
-    // No new work from here on; held work finishes for up to the drain timeout, then the
-    // node stops and callers still waiting get a shutdown error, which ends their requests.
+    let config = HttpConfig {
+        cache,
+        tokens: tokens.into_iter().map(Into::into).collect(),
+        body_bytes_max: args.body_max_bytes,
+        deadline_ms: args.http_deadline_ms,
+        calls_max: usize::try_from(args.calls_max).unwrap_or(usize::MAX),
+        caller_share: args.caller_share,
+        degraded_after_ms: args.degraded_after_ms,
+        ..Default::default()
+    };
+    let server_config = ServerConfig {
+        connections_max,
+        header_timeout_ms: args.header_timeout_ms,
+        idle_timeout_ms: args.idle_timeout_ms,
+        body_timeout_ms: args.body_timeout_ms,
+        tls,
+    };
+    let server = Server::start(listener, router(node.clone(), config), server_config);
+    stop_signal().await;
+    // No new connections from here on (the listener closes), idle ones close, requests in
+    // flight may finish. Held work finishes for up to the drain timeout, then the node stops
+    // and callers still waiting get a shutdown error, which ends their requests.
+    server.shut_down();
     node.drain(Duration::from_millis(args.drain_timeout_ms)).await;
     // Connections that still linger (slow clients) do not hold the process.
-    if tokio::time::timeout(SERVER_CLOSE_GRACE, server).await.is_err() {
-        tracing::warn!("closing connections that did not finish in time");
+    let closed = server.close(SERVER_CLOSE_GRACE).await;
+    if closed > 0 {
+        tracing::warn!(connections = closed, "closed connections that did not finish in time");
     }
     Ok(())
 }
+
+/// The connection cap: the one asked for, else 10,000, either way no more than the
+/// file-descriptor limit allows (raised to its hard limit first).
+fn connections_max(asked: Option<u64>) -> usize {
+    let nofile = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(nofile) => nofile,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot read the file-descriptor limit; assuming 1,024");
+            1_024
+        }
+    };
+    let preferred = asked.map_or(DEFAULT_CONNECTIONS_MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
+    let allowed = girder::http::connections_max_for(nofile, preferred);
+    if allowed < preferred && asked.is_some() {
+        tracing::warn!(
+            asked = preferred,
+            allowed,
+            nofile,
+            "--connections-max is over what the file-descriptor limit allows; using less"
+        );
+    }
+    allowed
+}
+
+/// The connection cap when none is asked for.
+const DEFAULT_CONNECTIONS_MAX: usize = 10_000;
 
 /// How long open connections may take to finish after the node stopped.
 const SERVER_CLOSE_GRACE: Duration = Duration::from_secs(1);

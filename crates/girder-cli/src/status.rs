@@ -19,6 +19,8 @@ pub struct StatusArgs {
     /// Read the statekeeper directly instead (a redis:// URL).
     #[arg(long)]
     statekeeper: Option<String>,
+    #[command(flatten)]
+    password: crate::serve::PasswordArgs,
     /// The grid's namespace, with --statekeeper.
     #[arg(long, default_value = "girder")]
     namespace: String,
@@ -32,8 +34,14 @@ pub struct StatusArgs {
 pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
     let nodes: Vec<NodeInfo> = match &args.statekeeper {
         Some(spec) => {
-            let statekeeper =
-                crate::serve::open_statekeeper(spec, &args.namespace, ResultStoreConfig::default(), 3_000).await?;
+            let statekeeper = crate::serve::open_statekeeper_with(
+                spec,
+                &args.password,
+                &args.namespace,
+                ResultStoreConfig::default(),
+                3_000,
+            )
+            .await?;
             statekeeper.live_nodes().await?
         }
         None => {

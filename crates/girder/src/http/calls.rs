@@ -3,17 +3,39 @@
 use std::sync::Arc;
 
 use axum::extract::{Query, State};
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use serde::Deserialize;
 
+use super::admission::Caller;
 use super::{bad_request, body_error, ApiError, AppState, PathParam};
 use axum::body::Bytes;
 use std::time::Duration;
 
-/// The call routes.
-pub(super) fn routes() -> Router<Arc<AppState>> {
-    Router::new().route("/v1/call/{*function}", post(call))
+/// The call routes; calls are admitted (node and caller limits) before their body is read.
+pub(super) fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/v1/call/{*function}", post(call))
+        .route_layer(axum::middleware::from_fn_with_state(state, admit))
+}
+
+/// Takes the call on, or answers `503`/`429` at once; the call holds its place until its
+/// response is ready.
+async fn admit(
+    State(state): State<Arc<AppState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let caller = Caller::of(&request);
+    match state.admission.admit(caller, state.load.slots()) {
+        Ok(ticket) => {
+            let response = next.run(request).await;
+            drop(ticket);
+            response
+        }
+        Err(refused) => refused.into_response(),
+    }
 }
 
 /// The query string of a call.
@@ -39,16 +61,19 @@ async fn call(
     if !args.is_array() {
         return Err(bad_request("the body must be a JSON array with one element per argument, e.g. [90]".to_owned()));
     }
-    let mut client = state.node.client();
-    if let Some(timeout_ms) = query.timeout_ms {
-        if timeout_ms > state.config.timeout_ms_max {
+    // Every call over HTTP has a deadline: the caller's, else the node's default, so no
+    // forgotten call waits forever.
+    let timeout_ms = match query.timeout_ms {
+        Some(timeout_ms) if timeout_ms > state.config.timeout_ms_max => {
             return Err(bad_request(format!(
                 "timeout_ms is at most {}, got {timeout_ms}",
                 state.config.timeout_ms_max
             )));
         }
-        client = client.with_deadline(Duration::from_millis(timeout_ms));
-    }
+        Some(timeout_ms) => timeout_ms,
+        None => state.config.deadline_ms,
+    };
+    let mut client = state.node.client().with_deadline(Duration::from_millis(timeout_ms));
     if let Some(key) = query.affinity {
         client = client.with_affinity(key);
     }

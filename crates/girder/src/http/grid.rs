@@ -26,8 +26,26 @@ pub(super) fn routes() -> Router<Arc<AppState>> {
         .route("/v1/placement/{id}", get(placement))
 }
 
+/// `ok`, or `degraded` once every slot has been busy for `degraded_after_ms` (a gateway,
+/// with no slots, is never degraded). Always `200`: the node still answers, and a liveness
+/// probe that restarted a busy node would lose its work; a load balancer reads the body.
 async fn health(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "status": "ok", "node": state.node.id() }))
+    let load = state.load.read(&state.node);
+    let degraded_after = std::time::Duration::from_millis(state.config.degraded_after_ms);
+    let mut body = serde_json::json!({
+        "status": "ok",
+        "node": state.node.id(),
+        "slots": load.slots,
+        "busy": load.busy,
+    });
+    if let Some(busy_for) = load.all_busy_for.filter(|busy_for| *busy_for >= degraded_after) {
+        body["status"] = "degraded".into();
+        body["all_busy_ms"] = u64::try_from(busy_for.as_millis()).unwrap_or(u64::MAX).into();
+        body["message"] =
+            format!("every one of the node's {} slots has been busy for {:.1} s", load.slots, busy_for.as_secs_f64())
+                .into();
+    }
+    Json(body)
 }
 
 async fn stats(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {

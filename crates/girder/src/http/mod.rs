@@ -5,47 +5,80 @@
 //!   has a free slot. Errors are `{"kind": ..., "message": ...}` with a
 //!   fitting status: 400 bad request or arguments, 404 unknown function, 422 the function
 //!   returned an error, 500 it panicked, 503 the grid is unavailable, 504 the deadline passed.
-//! - `GET /v1/health` returns `{"status": "ok", "node": ID}`.
+//! - `GET /v1/health` returns `{"status": "ok", "node": ID, "slots": N, "busy": N}`, with
+//!   `"status": "degraded"` (still `200`, so a busy node is not restarted by a liveness
+//!   probe) once every slot has been busy for [`HttpConfig::degraded_after_ms`].
 //! - `GET /v1/stats` returns the node's counters.
 //! - `GET /v1/status` returns the grid's live nodes as the statekeeper knows them.
 //! - `GET /metrics` serves the node's metrics in Prometheus's text format.
 //! - `GET /v1/placement/{id}` returns `{"node_id": ..., "node_ids": [...], "flock": N}`.
 //! - `/v1/cache/{key}`: `GET` the value (raw bytes), `PUT` it (`?ttl_ms=N`), `POST` to
 //!   append to it, `DELETE` it. 404 `not_found`, 409 `wrong_kind`, 413 `too_large`.
+//!
+//! Calls without `?timeout_ms=` get [`HttpConfig::deadline_ms`]. Calls in flight are
+//! limited per node and per caller (see `admission`): beyond, `503`/`429` `overloaded` at
+//! once. A body announced larger than [`HttpConfig::body_bytes_max`] is refused with `413`
+//! before anything reads it, so a client that sent `Expect: 100-continue` never gets
+//! `100 Continue`. [`Server`] serves the router with connection limits, timeouts and TLS.
 
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{CallError, ErrorKind};
 
+mod admission;
 mod cache;
 pub use cache::USER_KEY_PREFIX;
 mod calls;
 mod grid;
+mod load;
+mod server;
+pub use server::{connections_max_for, BodyTimeout, Server, ServerConfig};
+mod tls;
 use crate::grid::Node;
 use crate::structures::{Cache, CacheConfig, DsError};
+pub use tls::{tls_config, TlsError};
 
 /// Limits and access of the HTTP API.
 #[derive(Clone)]
 pub struct HttpConfig {
     /// How the cache routes store values.
     pub cache: CacheConfig,
-    /// When set, every route but `GET /v1/health` requires `Authorization: Bearer TOKEN`.
-    pub token: Option<Arc<str>>,
+    /// When not empty, every route but `GET /v1/health` requires `Authorization: Bearer
+    /// TOKEN` with one of these tokens. Each token is a caller of its own for fairness.
+    pub tokens: Vec<Arc<str>>,
     /// Largest request body accepted, in bytes.
     pub body_bytes_max: usize,
     /// Largest `timeout_ms` a caller may ask for.
     pub timeout_ms_max: u64,
+    /// The deadline of a call that names none (`?timeout_ms=`), in milliseconds.
+    pub deadline_ms: u64,
+    /// Most calls in flight on this node at once; more are answered `503` at once.
+    pub calls_max: usize,
+    /// The share (0 < share <= 1) of the node's slots one caller may keep busy with calls in
+    /// flight (at least one call); more are answered `429` at once.
+    pub caller_share: f64,
+    /// Health says `degraded` once every slot has been busy for this long, in milliseconds.
+    pub degraded_after_ms: u64,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { cache: CacheConfig::default(), token: None, body_bytes_max: 4 << 20, timeout_ms_max: 3_600_000 }
+        HttpConfig {
+            cache: CacheConfig::default(),
+            tokens: Vec::new(),
+            body_bytes_max: 4 << 20,
+            timeout_ms_max: 3_600_000,
+            deadline_ms: 300_000,
+            calls_max: 4_096,
+            caller_share: 0.5,
+            degraded_after_ms: 10_000,
+        }
     }
 }
 
@@ -54,9 +87,13 @@ impl std::fmt::Debug for HttpConfig {
         // Never the token itself.
         f.debug_struct("HttpConfig")
             .field("cache", &self.cache)
-            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("tokens", &self.tokens.len())
             .field("body_bytes_max", &self.body_bytes_max)
             .field("timeout_ms_max", &self.timeout_ms_max)
+            .field("deadline_ms", &self.deadline_ms)
+            .field("calls_max", &self.calls_max)
+            .field("caller_share", &self.caller_share)
+            .field("degraded_after_ms", &self.degraded_after_ms)
             .finish()
     }
 }
@@ -65,6 +102,10 @@ struct AppState {
     node: Arc<Node>,
     cache: Cache,
     config: HttpConfig,
+    /// The tokens' hashes, compared in constant time.
+    token_hashes: Vec<blake3::Hash>,
+    admission: Arc<admission::Admission>,
+    load: Arc<load::Load>,
 }
 
 /// The JSON body of every error response.
@@ -81,7 +122,13 @@ struct ApiError(StatusCode, ErrorBody);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(self.1)).into_response()
+        let mut response = (self.0, Json(self.1)).into_response();
+        if matches!(self.0, StatusCode::REQUEST_TIMEOUT | StatusCode::PAYLOAD_TOO_LARGE) {
+            // The rest of the body may still be on its way: the connection cannot carry
+            // another request.
+            response.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+        }
+        response
     }
 }
 
@@ -94,11 +141,7 @@ impl From<CallError> for ApiError {
             ErrorKind::Panic | ErrorKind::BlockingInAsync | ErrorKind::NoPool => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorKind::BadResult => StatusCode::BAD_GATEWAY,
             ErrorKind::Statekeeper | ErrorKind::Shutdown => StatusCode::SERVICE_UNAVAILABLE,
-            ErrorKind::DeadlineExceeded | ErrorKind::TimeLimitExceeded => StatusCode::GATEWAY_TIMEOUT,
-            // The caller's own limits: the request is well formed but asks for too much.
-            ErrorKind::BudgetExceeded => StatusCode::UNPROCESSABLE_ENTITY,
-            // A tree's last caller left; whoever still gets this answer was not waiting.
-            ErrorKind::Cancelled => StatusCode::CONFLICT,
+            ErrorKind::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
             // Not produced by calls; here for completeness.
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::WrongKind => StatusCode::CONFLICT,
@@ -125,8 +168,19 @@ impl From<DsError> for ApiError {
     }
 }
 
-/// A body that could not be read: over the size limit, or broken off.
+/// A body that could not be read: over the size limit, too slow (`408`, and the connection
+/// closes), or broken off.
 fn body_error(rejection: axum::extract::rejection::BytesRejection) -> ApiError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&rejection);
+    while let Some(err) = source {
+        if err.is::<BodyTimeout>() {
+            return ApiError(
+                StatusCode::REQUEST_TIMEOUT,
+                ErrorBody { kind: ErrorKind::BadRequest, message: err.to_string() },
+            );
+        }
+        source = err.source();
+    }
     let status = rejection.status();
     let kind = if status == StatusCode::PAYLOAD_TOO_LARGE { ErrorKind::TooLarge } else { ErrorKind::BadRequest };
     ApiError(status, ErrorBody { kind, message: format!("cannot read the request body: {}", rejection.body_text()) })
@@ -163,13 +217,18 @@ fn bad_request(message: String) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, ErrorBody { kind: ErrorKind::BadRequest, message })
 }
 
-/// The router serving `node`.
+/// The router serving `node`. Within a tokio runtime it also samples the node's load in
+/// the background for as long as the router lives.
 pub fn router(node: Arc<Node>, config: HttpConfig) -> Router {
     let cache = Cache::new(node.structures(), config.cache);
     let body_bytes_max = config.body_bytes_max;
-    let state = Arc::new(AppState { node, cache, config });
+    let token_hashes = config.tokens.iter().map(|t| blake3::hash(t.as_bytes())).collect();
+    let admission = Arc::new(admission::Admission::new(config.calls_max, config.caller_share));
+    let load = Arc::new(load::Load::new(&node));
+    load::spawn_sampler(Arc::downgrade(&node), Arc::downgrade(&load));
+    let state = Arc::new(AppState { node, cache, config, token_hashes, admission, load });
     let guarded = Router::new()
-        .merge(calls::routes())
+        .merge(calls::routes(state.clone()))
         .merge(cache::routes())
         .merge(grid::routes())
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
@@ -179,24 +238,56 @@ pub fn router(node: Arc<Node>, config: HttpConfig) -> Router {
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
         .layer(DefaultBodyLimit::max(body_bytes_max))
+        .layer(axum::middleware::from_fn_with_state(body_bytes_max, refuse_large_bodies))
         .with_state(state)
 }
 
-/// Lets a request through when the API has no token or the request carries it, compared
-/// in constant time (as BLAKE3 hashes, whose equality is constant-time).
+/// Answers `413` to a request whose `Content-Length` is over `body_bytes_max` before
+/// anything reads its body: hyper sends `100 Continue` only when the body is first read,
+/// so a client that asked for it is told no without sending the body. The connection then
+/// closes, since the unread body would otherwise follow.
+async fn refuse_large_bodies(
+    axum::extract::State(body_bytes_max): axum::extract::State<usize>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let announced = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .map(|value| value.to_str().ok().and_then(|text| text.trim().parse::<u64>().ok()));
+    match announced {
+        None => next.run(request).await,
+        Some(Some(length)) if length <= body_bytes_max as u64 => next.run(request).await,
+        Some(Some(length)) => {
+            let message = format!("the request body of {length} bytes is over this node's limit of {body_bytes_max}");
+            ApiError(StatusCode::PAYLOAD_TOO_LARGE, ErrorBody { kind: ErrorKind::TooLarge, message }).into_response()
+        }
+        // hyper refuses a malformed Content-Length before the router sees it; kept for
+        // routers served otherwise.
+        Some(None) => bad_request("Content-Length is not a number".to_owned()).into_response(),
+    }
+}
+
+/// Lets a request through when the API has no token or the request carries one of them,
+/// compared in constant time (as BLAKE3 hashes, whose equality is constant-time; every
+/// token is compared, whichever matches).
 async fn require_token(
     axum::extract::State(state): axum::extract::State<Arc<AppState>>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let Some(token) = &state.config.token else { return next.run(request).await };
+    if state.token_hashes.is_empty() {
+        return next.run(request).await;
+    }
     let given = request
         .headers()
-        .get(axum::http::header::AUTHORIZATION)
+        .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "))
         .unwrap_or("");
-    if blake3::hash(given.as_bytes()) == blake3::hash(token.as_bytes()) {
+    let given = blake3::hash(given.as_bytes());
+    let matches = state.token_hashes.iter().fold(false, |found, token| found | (*token == given));
+    if matches {
         return next.run(request).await;
     }
     let message = "this node requires a bearer token: send `Authorization: Bearer TOKEN` \

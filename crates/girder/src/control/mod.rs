@@ -420,6 +420,12 @@ pub trait Statekeeper: Send + Sync + 'static {
         0
     }
 
+    /// What is unsafe about the store's own settings for a grid (e.g. a Redis that may
+    /// evict grid state when full), one sentence each; a node logs them when it starts.
+    async fn warnings(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// How long a node's lease lasts without a heartbeat.
     fn node_ttl_ms(&self) -> u64;
 

@@ -333,6 +333,9 @@ impl NodeBuilder {
         *core.membership.lease.lock() = Arc::new(LocalLease::new(node_ttl, registering));
         core.apply_config().await;
         let mut tasks = Vec::new();
+        for warning in statekeeper.warnings().await {
+            tracing::warn!(node = %id, "{warning}");
+        }
         let events = statekeeper.open_inbox(&id).await?;
         tasks.push(handle.spawn(super::roles::inbox(core.clone(), events)));
         tasks.extend(super::upkeep::spawn(

@@ -39,6 +39,7 @@ use crate::request::{Outcome, Request};
 use crate::retry::Backoff;
 
 mod conn;
+mod policy;
 mod structures;
 
 const PRELUDE: &str = include_str!("prelude.lua");
@@ -634,6 +635,10 @@ impl Statekeeper for RedisStatekeeper {
 
     fn disruptions(&self) -> u64 {
         self.disruptions.load(Ordering::Relaxed)
+    }
+
+    async fn warnings(&self) -> Vec<String> {
+        policy::memory_warnings(&mut self.conn.get()).await
     }
 
     fn node_ttl_ms(&self) -> u64 {

@@ -59,13 +59,6 @@ pub(crate) async fn memory_warnings(conn: &mut impl ConnectionLike) -> Vec<Strin
     warnings
 }
 
-/// Logs each of [`memory_warnings`] once, at warn level.
-pub(crate) async fn warn_about_memory(conn: &mut impl ConnectionLike) {
-    for warning in memory_warnings(conn).await {
-        tracing::warn!("{warning}");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

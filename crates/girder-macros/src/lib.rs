@@ -18,7 +18,8 @@ use syn::parse::Parser;
 use syn::punctuated::Punctuated;
 use syn::{Expr, ExprLit, FnArg, GenericArgument, ItemFn, Lit, Meta, Pat, PathArguments, ReturnType, Token, Type};
 
-/// Registers a function under a name (required) and a version (default 0). See the crate docs.
+/// Registers a function under a name (required), a version (default 0) and optionally a
+/// time limit (`time_limit_ms = N`, default the node's). See the crate docs.
 #[proc_macro_attribute]
 pub fn function(attr: TokenStream, item: TokenStream) -> TokenStream {
     match expand(attr.into(), item.into()) {
@@ -31,6 +32,7 @@ fn expand(attr: Tokens, item: Tokens) -> syn::Result<Tokens> {
     let metas = Punctuated::<Meta, Token![,]>::parse_terminated.parse2(attr)?;
     let mut name = None;
     let mut version = quote!(0u32);
+    let mut time_limit = quote!(::core::option::Option::None);
     for meta in metas {
         let Meta::NameValue(pair) = meta else {
             return Err(syn::Error::new_spanned(meta, "expected `name = \"ns/fn\"` or `version = N`"));
@@ -47,7 +49,19 @@ fn expand(attr: Tokens, item: Tokens) -> syn::Result<Tokens> {
                 let value: u32 = number.base10_parse()?;
                 version = quote!(#value);
             }
-            _ => return Err(syn::Error::new_spanned(pair, "expected `name = \"ns/fn\"` or `version = N`")),
+            ("time_limit_ms", Expr::Lit(ExprLit { lit: Lit::Int(number), .. })) => {
+                let value: u64 = number.base10_parse()?;
+                if value == 0 {
+                    return Err(syn::Error::new_spanned(number, "a time limit must be at least 1 ms"));
+                }
+                time_limit = quote!(::core::option::Option::Some(#value));
+            }
+            _ => {
+                return Err(syn::Error::new_spanned(
+                    pair,
+                    "expected `name = \"ns/fn\"`, `version = N` or `time_limit_ms = N`",
+                ))
+            }
         }
     }
     let func: ItemFn = syn::parse2(item)?;
@@ -160,6 +174,7 @@ fn expand(attr: Tokens, item: Tokens) -> syn::Result<Tokens> {
             const NAME: &'static str = #name;
             const VERSION: u32 = #version;
             const KIND: ::girder::FnKind = #kind;
+            const TIME_LIMIT_MS: ::core::option::Option<u64> = #time_limit;
             type Args = #args_ty;
             type Output = #output;
 

@@ -38,8 +38,31 @@ async fn wrap(ctx: Ctx, n: u64, ms: u64) -> Result<u64, String> {
     slow::call(&ctx, n, ms).await.map_err(|e| e.to_string())
 }
 
+/// Sleeps `ms` milliseconds, but may run at most 200.
+#[girder::function(name = "test/limited", time_limit_ms = 200)]
+async fn limited(_ctx: Ctx, ms: u64) -> u64 {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    ms
+}
+
+/// Spins until the grid gives up on it (or 20 s pass), then says how long it spun.
+#[girder::function(name = "test/spin", time_limit_ms = 200)]
+fn spin(ctx: Ctx, tag: u64) -> u64 {
+    let begun = Instant::now();
+    while !ctx.is_cancelled() && begun.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    tag + begun.elapsed().as_millis() as u64
+}
+
 fn registry() -> Registry {
-    Registry::with_examples().with::<forever>().with::<forever_blocking>().with::<slow>().with::<wrap>()
+    Registry::with_examples()
+        .with::<forever>()
+        .with::<forever_blocking>()
+        .with::<slow>()
+        .with::<wrap>()
+        .with::<limited>()
+        .with::<spin>()
 }
 
 async fn node(limits: CallLimits) -> Node {
@@ -203,5 +226,45 @@ async fn a_caller_sharing_a_cancelled_request_still_gets_its_value() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     first.abort();
     assert_eq!(second.await.unwrap().unwrap(), 100);
+    node.shutdown().await;
+}
+
+fn time_limit_error(outcome: Result<u64, CallError>) -> u64 {
+    match outcome {
+        Err(CallError::TimeLimitExceeded { limit_ms, .. }) => limit_ms,
+        other => panic!("expected a time limit error, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evaluations_past_their_time_limit_are_abandoned_and_not_memoized() {
+    let node = Node::builder()
+        .registry(registry())
+        .pool(PoolSpec::new("main"))
+        .workers(WorkerSpec::new("main", 1, 2))
+        .time_limit(Duration::from_millis(300))
+        .start()
+        .await
+        .expect("node starts");
+    let client = node.client();
+    assert_eq!(limited::call(&client, 10).await.unwrap(), 10);
+    let begun = Instant::now();
+    assert_eq!(time_limit_error(limited::call(&client, 10_000).await), 200, "the function's own limit");
+    assert!(begun.elapsed() < Duration::from_secs(2), "answered after {:?}", begun.elapsed());
+    // The node's default applies to functions without a limit of their own.
+    let begun = Instant::now();
+    assert_eq!(time_limit_error(slow::call(&client, 1, 10_000).await), 300);
+    assert!(begun.elapsed() < Duration::from_secs(2));
+    // A blocking evaluation is answered at its limit and sees that it was given up.
+    for round in 0..2 {
+        let begun = Instant::now();
+        assert_eq!(time_limit_error(spin::call(&client, 7).await), 200);
+        assert!(begun.elapsed() < Duration::from_secs(2), "answered after {:?}", begun.elapsed());
+        assert_eq!(node.evaluations_of("test/spin"), round + 1, "not memoized: it runs again");
+    }
+    // Both slots are free again soon (the spinning ones noticed and returned).
+    let quick = client.with_deadline(Duration::from_secs(5));
+    let (a, b) = futures::join!(slow::call(&quick, 2, 100), slow::call(&quick, 3, 100));
+    assert_eq!((a.unwrap(), b.unwrap()), (2, 3));
     node.shutdown().await;
 }

@@ -112,6 +112,7 @@ pub struct NodeBuilder {
     http: Option<String>,
     settings: super::config::Settings,
     limits: super::core::CallLimits,
+    time_limit: Option<Duration>,
 }
 
 /// Most slots a worker may have; a guard against typos, not a tuning limit.
@@ -141,6 +142,7 @@ impl NodeBuilder {
             http: None,
             settings: super::config::Settings::default(),
             limits: super::core::CallLimits::default(),
+            time_limit: None,
         }
     }
 
@@ -208,6 +210,16 @@ impl NodeBuilder {
     /// ([`crate::Client::with_limits`]), never for higher ones.
     pub fn call_limits(mut self, limits: super::core::CallLimits) -> NodeBuilder {
         self.limits = limits;
+        self
+    }
+
+    /// Sets how long an evaluation may run here before the grid abandons it with
+    /// [`crate::CallError::TimeLimitExceeded`] (default: no limit), for functions without
+    /// a limit of their own (`#[girder::function(time_limit_ms = N)]`). An async evaluation
+    /// is dropped; a blocking one is answered at once and its result discarded when it
+    /// returns ([`crate::Ctx::is_cancelled`] turns true for it).
+    pub fn time_limit(mut self, limit: Duration) -> NodeBuilder {
+        self.time_limit = Some(limit);
         self
     }
 
@@ -299,6 +311,7 @@ impl NodeBuilder {
                 draining: std::sync::atomic::AtomicBool::new(false),
                 trees: Arc::default(),
                 limits: self.limits,
+                time_limit: self.time_limit,
             },
             membership: Membership {
                 pools,

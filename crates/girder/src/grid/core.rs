@@ -108,6 +108,8 @@ pub(crate) struct Work {
     pub(crate) trees: Arc<super::trees::Trees>,
     /// The limits of the call trees this node's clients start.
     pub(crate) limits: CallLimits,
+    /// How long an evaluation of a function without a time limit of its own may run.
+    pub(crate) time_limit: Option<Duration>,
 }
 
 /// Limits of a call tree: the most new requests it may create and how deep it may nest.

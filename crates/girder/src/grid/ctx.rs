@@ -45,6 +45,8 @@ pub struct Ctx {
     token: Option<CancellationToken>,
     /// The first nested call that failed for a reason of the tree, not of its arguments.
     taint: Taint,
+    /// When the evaluation's time limit runs out, if it has one.
+    deadline: Option<std::time::Instant>,
 }
 
 /// The first error of a nested call that says nothing about the function's arguments
@@ -59,25 +61,28 @@ pub(crate) struct Scope {
     pub(crate) budget: Budget,
     pub(crate) token: Option<CancellationToken>,
     pub(crate) taint: Taint,
+    pub(crate) deadline: Option<std::time::Instant>,
 }
 
 impl Ctx {
     pub(crate) fn for_async(scope: Scope, nested: Arc<AtomicUsize>) -> Ctx {
-        let Scope { core, worker, budget, token, taint } = scope;
-        Ctx { core, worker, mode: Mode::Async(nested), budget, token, taint }
+        let Scope { core, worker, budget, token, taint, deadline } = scope;
+        Ctx { core, worker, mode: Mode::Async(nested), budget, token, taint, deadline }
     }
 
     pub(crate) fn for_blocking(scope: Scope, slot: Arc<Mutex<Option<OwnedSemaphorePermit>>>) -> Ctx {
-        let Scope { core, worker, budget, token, taint } = scope;
-        Ctx { core, worker, mode: Mode::Blocking { slot, fiber: fiber::current() }, budget, token, taint }
+        let Scope { core, worker, budget, token, taint, deadline } = scope;
+        Ctx { core, worker, mode: Mode::Blocking { slot, fiber: fiber::current() }, budget, token, taint, deadline }
     }
 
-    /// Whether nobody waits for this evaluation's call tree any more (its callers left or
-    /// it went over its budget). A long blocking function should check it now and then and
-    /// return early: its result is discarded anyway, and its nested calls fail at once.
-    /// (An async function is simply dropped at its next await.)
+    /// Whether the grid gave up on this evaluation: nobody waits for its call tree any more
+    /// (its callers left, or it went over its budget), or it ran past its time limit. A long
+    /// blocking function should check it now and then and return early: its result is
+    /// discarded anyway, and its nested calls fail at once. (An async function is simply
+    /// dropped at its next await.)
     pub fn is_cancelled(&self) -> bool {
         self.token.as_ref().is_some_and(CancellationToken::is_cancelled)
+            || self.deadline.is_some_and(|deadline| std::time::Instant::now() >= deadline)
     }
 
     /// The call tree this evaluation belongs to and its limits.

@@ -34,6 +34,10 @@ pub trait Function: Send + Sync + 'static {
     const VERSION: u32;
     /// Whether the body is `async`.
     const KIND: FnKind;
+    /// Longest an evaluation may run on a node before the grid abandons it with
+    /// [`CallError::TimeLimitExceeded`]; `None` takes the node's default
+    /// ([`crate::NodeBuilder::time_limit`]).
+    const TIME_LIMIT_MS: Option<u64> = None;
     /// The parameters as a tuple, encoded as a MessagePack array.
     type Args: Serialize + DeserializeOwned + Send + 'static;
     /// The result type.
@@ -50,6 +54,7 @@ pub trait Function: Send + Sync + 'static {
 pub(crate) trait DynFunction: Send + Sync {
     fn version(&self) -> u32;
     fn kind(&self) -> FnKind;
+    fn time_limit_ms(&self) -> Option<u64>;
     fn invoke_async(&self, ctx: Ctx, args: &[u8]) -> BoxFuture<'static, Outcome>;
     fn invoke_blocking(&self, ctx: Ctx, args: &[u8]) -> Outcome;
     /// Whether `args` decode into the parameters, without running anything.
@@ -78,6 +83,10 @@ impl<F: Function> DynFunction for Adapter<F> {
 
     fn kind(&self) -> FnKind {
         F::KIND
+    }
+
+    fn time_limit_ms(&self) -> Option<u64> {
+        F::TIME_LIMIT_MS
     }
 
     fn invoke_async(&self, ctx: Ctx, args: &[u8]) -> BoxFuture<'static, Outcome> {

@@ -10,7 +10,7 @@
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -270,30 +270,30 @@ async fn evaluate_async(
     nested: Arc<AtomicUsize>,
 ) {
     loop {
-        let entered = core.work.trees.enter(request.budget.tree);
-        let taint = Taint::default();
-        let scope = Scope {
-            core: core.clone(),
-            worker: worker.clone(),
-            budget: request.budget,
-            token: entered.token.clone(),
-            taint: taint.clone(),
-        };
-        let ctx = Ctx::for_async(scope, nested.clone());
+        let bounds = Bounds::of(&core, &registered, &request);
+        let ctx = Ctx::for_async(bounds.scope(&core, &worker, &request), nested.clone());
         let running = AssertUnwindSafe(async { registered.function.invoke_async(ctx, &request.args).await });
         let evaluation = running.catch_unwind();
-        let outcome = match &entered.token {
+        let limited = async {
+            match bounds.limit {
+                Some(limit) => {
+                    tokio::time::timeout(limit, evaluation).await.unwrap_or_else(|_| Ok(Err(bounds.overrun(&request))))
+                }
+                None => evaluation.await,
+            }
+        };
+        let outcome = match &bounds.entered.token {
             // Dropped at its next await once its tree ends.
             Some(token) => tokio::select! {
                 biased;
                 _ = token.cancelled() => Ok(Err(CallError::Cancelled { function: request.function.to_string() })),
-                outcome = evaluation => outcome,
+                outcome = limited => outcome,
             },
-            None => evaluation.await,
+            None => limited.await,
         };
         let outcome = outcome.unwrap_or_else(|payload| Err(panic_error(&request, payload)));
-        let outcome = core.settle(&request, outcome, &taint);
-        drop(entered);
+        let outcome = core.settle(&request, outcome, &bounds.taint);
+        drop(bounds);
         // Parked evaluations that woke up go first: they finish work already begun.
         let next_queue = (worker.waiting_for_slot.load(Ordering::Acquire) == 0).then_some(&worker.queue);
         let Some(next) = core.complete_and_claim(&request, outcome, next_queue).await else { return };
@@ -320,30 +320,73 @@ pub(crate) fn run_blocking(
     slot: &Arc<Mutex<Option<OwnedSemaphorePermit>>>,
     request: Request,
 ) {
-    let entered = core.work.trees.enter(request.budget.tree);
-    let taint = Taint::default();
-    let scope = Scope {
-        core: core.clone(),
-        worker: worker.clone(),
-        budget: request.budget,
-        token: entered.token.clone(),
-        taint: taint.clone(),
-    };
-    let ctx = Ctx::for_blocking(scope, slot.clone());
+    let bounds = Bounds::of(core, registered, &request);
+    let ctx = Ctx::for_blocking(bounds.scope(core, worker, &request), slot.clone());
+    // Past its time limit, the grid answers for it at once and discards what it returns.
+    let answered = Arc::new(AtomicBool::new(false));
+    let timer = bounds.limit.map(|limit| {
+        let (core, request, answered) = (core.clone(), request.clone(), answered.clone());
+        let overrun = bounds.overrun(&request);
+        core.handle.clone().spawn(async move {
+            tokio::time::sleep(limit).await;
+            if !answered.swap(true, Ordering::AcqRel) {
+                tracing::warn!(function = %request.function, request = %request.id, "evaluation ran past its time limit; abandoned");
+                core.complete(&request, Err(overrun)).await;
+            }
+        })
+    });
     let outcome: Outcome = {
         let _evaluating = super::panics::Evaluating::enter();
         std::panic::catch_unwind(AssertUnwindSafe(|| registered.function.invoke_blocking(ctx, &request.args)))
     }
     .unwrap_or_else(|payload| Err(panic_error(&request, payload)));
+    if let Some(timer) = timer {
+        timer.abort();
+    }
     // A tree that ended while it ran: the grid discards what it made of that.
-    let outcome = core.settle(&request, outcome, &taint);
-    drop(entered);
-    if core.cancel.is_cancelled() {
-        // The node stopped under us: its runtime may be gone, and deregistering handed
-        // its claims back, so the request runs again elsewhere.
+    let outcome = core.settle(&request, outcome, &bounds.taint);
+    drop(bounds);
+    if answered.swap(true, Ordering::AcqRel) || core.cancel.is_cancelled() {
+        // Answered by the time limit already; or the node stopped under us: its runtime
+        // may be gone, and deregistering handed its claims back, so it runs again elsewhere.
         return;
     }
     core.handle.block_on(core.complete(&request, outcome));
+}
+
+/// What bounds one evaluation: its call tree (whose end cancels it), the taint its nested
+/// calls leave, and its time limit.
+struct Bounds {
+    entered: super::trees::Entered,
+    taint: Taint,
+    limit: Option<Duration>,
+}
+
+impl Bounds {
+    fn of(core: &Arc<NodeCore>, registered: &Registered, request: &Request) -> Bounds {
+        let own = registered.function.time_limit_ms().map(Duration::from_millis);
+        Bounds {
+            entered: core.work.trees.enter(request.budget.tree),
+            taint: Taint::default(),
+            limit: own.or(core.work.time_limit),
+        }
+    }
+
+    fn scope(&self, core: &Arc<NodeCore>, worker: &Arc<Worker>, request: &Request) -> Scope {
+        Scope {
+            core: core.clone(),
+            worker: worker.clone(),
+            budget: request.budget,
+            token: self.entered.token.clone(),
+            taint: self.taint.clone(),
+            deadline: self.limit.map(|limit| std::time::Instant::now() + limit),
+        }
+    }
+
+    fn overrun(&self, request: &Request) -> CallError {
+        let limit_ms = self.limit.map_or(0, |l| u64::try_from(l.as_millis()).unwrap_or(u64::MAX));
+        CallError::TimeLimitExceeded { function: request.function.to_string(), limit_ms }
+    }
 }
 
 fn panic_error(request: &Request, payload: Box<dyn std::any::Any + Send>) -> CallError {

@@ -141,7 +141,11 @@ impl From<CallError> for ApiError {
             ErrorKind::Panic | ErrorKind::BlockingInAsync | ErrorKind::NoPool => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorKind::BadResult => StatusCode::BAD_GATEWAY,
             ErrorKind::Statekeeper | ErrorKind::Shutdown => StatusCode::SERVICE_UNAVAILABLE,
-            ErrorKind::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::DeadlineExceeded | ErrorKind::TimeLimitExceeded => StatusCode::GATEWAY_TIMEOUT,
+            // The caller's own limits: the request is well formed but asks for too much.
+            ErrorKind::BudgetExceeded => StatusCode::UNPROCESSABLE_ENTITY,
+            // A tree's last caller left; whoever still gets this answer was not waiting.
+            ErrorKind::Cancelled => StatusCode::CONFLICT,
             // Not produced by calls; here for completeness.
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::WrongKind => StatusCode::CONFLICT,

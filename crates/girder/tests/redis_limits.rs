@@ -66,3 +66,18 @@ async fn results_past_the_byte_cap_forget_the_oldest() {
     assert!(sk.result(&requests[199].id).await.unwrap().is_some(), "the newest is kept");
     assert!(sk.result(&requests[0].id).await.unwrap().is_none(), "the oldest is gone");
 }
+
+#[tokio::test]
+async fn finished_call_trees_leave_no_keys_behind() {
+    let (_server, sk, mut conn) = setup(1_000, 1 << 30).await;
+    let (node, queue) = (NodeId::new("n1"), QueueId::worker("n1/w0"));
+    for n in 0..50u64 {
+        let budget = girder::Budget::root(10, 10);
+        let root = Request::new("f", 1, Bytes::from(n.to_le_bytes().to_vec())).with_budget(budget);
+        assert_eq!(sk.submit(&root, &queue, false, &node).await.unwrap(), Submitted::Queued);
+        assert_eq!(sk.claim(&queue, &node, 1).await.unwrap().len(), 1);
+        sk.complete(&root.id, &Ok(Bytes::from_static(b"v")), true, &node).await.unwrap();
+    }
+    let keys: Vec<String> = redis::cmd("KEYS").arg("girder:{girder}:tree:*").query_async(&mut conn).await.unwrap();
+    assert!(keys.is_empty(), "trees of one request are forgotten when done: {keys:?}");
+}

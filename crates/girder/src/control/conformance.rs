@@ -50,6 +50,7 @@ pub const CASES: &[(&str, Case)] = &[
     ("a_tree_is_cancelled_when_its_root_has_no_waiter", |f| Box::pin(a_tree_is_cancelled_when_unwaited(f))),
     ("a_tree_whose_root_caller_died_ends", |f| Box::pin(a_tree_whose_root_caller_died_ends(f))),
     ("claims_drop_a_bounded_number_of_ended_requests", |f| Box::pin(claims_drop_a_bounded_number(f))),
+    ("a_finished_root_ends_its_tree", |f| Box::pin(a_finished_root_ends_its_tree(f))),
 ];
 
 /// Runs every case against statekeepers from `factory`, naming the case that fails.
@@ -734,4 +735,31 @@ async fn claims_drop_a_bounded_number(factory: Factory) {
     assert_eq!(sk.queue_len(&own).await.unwrap(), 11);
     let second = sk.claim(&own, &node("n1"), 1).await.unwrap();
     assert_eq!(second.iter().map(|r| r.id).collect::<Vec<_>>(), vec![live.id]);
+}
+
+async fn a_finished_root_ends_its_tree(factory: Factory) {
+    let sk = one_node(&factory, LONG_TTL_MS).await;
+    let own = worker("n1/w0");
+    let tree = 0xd0e;
+    let root = in_tree("f", 0, tree, 0, 100);
+    assert_eq!(sk.submit(&root, &own, false, &node("n1")).await.unwrap(), Submitted::Queued);
+    assert_eq!(sk.claim(&own, &node("n1"), 1).await.unwrap().len(), 1);
+    let straggler = in_tree("f", 1, tree, 1, 100);
+    assert_eq!(sk.submit(&straggler, &own, true, &node("n1")).await.unwrap(), Submitted::Queued);
+    sk.complete(&root.id, &Ok(Bytes::from_static(b"done")), true, &node("n1")).await.unwrap();
+    // Nothing of the tree is needed any more: its stragglers are dropped, it takes no more.
+    assert!(sk.claim(&own, &node("n1"), 10).await.unwrap().is_empty());
+    let late = sk.submit(&in_tree("f", 2, tree, 1, 100), &own, true, &node("n1")).await.unwrap();
+    assert_eq!(late, Submitted::TreeEnded(TreeEnd::Cancelled));
+    // A tree of one request leaves nothing behind: the same tree id starts afresh.
+    let single = in_tree("f", 3, 0x51, 0, 1);
+    assert_eq!(sk.submit(&single, &own, false, &node("n1")).await.unwrap(), Submitted::Queued);
+    assert_eq!(sk.claim(&own, &node("n1"), 1).await.unwrap().len(), 1);
+    sk.complete(&single.id, &Ok(Bytes::from_static(b"1")), true, &node("n1")).await.unwrap();
+    let again = in_tree("f", 4, 0x51, 0, 1);
+    assert_eq!(
+        sk.submit(&again, &own, false, &node("n1")).await.unwrap(),
+        Submitted::Queued,
+        "its count was forgotten"
+    );
 }

@@ -590,6 +590,21 @@ impl Inner {
         Ok(())
     }
 
+    /// When `id` is the root of `tree`, nothing of the tree is needed any more: a tree of one
+    /// request is forgotten at once; a bigger one ends (told to nobody: its stragglers are
+    /// dropped when claimed or refused when they submit) and is forgotten when it ages out.
+    fn root_done(&mut self, tree: u64, id: &ReqId) {
+        let Some(record) = self.trees.get(tree) else { return };
+        if record.root.as_ref().is_none_or(|(_, root)| root != id) {
+            return;
+        }
+        if record.count <= 1 {
+            self.trees.0.pop(&tree);
+        } else {
+            record.end.get_or_insert(TreeEnd::Cancelled);
+        }
+    }
+
     /// Drops the pending request `id` of an ended tree; its waiters are told why.
     fn drop_request(&mut self, id: &ReqId, end: TreeEnd) {
         if let Some(state) = self.requests.remove(id) {
@@ -859,6 +874,7 @@ impl Statekeeper for Embedded {
         }
         let Some(state) = inner.requests.remove(id) else { return Ok(false) };
         inner.untrack(&state.request.function, id);
+        inner.root_done(state.request.budget.tree, id);
         if let Some(owner) = state.running.as_ref().and_then(|owner| inner.nodes.get_mut(owner)) {
             owner.running.remove(id);
         }

@@ -219,6 +219,22 @@ local function end_tree(tree, code)
   for _, node in ipairs(redis.call('HKEYS', P .. 'nodes')) do push_event(node, 'T' .. tree .. code) end
 end
 
+-- When `id` is the root of `tree`, nothing of the tree is needed any more: a tree of one
+-- request is forgotten at once; a bigger one ends ('C', told to nobody: its stragglers are
+-- dropped when claimed or refused when they submit) and is forgotten TREE_DONE_TTL_MS later.
+local TREE_DONE_TTL_MS = 10000
+local function root_done(tree, id)
+  local tkey = P .. 'tree:' .. tree
+  local h = redis.call('HMGET', tkey, 'rootreq', 'n', 'end')
+  if h[1] ~= id then return end
+  if tonumber(h[2] or '0') <= 1 then
+    redis.call('DEL', tkey)
+  elseif not h[3] or h[3] == '' then
+    redis.call('HSET', tkey, 'end', 'C')
+    redis.call('PEXPIRE', tkey, TREE_DONE_TTL_MS)
+  end
+end
+
 -- How `tree` ended ('' while it runs). A tree whose root's caller's node is gone ends now.
 local function tree_end(tree)
   if not tree or tree == '' then return '' end
@@ -394,11 +410,12 @@ end
 local function complete(id, outcome, memoize, localnode, ttl, count_max, bytes_max)
   if memoize then memoize_result(id, outcome, ttl, count_max, bytes_max) end
   local rkey = P .. 'req:' .. id
-  local h = redis.call('HMGET', rkey, 'owner', 'fn')
+  local h = redis.call('HMGET', rkey, 'owner', 'fn', 'tree')
   local owner = h[1]
   if not owner then return 0 end
   if owner ~= '' then redis.call('ZREM', P .. 'claims:' .. owner, id) end
   if h[2] then redis.call('SREM', P .. 'fnreq:' .. h[2], id) end
+  if h[3] and h[3] ~= '' then root_done(h[3], id) end
   redis.call('DEL', rkey)
   redis.call('DECR', P .. 'inflight')
   local waiters = redis.call('SMEMBERS', P .. 'wait:' .. id)

@@ -278,8 +278,7 @@ pub async fn run(registry: Registry, args: NodeArgs) -> anyhow::Result<()> {
     let statekeeper =
         open_statekeeper_with(&args.statekeeper, &args.password, &args.namespace, results, args.node_ttl_ms).await?;
     // Bind first: the address is part of what the node reports about itself.
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
+    let listener = girder::http::bind(args.listen)
         .with_context(|| format!("cannot listen on {} (is the port taken?)", args.listen))?;
     let addr = listener.local_addr().context("cannot read the bound address")?;
     let scheme = if tls.is_some() { "https" } else { "http" };
@@ -298,8 +297,8 @@ pub async fn run(registry: Registry, args: NodeArgs) -> anyhow::Result<()> {
     if let Some(bytes) = args.max_memory {
         builder = builder.max_memory_bytes(bytes);
     }
-    builder =
-        builder.call_limits(girder::CallLimits { requests_max: args.call_requests_max, depth_max: args.call_depth_max });
+    builder = builder
+        .call_limits(girder::CallLimits { requests_max: args.call_requests_max, depth_max: args.call_depth_max });
     if let Some(parent) = &args.parent {
         builder = builder.pool(PoolSpec::new(parent.clone()));
     }

@@ -57,3 +57,5 @@ impl Drop for NodeProcess {
 pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).trim().to_owned()
 }
+
+pub mod hygiene;

@@ -1,7 +1,8 @@
 //! The node's HTTP API (axum).
 //!
 //! - `POST /v1/call/{function}` with a JSON array of arguments returns the JSON result.
-//!   `?timeout_ms=N` sets a deadline; `?affinity=KEY` runs it on an owner of KEY when one
+//!   `?timeout_ms=N` sets a deadline; `?requests_max=N&depth_max=N` lower the limits of the
+//!   call's tree; `?affinity=KEY` runs it on an owner of KEY when one
 //!   has a free slot. Errors are `{"kind": ..., "message": ...}` with a
 //!   fitting status: 400 bad request or arguments, 404 unknown function, 422 the function
 //!   returned an error, 500 it panicked, 503 the grid is unavailable, 504 the deadline passed.
@@ -38,7 +39,7 @@ mod calls;
 mod grid;
 mod load;
 mod server;
-pub use server::{connections_max_for, BodyTimeout, Server, ServerConfig};
+pub use server::{bind, connections_max_for, BodyTimeout, Server, ServerConfig};
 mod tls;
 use crate::grid::Node;
 use crate::structures::{Cache, CacheConfig, DsError};

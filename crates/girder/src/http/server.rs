@@ -608,6 +608,20 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     }
 }
 
+/// How many connections may wait in the kernel to be accepted (capped by the kernel's
+/// `somaxconn`). The standard library's 128 overflows under a burst of new connections,
+/// and each connection refused that way waits a second to try again.
+const LISTEN_BACKLOG: u32 = 4_096;
+
+/// A listener on `addr` for [`Server::start`], with room for bursts of new connections.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    // As the standard library does: a restarted node can bind its port again at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// The number of connections a node can hold given its file-descriptor limit `nofile`:
 /// `preferred`, but never so many that the descriptors the node needs for everything else
 /// (Redis connections, files, fibers' threads) run out.

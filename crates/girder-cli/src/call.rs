@@ -20,6 +20,12 @@ pub struct CallArgs {
     /// Run on a node that owns this key when one has a free slot.
     #[arg(long)]
     affinity: Option<String>,
+    /// Most new requests the call's tree may create (at most the node's limit).
+    #[arg(long)]
+    requests_max: Option<u64>,
+    /// Deepest the call's tree may nest (at most the node's limit).
+    #[arg(long)]
+    depth_max: Option<u32>,
     #[command(flatten)]
     auth: crate::auth::TokenArgs,
 }
@@ -39,6 +45,12 @@ pub async fn run(args: CallArgs) -> anyhow::Result<()> {
     }
     if let Some(key) = &args.affinity {
         query.push(("affinity", key.clone()));
+    }
+    if let Some(max) = args.requests_max {
+        query.push(("requests_max", max.to_string()));
+    }
+    if let Some(max) = args.depth_max {
+        query.push(("depth_max", max.to_string()));
     }
     // The node enforces the deadline; the client waits a little longer to hear about it.
     let client_timeout = Duration::from_millis(args.timeout_ms.unwrap_or(3_600_000).saturating_add(5_000));

@@ -86,6 +86,13 @@ fn a_huge_tree_fails_with_the_budget_error_and_the_node_serves_on() {
     assert_eq!(text(&out.stdout), "3001", "deep but within the budget; {}", text(&out.stderr));
     let out = node.call(&["examples/fib", "60"]);
     assert_eq!(text(&out.stdout), "1548008755920", "the node serves the next call; {}", text(&out.stderr));
+    // Per call, lower limits (never higher ones).
+    let out = node.call(&["examples/tree", "4", "14", "3", "--requests-max", "100"]);
+    assert!(text(&out.stderr).contains("exceeded its requests limit of 100"), "{}", text(&out.stderr));
+    let out = node.call(&["examples/tree", "4", "14", "4", "--requests-max", "99999999"]);
+    assert!(text(&out.stderr).contains("exceeded its requests limit of 20000"), "{}", text(&out.stderr));
+    let out = node.call(&["examples/chain", "50", "--depth-max", "10"]);
+    assert!(text(&out.stderr).contains("exceeded its depth limit of 10"), "{}", text(&out.stderr));
     let node = NodeProcess::start(&["--workers", "1", "--slots", "2", "--call-depth-max", "100"]);
     let out = node.call(&["examples/chain_blocking", "1000"]);
     assert!(text(&out.stderr).contains("exceeded its depth limit of 100"), "{}", text(&out.stderr));

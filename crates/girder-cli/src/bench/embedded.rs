@@ -18,6 +18,8 @@ async fn node(registry: &Registry, workers: u64, slots: u64) -> anyhow::Result<N
         .registry(registry.clone())
         .pool(PoolSpec::new("bench"))
         .workers(WorkerSpec::new("bench", workers as usize, slots as usize))
+        // The deep chains go past the default budget of a million requests.
+        .call_limits(girder::CallLimits { requests_max: u64::MAX, depth_max: u32::MAX })
         .start()
         .await
         .context("cannot start the benchmark node")

@@ -43,6 +43,10 @@ async fn admit(
 struct CallQuery {
     timeout_ms: Option<u64>,
     affinity: Option<String>,
+    /// Lowers the node's limit of new requests of the call's tree.
+    requests_max: Option<u64>,
+    /// Lowers the node's limit of the call tree's depth.
+    depth_max: Option<u32>,
 }
 
 async fn call(
@@ -76,6 +80,14 @@ async fn call(
     let mut client = state.node.client().with_deadline(Duration::from_millis(timeout_ms));
     if let Some(key) = query.affinity {
         client = client.with_affinity(key);
+    }
+    if query.requests_max.is_some() || query.depth_max.is_some() {
+        // Capped by the node's own limits in the client.
+        let limits = crate::CallLimits {
+            requests_max: query.requests_max.unwrap_or(u64::MAX),
+            depth_max: query.depth_max.unwrap_or(u32::MAX),
+        };
+        client = client.with_limits(limits);
     }
     Ok(Json(client.call_json(&function, &args).await?))
 }

@@ -89,6 +89,10 @@ pub struct NodeArgs {
     /// `?depth_max=` may lower it.
     #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u32).range(1..))]
     call_depth_max: u32,
+    /// Longest an evaluation may run here before the grid abandons it
+    /// (`time_limit_exceeded`), for functions without a limit of their own.
+    #[arg(long, default_value_t = 3_600_000, value_parser = clap::value_parser!(u64).range(1..))]
+    time_limit_ms: u64,
     // The bearer tokens every HTTP route but /v1/health requires.
     #[command(flatten)]
     auth: crate::auth::NodeTokenArgs,
@@ -237,6 +241,8 @@ pub async fn open_statekeeper_with(
     config.namespace = namespace.to_owned();
     config.node_ttl_ms = node_ttl_ms;
     config.results_ttl_ms = results.ttl_ms.or(config.results_ttl_ms);
+    config.results_entries_max = results.entries_max as u64;
+    config.results_bytes_max = results.bytes_max as u64;
     config.near_cache.entries_max = results.entries_max.min(config.near_cache.entries_max);
     config.near_cache.bytes_max = results.bytes_max.min(config.near_cache.bytes_max);
     let redis = RedisStatekeeper::connect(config).await?;
@@ -298,7 +304,8 @@ pub async fn run(registry: Registry, args: NodeArgs) -> anyhow::Result<()> {
         builder = builder.max_memory_bytes(bytes);
     }
     builder = builder
-        .call_limits(girder::CallLimits { requests_max: args.call_requests_max, depth_max: args.call_depth_max });
+        .call_limits(girder::CallLimits { requests_max: args.call_requests_max, depth_max: args.call_depth_max })
+        .time_limit(Duration::from_millis(args.time_limit_ms));
     if let Some(parent) = &args.parent {
         builder = builder.pool(PoolSpec::new(parent.clone()));
     }

@@ -108,7 +108,7 @@ if redis.call('HEXISTS', P .. 'fver', fn) == 0 then
   if redis.call('EXISTS', rkey) == 1 then fail_waiters(id, ARGV[7]) end
   return {'UNKNOWN'}
 end
-local ended = tree_end(tree)
+local ended, tree_n, root_node = tree_status(tree)
 if ended ~= '' then return {'ENDED', ended} end
 local owner = redis.call('HGET', rkey, 'owner')
 if owner then
@@ -125,13 +125,13 @@ if tonumber(redis.call('GET', P .. 'inflight') or '0') >= tonumber(ARGV[8]) then
 if tree ~= '' then
   -- A new request counts against its tree's budget; past it, the whole tree ends.
   local tkey = P .. 'tree:' .. tree
-  if tonumber(redis.call('HGET', tkey, 'n') or '0') >= tonumber(ARGV[12]) then
+  if tree_n >= tonumber(ARGV[12]) then
     end_tree(tree, 'B' .. ARGV[12])
     redis.call('PEXPIRE', tkey, ARGV[13])
     return {'ENDED', 'B' .. ARGV[12]}
   end
   redis.call('HINCRBY', tkey, 'n', 1)
-  if ARGV[11] == '0' and redis.call('HEXISTS', tkey, 'rootreq') == 0 then
+  if ARGV[11] == '0' and not root_node then
     redis.call('HSET', tkey, 'rootnode', waiter, 'rootreq', id)
   end
   redis.call('PEXPIRE', tkey, ARGV[13])

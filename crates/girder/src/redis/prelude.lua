@@ -235,16 +235,22 @@ local function root_done(tree, id)
   end
 end
 
--- How `tree` ended ('' while it runs). A tree whose root's caller's node is gone ends now.
-local function tree_end(tree)
-  if not tree or tree == '' then return '' end
-  local h = redis.call('HMGET', P .. 'tree:' .. tree, 'end', 'rootnode')
-  if h[1] and h[1] ~= '' then return h[1] end
+-- How `tree` ended ('' while it runs; a tree whose root's caller's node is gone ends now),
+-- then, while it runs, how many requests it created and its root's caller's node (or false).
+local function tree_status(tree)
+  if not tree or tree == '' then return '', 0, false end
+  local h = redis.call('HMGET', P .. 'tree:' .. tree, 'end', 'rootnode', 'n')
+  if h[1] and h[1] ~= '' then return h[1], 0, false end
   if h[2] and h[2] ~= '' and not node_alive(h[2], now_ms()) then
     end_tree(tree, 'C')
-    return 'C'
+    return 'C', 0, false
   end
-  return ''
+  return '', tonumber(h[3] or '0'), h[2]
+end
+
+local function tree_end(tree)
+  local ended = tree_status(tree)
+  return ended
 end
 
 -- The first step of removing a node: it leaves the membership, the directory and its pools

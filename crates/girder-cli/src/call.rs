@@ -53,6 +53,8 @@ pub async fn run(args: CallArgs) -> anyhow::Result<()> {
         query.push(("depth_max", max.to_string()));
     }
     // The node enforces the deadline; the client waits a little longer to hear about it.
+    // Without one, the node's default deadline (`--http-deadline-ms`, 300,000) applies; a
+    // node configured longer still answers, as this waits up to the longest deadline.
     let client_timeout = Duration::from_millis(args.timeout_ms.unwrap_or(3_600_000).saturating_add(5_000));
     let client = args.auth.client(reqwest::Client::builder().timeout(client_timeout))?;
     let response = client

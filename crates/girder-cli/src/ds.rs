@@ -21,6 +21,8 @@ pub struct DsArgs {
     /// The grid's namespace.
     #[arg(long, global = true, default_value = "girder")]
     namespace: String,
+    #[command(flatten)]
+    password: crate::serve::PasswordArgs,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -91,8 +93,14 @@ enum DsOp {
 }
 
 async fn store(args: &DsArgs) -> anyhow::Result<Store> {
-    let statekeeper =
-        crate::serve::open_statekeeper(&args.statekeeper, &args.namespace, ResultStoreConfig::default(), 3_000).await?;
+    let statekeeper = crate::serve::open_statekeeper_with(
+        &args.statekeeper,
+        &args.password,
+        &args.namespace,
+        ResultStoreConfig::default(),
+        3_000,
+    )
+    .await?;
     Ok(statekeeper.structures())
 }
 

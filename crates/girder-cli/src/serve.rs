@@ -89,6 +89,11 @@ pub struct NodeArgs {
     /// `?depth_max=` may lower it.
     #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u32).range(1..))]
     call_depth_max: u32,
+    /// With the embedded statekeeper: most bytes its data structures (cache values, atoms,
+    /// maps, ...) may hold, like 512M or 2G; past it values with a TTL are evicted
+    /// (soonest to expire first), then writes fail with 507 `full`.
+    #[arg(long, value_parser = parse_memory, default_value = "1G")]
+    structures_bytes_max: u64,
     /// Longest an evaluation may run here before the grid abandons it
     /// (`time_limit_exceeded`), for functions without a limit of their own.
     #[arg(long, default_value_t = 3_600_000, value_parser = clap::value_parser!(u64).range(1..))]
@@ -203,18 +208,6 @@ fn parse_memory(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{text:?} is not a size like 512M or 2G"))
 }
 
-/// Opens the statekeeper named on the command line; a Redis password comes from the file
-/// named by `GIRDER_STATEKEEPER_PASSWORD_FILE`, if set.
-pub async fn open_statekeeper(
-    spec: &str,
-    namespace: &str,
-    results: ResultStoreConfig,
-    node_ttl_ms: u64,
-) -> anyhow::Result<Arc<dyn Statekeeper>> {
-    let password = PasswordArgs { statekeeper_password_file: None };
-    open_statekeeper_with(spec, &password, namespace, results, node_ttl_ms).await
-}
-
 /// Opens the statekeeper named on the command line, with the password of `password`.
 pub async fn open_statekeeper_with(
     spec: &str,
@@ -281,8 +274,13 @@ pub async fn run(registry: Registry, args: NodeArgs) -> anyhow::Result<()> {
         let names: Vec<&str> = args.functions.iter().map(String::as_str).collect();
         registry.only(&names).map_err(anyhow::Error::msg)?
     };
-    let statekeeper =
-        open_statekeeper_with(&args.statekeeper, &args.password, &args.namespace, results, args.node_ttl_ms).await?;
+    let statekeeper: Arc<dyn Statekeeper> = if args.statekeeper == "embedded" {
+        let structures = girder::structures::memory::InMemoryConfig { bytes_max: args.structures_bytes_max };
+        let node_ttl_ms = args.node_ttl_ms;
+        Arc::new(Embedded::new(EmbeddedConfig { results, node_ttl_ms, structures, ..Default::default() }))
+    } else {
+        open_statekeeper_with(&args.statekeeper, &args.password, &args.namespace, results, args.node_ttl_ms).await?
+    };
     // Bind first: the address is part of what the node reports about itself.
     let listener = girder::http::bind(args.listen)
         .with_context(|| format!("cannot listen on {} (is the port taken?)", args.listen))?;

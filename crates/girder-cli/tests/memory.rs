@@ -24,7 +24,6 @@ const VALUE_BYTES: usize = 4_000_000;
 const CAP_BYTES: u64 = 64 * MIB;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the --structures-bytes-max flag wired in serve.rs"]
 async fn puts_of_4_mb_stay_under_the_structures_cap() {
     // Uncompressible values: the cap counts what is stored, so LZ4 must not shrink them.
     let node = NodeProcess::start(&["--structures-bytes-max", "64M", "--workers", "1"]);
@@ -68,11 +67,7 @@ async fn puts_of_4_mb_stay_under_the_structures_cap() {
         let status = response.status().as_u16();
         let body: serde_json::Value = response.json().await.expect("a JSON error body");
         let message = body["message"].as_str().unwrap_or_default();
-        // 507 `full` once DsError::Full is mapped; until then 503 `statekeeper` saying "full".
-        assert!(
-            (status == 507 && body["kind"] == "full") || (status == 503 && message.contains("full")),
-            "plain{i}: {status} {body}"
-        );
+        assert!(status == 507 && body["kind"] == "full", "plain{i}: {status} {body}");
         assert!(message.contains("bytes_max"), "the message says what to raise: {message}");
         refused += 1;
         let absent = http.get(format!("{}/v1/cache/plain{i}", node.url)).send().await.expect("answers");

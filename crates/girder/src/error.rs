@@ -155,6 +155,11 @@ pub enum ErrorKind {
     TooLarge,
     /// A request without the node's bearer token.
     Unauthorized,
+    /// The node takes no more calls or connections now (its caps, or the caller's share);
+    /// retry later.
+    Overloaded,
+    /// A write the store has no room for (its byte budget); it changed nothing.
+    Full,
 }
 
 impl ErrorKind {
@@ -179,6 +184,8 @@ impl ErrorKind {
             ErrorKind::WrongKind => "wrong_kind",
             ErrorKind::TooLarge => "too_large",
             ErrorKind::Unauthorized => "unauthorized",
+            ErrorKind::Overloaded => "overloaded",
+            ErrorKind::Full => "full",
         }
     }
 }

@@ -122,7 +122,7 @@ pub(super) struct Refused(pub StatusCode, pub String);
 impl IntoResponse for Refused {
     /// `{"kind": "overloaded", "message": ...}` with `Retry-After: 1`.
     fn into_response(self) -> Response {
-        let body = serde_json::json!({ "kind": "overloaded", "message": self.1 });
+        let body = serde_json::json!({ "kind": crate::ErrorKind::Overloaded.as_str(), "message": self.1 });
         let mut response = (self.0, axum::Json(body)).into_response();
         response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         response

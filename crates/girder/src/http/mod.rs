@@ -152,6 +152,8 @@ impl From<CallError> for ApiError {
             ErrorKind::WrongKind => StatusCode::CONFLICT,
             ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorKind::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::Full => StatusCode::INSUFFICIENT_STORAGE,
         };
         ApiError(status, ErrorBody { kind: err.kind(), message: err.to_string() })
     }
@@ -168,6 +170,7 @@ impl From<DsError> for ApiError {
             DsError::Decode { .. } => (StatusCode::INTERNAL_SERVER_ERROR, ErrorKind::BadResult),
             DsError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, ErrorKind::DeadlineExceeded),
             DsError::Gap { .. } | DsError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, ErrorKind::Statekeeper),
+            DsError::Full(_) => (StatusCode::INSUFFICIENT_STORAGE, ErrorKind::Full),
         };
         ApiError(status, ErrorBody { kind, message: err.to_string() })
     }

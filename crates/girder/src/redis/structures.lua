@@ -54,7 +54,7 @@ redis.call('SET', B, ARGV[4])
 redis.call('SET', B .. ':v', version)
 expire_with(tonumber(ARGV[5]))
 changed()
-return tostring(version)
+return string.format('%.0f', version)
 --@@ value_cas: ARGV[4] expected version ('' = unset), ARGV[5] value
 local exists = check(false) and redis.call('EXISTS', B) == 1
 local current = '0'
@@ -69,7 +69,7 @@ local version = next_version()
 redis.call('SET', B, ARGV[5], 'KEEPTTL')
 redis.call('SET', B .. ':v', version, 'KEEPTTL')
 changed()
-return tostring(version)
+return string.format('%.0f', version)
 --@@ value_compare_and_set: ARGV[4] '1' if a value is expected ('0': only if unset), ARGV[5] expected bytes, ARGV[6] value
 -- Compares the stored bytes, not the version: a rewrite of the same bytes still matches.
 local exists = check(false) and redis.call('EXISTS', B) == 1
@@ -83,7 +83,7 @@ local version = next_version()
 redis.call('SET', B, ARGV[6], 'KEEPTTL')
 redis.call('SET', B .. ':v', version, 'KEEPTTL')
 changed()
-return tostring(version)
+return string.format('%.0f', version)
 --@@ value_append: ARGV[4] chunk, ARGV[5] max bytes
 check(true)
 local total = redis.call('STRLEN', B) + string.len(ARGV[4])

@@ -113,13 +113,18 @@ async fn until_gone(store: &Store, kind: Kind, key: &str) {
 
 async fn cache_ttls_kept_by_compare_and_set_cleared_by_set(store: Store) {
     // A compare-and-set keeps the TTL: the entry still goes when it was due.
-    store.value_set(Kind::Value, "kept", b"a", Some(100)).await.unwrap();
-    let v1 = store.value_get(Kind::Value, "kept").await.unwrap().expect("set").version;
-    store.value_cas(Kind::Value, "kept", Some(v1), b"bb").await.unwrap().expect("the version matches");
+    let v1 = store.value_set(Kind::Value, "kept", b"a", Some(100)).await.unwrap();
+    assert_eq!(
+        store.value_get(Kind::Value, "kept").await.unwrap().expect("set").version,
+        v1,
+        "set returns the version"
+    );
+    let v2 = store.value_cas(Kind::Value, "kept", Some(v1), b"bb").await.unwrap().expect("the version matches");
+    assert_eq!(store.value_get(Kind::Value, "kept").await.unwrap().expect("set").version, v2, "so does a CAS");
     let swapped = store.value_compare_and_set(Kind::Value, "kept", Some(b"bb"), b"ccc").await.unwrap();
-    assert!(swapped.is_some(), "the bytes match");
     let v3 = store.value_get(Kind::Value, "kept").await.unwrap().expect("set").version;
-    assert!(v3 > v1, "every write increases the version");
+    assert_eq!(swapped, Some(v3), "the bytes match, and the new version is returned");
+    assert!(v3 > v2 && v2 > v1, "every write increases the version");
     until_gone(&store, Kind::Value, "kept").await;
     // A plain set clears it; a set with a TTL gives one back.
     store.value_set(Kind::Value, "cleared", b"a", Some(100)).await.unwrap();

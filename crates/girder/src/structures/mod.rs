@@ -174,22 +174,21 @@ pub enum DsError {
     /// The store is unreachable.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// A write refused because the store has no room left for it; it changed nothing.
+    #[error("store full: {0}")]
+    Full(String),
 }
-
-/// How a store that is out of room says so; see [`DsError::is_full`].
-const FULL_PREFIX: &str = "full: ";
 
 impl DsError {
     /// A write refused because the store has no room left for it (the in-memory store's
     /// [`memory::InMemoryConfig::bytes_max`]); it changed nothing.
     pub(crate) fn full(message: impl fmt::Display) -> DsError {
-        // `Unavailable` until a variant of its own is mapped by the HTTP API.
-        DsError::Unavailable(format!("{FULL_PREFIX}{message}"))
+        DsError::Full(message.to_string())
     }
 
     /// Whether this is a write refused because the store is full.
     pub fn is_full(&self) -> bool {
-        matches!(self, DsError::Unavailable(message) if message.starts_with(FULL_PREFIX))
+        matches!(self, DsError::Full(_))
     }
 }
 

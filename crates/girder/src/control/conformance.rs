@@ -699,10 +699,11 @@ async fn a_tree_whose_root_caller_died_ends(factory: Factory) {
     assert_eq!(sk.submit(&root, &own, false, &node("caller")).await.unwrap(), Submitted::Queued);
     assert_eq!(sk.claim(&own, &node("n1"), 1).await.unwrap().len(), 1);
     assert_eq!(sk.submit(&in_tree("f", 1, tree, 1, 100), &own, true, &node("n1")).await.unwrap(), Submitted::Queued);
-    // The caller's node stops heartbeating; n1 keeps its lease.
+    // The caller's node stops heartbeating; n1 keeps its lease and reaps (as nodes do).
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         assert!(sk.heartbeat(&node("n1"), &NodeInfo::default()).await.unwrap());
+        sk.reap().await.unwrap();
         let submitted = sk.submit(&in_tree("f", 2, tree, 1, 100), &own, true, &node("n1")).await.unwrap();
         if submitted == Submitted::TreeEnded(TreeEnd::Cancelled) {
             break;

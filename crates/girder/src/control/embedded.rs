@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, Notify};
 
 use super::{
     Event, NodeId, NodeInfo, PoolCounters, PoolId, QueueId, ResultStore, ResultStoreConfig, SkResult, Statekeeper,
-    Submitted, TreeEnd, CLAIM_DROP_MAX, TREE_TTL_MS,
+    Submitted, TreeEnd, CLAIM_DROP_MAX,
 };
 use crate::error::{CallError, StatekeeperError};
 use crate::id::{IdMap, ReqId};
@@ -74,8 +74,8 @@ pub(crate) const HOIST_SCAN_MAX: usize = 1_000;
 /// Most dead nodes one reaping step detaches before it gives their work back (the Redis
 /// script's `REAP_NODES_MAX`); the embedded `reap` loops over steps until none is left.
 pub(crate) const REAP_NODES_MAX: usize = 16;
-/// Most call trees whose records are kept; the least recently used is forgotten first
-/// (as if its [`TREE_TTL_MS`] had passed).
+/// Most call trees whose records are kept; the least recently used is forgotten first (as
+/// the Redis scripts forget a tree [`super::TREE_TTL_MS`] after its last new request).
 const TREES_MAX: usize = 1_000_000;
 
 /// A call tree: how many requests it created, who called its root, how it ended.
@@ -84,26 +84,30 @@ struct TreeRecord {
     /// The node whose caller submitted the root, and the root.
     root: Option<(NodeId, ReqId)>,
     end: Option<TreeEnd>,
-    touched: Instant,
 }
 
-/// The call trees' records, bounded by count and by age.
+/// The call trees' records, bounded by count. A record goes when its root finishes or is
+/// dropped, else when it is the least recently used of [`TREES_MAX`].
 struct Trees(lru::LruCache<u64, TreeRecord>);
 
 impl Default for Trees {
     fn default() -> Self {
-        Trees(lru::LruCache::new(std::num::NonZeroUsize::new(TREES_MAX).unwrap_or(std::num::NonZeroUsize::MIN)))
+        // Unbounded to the crate, bounded here: a bounded one allocates its whole capacity.
+        Trees(lru::LruCache::unbounded())
     }
 }
 
 impl Trees {
-    /// The record of `tree`, unless it is older than [`TREE_TTL_MS`].
     fn get(&mut self, tree: u64) -> Option<&mut TreeRecord> {
-        let ttl = Duration::from_millis(TREE_TTL_MS);
-        if self.0.peek(&tree).is_some_and(|r| r.touched.elapsed() >= ttl) {
-            self.0.pop(&tree);
-        }
         self.0.get_mut(&tree)
+    }
+
+    /// The record of `tree`, a fresh one if it has none.
+    fn get_or_new(&mut self, tree: u64) -> &mut TreeRecord {
+        if !self.0.contains(&tree) && self.0.len() >= TREES_MAX {
+            self.0.pop_lru();
+        }
+        self.0.get_or_insert_mut(tree, || TreeRecord { count: 0, root: None, end: None })
     }
 }
 
@@ -537,18 +541,18 @@ impl Inner {
         }
     }
 
-    /// How `tree` ended, if it did. A tree whose root's caller's node is gone ends now.
+    /// How `tree` ended, if it did. A tree whose root's caller's node is gone (reaped or
+    /// deregistered; nodes reap each other every heartbeat) ends now.
     fn tree_end(&mut self, tree: u64) -> Option<TreeEnd> {
         if tree == 0 {
             return None;
         }
-        let now = Instant::now();
-        let record = self.trees.get(tree)?;
+        // A peek: reading does not make a tree recently used, only a new request does.
+        let record = self.trees.0.peek(&tree)?;
         if let Some(end) = record.end {
             return Some(end);
         }
-        let root_node = record.root.as_ref().map(|(node, _)| node.clone())?;
-        if self.nodes.get(&root_node).is_some_and(|n| n.expires_at > now) {
+        if record.root.as_ref().is_none_or(|(node, _)| self.nodes.contains_key(node)) {
             return None;
         }
         self.end_tree(tree, TreeEnd::Cancelled);
@@ -572,18 +576,13 @@ impl Inner {
         if budget.tree == 0 {
             return Ok(());
         }
-        let now = Instant::now();
-        if self.trees.get(budget.tree).is_none() {
-            self.trees.0.put(budget.tree, TreeRecord { count: 0, root: None, end: None, touched: now });
-        }
-        let Some(record) = self.trees.get(budget.tree) else { return Ok(()) };
+        let record = self.trees.get_or_new(budget.tree);
         if record.count >= budget.requests_max {
             let end = TreeEnd::OverBudget(budget.requests_max);
             self.end_tree(budget.tree, end);
             return Err(end);
         }
         record.count += 1;
-        record.touched = now;
         if budget.depth == 0 && record.root.is_none() {
             record.root = Some((waiter.clone(), request.id));
         }
@@ -609,6 +608,7 @@ impl Inner {
     fn drop_request(&mut self, id: &ReqId, end: TreeEnd) {
         if let Some(state) = self.requests.remove(id) {
             self.untrack(&state.request.function, id);
+            self.root_done(state.request.budget.tree, id);
             for waiter in state.waiters {
                 self.send_event(&waiter, Event::Dropped { id: *id, end });
             }

@@ -7,7 +7,6 @@ use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use tokio::sync::oneshot::error::TryRecvError;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio_util::sync::CancellationToken;
 
 use super::core::{NodeCore, Target, CANCELLED_RETRIES_MAX};
 use super::fiber;
@@ -41,8 +40,6 @@ pub struct Ctx {
     mode: Mode,
     /// The budget of the request being evaluated; nested calls go one level deeper.
     budget: Budget,
-    /// Cancelled when the evaluation's call tree ends.
-    token: Option<CancellationToken>,
     /// The first nested call that failed for a reason of the tree, not of its arguments.
     taint: Taint,
     /// When the evaluation's time limit runs out, if it has one.
@@ -59,20 +56,19 @@ pub(crate) struct Scope {
     pub(crate) core: Arc<NodeCore>,
     pub(crate) worker: Arc<Worker>,
     pub(crate) budget: Budget,
-    pub(crate) token: Option<CancellationToken>,
     pub(crate) taint: Taint,
     pub(crate) deadline: Option<std::time::Instant>,
 }
 
 impl Ctx {
     pub(crate) fn for_async(scope: Scope, nested: Arc<AtomicUsize>) -> Ctx {
-        let Scope { core, worker, budget, token, taint, deadline } = scope;
-        Ctx { core, worker, mode: Mode::Async(nested), budget, token, taint, deadline }
+        let Scope { core, worker, budget, taint, deadline } = scope;
+        Ctx { core, worker, mode: Mode::Async(nested), budget, taint, deadline }
     }
 
     pub(crate) fn for_blocking(scope: Scope, slot: Arc<Mutex<Option<OwnedSemaphorePermit>>>) -> Ctx {
-        let Scope { core, worker, budget, token, taint, deadline } = scope;
-        Ctx { core, worker, mode: Mode::Blocking { slot, fiber: fiber::current() }, budget, token, taint, deadline }
+        let Scope { core, worker, budget, taint, deadline } = scope;
+        Ctx { core, worker, mode: Mode::Blocking { slot, fiber: fiber::current() }, budget, taint, deadline }
     }
 
     /// Whether the grid gave up on this evaluation: nobody waits for its call tree any more
@@ -81,7 +77,7 @@ impl Ctx {
     /// discarded anyway, and its nested calls fail at once. (An async function is simply
     /// dropped at its next await.)
     pub fn is_cancelled(&self) -> bool {
-        self.token.as_ref().is_some_and(CancellationToken::is_cancelled)
+        self.core.work.trees.ended(self.budget.tree).is_some()
             || self.deadline.is_some_and(|deadline| std::time::Instant::now() >= deadline)
     }
 

@@ -9,7 +9,6 @@
 //! just after the news still sees it.
 
 use std::collections::HashMap;
-use std::num::NonZeroUsize;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -34,8 +33,8 @@ struct Inner {
 
 impl Default for Trees {
     fn default() -> Self {
-        let cap = NonZeroUsize::new(ENDED_MAX).unwrap_or(NonZeroUsize::MIN);
-        Trees { inner: Mutex::new(Inner { live: HashMap::new(), ended: lru::LruCache::new(cap) }) }
+        // Bounded by `end`; a bounded LruCache would allocate its whole capacity up front.
+        Trees { inner: Mutex::new(Inner { live: HashMap::new(), ended: lru::LruCache::unbounded() }) }
     }
 }
 
@@ -84,6 +83,9 @@ impl Trees {
             return;
         }
         let mut inner = self.inner.lock();
+        if !inner.ended.contains(&tree) && inner.ended.len() >= ENDED_MAX {
+            inner.ended.pop_lru();
+        }
         inner.ended.put(tree, end);
         if let Some((token, _)) = inner.live.get(&tree) {
             token.cancel();

@@ -270,30 +270,7 @@ async fn evaluate_async(
     nested: Arc<AtomicUsize>,
 ) {
     loop {
-        let bounds = Bounds::of(&core, &registered, &request);
-        let ctx = Ctx::for_async(bounds.scope(&core, &worker, &request), nested.clone());
-        let running = AssertUnwindSafe(async { registered.function.invoke_async(ctx, &request.args).await });
-        let evaluation = running.catch_unwind();
-        let limited = async {
-            match bounds.limit {
-                Some(limit) => {
-                    tokio::time::timeout(limit, evaluation).await.unwrap_or_else(|_| Ok(Err(bounds.overrun(&request))))
-                }
-                None => evaluation.await,
-            }
-        };
-        let outcome = match &bounds.entered.token {
-            // Dropped at its next await once its tree ends.
-            Some(token) => tokio::select! {
-                biased;
-                _ = token.cancelled() => Ok(Err(CallError::Cancelled { function: request.function.to_string() })),
-                outcome = limited => outcome,
-            },
-            None => limited.await,
-        };
-        let outcome = outcome.unwrap_or_else(|payload| Err(panic_error(&request, payload)));
-        let outcome = core.settle(&request, outcome, &bounds.taint);
-        drop(bounds);
+        let outcome = evaluate_once(&core, &worker, &registered, &request, &nested).await;
         // Parked evaluations that woke up go first: they finish work already begun.
         let next_queue = (worker.waiting_for_slot.load(Ordering::Acquire) == 0).then_some(&worker.queue);
         let Some(next) = core.complete_and_claim(&request, outcome, next_queue).await else { return };
@@ -311,6 +288,47 @@ async fn evaluate_async(
     }
 }
 
+/// One async evaluation of `request`, within its time limit, dropped at its next await
+/// when its call tree ends; its outcome as the grid records it.
+async fn evaluate_once(
+    core: &Arc<NodeCore>,
+    worker: &Arc<Worker>,
+    registered: &Registered,
+    request: &Request,
+    nested: &Arc<AtomicUsize>,
+) -> Outcome {
+    let bounds = Bounds::of(core, registered);
+    let ctx = Ctx::for_async(bounds.scope(core, worker, request), nested.clone());
+    let running = AssertUnwindSafe(async { registered.function.invoke_async(ctx, &request.args).await });
+    let evaluation = running.catch_unwind();
+    let limited = async {
+        match bounds.limit {
+            Some(limit) => {
+                tokio::time::timeout(limit, evaluation).await.unwrap_or_else(|_| Ok(Err(bounds.overrun(request))))
+            }
+            None => evaluation.await,
+        }
+    };
+    let mut limited = std::pin::pin!(limited);
+    // Most evaluations finish in their first poll; only one that waits joins its tree.
+    let outcome = match limited.as_mut().now_or_never() {
+        Some(outcome) => outcome,
+        None => {
+            let entered = core.work.trees.enter(request.budget.tree);
+            match &entered.token {
+                Some(token) => tokio::select! {
+                    biased;
+                    _ = token.cancelled() => Ok(Err(CallError::Cancelled { function: request.function.to_string() })),
+                    outcome = limited => outcome,
+                },
+                None => limited.await,
+            }
+        }
+    };
+    let outcome = outcome.unwrap_or_else(|payload| Err(panic_error(request, payload)));
+    core.settle(request, outcome, &bounds.taint)
+}
+
 /// Runs a blocking function on this thread, holding the slot in `slot`, and records the
 /// outcome. Also used for nested requests run inline by [`Ctx::call_blocking`].
 pub(crate) fn run_blocking(
@@ -320,7 +338,7 @@ pub(crate) fn run_blocking(
     slot: &Arc<Mutex<Option<OwnedSemaphorePermit>>>,
     request: Request,
 ) {
-    let bounds = Bounds::of(core, registered, &request);
+    let bounds = Bounds::of(core, registered);
     let ctx = Ctx::for_blocking(bounds.scope(core, worker, &request), slot.clone());
     // Past its time limit, the grid answers for it at once and discards what it returns.
     let answered = Arc::new(AtomicBool::new(false));
@@ -343,6 +361,9 @@ pub(crate) fn run_blocking(
     if let Some(timer) = timer {
         timer.abort();
     }
+    // What it returns past its limit is discarded, whether or not the timer answered yet.
+    let overran = bounds.deadline.is_some_and(|deadline| std::time::Instant::now() >= deadline);
+    let outcome = if overran { Err(bounds.overrun(&request)) } else { outcome };
     // A tree that ended while it ran: the grid discards what it made of that.
     let outcome = core.settle(&request, outcome, &bounds.taint);
     drop(bounds);
@@ -354,22 +375,21 @@ pub(crate) fn run_blocking(
     core.handle.block_on(core.complete(&request, outcome));
 }
 
-/// What bounds one evaluation: its call tree (whose end cancels it), the taint its nested
-/// calls leave, and its time limit.
+/// What bounds one evaluation besides its call tree: the taint its nested calls leave, and
+/// its time limit.
 struct Bounds {
-    entered: super::trees::Entered,
     taint: Taint,
     limit: Option<Duration>,
+    /// When the limit runs out.
+    deadline: Option<std::time::Instant>,
 }
 
 impl Bounds {
-    fn of(core: &Arc<NodeCore>, registered: &Registered, request: &Request) -> Bounds {
+    fn of(core: &Arc<NodeCore>, registered: &Registered) -> Bounds {
         let own = registered.function.time_limit_ms().map(Duration::from_millis);
-        Bounds {
-            entered: core.work.trees.enter(request.budget.tree),
-            taint: Taint::default(),
-            limit: own.or(core.work.time_limit),
-        }
+        let limit = own.or(core.work.time_limit);
+        let deadline = limit.map(|limit| std::time::Instant::now() + limit);
+        Bounds { taint: Taint::default(), limit, deadline }
     }
 
     fn scope(&self, core: &Arc<NodeCore>, worker: &Arc<Worker>, request: &Request) -> Scope {
@@ -377,9 +397,8 @@ impl Bounds {
             core: core.clone(),
             worker: worker.clone(),
             budget: request.budget,
-            token: self.entered.token.clone(),
             taint: self.taint.clone(),
-            deadline: self.limit.map(|limit| std::time::Instant::now() + limit),
+            deadline: self.deadline,
         }
     }
 

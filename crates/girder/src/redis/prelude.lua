@@ -235,13 +235,14 @@ local function root_done(tree, id)
   end
 end
 
--- How `tree` ended ('' while it runs; a tree whose root's caller's node is gone ends now),
+-- How `tree` ended ('' while it runs; a tree whose root's caller's node is gone, reaped or
+-- deregistered (nodes reap each other every heartbeat), ends now),
 -- then, while it runs, how many requests it created and its root's caller's node (or false).
 local function tree_status(tree)
   if not tree or tree == '' then return '', 0, false end
   local h = redis.call('HMGET', P .. 'tree:' .. tree, 'end', 'rootnode', 'n')
   if h[1] and h[1] ~= '' then return h[1], 0, false end
-  if h[2] and h[2] ~= '' and not node_alive(h[2], now_ms()) then
+  if h[2] and h[2] ~= '' and redis.call('HEXISTS', P .. 'nodes', h[2]) == 0 then
     end_tree(tree, 'C')
     return 'C', 0, false
   end

@@ -235,7 +235,6 @@ pub async fn open_statekeeper_with(
     config.node_ttl_ms = node_ttl_ms;
     config.results_ttl_ms = results.ttl_ms.or(config.results_ttl_ms);
     config.results_entries_max = results.entries_max as u64;
-    config.results_bytes_max = results.bytes_max as u64;
     config.near_cache.entries_max = results.entries_max.min(config.near_cache.entries_max);
     config.near_cache.bytes_max = results.bytes_max.min(config.near_cache.bytes_max);
     let redis = RedisStatekeeper::connect(config).await?;

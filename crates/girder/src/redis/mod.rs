@@ -58,10 +58,9 @@ pub struct RedisConfig {
     /// Memoized outcomes expire after this long in Redis (`None`: only Redis's
     /// `maxmemory-policy` bounds them; use `volatile-*` policies so only results are evicted).
     pub results_ttl_ms: Option<u64>,
-    /// Most memoized outcomes kept in Redis; past it the oldest are forgotten.
+    /// Most memoized outcomes kept in Redis; past it the oldest are forgotten. (Their bytes
+    /// are bounded by Redis's `maxmemory` with a `volatile-*` policy.)
     pub results_entries_max: u64,
-    /// Most bytes of memoized outcomes kept in Redis; past it the oldest are forgotten.
-    pub results_bytes_max: u64,
     /// Limits of the node-local near cache of outcomes.
     pub near_cache: ResultStoreConfig,
     /// Longest an inbox may grow; older events are dropped (their callers re-sync by
@@ -82,7 +81,6 @@ impl RedisConfig {
             node_ttl_ms: 3_000,
             results_ttl_ms: Some(24 * 3_600_000),
             results_entries_max: 1_000_000,
-            results_bytes_max: 1 << 30,
             near_cache: ResultStoreConfig { entries_max: 100_000, bytes_max: 64 << 20, ttl_ms: None },
             inbox_len_max: 1_000_000,
             in_flight_max: 4_000_000,
@@ -558,8 +556,7 @@ impl Statekeeper for RedisStatekeeper {
         let encoded = encode_outcome(outcome)?;
         let ttl = self.config.results_ttl_ms.unwrap_or(0).to_string();
         let hex = id.to_hex();
-        let (count_max, bytes_max) =
-            (self.config.results_entries_max.to_string(), self.config.results_bytes_max.to_string());
+        let count_max = self.config.results_entries_max.to_string();
         let args = [
             hex.as_bytes(),
             &encoded,
@@ -567,7 +564,6 @@ impl Statekeeper for RedisStatekeeper {
             local.as_str().as_bytes(),
             ttl.as_bytes(),
             count_max.as_bytes(),
-            bytes_max.as_bytes(),
         ];
         let local_waits: i64 = self.run(&self.scripts.complete, &args).await?;
         if memoize {
@@ -588,8 +584,7 @@ impl Statekeeper for RedisStatekeeper {
         let encoded = encode_outcome(outcome)?;
         let ttl = self.config.results_ttl_ms.unwrap_or(0).to_string();
         let (hex, max) = (id.to_hex(), max.to_string());
-        let (count_max, bytes_max) =
-            (self.config.results_entries_max.to_string(), self.config.results_bytes_max.to_string());
+        let count_max = self.config.results_entries_max.to_string();
         let args = [
             hex.as_bytes(),
             &encoded,
@@ -599,7 +594,6 @@ impl Statekeeper for RedisStatekeeper {
             queue.as_str().as_bytes(),
             max.as_bytes(),
             count_max.as_bytes(),
-            bytes_max.as_bytes(),
         ];
         let (local_waits, claimed): (i64, Vec<Vec<u8>>) = self.run(&self.scripts.complete_and_claim, &args).await?;
         if memoize {

@@ -169,8 +169,8 @@ end
 local next_cursor = ''
 if #ids == RECLAIM_BATCH then next_cursor = ids[#ids] end
 return {released, next_cursor}
---@@ complete: ARGV = id, outcome, memoize ('1'/'0'), local node, result ttl ms (0 = none), results max, result bytes max
-return complete(ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]))
+--@@ complete: ARGV = id, outcome, memoize ('1'/'0'), local node, result ttl ms (0 = none), results max
+return complete(ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]))
 --@@ cancel_tree: ARGV = root id, waiter; returns 1 when the tree was cancelled
 local id, waiter = ARGV[1], ARGV[2]
 local rkey = P .. 'req:' .. id
@@ -230,7 +230,7 @@ local pool = ARGV[1]
 if redis.call('EXISTS', P .. 'pool:' .. pool) == 0 then return 'UNKNOWN_POOL' end
 local h = redis.call('HMGET', P .. 'pstat:' .. pool, 'handed_off', 'hoisted')
 return {tonumber(h[1] or '0') or 0, tonumber(h[2] or '0') or 0, redis.call('LLEN', P .. 'q:pool:' .. pool)}
---@@ complete_and_claim: ARGV = id, outcome, memoize, local node, result ttl ms, queue, max, results max, result bytes max
+--@@ complete_and_claim: ARGV = id, outcome, memoize, local node, result ttl ms, queue, max, results max
 local id, outcome, memoize, localnode, ttl = ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4], tonumber(ARGV[5])
-local local_waits = complete(id, outcome, memoize, localnode, ttl, tonumber(ARGV[8]), tonumber(ARGV[9]))
+local local_waits = complete(id, outcome, memoize, localnode, ttl, tonumber(ARGV[8]))
 return {local_waits, claim(ARGV[6], localnode, tonumber(ARGV[7]))}

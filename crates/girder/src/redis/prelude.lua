@@ -2,8 +2,8 @@
 -- every key a script touches starts with it, so all of them hash to one cluster slot.
 -- Keys (P = prefix):
 --   P res:ID        memoized outcome (string, optional PX ttl)
---   P resz          memoized ids by when they were memoized (sorted set);  P ressize  id -> bytes (hash);
---                   P resbytes  their bytes (counter): the oldest go first past the count or byte cap
+--   P resz          memoized ids by when they were memoized (sorted set): the oldest go first past
+--                   the count cap (bytes are Redis's `maxmemory`'s to bound)
 --   P req:ID        request in flight (hash: req, fn, owner ('' while pending), hoisted, home)
 --   P wait:ID       nodes waiting for ID (set)
 --   P q:QUEUE       queue of ids (list); QUEUE is `pool:NAME` or `worker:ID`
@@ -388,34 +388,29 @@ local function claim(queue, owner, max)
 end
 
 -- Memoizes `outcome` as the result of `id` (for `ttl` ms, 0 = no ttl); past `count_max`
--- results or `bytes_max` bytes, forgets the oldest, at most EVICT_MAX per call (each call adds
--- one, so the store stays within its caps). Results that expired still count until evicted.
+-- results, forgets the oldest, at most EVICT_MAX per call (each call adds one, so the store
+-- stays within its cap). Results that expired still count until evicted.
 local EVICT_MAX = 16
-local function memoize_result(id, outcome, ttl, count_max, bytes_max)
+local function memoize_result(id, outcome, ttl, count_max)
   local key = P .. 'res:' .. id
   if ttl > 0 then
     redis.call('SET', key, outcome, 'PX', ttl)
   else
     redis.call('SET', key, outcome)
   end
-  local old = tonumber(redis.call('HGET', P .. 'ressize', id) or '0')
-  redis.call('ZADD', P .. 'resz', now_ms(), id)
-  redis.call('HSET', P .. 'ressize', id, #outcome)
-  local bytes = redis.call('INCRBY', P .. 'resbytes', #outcome - old)
-  for _ = 1, EVICT_MAX do
-    if redis.call('ZCARD', P .. 'resz') <= count_max and bytes <= bytes_max then break end
-    local oldest = redis.call('ZPOPMIN', P .. 'resz')
-    if #oldest == 0 then break end
-    local size = tonumber(redis.call('HGET', P .. 'ressize', oldest[1]) or '0')
-    redis.call('HDEL', P .. 'ressize', oldest[1])
-    bytes = redis.call('DECRBY', P .. 'resbytes', size)
-    redis.call('DEL', P .. 'res:' .. oldest[1])
+  local rkey = P .. 'resz'
+  redis.call('ZADD', rkey, now_ms(), id)
+  local over = redis.call('ZCARD', rkey) - count_max
+  if over > 0 then
+    local popped = redis.call('ZPOPMIN', rkey, math.min(over, EVICT_MAX))
+    -- Member, score pairs.
+    for i = 1, #popped, 2 do redis.call('DEL', P .. 'res:' .. popped[i]) end
   end
 end
 
 -- Records an outcome and wakes the waiting nodes; returns 1 when `localnode` waits too.
-local function complete(id, outcome, memoize, localnode, ttl, count_max, bytes_max)
-  if memoize then memoize_result(id, outcome, ttl, count_max, bytes_max) end
+local function complete(id, outcome, memoize, localnode, ttl, count_max)
+  if memoize then memoize_result(id, outcome, ttl, count_max) end
   local rkey = P .. 'req:' .. id
   local h = redis.call('HMGET', rkey, 'owner', 'fn', 'tree')
   local owner = h[1]

@@ -698,20 +698,26 @@ async fn a_tree_whose_root_caller_died_ends(factory: Factory) {
     let root = in_tree("f", 0, tree, 0, 100);
     assert_eq!(sk.submit(&root, &own, false, &node("caller")).await.unwrap(), Submitted::Queued);
     assert_eq!(sk.claim(&own, &node("n1"), 1).await.unwrap().len(), 1);
-    assert_eq!(sk.submit(&in_tree("f", 1, tree, 1, 100), &own, true, &node("n1")).await.unwrap(), Submitted::Queued);
     // The caller's node stops heartbeating; n1 keeps its lease and reaps (as nodes do).
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    for n in 1.. {
         assert!(sk.heartbeat(&node("n1"), &NodeInfo::default()).await.unwrap());
-        sk.reap().await.unwrap();
-        let submitted = sk.submit(&in_tree("f", 2, tree, 1, 100), &own, true, &node("n1")).await.unwrap();
-        if submitted == Submitted::TreeEnded(TreeEnd::Cancelled) {
+        assert_eq!(
+            sk.submit(&in_tree("f", n, tree, 1, 100), &own, true, &node("n1")).await.unwrap(),
+            Submitted::Queued
+        );
+        let reaped = sk.reap().await.unwrap();
+        if reaped.contains(&node("caller")) {
             break;
         }
-        assert!(Instant::now() < deadline, "the tree of a dead caller ends within its lease");
+        assert!(Instant::now() < deadline, "the caller is reaped within its lease");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(sk.claim(&own, &node("n1"), 10).await.unwrap().is_empty(), "nothing of it runs any more");
+    // Once it is gone, its tree's queued requests are dropped, not claimed, and the tree
+    // takes nothing more.
+    assert!(sk.claim(&own, &node("n1"), 100).await.unwrap().is_empty(), "nothing of it runs any more");
+    let late = sk.submit(&in_tree("f", 0, tree, 1, 100), &own, true, &node("n1")).await.unwrap();
+    assert_eq!(late, Submitted::TreeEnded(TreeEnd::Cancelled));
 }
 
 async fn claims_drop_a_bounded_number(factory: Factory) {

@@ -338,8 +338,8 @@ pub trait Statekeeper: Send + Sync + 'static {
     /// Submits `request` into `queue` (at the front when `front`) on behalf of `waiter`,
     /// unless it is memoized or in flight. For a request of a call tree
     /// ([`crate::Budget::tree`] not 0): a tree that ended gets [`Submitted::TreeEnded`]
-    /// (so does one whose root's caller's node is dead: the tree ends then, as by
-    /// [`Statekeeper::cancel_tree`]); a new request past the tree's `requests_max` ends the
+    /// (a tree whose root's caller's node was reaped ends, as by [`Statekeeper::cancel_tree`],
+    /// at the latest when one of its requests is claimed); a new request past the tree's `requests_max` ends the
     /// tree as [`TreeEnd::OverBudget`]; a new request counts against the budget, a join or a
     /// memoized answer does not. A nested (`front`) submission of a request that
     /// is pending elsewhere also puts a copy at the front of `queue`, so the caller can

@@ -108,7 +108,7 @@ if redis.call('HEXISTS', P .. 'fver', fn) == 0 then
   if redis.call('EXISTS', rkey) == 1 then fail_waiters(id, ARGV[7]) end
   return {'UNKNOWN'}
 end
-local ended, tree_n, root_node = tree_status(tree)
+local ended, tree_n, root_node = tree_status(tree, ARGV[11] == '0')
 if ended ~= '' then return {'ENDED', ended} end
 local owner = redis.call('HGET', rkey, 'owner')
 if owner then
@@ -140,6 +140,7 @@ local home = queue
 local pool = redis.call('HGET', P .. 'qpool', queue)
 if pool then home = 'pool:' .. pool end
 redis.call('HSET', rkey, 'req', request, 'fn', fn, 'owner', '', 'hoisted', '0', 'home', home, 'tree', tree)
+if tree ~= '' and ARGV[11] == '0' then redis.call('HSET', rkey, 'root', tree) end
 redis.call('SADD', P .. 'fnreq:' .. fn, id)
 redis.call('INCR', P .. 'inflight')
 redis.call('SADD', P .. 'wait:' .. id, waiter)

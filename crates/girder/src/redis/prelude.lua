@@ -19,7 +19,8 @@
 --   P fnreq:F       requests in flight for function F (set);  P funknown  F -> outcome for "nobody serves F"
 --   P tree:T        call tree T (16 hex digits; hash: n = new requests so far, rootnode, rootreq,
 --                   end = '' while running, 'C' cancelled, 'B<max>' over budget); PX TREE_TTL_MS
---                   after its last new request. Requests carry their tree in req:ID's `tree`.
+--                   after its last new request. Requests carry their tree in req:ID's `tree`,
+--                   and a tree's root also in `root`.
 --   P reclaim       removed nodes whose work is still being given back (list of job ids, oldest first)
 --   P reclaiming    node -> its pending job id (hash);  P rcseq  job id counter
 --   P rc:J          job J (hash: node, u:F -> unknown outcome of F);  P rc:J:fails  functions whose
@@ -235,22 +236,23 @@ local function root_done(tree, id)
   end
 end
 
--- How `tree` ended ('' while it runs; a tree whose root's caller's node is gone, reaped or
--- deregistered (nodes reap each other every heartbeat), ends now),
--- then, while it runs, how many requests it created and its root's caller's node (or false).
-local function tree_status(tree)
+-- How `tree` ended ('' while it runs), then, while it runs, how many requests it created
+-- and its root's caller's node (or false). With `check_root`, a tree whose root's caller's
+-- node is gone, reaped or deregistered (nodes reap each other every heartbeat), ends now.
+-- (A nested submission does not check: its claim does, so growth stops either way.)
+local function tree_status(tree, check_root)
   if not tree or tree == '' then return '', 0, false end
-  local h = redis.call('HMGET', P .. 'tree:' .. tree, 'end', 'rootnode', 'n')
+  local h = redis.call('HMGET', P .. 'tree:' .. tree, 'end', 'n', 'rootnode')
   if h[1] and h[1] ~= '' then return h[1], 0, false end
-  if h[2] and h[2] ~= '' and redis.call('HEXISTS', P .. 'nodes', h[2]) == 0 then
+  if check_root and h[3] and h[3] ~= '' and redis.call('HEXISTS', P .. 'nodes', h[3]) == 0 then
     end_tree(tree, 'C')
     return 'C', 0, false
   end
-  return '', tonumber(h[3] or '0'), h[2]
+  return '', tonumber(h[2] or '0'), h[3]
 end
 
 local function tree_end(tree)
-  local ended = tree_status(tree)
+  local ended = tree_status(tree, true)
   return ended
 end
 
@@ -412,12 +414,12 @@ end
 local function complete(id, outcome, memoize, localnode, ttl, count_max)
   if memoize then memoize_result(id, outcome, ttl, count_max) end
   local rkey = P .. 'req:' .. id
-  local h = redis.call('HMGET', rkey, 'owner', 'fn', 'tree')
+  local h = redis.call('HMGET', rkey, 'owner', 'fn', 'root')
   local owner = h[1]
   if not owner then return 0 end
   if owner ~= '' then redis.call('ZREM', P .. 'claims:' .. owner, id) end
   if h[2] then redis.call('SREM', P .. 'fnreq:' .. h[2], id) end
-  if h[3] and h[3] ~= '' then root_done(h[3], id) end
+  if h[3] then root_done(h[3], id) end
   redis.call('DEL', rkey)
   redis.call('DECR', P .. 'inflight')
   local waiters = redis.call('SMEMBERS', P .. 'wait:' .. id)

@@ -97,6 +97,7 @@ fn expand(attr: Tokens, item: Tokens) -> syn::Result<Tokens> {
             None => ((**ty).clone(), false),
         },
     };
+    let param_names: Vec<String> = arg_names.iter().map(|name| name.to_string()).collect();
     let vis = &func.vis;
     let ident = &func.sig.ident;
     let docs = func.attrs.iter().filter(|a| a.path().is_ident("doc"));
@@ -175,6 +176,7 @@ fn expand(attr: Tokens, item: Tokens) -> syn::Result<Tokens> {
             const VERSION: u32 = #version;
             const KIND: ::girder::FnKind = #kind;
             const TIME_LIMIT_MS: ::core::option::Option<u64> = #time_limit;
+            const PARAMS: &'static [&'static str] = &[#(#param_names),*];
             type Args = #args_ty;
             type Output = #output;
 
@@ -187,6 +189,12 @@ fn expand(attr: Tokens, item: Tokens) -> syn::Result<Tokens> {
             #[allow(unused_variables)]
             fn run_blocking(ctx: #ctx_ty, args: Self::Args) -> ::core::result::Result<Self::Output, ::std::string::String> {
                 #run_blocking
+            }
+
+            fn explain_args(args: &[u8]) -> ::core::option::Option<::std::string::String> {
+                let checks: &[fn(&[u8]) -> ::core::result::Result<(), ::std::string::String>] =
+                    &[#(::girder::codec::check_one::<#arg_types>),*];
+                ::girder::codec::explain_args(args, Self::PARAMS, checks)
             }
         }
     })

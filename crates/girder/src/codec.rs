@@ -81,6 +81,49 @@ fn value_to_json(value: rmpv::Value) -> serde_json::Value {
     }
 }
 
+/// Checks that one encoded argument decodes as `T`; the error names `T`.
+pub fn check_one<T: DeserializeOwned>(bytes: &[u8]) -> Result<(), String> {
+    decode::<T>(bytes).map(|_| ()).map_err(|e| format!("expected {}: {e}", std::any::type_name::<T>()))
+}
+
+/// Most characters of an argument quoted back in an error.
+const QUOTED_CHARS_MAX: usize = 80;
+
+/// Why an argument array does not decode, naming the parameter: `names` are the parameters
+/// in order, `checks` decode one encoded argument each ([`check_one`]). `None` when every
+/// argument decodes on its own (the caller's own error is then as good as any).
+pub fn explain_args(args: &[u8], names: &[&str], checks: &[fn(&[u8]) -> Result<(), String>]) -> Option<String> {
+    let mut reader = args;
+    let items = match rmpv::decode::read_value(&mut reader) {
+        Ok(rmpv::Value::Array(items)) => items,
+        Ok(other) => return Some(format!("the arguments must be an array, got {}", quote(other))),
+        Err(err) => return Some(format!("the arguments are not MessagePack: {err}")),
+    };
+    if items.len() != names.len() {
+        let plural = if names.len() == 1 { "" } else { "s" };
+        return Some(format!("expected {} argument{plural} ({}), got {}", names.len(), names.join(", "), items.len()));
+    }
+    for (index, ((item, name), check)) in items.into_iter().zip(names).zip(checks).enumerate() {
+        let mut bytes = Vec::new();
+        if rmpv::encode::write_value(&mut bytes, &item).is_err() {
+            continue;
+        }
+        if let Err(err) = check(&bytes) {
+            return Some(format!("parameter {} `{name}`: {err}; got {}", index + 1, quote(item)));
+        }
+    }
+    None
+}
+
+/// A value as short JSON text, for error messages.
+fn quote(value: rmpv::Value) -> String {
+    let text = value_to_json(value).to_string();
+    match text.char_indices().nth(QUOTED_CHARS_MAX) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text,
+    }
+}
+
 fn json_type_name(value: &serde_json::Value) -> &'static str {
     match value {
         serde_json::Value::Null => "null",
@@ -107,6 +150,25 @@ mod tests {
         assert_eq!(two, json_args_to_msgpack(&serde_json::json!([3, "x"])).unwrap());
         let none: [u8; 0] = [];
         assert_eq!(encode(&none).unwrap(), json_args_to_msgpack(&serde_json::json!([])).unwrap());
+    }
+
+    #[test]
+    fn bad_arguments_are_explained_by_parameter() {
+        let names = ["n", "label"];
+        let checks: [fn(&[u8]) -> Result<(), String>; 2] = [check_one::<u64>, check_one::<String>];
+        let explain = |json: serde_json::Value| explain_args(&encode(&json).unwrap(), &names, &checks);
+        let wrong = explain(serde_json::json!([1, 2])).unwrap();
+        assert!(
+            wrong.contains("parameter 2 `label`") && wrong.contains("String") && wrong.ends_with("got 2"),
+            "{wrong}"
+        );
+        let wrong = explain(serde_json::json!(["x", "y"])).unwrap();
+        assert!(wrong.contains("parameter 1 `n`") && wrong.contains("u64") && wrong.contains("got \"x\""), "{wrong}");
+        assert_eq!(explain(serde_json::json!([1])).unwrap(), "expected 2 arguments (n, label), got 1");
+        assert_eq!(explain(serde_json::json!([1, "ok"])), None);
+        let long = explain(serde_json::json!(["y".repeat(500), "ok"])).unwrap();
+        assert!(long.len() < 200, "long values are cut: {long}");
+        assert!(explain_args(&[0xc1], &names, &checks).is_some(), "not MessagePack");
     }
 
     #[test]

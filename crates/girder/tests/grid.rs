@@ -174,3 +174,29 @@ async fn bumping_a_version_invalidates_cached_results() {
     assert_eq!(v2::call(&new.client(), 1).await.unwrap(), 3, "version 2 does not reuse version 1's result");
     new.shutdown().await;
 }
+
+/// Two parameters of different types, for the bad-argument messages.
+#[girder::function(name = "test/pair")]
+async fn pair(_ctx: Ctx, count: u32, label: String) -> String {
+    format!("{label}{count}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_arguments_name_the_parameter_the_type_and_the_value() {
+    let node = common::grid(Registry::new().with::<pair>(), 1, 1).await;
+    let client = node.client();
+    let message = |outcome: Result<serde_json::Value, CallError>| match outcome {
+        Err(CallError::BadArguments { message, .. }) => message,
+        other => panic!("expected bad arguments, got {other:?}"),
+    };
+    let wrong = message(client.call_json("test/pair", &serde_json::json!([3, 4])).await);
+    assert!(wrong.starts_with("parameter 2 `label`: expected alloc::string::String"), "{wrong}");
+    assert!(wrong.ends_with("got 4"), "{wrong}");
+    let wrong = message(client.call_json("test/pair", &serde_json::json!([-1, "x"])).await);
+    assert!(wrong.starts_with("parameter 1 `count`: expected u32") && wrong.ends_with("got -1"), "{wrong}");
+    let wrong = message(client.call_json("test/pair", &serde_json::json!(["x"])).await);
+    assert_eq!(wrong, "expected 2 arguments (count, label), got 1");
+    assert_eq!(client.call_json("test/pair", &serde_json::json!([3, "x"])).await.unwrap(), "x3");
+    assert_eq!(node.evaluations_of("test/pair"), 1, "refused arguments run nothing");
+    node.shutdown().await;
+}

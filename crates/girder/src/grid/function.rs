@@ -34,6 +34,8 @@ pub trait Function: Send + Sync + 'static {
     const VERSION: u32;
     /// Whether the body is `async`.
     const KIND: FnKind;
+    /// The parameters' names, in order (the context excluded).
+    const PARAMS: &'static [&'static str] = &[];
     /// Longest an evaluation may run on a node before the grid abandons it with
     /// [`CallError::TimeLimitExceeded`]; `None` takes the node's default
     /// ([`crate::NodeBuilder::time_limit`]).
@@ -48,6 +50,13 @@ pub trait Function: Send + Sync + 'static {
 
     /// Runs an [`FnKind::Blocking`] body.
     fn run_blocking(ctx: Ctx, args: Self::Args) -> Result<Self::Output, String>;
+
+    /// Why `args` do not decode into the parameters, naming the parameter, what it expects
+    /// and what came (see [`crate::codec::explain_args`]); `None` when it cannot tell.
+    fn explain_args(args: &[u8]) -> Option<String> {
+        let _ = args;
+        None
+    }
 }
 
 /// A type-erased function: decodes arguments, runs the body, encodes the result.
@@ -64,7 +73,11 @@ pub(crate) trait DynFunction: Send + Sync {
 struct Adapter<F>(std::marker::PhantomData<fn() -> F>);
 
 fn decode_args<F: Function>(args: &[u8]) -> Result<F::Args, CallError> {
-    codec::decode::<F::Args>(args).map_err(|message| CallError::BadArguments { function: F::NAME.to_owned(), message })
+    codec::decode::<F::Args>(args).map_err(|message| {
+        // The decoder's message names neither the parameter nor the value: say which.
+        let message = F::explain_args(args).unwrap_or(message);
+        CallError::BadArguments { function: F::NAME.to_owned(), message }
+    })
 }
 
 fn encode_output<F: Function>(result: Result<F::Output, String>) -> Outcome {

@@ -192,8 +192,7 @@ fn expand(attr: Tokens, item: Tokens) -> syn::Result<Tokens> {
             }
 
             fn explain_args(args: &[u8]) -> ::core::option::Option<::std::string::String> {
-                let checks: &[fn(&[u8]) -> ::core::result::Result<(), ::std::string::String>] =
-                    &[#(::girder::codec::check_one::<#arg_types>),*];
+                let checks: &[::girder::codec::ArgCheck] = &[#(::girder::codec::check_one::<#arg_types>),*];
                 ::girder::codec::explain_args(args, Self::PARAMS, checks)
             }
         }

@@ -81,6 +81,9 @@ fn value_to_json(value: rmpv::Value) -> serde_json::Value {
     }
 }
 
+/// Checks one encoded argument against its parameter's type ([`check_one`]).
+pub type ArgCheck = fn(&[u8]) -> Result<(), String>;
+
 /// Checks that one encoded argument decodes as `T`; the error names `T`.
 pub fn check_one<T: DeserializeOwned>(bytes: &[u8]) -> Result<(), String> {
     decode::<T>(bytes).map(|_| ()).map_err(|e| format!("expected {}: {e}", std::any::type_name::<T>()))
@@ -92,7 +95,7 @@ const QUOTED_CHARS_MAX: usize = 80;
 /// Why an argument array does not decode, naming the parameter: `names` are the parameters
 /// in order, `checks` decode one encoded argument each ([`check_one`]). `None` when every
 /// argument decodes on its own (the caller's own error is then as good as any).
-pub fn explain_args(args: &[u8], names: &[&str], checks: &[fn(&[u8]) -> Result<(), String>]) -> Option<String> {
+pub fn explain_args(args: &[u8], names: &[&str], checks: &[ArgCheck]) -> Option<String> {
     let mut reader = args;
     let items = match rmpv::decode::read_value(&mut reader) {
         Ok(rmpv::Value::Array(items)) => items,
@@ -155,7 +158,7 @@ mod tests {
     #[test]
     fn bad_arguments_are_explained_by_parameter() {
         let names = ["n", "label"];
-        let checks: [fn(&[u8]) -> Result<(), String>; 2] = [check_one::<u64>, check_one::<String>];
+        let checks: [ArgCheck; 2] = [check_one::<u64>, check_one::<String>];
         let explain = |json: serde_json::Value| explain_args(&encode(&json).unwrap(), &names, &checks);
         let wrong = explain(serde_json::json!([1, 2])).unwrap();
         assert!(

@@ -49,11 +49,15 @@ async fn limited(_ctx: Ctx, ms: u64) -> u64 {
 #[girder::function(name = "test/spin", time_limit_ms = 200)]
 fn spin(ctx: Ctx, tag: u64) -> u64 {
     let begun = Instant::now();
-    while !ctx.is_cancelled() && begun.elapsed() < Duration::from_secs(20) {
+    while ctx.check_cancelled().is_ok() && begun.elapsed() < Duration::from_secs(20) {
         std::thread::sleep(Duration::from_millis(5));
     }
+    *SPIN_SAW.lock().unwrap() = Some(ctx.check_cancelled());
     tag + begun.elapsed().as_millis() as u64
 }
+
+/// What the last [`spin`] saw from `check_cancelled` when it stopped.
+static SPIN_SAW: std::sync::Mutex<Option<Result<(), CallError>>> = std::sync::Mutex::new(None);
 
 fn registry() -> Registry {
     Registry::with_examples()
@@ -261,6 +265,15 @@ async fn evaluations_past_their_time_limit_are_abandoned_and_not_memoized() {
         assert_eq!(time_limit_error(spin::call(&client, 7).await), 200);
         assert!(begun.elapsed() < Duration::from_secs(2), "answered after {:?}", begun.elapsed());
         assert_eq!(node.evaluations_of("test/spin"), round + 1, "not memoized: it runs again");
+        let begun = Instant::now();
+        let saw = loop {
+            if let Some(saw) = SPIN_SAW.lock().unwrap().take() {
+                break saw;
+            }
+            assert!(begun.elapsed() < Duration::from_secs(5), "the spinning evaluation noticed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        assert_eq!(saw, Err(CallError::Cancelled { function: "test/spin".to_owned() }));
     }
     // Both slots are free again soon (the spinning ones noticed and returned).
     let quick = client.with_deadline(Duration::from_secs(5));

@@ -44,6 +44,8 @@ pub struct Ctx {
     taint: Taint,
     /// When the evaluation's time limit runs out, if it has one.
     deadline: Option<std::time::Instant>,
+    /// The function being evaluated.
+    function: Arc<str>,
 }
 
 /// The first error of a nested call that says nothing about the function's arguments
@@ -58,17 +60,19 @@ pub(crate) struct Scope {
     pub(crate) budget: Budget,
     pub(crate) taint: Taint,
     pub(crate) deadline: Option<std::time::Instant>,
+    pub(crate) function: Arc<str>,
 }
 
 impl Ctx {
     pub(crate) fn for_async(scope: Scope, nested: Arc<AtomicUsize>) -> Ctx {
-        let Scope { core, worker, budget, taint, deadline } = scope;
-        Ctx { core, worker, mode: Mode::Async(nested), budget, taint, deadline }
+        let Scope { core, worker, budget, taint, deadline, function } = scope;
+        Ctx { core, worker, mode: Mode::Async(nested), budget, taint, deadline, function }
     }
 
     pub(crate) fn for_blocking(scope: Scope, slot: Arc<Mutex<Option<OwnedSemaphorePermit>>>) -> Ctx {
-        let Scope { core, worker, budget, taint, deadline } = scope;
-        Ctx { core, worker, mode: Mode::Blocking { slot, fiber: fiber::current() }, budget, taint, deadline }
+        let Scope { core, worker, budget, taint, deadline, function } = scope;
+        let mode = Mode::Blocking { slot, fiber: fiber::current() };
+        Ctx { core, worker, mode, budget, taint, deadline, function }
     }
 
     /// Whether the grid gave up on this evaluation: nobody waits for its call tree any more
@@ -79,6 +83,15 @@ impl Ctx {
     pub fn is_cancelled(&self) -> bool {
         self.core.work.trees.ended(self.budget.tree).is_some()
             || self.deadline.is_some_and(|deadline| std::time::Instant::now() >= deadline)
+    }
+
+    /// `Err(CallError::Cancelled)` once [`Ctx::is_cancelled`]: `ctx.check_cancelled()?` in a
+    /// long blocking function returns early (whatever it returns then is discarded anyway).
+    pub fn check_cancelled(&self) -> Result<(), CallError> {
+        if self.is_cancelled() {
+            return Err(CallError::Cancelled { function: self.function.to_string() });
+        }
+        Ok(())
     }
 
     /// The call tree this evaluation belongs to and its limits.

@@ -399,6 +399,7 @@ impl Bounds {
             budget: request.budget,
             taint: self.taint.clone(),
             deadline: self.deadline,
+            function: request.function.clone(),
         }
     }
 

@@ -1,10 +1,11 @@
 //! The wire format: MessagePack for arguments and results, and its conversions from and to
 //! JSON for the HTTP API and the CLI.
 //!
-//! Arguments are always encoded as one MessagePack array with an element per parameter, so a
-//! typed call `fib(90)` and a JSON call `[90]` produce the same bytes and so the same
-//! request identity. Integers are written in their smallest form whatever their Rust type,
-//! which keeps `90u8`, `90i64` and JSON `90` identical too.
+//! Arguments are always encoded as one MessagePack array with an element per parameter, in
+//! the canonical form of [`encode_canonical`], so a typed call `fib(90)` and a JSON call
+//! `[90]` produce the same bytes and so the same request identity, and so do a Rust struct
+//! and the same JSON object. Integers are written in their smallest form whatever their
+//! Rust type, which keeps `90u8`, `90i64` and JSON `90` (and `90.0`) identical too.
 
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
@@ -13,6 +14,63 @@ use serde::Serialize;
 /// Encodes a value as MessagePack (structs as arrays, the compact form).
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Bytes, String> {
     rmp_serde::to_vec(value).map(Bytes::from).map_err(|e| e.to_string())
+}
+
+/// Encodes arguments or a result in girder's canonical form, the one their identity is
+/// computed from: structs as maps of field names, every map's keys sorted (by their
+/// encoding), and one representation per number (a float with an integral value, like `1.0`,
+/// is the integer `1`; other floats are 64-bit). So a Rust struct and the same JSON object
+/// (any key order, `1` or `1.0`) are the same request, and results read as JSON keep their
+/// field names.
+pub fn encode_canonical<T: Serialize + ?Sized>(value: &T) -> Result<Bytes, String> {
+    let named = rmp_serde::to_vec_named(value).map_err(|e| e.to_string())?;
+    canonicalize(&named)
+}
+
+/// The canonical form (see [`encode_canonical`]) of MessagePack bytes.
+pub fn canonicalize(bytes: &[u8]) -> Result<Bytes, String> {
+    let mut reader = bytes;
+    let value = rmpv::decode::read_value(&mut reader).map_err(|e| e.to_string())?;
+    if !reader.is_empty() {
+        return Err(format!("{} trailing bytes after the value", reader.len()));
+    }
+    let mut out = Vec::with_capacity(bytes.len());
+    rmpv::encode::write_value(&mut out, &canonical(value)).map_err(|e| e.to_string())?;
+    Ok(Bytes::from(out))
+}
+
+/// Largest magnitude below which every integer is exactly a 64-bit float.
+const EXACT_FLOAT_INT_MAX: f64 = 9_007_199_254_740_992.0;
+
+fn canonical(value: rmpv::Value) -> rmpv::Value {
+    use rmpv::Value as V;
+    match value {
+        V::F32(f) => canonical(V::F64(f64::from(f))),
+        // Integral floats within the exactly representable range become integers.
+        V::F64(f) if f.fract() == 0.0 && f.abs() <= EXACT_FLOAT_INT_MAX => {
+            if f >= 0.0 {
+                V::from(f as u64)
+            } else {
+                V::from(f as i64)
+            }
+        }
+        V::Array(items) => V::Array(items.into_iter().map(canonical).collect()),
+        V::Map(pairs) => {
+            let mut keyed: Vec<(Vec<u8>, (V, V))> = pairs
+                .into_iter()
+                .map(|(k, v)| {
+                    let k = canonical(k);
+                    let mut key = Vec::new();
+                    // Writing to a Vec cannot fail.
+                    let _ = rmpv::encode::write_value(&mut key, &k);
+                    (key, (k, canonical(v)))
+                })
+                .collect();
+            keyed.sort_by(|a, b| a.0.cmp(&b.0));
+            V::Map(keyed.into_iter().map(|(_, pair)| pair).collect())
+        }
+        other => other,
+    }
 }
 
 /// Decodes MessagePack into `T`.
@@ -30,7 +88,7 @@ pub fn json_args_to_msgpack(args: &serde_json::Value) -> Result<Bytes, String> {
             json_type_name(args)
         ));
     }
-    encode(args)
+    encode_canonical(args)
 }
 
 /// Converts a MessagePack value to JSON. Binary becomes an array of byte values, maps with
@@ -153,6 +211,33 @@ mod tests {
         assert_eq!(two, json_args_to_msgpack(&serde_json::json!([3, "x"])).unwrap());
         let none: [u8; 0] = [];
         assert_eq!(encode(&none).unwrap(), json_args_to_msgpack(&serde_json::json!([])).unwrap());
+    }
+
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Reading {
+        label: String,
+        celsius: f64,
+        count: u32,
+        tags: std::collections::BTreeMap<String, f32>,
+    }
+
+    #[test]
+    fn structs_and_json_objects_are_one_canonical_encoding() {
+        let reading = Reading { label: "a".into(), celsius: 21.0, count: 3, tags: [("z".into(), 1.5)].into() };
+        let typed = encode_canonical(&(reading,)).unwrap();
+        // Another key order, and 21 for 21.0: the same bytes, so the same request.
+        let json = serde_json::json!([{"tags": {"z": 1.5}, "count": 3, "celsius": 21, "label": "a"}]);
+        assert_eq!(typed, json_args_to_msgpack(&json).unwrap());
+        let json_float = serde_json::json!([{"count": 3.0, "label": "a", "celsius": 21.0, "tags": {"z": 1.5}}]);
+        assert_eq!(typed, json_args_to_msgpack(&json_float).unwrap());
+        // And it decodes back, floats from integers included; as JSON it keeps field names.
+        let (back,): (Reading,) = decode(&typed).unwrap();
+        assert_eq!(back.celsius, 21.0);
+        assert_eq!(msgpack_to_json(&typed).unwrap()[0]["label"], "a");
+        // Non-integral and huge floats stay floats; integers keep their value.
+        let values = encode_canonical(&(0.5f64, 1e300f64, u64::MAX, -7i64)).unwrap();
+        assert_eq!(decode::<(f64, f64, u64, i64)>(&values).unwrap(), (0.5, 1e300, u64::MAX, -7));
+        assert_eq!(canonicalize(&typed).unwrap(), typed, "canonical is a fixed point");
     }
 
     #[test]

@@ -200,3 +200,37 @@ async fn bad_arguments_name_the_parameter_the_type_and_the_value() {
     assert_eq!(node.evaluations_of("test/pair"), 1, "refused arguments run nothing");
     node.shutdown().await;
 }
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Reading {
+    label: String,
+    celsius: f64,
+    count: u32,
+}
+
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Summary {
+    label: String,
+    total: f64,
+}
+
+/// A struct in, a struct out.
+#[girder::function(name = "test/summarize")]
+async fn summarize(_ctx: Ctx, reading: Reading) -> Summary {
+    Summary { label: reading.label, total: reading.celsius * f64::from(reading.count) }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_struct_and_the_same_json_object_are_one_request() {
+    let node = common::grid(Registry::new().with::<summarize>(), 1, 1).await;
+    let client = node.client();
+    let reading = Reading { label: "oven".into(), celsius: 200.0, count: 3 };
+    let typed = summarize::call(&client, reading.clone()).await.unwrap();
+    assert_eq!(typed, Summary { label: "oven".into(), total: 600.0 });
+    // The same data as JSON, keys in another order and 200 for 200.0: memoized already.
+    let json = serde_json::json!([{"count": 3, "celsius": 200, "label": "oven"}]);
+    let answer = client.call_json("test/summarize", &json).await.unwrap();
+    assert_eq!(answer, serde_json::json!({"label": "oven", "total": 600}), "results keep field names");
+    assert_eq!(node.evaluations_of("test/summarize"), 1, "one evaluation for both callers");
+    node.shutdown().await;
+}

@@ -82,9 +82,8 @@ fn decode_args<F: Function>(args: &[u8]) -> Result<F::Args, CallError> {
 
 fn encode_output<F: Function>(result: Result<F::Output, String>) -> Outcome {
     match result {
-        Ok(value) => {
-            codec::encode(&value).map_err(|message| CallError::BadResult { function: F::NAME.to_owned(), message })
-        }
+        Ok(value) => codec::encode_canonical(&value)
+            .map_err(|message| CallError::BadResult { function: F::NAME.to_owned(), message }),
         Err(message) => Err(CallError::Function { function: F::NAME.to_owned(), message }),
     }
 }
@@ -194,5 +193,5 @@ pub fn error_text<E: fmt::Display>(error: E) -> String {
 
 /// Encodes typed arguments for [`crate::Request::new`].
 pub fn encode_args<F: Function>(args: &F::Args) -> Result<Bytes, CallError> {
-    codec::encode(args).map_err(|message| CallError::BadArguments { function: F::NAME.to_owned(), message })
+    codec::encode_canonical(args).map_err(|message| CallError::BadArguments { function: F::NAME.to_owned(), message })
 }

@@ -24,11 +24,17 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Bytes, String> {
 /// field names.
 pub fn encode_canonical<T: Serialize + ?Sized>(value: &T) -> Result<Bytes, String> {
     let named = rmp_serde::to_vec_named(value).map_err(|e| e.to_string())?;
+    // Only maps and floats have anything to canonicalize, and each starts with its marker
+    // byte: without any such byte (data bytes may match too: then the slow path), the
+    // encoding is canonical already.
+    if !named.iter().any(|b| matches!(b, 0x80..=0x8f | 0xde | 0xdf | 0xca | 0xcb)) {
+        return Ok(Bytes::from(named));
+    }
     canonicalize(&named)
 }
 
-/// The canonical form (see [`encode_canonical`]) of MessagePack bytes.
-pub fn canonicalize(bytes: &[u8]) -> Result<Bytes, String> {
+/// The canonical form (see [`encode_canonical`]) of well-formed MessagePack bytes.
+fn canonicalize(bytes: &[u8]) -> Result<Bytes, String> {
     let mut reader = bytes;
     let value = rmpv::decode::read_value(&mut reader).map_err(|e| e.to_string())?;
     if !reader.is_empty() {

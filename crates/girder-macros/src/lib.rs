@@ -8,8 +8,9 @@
 //! expands to a unit struct `fib` implementing `girder::Function`, with `fib::call(&caller,
 //! n)` (async) and `fib::call_blocking(&caller, n)`. The first parameter is the context; the
 //! others are the arguments, encoded together as one MessagePack array. A body returning
-//! `Result<T, E>` (with `E: Display`) has its errors reported as function errors; any other
-//! return type is a plain value.
+//! `Result<T, E>` (with `E: Display`), or an alias like `anyhow::Result<T>` or
+//! `std::io::Result<T>`, has its errors reported as function errors; any other return type
+//! is a plain value.
 
 use proc_macro::TokenStream;
 use proc_macro2::TokenStream as Tokens;
@@ -199,7 +200,8 @@ fn expand(attr: Tokens, item: Tokens) -> syn::Result<Tokens> {
     })
 }
 
-/// `T` when `ty` is written `Result<T, E>` (any path ending in `Result` with two arguments).
+/// `T` when `ty` is written `Result<T, E>` or `Result<T>` (any path ending in `Result`, so
+/// `anyhow::Result<T>` and `std::io::Result<T>` too; the error must be `Display`).
 fn result_ok_type(ty: &Type) -> Option<Type> {
     let Type::Path(path) = ty else { return None };
     let last = path.path.segments.last()?;
@@ -208,7 +210,7 @@ fn result_ok_type(ty: &Type) -> Option<Type> {
     }
     let PathArguments::AngleBracketed(args) = &last.arguments else { return None };
     match args.args.first()? {
-        GenericArgument::Type(ok) if args.args.len() == 2 => Some(ok.clone()),
+        GenericArgument::Type(ok) if args.args.len() <= 2 => Some(ok.clone()),
         _ => None,
     }
 }

@@ -234,3 +234,21 @@ async fn a_rust_struct_and_the_same_json_object_are_one_request() {
     assert_eq!(node.evaluations_of("test/summarize"), 1, "one evaluation for both callers");
     node.shutdown().await;
 }
+
+/// Fails through an error type of its own behind a one-argument `Result` alias.
+#[girder::function(name = "test/parse")]
+async fn parse(_ctx: Ctx, text: String) -> std::io::Result<u64> {
+    text.parse().map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn result_aliases_report_their_errors_as_function_errors() {
+    let node = common::grid(Registry::new().with::<parse>(), 1, 1).await;
+    let client = node.client();
+    assert_eq!(parse::call(&client, "42".into()).await.unwrap(), 42);
+    match parse::call(&client, "x".into()).await {
+        Err(CallError::Function { message, .. }) => assert!(message.contains("invalid digit"), "{message}"),
+        other => panic!("expected a function error, got {other:?}"),
+    }
+    node.shutdown().await;
+}

@@ -182,7 +182,8 @@ async fn one_callers_long_calls_leave_the_node_answering_another_caller_within_a
     // 2 workers x 4 slots; each caller may keep half of them busy.
     let node = LoggedNode::start(&["--token-file", &tokens], &[]);
     let http = reqwest::Client::new();
-    let (answered, mut answers) = tokio::sync::mpsc::unbounded_channel();
+    // One answer per call of alice's: 8.
+    let (answered, mut answers) = tokio::sync::mpsc::channel(8);
     let alice: Vec<_> = (0..8)
         .map(|i| {
             let request = http
@@ -194,7 +195,7 @@ async fn one_callers_long_calls_leave_the_node_answering_another_caller_within_a
                 let response = request.send().await.expect("alice is answered");
                 let status = response.status().as_u16();
                 let body: serde_json::Value = response.json().await.unwrap_or_default();
-                let _ = answered.send((status, body));
+                let _ = answered.send((status, body)).await;
             })
         })
         .collect();

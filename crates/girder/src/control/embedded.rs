@@ -593,6 +593,9 @@ impl Inner {
     /// request is forgotten at once; a bigger one ends (told to nobody: its stragglers are
     /// dropped when claimed or refused when they submit) and is forgotten when it ages out.
     fn root_done(&mut self, tree: u64, id: &ReqId) {
+        if tree == 0 {
+            return;
+        }
         let Some(record) = self.trees.get(tree) else { return };
         if record.root.as_ref().is_none_or(|(_, root)| root != id) {
             return;

@@ -149,6 +149,7 @@ pub(crate) struct Membership {
 }
 
 /// Where a call's request goes when it must be queued.
+#[derive(Clone, Copy)]
 pub(crate) struct Target<'a> {
     pub(crate) queue: &'a QueueId,
     /// Nested calls go to the front of the caller's own queue (depth first).
@@ -258,7 +259,7 @@ impl NodeCore {
         let mut request = request;
         let mut attempts = 0;
         loop {
-            let outcome = self.call(&request, Target { queue: target.queue, front: target.front }, deadline).await;
+            let outcome = self.call(&request, target, deadline).await;
             match &outcome {
                 Err(CallError::DeadlineExceeded { .. }) => return outcome,
                 Err(CallError::Cancelled { .. }) if attempts < CANCELLED_RETRIES_MAX => {

@@ -81,8 +81,11 @@ impl Ctx {
     /// discarded anyway, and its nested calls fail at once. (An async function is simply
     /// dropped at its next await.)
     pub fn is_cancelled(&self) -> bool {
-        self.core.work.trees.ended(self.budget.tree).is_some()
-            || self.deadline.is_some_and(|deadline| std::time::Instant::now() >= deadline)
+        self.core.work.trees.ended(self.budget.tree).is_some() || self.past_deadline()
+    }
+
+    fn past_deadline(&self) -> bool {
+        self.deadline.is_some_and(|deadline| std::time::Instant::now() >= deadline)
     }
 
     /// `Err(CallError::Cancelled)` once [`Ctx::is_cancelled`]: `ctx.check_cancelled()?` in a
@@ -105,7 +108,7 @@ impl Ctx {
         if let Some(end) = self.core.work.trees.ended(self.budget.tree) {
             return Err(end.error(&request.function));
         }
-        if self.is_cancelled() {
+        if self.past_deadline() {
             return Err(CallError::Cancelled { function: request.function.to_string() });
         }
         let budget = self.budget.nested(&request.function)?;

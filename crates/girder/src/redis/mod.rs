@@ -207,6 +207,25 @@ fn corrupt(what: &str, err: impl std::fmt::Display) -> StatekeeperError {
     StatekeeperError::Corrupt(format!("{what}: {err}"))
 }
 
+/// What the completion scripts take besides the node and the claim.
+struct Completion {
+    hex: String,
+    outcome: Vec<u8>,
+    ttl: String,
+    count_max: String,
+}
+
+impl RedisStatekeeper {
+    fn completion(&self, id: &ReqId, outcome: &Outcome) -> SkResult<Completion> {
+        Ok(Completion {
+            hex: id.to_hex(),
+            outcome: encode_outcome(outcome)?,
+            ttl: self.config.results_ttl_ms.unwrap_or(0).to_string(),
+            count_max: self.config.results_entries_max.to_string(),
+        })
+    }
+}
+
 /// A call tree's id as the scripts key it: 16 hex digits, or empty for "no tree".
 fn tree_hex(tree: u64) -> String {
     if tree == 0 {
@@ -553,17 +572,15 @@ impl Statekeeper for RedisStatekeeper {
     }
 
     async fn complete(&self, id: &ReqId, outcome: &Outcome, memoize: bool, local: &NodeId) -> SkResult<bool> {
-        let encoded = encode_outcome(outcome)?;
-        let ttl = self.config.results_ttl_ms.unwrap_or(0).to_string();
-        let hex = id.to_hex();
-        let count_max = self.config.results_entries_max.to_string();
+        let completion = self.completion(id, outcome)?;
+        let memoize_flag: &[u8] = if memoize { b"1" } else { b"0" };
         let args = [
-            hex.as_bytes(),
-            &encoded,
-            if memoize { b"1" } else { b"0" },
+            completion.hex.as_bytes(),
+            &completion.outcome,
+            memoize_flag,
             local.as_str().as_bytes(),
-            ttl.as_bytes(),
-            count_max.as_bytes(),
+            completion.ttl.as_bytes(),
+            completion.count_max.as_bytes(),
         ];
         let local_waits: i64 = self.run(&self.scripts.complete, &args).await?;
         if memoize {
@@ -581,19 +598,18 @@ impl Statekeeper for RedisStatekeeper {
         queue: &QueueId,
         max: usize,
     ) -> SkResult<(bool, Vec<Request>)> {
-        let encoded = encode_outcome(outcome)?;
-        let ttl = self.config.results_ttl_ms.unwrap_or(0).to_string();
-        let (hex, max) = (id.to_hex(), max.to_string());
-        let count_max = self.config.results_entries_max.to_string();
+        let completion = self.completion(id, outcome)?;
+        let memoize_flag: &[u8] = if memoize { b"1" } else { b"0" };
+        let max = max.to_string();
         let args = [
-            hex.as_bytes(),
-            &encoded,
-            if memoize { b"1" } else { b"0" },
+            completion.hex.as_bytes(),
+            &completion.outcome,
+            memoize_flag,
             local.as_str().as_bytes(),
-            ttl.as_bytes(),
+            completion.ttl.as_bytes(),
             queue.as_str().as_bytes(),
             max.as_bytes(),
-            count_max.as_bytes(),
+            completion.count_max.as_bytes(),
         ];
         let (local_waits, claimed): (i64, Vec<Vec<u8>>) = self.run(&self.scripts.complete_and_claim, &args).await?;
         if memoize {
@@ -737,53 +753,71 @@ impl InboxReader {
         Ok(())
     }
 
-    /// Wakes a local waiter, or hands an outcome to the node: waiting for room when the
+    /// Wakes a local waiter, or hands an event to the node: waiting for room when the
     /// node is behind (the events not popped yet stay in Redis meanwhile).
     async fn handle(&self, event: &[u8]) {
-        match event.split_first() {
-            Some((b'W', queue)) => {
-                let queue = QueueId::new(String::from_utf8_lossy(queue).into_owned());
+        match parse_inbox_event(event) {
+            Some(Inbox::Wake(queue)) => {
                 // Only queues somebody here declared, joined or waits on have a signal.
                 if let Some(signal) = self.signals.lock().get(&queue) {
                     signal.notify_one();
                 }
             }
-            Some((b'D', rest)) if rest.len() >= 64 => {
-                let id = std::str::from_utf8(&rest[..64]).ok().and_then(ReqId::from_hex);
-                match (id, decode_outcome(&rest[64..])) {
-                    (Some(id), Ok(outcome)) => {
-                        // Fails only when the node dropped its stream: nobody waits any more.
-                        let _ = self.tx.send(Event::Done { id, outcome }).await;
-                    }
-                    _ => tracing::warn!(inbox = %self.key, "dropped an undecodable event"),
-                }
+            Some(Inbox::Event(event)) => {
+                // Fails only when the node dropped its stream: nobody waits any more.
+                let _ = self.tx.send(event).await;
             }
-            Some((b'K', rest)) if rest.len() > 64 => {
-                let id = std::str::from_utf8(&rest[..64]).ok().and_then(ReqId::from_hex);
-                match (id, parse_tree_end(&rest[64..])) {
-                    (Some(id), Some(end)) => {
-                        let _ = self.tx.send(Event::Dropped { id, end }).await;
-                    }
-                    _ => tracing::warn!(inbox = %self.key, "dropped an undecodable event"),
-                }
-            }
-            Some((b'T', rest)) if rest.len() > 16 => {
-                let tree = std::str::from_utf8(&rest[..16]).ok().and_then(|h| u64::from_str_radix(h, 16).ok());
-                match (tree, parse_tree_end(&rest[16..])) {
-                    (Some(tree), Some(end)) => {
-                        let _ = self.tx.send(Event::TreeEnded { tree, end }).await;
-                    }
-                    _ => tracing::warn!(inbox = %self.key, "dropped an undecodable event"),
-                }
-            }
-            _ => tracing::warn!(inbox = %self.key, "dropped an unknown event"),
+            None => tracing::warn!(inbox = %self.key, "dropped an undecodable event"),
         }
     }
 }
 
+/// An inbox entry: `W` + queue, `D` + request id + outcome, `K` + request id + tree end,
+/// `T` + tree id (16 hex digits) + tree end.
+enum Inbox {
+    Wake(QueueId),
+    Event(Event),
+}
+
+fn parse_inbox_event(event: &[u8]) -> Option<Inbox> {
+    let (tag, rest) = event.split_first()?;
+    let id = |len: usize| rest.get(..len).and_then(|hex| std::str::from_utf8(hex).ok());
+    let after = |len: usize| rest.get(len..).unwrap_or_default();
+    let event = match tag {
+        b'W' => return Some(Inbox::Wake(QueueId::new(String::from_utf8_lossy(rest).into_owned()))),
+        b'D' => Event::Done { id: ReqId::from_hex(id(64)?)?, outcome: decode_outcome(after(64)).ok()? },
+        b'K' => Event::Dropped { id: ReqId::from_hex(id(64)?)?, end: parse_tree_end(after(64))? },
+        b'T' => Event::TreeEnded { tree: u64::from_str_radix(id(16)?, 16).ok()?, end: parse_tree_end(after(16))? },
+        _ => return None,
+    };
+    Some(Inbox::Event(event))
+}
+
 #[cfg(test)]
 mod tests {
-    use super::redacted;
+    use super::{encode_outcome, parse_inbox_event, redacted, Inbox};
+    use crate::control::{Event, TreeEnd};
+    use crate::id::ReqId;
+
+    #[test]
+    fn inbox_entries_parse_or_are_refused() {
+        let id = ReqId::of("f", 1, b"x");
+        let hex = id.to_hex();
+        let done =
+            [b"D".as_slice(), hex.as_bytes(), &encode_outcome(&Ok(bytes::Bytes::from_static(b"v"))).unwrap()].concat();
+        assert!(matches!(parse_inbox_event(&done), Some(Inbox::Event(Event::Done { id: got, .. })) if got == id));
+        let dropped = format!("K{hex}B500");
+        assert!(matches!(
+            parse_inbox_event(dropped.as_bytes()),
+            Some(Inbox::Event(Event::Dropped { end: TreeEnd::OverBudget(500), .. }))
+        ));
+        let ended = parse_inbox_event(b"T00000000000000ffC");
+        assert!(matches!(ended, Some(Inbox::Event(Event::TreeEnded { tree: 255, end: TreeEnd::Cancelled }))));
+        assert!(matches!(parse_inbox_event(b"Wpool:main"), Some(Inbox::Wake(q)) if q.as_str() == "pool:main"));
+        for bad in [&b""[..], b"X", b"D", b"Kshort", b"T00000000000000ffZ", b"Tnothexxxxxxxxxx C", b"K\xff"] {
+            assert!(parse_inbox_event(bad).is_none(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn passwords_never_reach_messages() {

@@ -183,3 +183,35 @@ async fn on_redis_an_abandoned_tree_stops_everywhere_and_no_node_resumes_it() {
     let out = c.call(&["examples/fib", "50", "--timeout-ms", "5000"]);
     assert_eq!(text(&out.stdout), "12586269025", "{}", text(&out.stderr));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_redis_budgets_hold_across_nodes_for_concurrent_trees() {
+    let redis = RedisServer::start(false).unwrap_or_else(|e| panic!("{e}"));
+    let url = redis.url();
+    let http = reqwest::Client::new();
+    let (a, b) = (redis_node(&url, "a"), redis_node(&url, "b"));
+    // Two huge trees at once, one from each node, each capped at 1,000 new requests; the
+    // grid counts each tree's requests wherever they are created.
+    let calls: Vec<_> = [(&a, "1"), (&b, "2")]
+        .into_iter()
+        .map(|(node, id)| {
+            let url = node.url.clone();
+            let id = id.to_owned();
+            tokio::task::spawn_blocking(move || {
+                Command::new(GIRDER)
+                    .args(["call", "examples/tree", "5", "14", &id, "--requests-max", "1000", "--node", &url])
+                    .output()
+                    .expect("girder call runs")
+            })
+        })
+        .collect();
+    for call in calls {
+        let out = call.await.expect("call joins");
+        assert!(text(&out.stderr).contains("exceeded its requests limit of 1000"), "{}", text(&out.stderr));
+    }
+    let (_, evaluated) = settled(&http, &[&a, &b], "examples/tree", Duration::from_secs(5)).await;
+    assert!(evaluated <= 2 * 1_000, "{evaluated} evaluations for two trees of at most 1,000 requests");
+    assert!(evaluations(&http, &b.url, "examples/tree").await > 0, "the trees spread over both nodes");
+    let out = b.call(&["examples/tree", "3", "5", "9", "--timeout-ms", "10000"]);
+    assert_eq!(text(&out.stdout), "156", "a tree within its budget is whole; {}", text(&out.stderr));
+}

@@ -19,8 +19,8 @@ use syn::parse::Parser;
 use syn::punctuated::Punctuated;
 use syn::{Expr, ExprLit, FnArg, GenericArgument, ItemFn, Lit, Meta, Pat, PathArguments, ReturnType, Token, Type};
 
-/// Registers a function under a name (required), a version (default 0) and optionally a
-/// time limit (`time_limit_ms = N`, default the node's). See the crate docs.
+/// Registers a function under a name (required), a version (default 0) and optionally its
+/// policies (`retries = N`, `timeout_ms = N`, `ttl_ms = N`; default the node's). See the crate docs.
 #[proc_macro_attribute]
 pub fn function(attr: TokenStream, item: TokenStream) -> TokenStream {
     match expand(attr.into(), item.into()) {
@@ -33,7 +33,9 @@ fn expand(attr: Tokens, item: Tokens) -> syn::Result<Tokens> {
     let metas = Punctuated::<Meta, Token![,]>::parse_terminated.parse2(attr)?;
     let mut name = None;
     let mut version = quote!(0u32);
-    let mut time_limit = quote!(::core::option::Option::None);
+    let mut retries = quote!(::core::option::Option::None);
+    let mut timeout = quote!(::core::option::Option::None);
+    let mut ttl = quote!(::core::option::Option::None);
     for meta in metas {
         let Meta::NameValue(pair) = meta else {
             return Err(syn::Error::new_spanned(meta, "expected `name = \"ns/fn\"` or `version = N`"));
@@ -50,17 +52,28 @@ fn expand(attr: Tokens, item: Tokens) -> syn::Result<Tokens> {
                 let value: u32 = number.base10_parse()?;
                 version = quote!(#value);
             }
-            ("time_limit_ms", Expr::Lit(ExprLit { lit: Lit::Int(number), .. })) => {
+            ("retries", Expr::Lit(ExprLit { lit: Lit::Int(number), .. })) => {
+                let value: u32 = number.base10_parse()?;
+                retries = quote!(::core::option::Option::Some(#value));
+            }
+            ("timeout_ms", Expr::Lit(ExprLit { lit: Lit::Int(number), .. })) => {
                 let value: u64 = number.base10_parse()?;
                 if value == 0 {
-                    return Err(syn::Error::new_spanned(number, "a time limit must be at least 1 ms"));
+                    return Err(syn::Error::new_spanned(number, "a timeout must be at least 1 ms"));
                 }
-                time_limit = quote!(::core::option::Option::Some(#value));
+                timeout = quote!(::core::option::Option::Some(#value));
+            }
+            ("ttl_ms", Expr::Lit(ExprLit { lit: Lit::Int(number), .. })) => {
+                let value: u64 = number.base10_parse()?;
+                if value == 0 {
+                    return Err(syn::Error::new_spanned(number, "a memo TTL must be at least 1 ms"));
+                }
+                ttl = quote!(::core::option::Option::Some(#value));
             }
             _ => {
                 return Err(syn::Error::new_spanned(
                     pair,
-                    "expected `name = \"ns/fn\"`, `version = N` or `time_limit_ms = N`",
+                    "expected `name = \"ns/fn\"`, `version = N`, `retries = N`, `timeout_ms = N` or `ttl_ms = N`",
                 ))
             }
         }
@@ -176,7 +189,7 @@ fn expand(attr: Tokens, item: Tokens) -> syn::Result<Tokens> {
             const NAME: &'static str = #name;
             const VERSION: u32 = #version;
             const KIND: ::girder::FnKind = #kind;
-            const TIME_LIMIT_MS: ::core::option::Option<u64> = #time_limit;
+            const POLICY: ::girder::Policy = ::girder::Policy { retries: #retries, timeout_ms: #timeout, ttl_ms: #ttl };
             const PARAMS: &'static [&'static str] = &[#(#param_names),*];
             type Args = #args_ty;
             type Output = #output;

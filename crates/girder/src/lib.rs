@@ -51,10 +51,16 @@ pub use control::{Embedded, EmbeddedConfig, NodeInfo, ResultStoreConfig, Stateke
 pub use error::{CallError, ErrorKind, StatekeeperError};
 pub use futures::future::BoxFuture;
 pub use girder_macros::function;
-pub use grid::{call, call_blocking, config, encode_args, error_text, Caller, Client, FnKind, Function, Registry};
+pub use grid::{
+    call, call_blocking, config, encode_args, error_text, Caller, Client, FnKind, Function, Policy, Registry, Schemas,
+};
 pub use grid::{
     CallLimits, Ctx, Node, NodeBuilder, NodeError, NodeStats, PoolSpec, WorkerSpec, WorkerStats, SLOTS_MAX, WORKERS_MAX,
 };
 pub use id::ReqId;
 pub use redis::{redacted, RedisConfig, RedisStatekeeper};
 pub use request::{Budget, Outcome, Request};
+/// The `schemars` crate the catalogue's JSON schemas come from: derive
+/// `girder::schemars::JsonSchema` (with `#[schemars(crate = "girder::schemars")]`) on argument
+/// and result types to describe them in `GET /v1/functions`.
+pub use schemars;

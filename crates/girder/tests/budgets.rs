@@ -39,14 +39,14 @@ async fn wrap(ctx: Ctx, n: u64, ms: u64) -> Result<u64, String> {
 }
 
 /// Sleeps `ms` milliseconds, but may run at most 200.
-#[girder::function(name = "test/limited", time_limit_ms = 200)]
+#[girder::function(name = "test/limited", timeout_ms = 200)]
 async fn limited(_ctx: Ctx, ms: u64) -> u64 {
     tokio::time::sleep(Duration::from_millis(ms)).await;
     ms
 }
 
 /// Spins until the grid gives up on it (or 20 s pass), then says how long it spun.
-#[girder::function(name = "test/spin", time_limit_ms = 200)]
+#[girder::function(name = "test/spin", timeout_ms = 200)]
 fn spin(ctx: Ctx, tag: u64) -> u64 {
     let begun = Instant::now();
     while ctx.check_cancelled().is_ok() && begun.elapsed() < Duration::from_secs(20) {

@@ -215,7 +215,7 @@ impl NodeBuilder {
 
     /// Sets how long an evaluation may run here before the grid abandons it with
     /// [`crate::CallError::TimeLimitExceeded`] (default: no limit), for functions without
-    /// a limit of their own (`#[girder::function(time_limit_ms = N)]`). An async evaluation
+    /// a limit of their own (`#[girder::function(timeout_ms = N)]`). An async evaluation
     /// is dropped; a blocking one is answered at once and its result discarded when it
     /// returns ([`crate::Ctx::is_cancelled`] turns true for it).
     pub fn time_limit(mut self, limit: Duration) -> NodeBuilder {

@@ -58,6 +58,11 @@ impl Client {
         Client { core, queue, deadline: None, affinity: None, limits: None }
     }
 
+    /// The node this client calls through.
+    pub(crate) fn core(&self) -> &Arc<NodeCore> {
+        &self.core
+    }
+
     /// A client whose call trees have at most these limits (each capped by the node's own,
     /// see [`crate::NodeBuilder::call_limits`]). Past them a call fails with
     /// [`CallError::BudgetExceeded`].

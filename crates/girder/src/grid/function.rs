@@ -36,10 +36,9 @@ pub trait Function: Send + Sync + 'static {
     const KIND: FnKind;
     /// The parameters' names, in order (the context excluded).
     const PARAMS: &'static [&'static str] = &[];
-    /// Longest an evaluation may run on a node before the grid abandons it with
-    /// [`CallError::TimeLimitExceeded`]; `None` takes the node's default
-    /// ([`crate::NodeBuilder::time_limit`]).
-    const TIME_LIMIT_MS: Option<u64> = None;
+    /// How the grid retries, limits and memoizes this function (see [`Policy`]); each field
+    /// left `None` takes the node's setting.
+    const POLICY: Policy = Policy::NODE;
     /// The parameters as a tuple, encoded as a MessagePack array.
     type Args: Serialize + DeserializeOwned + Send + 'static;
     /// The result type.
@@ -57,13 +56,57 @@ pub trait Function: Send + Sync + 'static {
         let _ = args;
         None
     }
+
+    /// JSON schemas of the parameters and the result, for the catalogue; by default every
+    /// value is allowed (`true`).
+    fn schemas() -> Schemas {
+        Schemas::any(Self::PARAMS.len())
+    }
+}
+
+/// Per-function policies, set in the attribute (`#[girder::function(retries = 3,
+/// timeout_ms = 500, ttl_ms = 60_000)]`) and overridable per node. `None` means "the
+/// node's setting".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Policy {
+    /// How many times an evaluation that panicked, or whose node was lost, is run again
+    /// (with backoff) before the call fails.
+    pub retries: Option<u32>,
+    /// Longest an evaluation may run on a node before the grid abandons it with
+    /// [`CallError::TimeLimitExceeded`] (see [`crate::NodeBuilder::time_limit`]).
+    pub timeout_ms: Option<u64>,
+    /// How long a memoized result of this function is kept; `None` keeps it until evicted.
+    pub ttl_ms: Option<u64>,
+}
+
+impl Policy {
+    /// Every field left to the node.
+    pub const NODE: Policy = Policy { retries: None, timeout_ms: None, ttl_ms: None };
+}
+
+/// JSON schemas of a function's parameters (in order) and result.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Schemas {
+    /// One schema per parameter.
+    pub params: Vec<serde_json::Value>,
+    /// The result's schema.
+    pub output: serde_json::Value,
+}
+
+impl Schemas {
+    /// Schemas that allow any value, for `params` parameters.
+    pub fn any(params: usize) -> Schemas {
+        Schemas { params: vec![serde_json::Value::Bool(true); params], output: serde_json::Value::Bool(true) }
+    }
 }
 
 /// A type-erased function: decodes arguments, runs the body, encodes the result.
 pub(crate) trait DynFunction: Send + Sync {
     fn version(&self) -> u32;
     fn kind(&self) -> FnKind;
-    fn time_limit_ms(&self) -> Option<u64>;
+    fn policy(&self) -> Policy;
+    fn params(&self) -> &'static [&'static str];
+    fn schemas(&self) -> Schemas;
     fn invoke_async(&self, ctx: Ctx, args: &[u8]) -> BoxFuture<'static, Outcome>;
     fn invoke_blocking(&self, ctx: Ctx, args: &[u8]) -> Outcome;
     /// Whether `args` decode into the parameters, without running anything.
@@ -97,8 +140,16 @@ impl<F: Function> DynFunction for Adapter<F> {
         F::KIND
     }
 
-    fn time_limit_ms(&self) -> Option<u64> {
-        F::TIME_LIMIT_MS
+    fn policy(&self) -> Policy {
+        F::POLICY
+    }
+
+    fn params(&self) -> &'static [&'static str] {
+        F::PARAMS
+    }
+
+    fn schemas(&self) -> Schemas {
+        F::schemas()
     }
 
     fn invoke_async(&self, ctx: Ctx, args: &[u8]) -> BoxFuture<'static, Outcome> {

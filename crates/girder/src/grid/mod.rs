@@ -31,5 +31,5 @@ pub use builder::{NodeBuilder, NodeError, PoolSpec, WorkerSpec, SLOTS_MAX, WORKE
 pub use client::{call, call_blocking, Caller, Client};
 pub use core::CallLimits;
 pub use ctx::Ctx;
-pub use function::{encode_args, error_text, FnKind, Function, Registry};
+pub use function::{encode_args, error_text, FnKind, Function, Policy, Registry, Schemas};
 pub use node::{Node, NodeStats, WorkerStats};

@@ -386,7 +386,7 @@ struct Bounds {
 
 impl Bounds {
     fn of(core: &Arc<NodeCore>, registered: &Registered) -> Bounds {
-        let own = registered.function.time_limit_ms().map(Duration::from_millis);
+        let own = registered.function.policy().timeout_ms.map(Duration::from_millis);
         let limit = own.or(core.work.time_limit);
         let deadline = limit.map(|limit| std::time::Instant::now() + limit);
         Bounds { taint: Taint::default(), limit, deadline }

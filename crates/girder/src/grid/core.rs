@@ -88,6 +88,8 @@ pub(crate) struct Calls {
     pub(crate) counters: CallCounters,
     /// Latency of top-level calls.
     pub(crate) latency: super::metrics::Latency,
+    /// Calls with an id in flight here, which callers may cancel by id.
+    pub(crate) in_flight: Arc<super::inflight::InFlight>,
 }
 
 /// Evaluation: the workers and what runs on them.

@@ -7,7 +7,8 @@
 //! - `worker`, `fiber`, `ctx`: evaluation in slots; async tasks, blocking fibers, nesting.
 //! - `roles`: distributors, helpers and the inbox; `upkeep`: lease, reaping, placement,
 //!   configuration and resubmission, each a task of its own.
-//! - `trees`: the call trees evaluations belong to, their cancellation.
+//! - `trees`: the call trees evaluations belong to, their cancellation; `inflight`: calls
+//!   in flight by call id, for cancelling one.
 //! - `waiters`, `config`, `metrics`, `system`: what they say.
 
 mod builder;
@@ -17,6 +18,7 @@ pub(crate) mod core;
 mod ctx;
 mod fiber;
 pub mod function;
+mod inflight;
 mod metrics;
 mod node;
 mod panics;
@@ -32,4 +34,5 @@ pub use client::{call, call_blocking, Caller, Client};
 pub use core::CallLimits;
 pub use ctx::Ctx;
 pub use function::{encode_args, error_text, FnKind, Function, Policy, Registry, Schemas};
+pub use inflight::{CallId, InFlightError, CALL_ID_LEN_MAX, IN_FLIGHT_MAX};
 pub use node::{Node, NodeStats, WorkerStats};

@@ -52,8 +52,8 @@ pub use error::{CallError, ErrorKind, StatekeeperError};
 pub use futures::future::BoxFuture;
 pub use girder_macros::function;
 pub use grid::{
-    call, call_blocking, config, encode_args, error_text, CallId, Caller, Client, FnKind, Function, InFlightError,
-    Policy, Registry, Schemas, CALL_ID_LEN_MAX, IN_FLIGHT_MAX,
+    call, call_blocking, config, encode_args, error_text, Call, CallId, Caller, Client, FnKind, Function,
+    InFlightError, Policy, Registry, Schemas, CALL_ID_LEN_MAX, IN_FLIGHT_MAX, MAP_CONCURRENCY_MAX,
 };
 pub use grid::{
     CallLimits, Ctx, Node, NodeBuilder, NodeError, NodeStats, PoolSpec, WorkerSpec, WorkerStats, SLOTS_MAX, WORKERS_MAX,

@@ -6,12 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
 
 use crate::codec;
 use crate::control::QueueId;
 use crate::error::CallError;
 use crate::grid::core::{CallLimits, NodeCore, Target};
 use crate::grid::function::{encode_args, Function};
+use crate::grid::inflight::{CallId, InFlightError, Registration};
 use crate::request::{Budget, Outcome, Request};
 
 /// Something that can send a request through the grid and wait for its outcome.
@@ -51,11 +53,51 @@ pub struct Client {
     deadline: Option<Duration>,
     affinity: Option<Arc<str>>,
     limits: Option<CallLimits>,
+    /// Cancelled when the call this client makes is cancelled by id.
+    cancel: Option<CancellationToken>,
 }
 
 impl Client {
     pub(crate) fn new(core: Arc<NodeCore>, queue: Option<QueueId>) -> Client {
-        Client { core, queue, deadline: None, affinity: None, limits: None }
+        Client { core, queue, deadline: None, affinity: None, limits: None, cancel: None }
+    }
+
+    /// Starts a call of `F` with `args` under a new call id, in a task of its own, and
+    /// returns its handle: await it for the result, or cancel it (also by id, with
+    /// [`Client::cancel`], from anywhere that has this node's client). Dropping the handle
+    /// cancels the call too.
+    pub fn spawn<F: Function>(&self, args: F::Args) -> Result<Call<F::Output>, InFlightError> {
+        self.spawn_with_id::<F>(CallId::random(), args)
+    }
+
+    /// [`Client::spawn`] under an id of the caller's choosing; fails when a call with that
+    /// id is in flight on this node.
+    pub fn spawn_with_id<F: Function>(&self, id: CallId, args: F::Args) -> Result<Call<F::Output>, InFlightError> {
+        let registration = self.register(id.clone())?;
+        let client = self.cancellable(&registration);
+        let task = self.core.handle.spawn(async move {
+            let _registration = registration;
+            call::<F, Client>(&client, args).await
+        });
+        Ok(Call { id, function: F::NAME, task: Some(task), core: self.core.clone() })
+    }
+
+    /// Cancels the call `id` in flight on this node: its caller gets
+    /// [`CallError::Cancelled`] at once, and its request and the nested requests nobody
+    /// else waits for stop on every node. False when no call with that id is in flight here.
+    pub fn cancel(&self, id: &CallId) -> bool {
+        self.core.calls.in_flight.cancel(id)
+    }
+
+    /// Registers a call under `id` on this node, for [`Client::cancellable`].
+    pub(crate) fn register(&self, id: CallId) -> Result<Registration, InFlightError> {
+        self.core.calls.in_flight.register(id)
+    }
+
+    /// A client whose calls end with [`CallError::Cancelled`] when `registration`'s call
+    /// is cancelled.
+    pub(crate) fn cancellable(&self, registration: &Registration) -> Client {
+        Client { cancel: Some(registration.token().clone()), ..self.clone() }
     }
 
     /// The node this client calls through.
@@ -94,14 +136,29 @@ impl Client {
     /// and returns its result as JSON. The version comes from this node's registry, or from
     /// the statekeeper's directory when this node does not serve the function.
     pub async fn call_json(&self, name: &str, args: &serde_json::Value) -> Result<serde_json::Value, CallError> {
-        let version = match self.core.registry.version_of(name) {
-            Some(version) => version,
-            None => match self.core.statekeeper.function_version(name).await {
-                Ok(Some(version)) => version,
-                Ok(None) => return Err(CallError::UnknownFunction { function: name.to_owned() }),
-                Err(err) => return Err(CallError::statekeeper(name, &err)),
-            },
-        };
+        let version = self.version_of(name).await?;
+        self.call_json_version(name, version, args).await
+    }
+
+    /// The version of `name` calls use: this node's, else the statekeeper directory's.
+    pub(crate) async fn version_of(&self, name: &str) -> Result<u32, CallError> {
+        if let Some(version) = self.core.registry.version_of(name) {
+            return Ok(version);
+        }
+        match self.core.statekeeper.function_version(name).await {
+            Ok(Some(version)) => Ok(version),
+            Ok(None) => Err(CallError::UnknownFunction { function: name.to_owned() }),
+            Err(err) => Err(CallError::statekeeper(name, &err)),
+        }
+    }
+
+    /// [`Client::call_json`] of a known version.
+    pub(crate) async fn call_json_version(
+        &self,
+        name: &str,
+        version: u32,
+        args: &serde_json::Value,
+    ) -> Result<serde_json::Value, CallError> {
         let encoded = codec::json_args_to_msgpack(args)
             .map_err(|message| CallError::BadArguments { function: name.to_owned(), message })?;
         if let Some(registered) = self.core.registry.get(name) {
@@ -132,7 +189,16 @@ impl Caller for Client {
             let begun = std::time::Instant::now();
             let queue = self.queue_for(&request.function)?;
             let request = self.rooted(request);
-            let outcome = self.core.call_root(request, Target { queue: &queue, front: false }, self.deadline).await;
+            let function = request.function.clone();
+            let call = self.core.call_root(request, Target { queue: &queue, front: false }, self.deadline);
+            let outcome = match &self.cancel {
+                None => call.await,
+                Some(cancel) => tokio::select! {
+                    outcome = call => outcome,
+                    // Dropping the call withdraws this caller (see `NodeCore::call_root`).
+                    () = cancel.cancelled() => Err(CallError::Cancelled { function: function.to_string() }),
+                },
+            };
             self.core.calls.latency.record(begun.elapsed());
             outcome
         })
@@ -142,8 +208,55 @@ impl Caller for Client {
         if tokio::runtime::Handle::try_current().is_ok() {
             return Err(CallError::BlockingInAsync { function: request.function.to_string() });
         }
-        let queue = self.queue_for(&request.function)?;
-        let request = self.rooted(request);
-        self.core.handle.block_on(self.core.call_root(request, Target { queue: &queue, front: false }, self.deadline))
+        self.core.handle.block_on(self.call_request(request))
+    }
+}
+
+/// A call started with [`Client::spawn`]: a future of its result that can be cancelled.
+/// Dropping it cancels the call.
+#[must_use = "dropping a Call cancels it"]
+pub struct Call<T> {
+    id: CallId,
+    function: &'static str,
+    task: Option<tokio::task::JoinHandle<Result<T, CallError>>>,
+    core: Arc<NodeCore>,
+}
+
+impl<T> Call<T> {
+    /// The call's id, for [`Client::cancel`].
+    pub fn id(&self) -> &CallId {
+        &self.id
+    }
+
+    /// Cancels the call (see [`Client::cancel`]); awaiting it then gives
+    /// [`CallError::Cancelled`] unless its result was already there.
+    pub fn cancel(&self) {
+        self.core.calls.in_flight.cancel(&self.id);
+    }
+}
+
+impl<T> std::future::Future for Call<T> {
+    type Output = Result<T, CallError>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        // A task that is gone (polled after its result, or its runtime shut down) has no
+        // result to give.
+        let function = self.function;
+        let shutdown = || Err(CallError::Shutdown { function: function.to_owned() });
+        let Some(task) = self.task.as_mut() else {
+            return std::task::Poll::Ready(shutdown());
+        };
+        let result = futures::ready!(std::pin::Pin::new(task).poll(cx));
+        self.task = None;
+        std::task::Poll::Ready(result.unwrap_or_else(|_| shutdown()))
+    }
+}
+
+impl<T> Drop for Call<T> {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            // Dropping the call's future withdraws it, as for any dropped call.
+            task.abort();
+        }
     }
 }

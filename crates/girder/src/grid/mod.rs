@@ -1,7 +1,8 @@
 //! The compute grid: functions, calls, and the node runtime that evaluates them.
 //!
 //! - [`function`]: the [`Function`] trait the attribute implements, and the [`Registry`].
-//! - [`client`]: [`Caller`], [`Client`] and the typed call helpers.
+//! - [`client`]: [`Caller`], [`Client`] and the typed call helpers; `map`: many calls at
+//!   once.
 //! - `node`: [`Node`]; `builder`: [`NodeBuilder`] and the specs of pools and workers.
 //! - `core`: the call path every caller on a node shares (memo, waiters, submit, complete).
 //! - `worker`, `fiber`, `ctx`: evaluation in slots; async tasks, blocking fibers, nesting.
@@ -19,6 +20,7 @@ mod ctx;
 mod fiber;
 pub mod function;
 mod inflight;
+mod map;
 mod metrics;
 mod node;
 mod panics;
@@ -30,9 +32,10 @@ mod waiters;
 mod worker;
 
 pub use builder::{NodeBuilder, NodeError, PoolSpec, WorkerSpec, SLOTS_MAX, WORKERS_MAX};
-pub use client::{call, call_blocking, Caller, Client};
+pub use client::{call, call_blocking, Call, Caller, Client};
 pub use core::CallLimits;
 pub use ctx::Ctx;
 pub use function::{encode_args, error_text, FnKind, Function, Policy, Registry, Schemas};
 pub use inflight::{CallId, InFlightError, CALL_ID_LEN_MAX, IN_FLIGHT_MAX};
+pub use map::MAP_CONCURRENCY_MAX;
 pub use node::{Node, NodeStats, WorkerStats};

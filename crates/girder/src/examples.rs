@@ -1,6 +1,6 @@
 //! Built-in example functions, shipped in the binary so a grid can be exercised with no
 //! code: `examples/echo`, `sleep`, `fail`, `panic`, `fib`, `tree`, `tree_blocking`,
-//! `chain`, `chain_blocking`, `zigzag`, `zigzag_blocking` and `whoami`.
+//! `nap_tree`, `chain`, `chain_blocking`, `zigzag`, `zigzag_blocking` and `whoami`.
 
 use futures::future::try_join_all;
 
@@ -35,6 +35,7 @@ pub fn register(registry: &mut Registry) {
         .register::<fib>()
         .register::<tree>()
         .register::<tree_blocking>()
+        .register::<nap_tree>()
         .register::<chain>()
         .register::<chain_blocking>()
         .register::<zigzag>()
@@ -123,6 +124,25 @@ pub async fn tree(ctx: Ctx, depth: u32, fanout: u32, id: u64) -> Result<u64, Str
         return Ok(1);
     }
     let children = (1..=fanout).map(|k| tree::call(&ctx, depth - 1, fanout, child_id(id, fanout, k)));
+    let counts = try_join_all(children).await.map_err(|e| e.to_string())?;
+    Ok(1 + counts.iter().sum::<u64>())
+}
+
+/// [`tree`] whose leaves each sleep `ms` milliseconds (at most [`SLEEP_MS_MAX`]): a tree
+/// of slow requests, for watching cancellation and failover. Returns its subtree's size.
+#[crate::function(name = "examples/nap_tree")]
+pub async fn nap_tree(ctx: Ctx, depth: u32, fanout: u32, id: u64, ms: u64) -> Result<u64, String> {
+    tree_check(depth, fanout, id)?;
+    if depth == 0 {
+        // A leaf is a request of its own (`id` tells leaves apart), so it sleeps itself
+        // rather than share one `sleep(ms)` with every other leaf.
+        if ms > SLEEP_MS_MAX {
+            return Err(format!("nap_tree's leaves sleep at most {SLEEP_MS_MAX} ms, got {ms}"));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        return Ok(1);
+    }
+    let children = (1..=fanout).map(|k| nap_tree::call(&ctx, depth - 1, fanout, child_id(id, fanout, k), ms));
     let counts = try_join_all(children).await.map_err(|e| e.to_string())?;
     Ok(1 + counts.iter().sum::<u64>())
 }

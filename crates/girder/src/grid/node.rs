@@ -61,6 +61,8 @@ pub struct NodeStats {
     pub workers: Vec<WorkerStats>,
     /// Evaluations started per function on this node, sorted by name.
     pub evaluations: Vec<(String, u64)>,
+    /// Requests being evaluated on this node now.
+    pub running: u64,
     /// Distribution counters per pool this node declared.
     pub pools: Vec<(String, PoolCounters)>,
 }
@@ -214,6 +216,7 @@ impl Node {
                 })
                 .collect(),
             evaluations,
+            running: self.core.work.running.lock().len() as u64,
             pools,
         }
     }

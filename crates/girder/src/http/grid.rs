@@ -69,6 +69,7 @@ async fn stats(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
         "workers": workers,
         "pools": pools,
         "evaluations": stats.evaluations.iter().map(|(n, c)| serde_json::json!({"function": n, "count": c})).collect::<Vec<_>>(),
+        "running": stats.running,
     }))
 }
 

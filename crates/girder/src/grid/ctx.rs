@@ -14,7 +14,7 @@ use super::waiters::Callback;
 use super::worker::{self, Worker};
 use crate::control::QueueId;
 use crate::error::CallError;
-use crate::grid::client::Caller;
+use crate::grid::client::{Caller, Client};
 use crate::grid::function::FnKind;
 use crate::request::{Budget, Outcome, Request};
 
@@ -34,10 +34,12 @@ enum Mode {
 /// In an `async` function use [`Caller`]'s async calls (e.g. `fib::call(&ctx, n).await`);
 /// in a blocking function use the blocking ones (`fib::call_blocking(&ctx, n)`), which work
 /// through this worker's queue on the function's own thread while they wait.
+///
+/// To run a function's body directly in a test (`fib::run(ctx, 10)`), make a context with
+/// [`Ctx::for_tests`]: its nested calls are top-level calls through the node.
 pub struct Ctx {
     core: Arc<NodeCore>,
-    worker: Arc<Worker>,
-    mode: Mode,
+    runs: Runs,
     /// The budget of the request being evaluated; nested calls go one level deeper.
     budget: Budget,
     /// The first nested call that failed for a reason of the tree, not of its arguments.
@@ -47,6 +49,18 @@ pub struct Ctx {
     /// The function being evaluated.
     function: Arc<str>,
 }
+
+/// Where the evaluation runs.
+enum Runs {
+    /// On `worker`: nested calls go through its queue, and `mode` says what waiting gives back.
+    Worker { worker: Arc<Worker>, mode: Mode },
+    /// Outside any worker ([`Ctx::for_tests`]): nested calls are this client's top-level calls.
+    Test(Client),
+}
+
+/// What [`Ctx::worker_id`] and the function name say for a context made for a test.
+const TEST_WORKER: &str = "test";
+const TEST_FUNCTION: &str = "test";
 
 /// The first error of a nested call that says nothing about the function's arguments
 /// (a budget, a cancellation): an error the evaluation returns after it is not its value
@@ -66,13 +80,36 @@ pub(crate) struct Scope {
 impl Ctx {
     pub(crate) fn for_async(scope: Scope, nested: Arc<AtomicUsize>) -> Ctx {
         let Scope { core, worker, budget, taint, deadline, function } = scope;
-        Ctx { core, worker, mode: Mode::Async(nested), budget, taint, deadline, function }
+        let runs = Runs::Worker { worker, mode: Mode::Async(nested) };
+        Ctx { core, runs, budget, taint, deadline, function }
     }
 
     pub(crate) fn for_blocking(scope: Scope, slot: Arc<Mutex<Option<OwnedSemaphorePermit>>>) -> Ctx {
         let Scope { core, worker, budget, taint, deadline, function } = scope;
         let mode = Mode::Blocking { slot, fiber: fiber::current() };
-        Ctx { core, worker, mode, budget, taint, deadline, function }
+        Ctx { core, runs: Runs::Worker { worker, mode }, budget, taint, deadline, function }
+    }
+
+    /// A context for calling a function's body directly, e.g. in a unit test:
+    /// `fib::run(Ctx::for_tests(&node), 10).await`. It belongs to no call tree and is never
+    /// cancelled; each nested call it makes is a top-level call through `node`'s
+    /// [`crate::Node::client`], as if the test had called it itself (so it needs a node
+    /// that declared a pool; see [`Ctx::for_client`] for another client).
+    pub fn for_tests(node: &super::node::Node) -> Ctx {
+        Ctx::for_client(node.client())
+    }
+
+    /// [`Ctx::for_tests`] with the nested calls made through `client`, e.g. one with a
+    /// deadline, limits or another pool.
+    pub fn for_client(client: Client) -> Ctx {
+        Ctx {
+            core: client.core().clone(),
+            runs: Runs::Test(client),
+            budget: Budget::default(),
+            taint: Taint::default(),
+            deadline: None,
+            function: Arc::from(TEST_FUNCTION),
+        }
     }
 
     /// Whether the grid gave up on this evaluation: nobody waits for its call tree any more
@@ -126,11 +163,11 @@ impl Ctx {
         false
     }
 
-    async fn call_async(&self, request: Request) -> Outcome {
+    async fn call_async(&self, worker: &Arc<Worker>, mode: &Mode, request: Request) -> Outcome {
         let request = self.nest(request).inspect_err(|e| self.note(e))?;
         let mut attempts = 0;
         loop {
-            let outcome = self.call_async_once(&request).await;
+            let outcome = self.call_async_once(worker, mode, &request).await;
             if !self.retry(&outcome, &mut attempts) {
                 return outcome.inspect_err(|e| self.note(e));
             }
@@ -147,14 +184,14 @@ impl Ctx {
         }
     }
 
-    fn call_on_thread(&self, request: Request) -> Outcome {
+    fn call_on_thread(&self, worker: &Arc<Worker>, mode: &Mode, request: Request) -> Outcome {
         if tokio::runtime::Handle::try_current().is_ok() {
             return Err(CallError::BlockingInAsync { function: request.function.to_string() });
         }
         let request = self.nest(request).inspect_err(|e| self.note(e))?;
         let mut attempts = 0;
         loop {
-            let outcome = self.call_on_thread_once(&request);
+            let outcome = self.call_on_thread_once(worker, mode, &request);
             if !self.retry(&outcome, &mut attempts) {
                 return outcome.inspect_err(|e| self.note(e));
             }
@@ -166,32 +203,35 @@ impl Ctx {
         self.core.id.as_str()
     }
 
-    /// The id of the worker running this evaluation.
+    /// The id of the worker running this evaluation (`test` for a [`Ctx::for_tests`]).
     pub fn worker_id(&self) -> &str {
-        &self.worker.id
+        match &self.runs {
+            Runs::Worker { worker, .. } => &worker.id,
+            Runs::Test(_) => TEST_WORKER,
+        }
     }
 
     /// Nested requests this node serves go to the front of our own queue; others to the
     /// back of our pool's queue, whose distributor hands them to a node that serves them.
-    fn target<'a>(&'a self, request: &Request, pool_queue: &'a QueueId) -> Target<'a> {
+    fn target<'a>(&self, worker: &'a Worker, request: &Request, pool_queue: &'a QueueId) -> Target<'a> {
         if self.core.registry.get(&request.function).is_some() {
-            Target { queue: &self.worker.queue, front: true }
+            Target { queue: &worker.queue, front: true }
         } else {
             Target { queue: pool_queue, front: false }
         }
     }
 
-    async fn call_async_once(&self, request: &Request) -> Outcome {
-        let pool_queue = QueueId::pool(&self.worker.pool);
-        let rx = match self.core.begin_call(request, self.target(request, &pool_queue)).await {
+    async fn call_async_once(&self, worker: &Worker, mode: &Mode, request: &Request) -> Outcome {
+        let pool_queue = QueueId::pool(&worker.pool);
+        let rx = match self.core.begin_call(request, self.target(worker, request, &pool_queue)).await {
             Ok(outcome) => return outcome,
             Err(rx) => rx,
         };
-        if self.worker.semaphore.available_permits() == 0 {
+        if worker.semaphore.available_permits() == 0 {
             // Our queue grows while every slot is busy: an idle member may take some.
             self.core.work.hoist_hint.notify_waiters();
         }
-        let nested = match &self.mode {
+        let nested = match mode {
             Mode::Async(nested) => Some(nested),
             // An async call from a blocking function's thread (through `block_on`) keeps its slot.
             Mode::Blocking { .. } => None,
@@ -209,17 +249,17 @@ impl Ctx {
     /// A nested call from a blocking function: submit to our own queue, run what is in it
     /// inline while the fiber's stack has room and the outcome is not there, then give the
     /// slot back and suspend the fiber until the outcome is there and a slot is free again.
-    fn call_on_thread_once(&self, request: &Request) -> Outcome {
+    fn call_on_thread_once(&self, worker: &Arc<Worker>, mode: &Mode, request: &Request) -> Outcome {
         let core = &self.core;
         if core.cancel.is_cancelled() {
             return Err(CallError::Shutdown { function: request.function.to_string() });
         }
-        let pool_queue = QueueId::pool(&self.worker.pool);
-        let mut rx = match core.handle.block_on(core.begin_call(request, self.target(request, &pool_queue))) {
+        let pool_queue = QueueId::pool(&worker.pool);
+        let mut rx = match core.handle.block_on(core.begin_call(request, self.target(worker, request, &pool_queue))) {
             Ok(outcome) => return outcome,
             Err(rx) => rx,
         };
-        let Mode::Blocking { slot, fiber } = &self.mode else {
+        let Mode::Blocking { slot, fiber } = mode else {
             // An async function's context used from a thread of the user's own.
             return core.handle.block_on(core.finish_call(&request.function, rx, None));
         };
@@ -234,10 +274,10 @@ impl Ctx {
             if !fiber::has_stack_room() || core.cancel.is_cancelled() {
                 break;
             }
-            let claimed = match core.handle.block_on(core.statekeeper.claim(&self.worker.queue, &core.id, 1)) {
+            let claimed = match core.handle.block_on(core.statekeeper.claim(&worker.queue, &core.id, 1)) {
                 Ok(mut claimed) => claimed.pop(),
                 Err(err) => {
-                    tracing::warn!(worker = %self.worker.id, error = %err, "claim failed while waiting; suspending instead");
+                    tracing::warn!(worker = %worker.id, error = %err, "claim failed while waiting; suspending instead");
                     core.work.claims_uncertain.store(true, Ordering::Release);
                     None
                 }
@@ -245,25 +285,25 @@ impl Ctx {
             let Some(next) = claimed else { break };
             match core.registry.get(&next.function).cloned() {
                 Some(registered) if registered.function.kind() == FnKind::Blocking => {
-                    worker::account(core, &self.worker, &next);
-                    worker::run_blocking(core, &self.worker, &registered, slot, next);
+                    worker::account(core, worker, &next);
+                    worker::run_blocking(core, worker, &registered, slot, next);
                 }
                 // Async work (or work we cannot run) goes to a task of its own, which takes a
                 // slot when one is free.
-                _ => worker::start_when_free(core, &self.worker, next),
+                _ => worker::start_when_free(core, worker, next),
             }
         }
         // Nothing left to do here: give the slot back while waiting, take one again after.
         if let Some(permit) = slot.lock().take() {
-            self.worker.release(permit);
+            worker.release(permit);
         }
         let (outcome, permit) = match fiber.filter(|id| fiber::current() == Some(*id)) {
-            Some(id) => self.suspend_for(id, request, rx),
+            Some(id) => self.suspend_for(worker, id, request, rx),
             None => {
                 // Not on our fiber (the context was handed to a thread of the user's own):
                 // that thread blocks.
                 let outcome = core.handle.block_on(core.finish_call(&request.function, rx, None));
-                (Some(outcome), core.handle.block_on(self.worker.acquire_woken()))
+                (Some(outcome), core.handle.block_on(worker.acquire_woken()))
             }
         };
         *slot.lock() = permit;
@@ -275,12 +315,13 @@ impl Ctx {
     /// for one.
     fn suspend_for(
         &self,
+        worker: &Arc<Worker>,
         id: u64,
         request: &Request,
         rx: tokio::sync::oneshot::Receiver<Outcome>,
     ) -> (Option<Outcome>, Option<OwnedSemaphorePermit>) {
         let (core, worker, function, req_id) =
-            (self.core.clone(), self.worker.clone(), request.function.clone(), request.id);
+            (self.core.clone(), worker.clone(), request.function.clone(), request.id);
         let arrange: fiber::Arrange = Box::new(move |wake: fiber::Wake| {
             let handle = core.handle.clone();
             let resume: Callback =
@@ -311,10 +352,16 @@ impl Ctx {
 
 impl Caller for Ctx {
     fn call_request(&self, request: Request) -> BoxFuture<'_, Outcome> {
-        Box::pin(self.call_async(request))
+        match &self.runs {
+            Runs::Worker { worker, mode } => Box::pin(self.call_async(worker, mode, request)),
+            Runs::Test(client) => client.call_request(request),
+        }
     }
 
     fn call_request_blocking(&self, request: Request) -> Outcome {
-        self.call_on_thread(request)
+        match &self.runs {
+            Runs::Worker { worker, mode } => self.call_on_thread(worker, mode, request),
+            Runs::Test(client) => client.call_request_blocking(request),
+        }
     }
 }

@@ -22,6 +22,13 @@ pub struct Request {
     /// The call tree the request belongs to and its limits; not part of the identity.
     #[serde(default)]
     pub budget: Budget,
+    /// How many times a node holding this request's claim was lost (reaped, or removed while
+    /// it held the claim) since the request was submitted: the statekeeper counts it when it
+    /// puts the request back in flight and sets it here when it hands the request out. The
+    /// claiming node compares it with the function's `retries` and fails the request instead
+    /// of running it again once they are used up. Not part of the identity.
+    #[serde(default)]
+    pub lost: u32,
 }
 
 /// The call tree a request belongs to, how deep in it the request is, and the tree's
@@ -80,7 +87,7 @@ impl Request {
     pub fn new(function: impl Into<Arc<str>>, version: u32, args: Bytes) -> Request {
         let function = function.into();
         let id = ReqId::of(&function, version, &args);
-        Request { id, function, version, args, budget: Budget::default() }
+        Request { id, function, version, args, budget: Budget::default(), lost: 0 }
     }
 
     /// This request, as part of the call tree `budget`.

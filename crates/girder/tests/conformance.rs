@@ -41,7 +41,7 @@ async fn redis_passes_the_conformance_suite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_embedded_inbox_drops_events_and_counts_a_disruption() {
     use bytes::Bytes;
-    use girder::control::{NodeId, PoolId, QueueId, Submitted};
+    use girder::control::{Memo, NodeId, PoolId, QueueId, Submitted};
     use girder::Request;
     let sk = Embedded::new(EmbeddedConfig { inbox_len_max: 1, ..Default::default() });
     let (n1, n2) = (NodeId::new("n1"), NodeId::new("n2"));
@@ -57,7 +57,7 @@ async fn a_full_embedded_inbox_drops_events_and_counts_a_disruption() {
     assert_eq!(sk.claim(&queue, &n1, 2).await.unwrap().len(), 2);
     let value = Ok(Bytes::from_static(b"v"));
     for req in &requests {
-        sk.complete(&req.id, &value, true, &n1).await.unwrap();
+        sk.complete(&req.id, &value, Memo::Keep, &n1).await.unwrap();
     }
     assert_eq!(sk.disruptions(), 1, "the second event found the inbox full");
     // What the node does on a disruption: submit again, and the memo answers.

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::{FutureExt, StreamExt};
-use girder::control::{Event, NodeId, NodeInfo, PoolId, QueueId, Statekeeper, Submitted};
+use girder::control::{Event, Memo, NodeId, NodeInfo, PoolId, QueueId, Statekeeper, Submitted};
 use girder::testing::RedisServer;
 use girder::{CallError, Embedded, EmbeddedConfig, Outcome, RedisConfig, RedisStatekeeper, Request, StatekeeperError};
 
@@ -74,7 +74,8 @@ fn all_requests() -> Vec<Request> {
 }
 
 fn label(req: &Request) -> String {
-    format!("{}{}", req.function, req.args.first().copied().unwrap_or(0))
+    let lost = if req.lost > 0 { format!("~lost{}", req.lost) } else { String::new() };
+    format!("{}{}{lost}", req.function, req.args.first().copied().unwrap_or(0))
 }
 
 fn label_of(id: &girder::ReqId) -> String {
@@ -85,8 +86,10 @@ fn label_of(id: &girder::ReqId) -> String {
 enum Op {
     Submit { req: Request, queue: QueueId, front: bool, waiter: NodeId },
     Claim { queue: QueueId, owner: NodeId, max: usize },
-    Complete { req: Request, outcome: Outcome, memoize: bool, local: NodeId },
-    CompleteAndClaim { req: Request, outcome: Outcome, memoize: bool, local: NodeId, queue: QueueId, max: usize },
+    Complete { req: Request, outcome: Outcome, memoize: Memo, local: NodeId },
+    CompleteAndClaim { req: Request, outcome: Outcome, memoize: Memo, local: NodeId, queue: QueueId, max: usize },
+    Forget { req: Request },
+    ForgetAll { function: String, version: u32 },
     Volunteer { pool: PoolId, member: QueueId, credits: u32 },
     Distribute { pool: PoolId, max: usize },
     Hoist { pool: PoolId, max: usize },
@@ -116,11 +119,12 @@ impl std::fmt::Display for Op {
             }
             Op::Claim { queue, owner, max } => write!(f, "claim {queue} owner={owner} max={max}"),
             Op::Complete { req, outcome, memoize, local } => {
-                write!(f, "complete {} {} memoize={memoize} local={local}", label(req), o(outcome))
+                write!(f, "complete {} {} memoize={memoize:?} local={local}", label(req), o(outcome))
             }
+            Op::Forget { req } => write!(f, "forget {}", label(req)),
             Op::CompleteAndClaim { req, outcome, memoize, local, queue, max } => write!(
                 f,
-                "complete_and_claim {} {} memoize={memoize} local={local} then {queue} max={max}",
+                "complete_and_claim {} {} memoize={memoize:?} local={local} then {queue} max={max}",
                 label(req),
                 o(outcome)
             ),
@@ -145,11 +149,22 @@ fn random_node(rng: &mut fastrand::Rng) -> NodeId {
     NodeId::new(*pick(rng, &NODES))
 }
 
-fn random_outcome(rng: &mut fastrand::Rng, step: usize) -> (Outcome, bool) {
+/// A memo as completions ask for it: the store's ttl, a function's long one (no sequence
+/// lasts long enough for it to run out), or none.
+fn random_memo(rng: &mut fastrand::Rng) -> Memo {
+    match rng.u8(..10) {
+        0 => Memo::Skip,
+        1 => Memo::For(0),
+        2 | 3 => Memo::For(60_000),
+        _ => Memo::Keep,
+    }
+}
+
+fn random_outcome(rng: &mut fastrand::Rng, step: usize) -> (Outcome, Memo) {
     match rng.u8(..6) {
-        0 => (Err(CallError::Function { function: "f".into(), message: format!("no {step}") }), true),
-        1 => (Err(CallError::Panic { function: "f".into(), message: "boom".into() }), false),
-        _ => (Ok(Bytes::from(format!("v{step}"))), rng.u8(..5) != 0),
+        0 => (Err(CallError::Function { function: "f".into(), message: format!("no {step}") }), random_memo(rng)),
+        1 => (Err(CallError::Panic { function: "f".into(), message: "boom".into() }), Memo::Skip),
+        _ => (Ok(Bytes::from(format!("v{step}"))), random_memo(rng)),
     }
 }
 
@@ -207,7 +222,9 @@ fn random_op(rng: &mut fastrand::Rng, step: usize) -> Op {
         948..=959 => Op::LiveNodes,
         960..=974 => Op::QueueLen { queue: pick(rng, &queues).clone() },
         975..=984 => Op::PoolCounters { pool: pick(rng, &pools).clone() },
-        985..=994 => Op::Result { req: random_request(rng) },
+        985..=989 => Op::Result { req: random_request(rng) },
+        990..=994 => Op::Forget { req: random_request(rng) },
+        995..=996 => Op::ForgetAll { function: (*pick(rng, &FUNCTIONS)).to_owned(), version: rng.u32(1..3) },
         _ => Op::FunctionVersion { function: (*pick(rng, &FUNCTIONS)).to_owned() },
     }
 }
@@ -268,6 +285,8 @@ impl Side {
                     format!("{w} {}", show_claimed(c))
                 })
             }
+            Op::Forget { req } => show(sk.forget(req).await, |f| f.to_string()),
+            Op::ForgetAll { function, version } => show(sk.forget_all(function, *version).await, |n| n.to_string()),
             Op::Volunteer { pool, member, credits } => {
                 show(sk.volunteer(pool, member, *credits).await, |()| "ok".into())
             }

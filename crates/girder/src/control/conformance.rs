@@ -12,7 +12,9 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::StreamExt;
 
-use super::{Event, NodeId, NodeInfo, PoolId, QueueId, Statekeeper, Submitted, TreeEnd, CLAIM_DROP_MAX};
+use super::{
+    Event, Memo, NodeId, NodeInfo, PoolId, QueueId, Statekeeper, Submitted, TreeEnd, CLAIM_DROP_MAX, FORGET_BATCH_MAX,
+};
 use crate::error::{CallError, StatekeeperError};
 use crate::request::{Budget, Request};
 
@@ -51,6 +53,10 @@ pub const CASES: &[(&str, Case)] = &[
     ("a_tree_whose_root_caller_died_ends", |f| Box::pin(a_tree_whose_root_caller_died_ends(f))),
     ("claims_drop_a_bounded_number_of_ended_requests", |f| Box::pin(claims_drop_a_bounded_number(f))),
     ("a_finished_root_ends_its_tree", |f| Box::pin(a_finished_root_ends_its_tree(f))),
+    ("lost_claims_are_counted_each_time", |f| Box::pin(lost_claims_are_counted_each_time(f))),
+    ("memoized_outcomes_expire_after_their_ttl", |f| Box::pin(memoized_outcomes_expire_after_their_ttl(f))),
+    ("forget_drops_one_outcome_and_its_racing_completion", |f| Box::pin(forget_drops_one_outcome(f))),
+    ("forget_all_drops_a_function_version_in_batches", |f| Box::pin(forget_all_drops_a_function_version(f))),
 ];
 
 /// Runs every case against statekeepers from `factory`, naming the case that fails.
@@ -76,6 +82,11 @@ fn worker(name: &str) -> QueueId {
 
 fn request(function: &str, n: u32) -> Request {
     Request::new(function, 1, Bytes::from(n.to_le_bytes().to_vec()))
+}
+
+/// `request` as a claim hands it out after `lost` nodes holding its claim were lost.
+fn after_lost(request: Request, lost: u32) -> Request {
+    Request { lost, ..request }
 }
 
 fn functions(names: &[&str]) -> Vec<(String, u32)> {
@@ -112,7 +123,7 @@ async fn submit_queues_joins_and_memoizes(factory: Factory) {
     assert!(sk.claim(&pool_queue, &node("n1"), 10).await.unwrap().is_empty());
     assert_eq!(sk.submit(&req, &pool_queue, false, &node("n2")).await.unwrap(), Submitted::Joined);
     let outcome = Ok(Bytes::from_static(b"value"));
-    assert!(sk.complete(&req.id, &outcome, true, &node("n1")).await.unwrap(), "n1 waits for it");
+    assert!(sk.complete(&req.id, &outcome, Memo::Keep, &node("n1")).await.unwrap(), "n1 waits for it");
     assert_eq!(next_event(&mut n2_events).await, Event::Done { id: req.id, outcome: outcome.clone() });
     assert_eq!(sk.result(&req.id).await.unwrap(), Some(outcome.clone()));
     assert_eq!(sk.submit(&req, &pool_queue, false, &node("n1")).await.unwrap(), Submitted::Done(outcome));
@@ -122,7 +133,7 @@ async fn submit_queues_joins_and_memoizes(factory: Factory) {
     sk.submit(&failing, &pool_queue, false, &node("n1")).await.unwrap();
     let error = Err(CallError::Function { function: "f".into(), message: "no".into() });
     sk.claim(&pool_queue, &node("n1"), 1).await.unwrap();
-    sk.complete(&failing.id, &error, true, &node("n1")).await.unwrap();
+    sk.complete(&failing.id, &error, Memo::Keep, &node("n1")).await.unwrap();
     assert_eq!(sk.result(&failing.id).await.unwrap(), Some(error));
 }
 
@@ -165,7 +176,7 @@ async fn unmemoized_outcomes_are_not_kept(factory: Factory) {
     sk.submit(&req, &pool_queue, false, &node("n1")).await.unwrap();
     sk.claim(&pool_queue, &node("n1"), 1).await.unwrap();
     let panic = Err(CallError::Panic { function: "f".into(), message: "boom".into() });
-    assert!(sk.complete(&req.id, &panic, false, &node("n1")).await.unwrap());
+    assert!(sk.complete(&req.id, &panic, Memo::Skip, &node("n1")).await.unwrap());
     assert_eq!(sk.result(&req.id).await.unwrap(), None);
     assert_eq!(sk.submit(&req, &pool_queue, false, &node("n1")).await.unwrap(), Submitted::Queued, "runs again");
 }
@@ -320,7 +331,7 @@ async fn dead_nodes_are_reaped_and_their_work_requeued(factory: Factory) {
     // Both are back in the pool's queue, for n2 to take.
     let mut taken = sk.claim(&pool_queue, &node("n2"), 10).await.unwrap();
     taken.sort_by_key(|r| r.args.clone());
-    assert_eq!(taken, vec![running, queued]);
+    assert_eq!(taken, vec![after_lost(running, 1), queued], "a lost claim counts; a queued entry does not");
     // The dead node's worker is no longer a member: it gets no more work.
     sk.volunteer(&pool, &worker("n1/w0"), 5).await.unwrap();
     sk.submit(&request("f", 3), &pool_queue, false, &node("n2")).await.unwrap();
@@ -351,7 +362,7 @@ async fn a_request_whose_owner_died_is_requeued(factory: Factory) {
         assert!(begun.elapsed() < Duration::from_secs(10), "never requeued");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(sk.claim(&pool_queue, &node("n2"), 1).await.unwrap(), vec![req]);
+    assert_eq!(sk.claim(&pool_queue, &node("n2"), 1).await.unwrap(), vec![after_lost(req, 1)]);
 }
 
 async fn waiters_fail_when_the_function_vanishes(factory: Factory) {
@@ -411,8 +422,10 @@ async fn unknown_nodes_hold_no_claims(factory: Factory) {
     let other = request("f", 2);
     sk.submit(&other, &pool_queue, false, &node("n1")).await.unwrap();
     assert_eq!(sk.claim(&pool_queue, &node("n1"), 1).await.unwrap(), vec![req.clone()]);
-    let (_, next) =
-        sk.complete_and_claim(&req.id, &Ok(Bytes::from_static(b"v")), true, &node("n2"), &pool_queue, 5).await.unwrap();
+    let (_, next) = sk
+        .complete_and_claim(&req.id, &Ok(Bytes::from_static(b"v")), Memo::Keep, &node("n2"), &pool_queue, 5)
+        .await
+        .unwrap();
     assert!(next.is_empty(), "complete_and_claim claims nothing for an unknown node");
     assert_eq!(sk.queue_len(&pool_queue).await.unwrap(), 1);
     sk.register_node(&node("n2"), &functions(&["f"])).await.unwrap();
@@ -428,7 +441,7 @@ async fn memoized_submissions_record_nothing(factory: Factory) {
     let value = Ok(Bytes::from_static(b"v"));
     sk.submit(&req, &pool_queue, false, &node("n1")).await.unwrap();
     sk.claim(&pool_queue, &node("n1"), 1).await.unwrap();
-    sk.complete(&req.id, &value, true, &node("n1")).await.unwrap();
+    sk.complete(&req.id, &value, Memo::Keep, &node("n1")).await.unwrap();
     for front in [false, true] {
         assert_eq!(sk.submit(&req, &pool_queue, front, &node("n2")).await.unwrap(), Submitted::Done(value.clone()));
         assert_eq!(
@@ -439,7 +452,7 @@ async fn memoized_submissions_record_nothing(factory: Factory) {
     assert_eq!(sk.queue_len(&pool_queue).await.unwrap(), 0);
     assert_eq!(sk.queue_len(&worker("n1/w0")).await.unwrap(), 0);
     // No waiter was recorded: a second completion wakes nobody, locally or elsewhere.
-    assert!(!sk.complete(&req.id, &value, true, &node("n2")).await.unwrap());
+    assert!(!sk.complete(&req.id, &value, Memo::Keep, &node("n2")).await.unwrap());
 }
 
 /// Invariant: every waiting caller gets exactly one outcome (the completing node directly,
@@ -458,14 +471,14 @@ async fn each_waiter_gets_exactly_one_outcome(factory: Factory) {
     sk.submit(&other, &pool_queue, false, &node("n3")).await.unwrap();
     assert_eq!(sk.claim(&pool_queue, &node("n1"), 1).await.unwrap(), vec![req.clone()]);
     let value = Ok(Bytes::from_static(b"v"));
-    assert!(sk.complete(&req.id, &value, true, &node("n1")).await.unwrap(), "n1 learns it from the reply");
+    assert!(sk.complete(&req.id, &value, Memo::Keep, &node("n1")).await.unwrap(), "n1 learns it from the reply");
     assert_eq!(next_event(&mut n2_events).await, Event::Done { id: req.id, outcome: value.clone() });
     assert_eq!(next_event(&mut n3_events).await, Event::Done { id: req.id, outcome: value.clone() });
-    assert!(!sk.complete(&req.id, &value, true, &node("n1")).await.unwrap(), "nobody waits any more");
+    assert!(!sk.complete(&req.id, &value, Memo::Keep, &node("n1")).await.unwrap(), "nobody waits any more");
     // The next event each inbox sees is about `other`: nothing was sent twice.
     sk.claim(&pool_queue, &node("n1"), 1).await.unwrap();
     let panic = Err(CallError::Panic { function: "f".into(), message: "boom".into() });
-    assert!(!sk.complete(&other.id, &panic, false, &node("n2")).await.unwrap());
+    assert!(!sk.complete(&other.id, &panic, Memo::Skip, &node("n2")).await.unwrap());
     assert_eq!(next_event(&mut n3_events).await, Event::Done { id: other.id, outcome: panic });
     let more = tokio::time::timeout(Duration::from_millis(100), n2_events.next()).await;
     assert!(more.is_err(), "n2 got a second event: {more:?}");
@@ -481,7 +494,7 @@ async fn copies_of_done_requests_are_dropped(factory: Factory) {
     sk.submit(&req, &worker("n1/w1"), true, &node("n1")).await.unwrap();
     assert_eq!(sk.queue_len(&worker("n1/w1")).await.unwrap(), 1, "a nested submission copies a pending id");
     assert_eq!(sk.claim(&worker("n1/w1"), &node("n1"), 5).await.unwrap(), vec![req.clone()]);
-    sk.complete(&req.id, &Ok(Bytes::from_static(b"v")), true, &node("n1")).await.unwrap();
+    sk.complete(&req.id, &Ok(Bytes::from_static(b"v")), Memo::Keep, &node("n1")).await.unwrap();
     assert!(sk.claim(&worker("n1/w0"), &node("n1"), 5).await.unwrap().is_empty());
     assert_eq!(sk.queue_len(&worker("n1/w0")).await.unwrap(), 0, "the stale copy is dropped");
 }
@@ -512,7 +525,7 @@ async fn rounds_look_at_a_bounded_number_of_entries(factory: Factory) {
         sk.submit(&stale, &busy, true, &node("n1")).await.unwrap();
     }
     assert_eq!(sk.claim(&busy, &node("n1"), 1).await.unwrap(), vec![stale.clone()]);
-    sk.complete(&stale.id, &Ok(Bytes::from_static(b"v")), true, &node("n1")).await.unwrap();
+    sk.complete(&stale.id, &Ok(Bytes::from_static(b"v")), Memo::Keep, &node("n1")).await.unwrap();
     sk.submit(&request("f", 1_001), &busy, true, &node("n1")).await.unwrap();
     sk.submit(&request("f", 1_002), &busy, true, &node("n1")).await.unwrap();
     assert_eq!(sk.queue_len(&busy).await.unwrap(), 1_002);
@@ -547,7 +560,7 @@ async fn a_removed_node_gives_work_back_in_order(factory: Factory) {
     let unknown = Err(CallError::UnknownFunction { function: "g".into() });
     assert_eq!(next_event(&mut n1_events).await, Event::Done { id: only_g.id, outcome: unknown });
     claimed.sort_by_key(|r| r.id);
-    let mut expected: Vec<Request> = claimed.into_iter().rev().collect();
+    let mut expected: Vec<Request> = claimed.into_iter().rev().map(|r| after_lost(r, 1)).collect();
     expected.push(request("f", 99));
     expected.extend([12, 13, 10, 11].map(|n| request("f", n)));
     let back = sk.claim(&pool_queue, &node("n1"), 100).await.unwrap();
@@ -609,7 +622,7 @@ async fn expired_node_registering_again(factory: Factory) {
     }
     assert_eq!(sk.function_version("f").await.unwrap(), Some(1));
     assert_eq!(sk.queue_len(&worker("n1/w0")).await.unwrap(), 0, "its old queue was given back");
-    assert_eq!(sk.claim(&pool_queue, &node("n1"), 5).await.unwrap(), vec![req, request("f", 2)]);
+    assert_eq!(sk.claim(&pool_queue, &node("n1"), 5).await.unwrap(), vec![after_lost(req, 1), request("f", 2)]);
     assert_eq!(sk.release_claims(&node("n1"), &[]).await.unwrap(), 2);
 }
 
@@ -753,7 +766,7 @@ async fn a_finished_root_ends_its_tree(factory: Factory) {
     assert_eq!(sk.claim(&own, &node("n1"), 1).await.unwrap().len(), 1);
     let straggler = in_tree("f", 1, tree, 1, 100);
     assert_eq!(sk.submit(&straggler, &own, true, &node("n1")).await.unwrap(), Submitted::Queued);
-    sk.complete(&root.id, &Ok(Bytes::from_static(b"done")), true, &node("n1")).await.unwrap();
+    sk.complete(&root.id, &Ok(Bytes::from_static(b"done")), Memo::Keep, &node("n1")).await.unwrap();
     // Nothing of the tree is needed any more: its stragglers are dropped, it takes no more.
     assert!(sk.claim(&own, &node("n1"), 10).await.unwrap().is_empty());
     let late = sk.submit(&in_tree("f", 2, tree, 1, 100), &own, true, &node("n1")).await.unwrap();
@@ -762,11 +775,132 @@ async fn a_finished_root_ends_its_tree(factory: Factory) {
     let single = in_tree("f", 3, 0x51, 0, 1);
     assert_eq!(sk.submit(&single, &own, false, &node("n1")).await.unwrap(), Submitted::Queued);
     assert_eq!(sk.claim(&own, &node("n1"), 1).await.unwrap().len(), 1);
-    sk.complete(&single.id, &Ok(Bytes::from_static(b"1")), true, &node("n1")).await.unwrap();
+    sk.complete(&single.id, &Ok(Bytes::from_static(b"1")), Memo::Keep, &node("n1")).await.unwrap();
     let again = in_tree("f", 4, 0x51, 0, 1);
     assert_eq!(
         sk.submit(&again, &own, false, &node("n1")).await.unwrap(),
         Submitted::Queued,
         "its count was forgotten"
     );
+}
+
+/// A request's `lost` count grows each time a node holding its claim is lost (removed or
+/// reaped), not when a node gives a claim back, and starts from zero for a new submission.
+async fn lost_claims_are_counted_each_time(factory: Factory) {
+    let sk = one_node(&factory, SHORT_TTL_MS).await;
+    for name in ["n2", "n3"] {
+        sk.register_node(&node(name), &functions(&["f"])).await.unwrap();
+    }
+    let pool_queue = QueueId::pool(&PoolId::new("p"));
+    let req = request("f", 1);
+    let beat = |names: &'static [&'static str]| {
+        let sk = sk.clone();
+        async move {
+            for name in names {
+                sk.heartbeat(&node(name), &NodeInfo::default()).await.unwrap();
+            }
+        }
+    };
+    sk.submit(&req, &pool_queue, false, &node("n3")).await.unwrap();
+    assert_eq!(sk.claim(&pool_queue, &node("n1"), 1).await.unwrap(), vec![req.clone()]);
+    assert_eq!(sk.release_claims(&node("n1"), &[]).await.unwrap(), 1);
+    assert_eq!(sk.claim(&pool_queue, &node("n1"), 1).await.unwrap(), vec![req.clone()], "a release is no loss");
+    sk.deregister_node(&node("n1")).await.unwrap();
+    beat(&["n2", "n3"]).await;
+    assert_eq!(sk.claim(&pool_queue, &node("n2"), 1).await.unwrap(), vec![after_lost(req.clone(), 1)]);
+    // n2 stops heartbeating while it holds the claim: reaped, a second loss.
+    reap_until(&sk, &node("n2"), &[node("n3")]).await;
+    assert_eq!(sk.claim(&pool_queue, &node("n3"), 1).await.unwrap(), vec![after_lost(req.clone(), 2)]);
+    let failed = Err(CallError::Panic { function: "f".into(), message: "gave up".into() });
+    sk.complete(&req.id, &failed, Memo::Skip, &node("n3")).await.unwrap();
+    beat(&["n3"]).await;
+    sk.submit(&req, &pool_queue, false, &node("n3")).await.unwrap();
+    assert_eq!(sk.claim(&pool_queue, &node("n3"), 1).await.unwrap(), vec![req], "a new submission starts afresh");
+}
+
+/// Submits, claims and completes `req` on `n1` with `memo`.
+async fn evaluated(sk: &Arc<dyn Statekeeper>, req: &Request, memo: Memo) {
+    let pool_queue = QueueId::pool(&PoolId::new("p"));
+    assert_eq!(sk.submit(req, &pool_queue, false, &node("n1")).await.unwrap(), Submitted::Queued);
+    assert_eq!(sk.claim(&pool_queue, &node("n1"), 1).await.unwrap(), vec![req.clone()]);
+    let value = Ok(Bytes::from(format!("{:?}", req.args)));
+    assert!(sk.complete(&req.id, &value, memo, &node("n1")).await.unwrap());
+}
+
+async fn memoized_outcomes_expire_after_their_ttl(factory: Factory) {
+    let sk = one_node(&factory, LONG_TTL_MS).await;
+    let (short, kept, never) = (request("f", 1), request("f", 2), request("f", 3));
+    let begun = Instant::now();
+    evaluated(&sk, &short, Memo::For(200)).await;
+    evaluated(&sk, &kept, Memo::Keep).await;
+    evaluated(&sk, &never, Memo::For(0)).await;
+    assert!(sk.result(&short.id).await.unwrap().is_some());
+    assert_eq!(sk.result(&never.id).await.unwrap(), None, "a ttl of 0 memoizes nothing");
+    while sk.result(&short.id).await.unwrap().is_some() {
+        assert!(begun.elapsed() < Duration::from_secs(5), "a 200 ms ttl never ran out");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(begun.elapsed() >= Duration::from_millis(190), "gone after {:?}, before its ttl", begun.elapsed());
+    assert!(sk.result(&kept.id).await.unwrap().is_some(), "the store's own ttl is longer");
+    let pool_queue = QueueId::pool(&PoolId::new("p"));
+    assert_eq!(sk.submit(&short, &pool_queue, false, &node("n1")).await.unwrap(), Submitted::Queued, "runs again");
+}
+
+async fn forget_drops_one_outcome(factory: Factory) {
+    let sk = one_node(&factory, LONG_TTL_MS).await;
+    let pool_queue = QueueId::pool(&PoolId::new("p"));
+    let (a, b) = (request("f", 1), request("f", 2));
+    evaluated(&sk, &a, Memo::Keep).await;
+    evaluated(&sk, &b, Memo::Keep).await;
+    assert!(sk.forget(&a).await.unwrap(), "a was memoized");
+    assert_eq!(sk.result(&a.id).await.unwrap(), None);
+    assert!(sk.result(&b.id).await.unwrap().is_some(), "b stays");
+    assert!(!sk.forget(&a).await.unwrap(), "nothing left to forget");
+    // An evaluation in flight when its result is forgotten: its callers get the value, the
+    // memo does not.
+    assert_eq!(sk.submit(&a, &pool_queue, false, &node("n1")).await.unwrap(), Submitted::Queued);
+    assert_eq!(sk.claim(&pool_queue, &node("n1"), 1).await.unwrap(), vec![a.clone()]);
+    assert!(!sk.forget(&a).await.unwrap());
+    assert!(sk.complete(&a.id, &Ok(Bytes::from_static(b"late")), Memo::Keep, &node("n1")).await.unwrap());
+    assert_eq!(sk.result(&a.id).await.unwrap(), None, "a completion that raced the forget memoizes nothing");
+    // A completion of a request not in flight (a duplicate) memoizes nothing either.
+    sk.complete(&request("f", 3).id, &Ok(Bytes::from_static(b"stray")), Memo::Keep, &node("n1")).await.unwrap();
+    assert_eq!(sk.result(&request("f", 3).id).await.unwrap(), None);
+    // The next evaluation is memoized as usual.
+    evaluated(&sk, &a, Memo::Keep).await;
+    assert!(sk.result(&a.id).await.unwrap().is_some());
+}
+
+async fn forget_all_drops_a_function_version(factory: Factory) {
+    let sk = one_node(&factory, LONG_TTL_MS).await;
+    sk.register_node(&node("n2"), &functions(&["g"])).await.unwrap();
+    let pool_queue = QueueId::pool(&PoolId::new("p"));
+    let count = FORGET_BATCH_MAX as u32 + 200;
+    let many: Vec<Request> = (0..count).map(|n| request("f", n)).collect();
+    for req in &many {
+        sk.submit(req, &pool_queue, false, &node("n1")).await.unwrap();
+    }
+    assert_eq!(sk.claim(&pool_queue, &node("n1"), many.len()).await.unwrap().len(), many.len());
+    for req in &many {
+        sk.complete(&req.id, &Ok(Bytes::from_static(b"v")), Memo::Keep, &node("n1")).await.unwrap();
+    }
+    let other_version = Request::new("f", 2, Bytes::from_static(b"x"));
+    let other_function = request("g", 0);
+    evaluated(&sk, &other_version, Memo::Keep).await;
+    evaluated(&sk, &other_function, Memo::Keep).await;
+    let in_flight = request("f", count);
+    assert_eq!(sk.submit(&in_flight, &pool_queue, false, &node("n1")).await.unwrap(), Submitted::Queued);
+    assert_eq!(sk.claim(&pool_queue, &node("n1"), 1).await.unwrap(), vec![in_flight.clone()]);
+    assert_eq!(sk.forget_all("f", 1).await.unwrap(), u64::from(count), "in more than one batch");
+    for req in [&many[0], &many[many.len() / 2], &many[many.len() - 1]] {
+        assert_eq!(sk.result(&req.id).await.unwrap(), None);
+    }
+    assert!(sk.result(&other_version.id).await.unwrap().is_some(), "another version stays");
+    assert!(sk.result(&other_function.id).await.unwrap().is_some(), "another function stays");
+    assert!(sk.complete(&in_flight.id, &Ok(Bytes::from_static(b"late")), Memo::Keep, &node("n1")).await.unwrap());
+    assert_eq!(sk.result(&in_flight.id).await.unwrap(), None, "an evaluation in flight memoizes nothing");
+    evaluated(&sk, &many[0], Memo::Keep).await;
+    assert!(sk.result(&many[0].id).await.unwrap().is_some(), "later evaluations are memoized again");
+    assert_eq!(sk.forget_all("f", 1).await.unwrap(), 1);
+    assert_eq!(sk.forget_all("f", 1).await.unwrap(), 0);
 }

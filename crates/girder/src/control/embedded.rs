@@ -23,8 +23,8 @@ use parking_lot::Mutex;
 use tokio::sync::{mpsc, Notify};
 
 use super::{
-    Event, NodeId, NodeInfo, PoolCounters, PoolId, QueueId, ResultStore, ResultStoreConfig, SkResult, Statekeeper,
-    Submitted, TreeEnd, CLAIM_DROP_MAX,
+    version_key, Event, Memo, NodeId, NodeInfo, PoolCounters, PoolId, QueueId, ResultStore, ResultStoreConfig,
+    SkResult, Statekeeper, Submitted, TreeEnd, CLAIM_DROP_MAX, FORGET_BATCH_MAX,
 };
 use crate::error::{CallError, StatekeeperError};
 use crate::id::{IdMap, ReqId};
@@ -112,7 +112,11 @@ impl Trees {
 }
 
 struct ReqState {
+    /// The request; its `lost` counts the nodes lost while they held its claim.
     request: Request,
+    /// The forget epoch of its function version when it was submitted, `None` once it was
+    /// forgotten: its outcome is memoized only while this is its version's current epoch.
+    epoch: Option<u64>,
     /// The node that claimed it, while running.
     running: Option<NodeId>,
     waiters: Vec<NodeId>,
@@ -183,6 +187,8 @@ struct Inner {
     /// Inbox events dropped because the inbox was full (see `inbox_len_max`).
     dropped_events: u64,
     trees: Trees,
+    /// `VERSION:NAME` -> how many times all its outcomes were forgotten (absent: 0).
+    epochs: HashMap<String, u64>,
 }
 
 /// The in-process statekeeper: the default, one process is a whole grid.
@@ -421,6 +427,14 @@ impl Inner {
         }
     }
 
+    /// Puts a request whose claiming node was lost back in flight, counting the loss.
+    fn requeue_lost(&mut self, id: ReqId) {
+        if let Some(state) = self.requests.get_mut(&id) {
+            state.request.lost = state.request.lost.saturating_add(1);
+        }
+        self.requeue(id, true);
+    }
+
     /// Puts a request whose owner is gone back in flight.
     fn requeue(&mut self, id: ReqId, front: bool) {
         let Some(state) = self.requests.get_mut(&id) else { return };
@@ -486,7 +500,7 @@ impl Inner {
         }
         for id in job.running {
             if self.requests.get(&id).is_some_and(|r| r.running.as_ref() == Some(&job.node)) {
-                self.requeue(id, true);
+                self.requeue_lost(id);
             }
         }
         for items in job.queues {
@@ -616,6 +630,25 @@ impl Inner {
                 self.send_event(&waiter, Event::Dropped { id: *id, end });
             }
         }
+    }
+
+    /// Memoizes `outcome` of the request `state` was, as `memo` says, unless it was forgotten
+    /// since it was submitted.
+    fn memoize(&mut self, state: &ReqState, outcome: &Outcome, memo: Memo) {
+        if !memo.memoizes() {
+            return;
+        }
+        let request = &state.request;
+        let group = version_key(&request.function, request.version);
+        if state.epoch != Some(self.epochs.get(&group).copied().unwrap_or(0)) {
+            return;
+        }
+        let results = self.results();
+        let expires_at = match memo {
+            Memo::For(ttl_ms) => Some(Instant::now() + Duration::from_millis(ttl_ms)),
+            _ => results.default_expiry(),
+        };
+        results.insert_with(request.id, outcome.clone(), Some(group.into()), expires_at);
     }
 
     fn fail_waiters(&mut self, id: &ReqId, outcome: &Outcome) {
@@ -797,7 +830,7 @@ impl Statekeeper for Embedded {
                 if let Some(owner) = state.running.clone().and_then(|owner| inner.nodes.get_mut(&owner)) {
                     owner.running.remove(&request.id);
                 }
-                inner.requeue(request.id, true);
+                inner.requeue_lost(request.id);
             } else if front && pending {
                 inner.place(queue, request.id, true, 0);
             }
@@ -810,8 +843,15 @@ impl Statekeeper for Embedded {
             return Ok(Submitted::TreeEnded(end));
         }
         let home = inner.home_of(queue);
-        let state =
-            ReqState { request: request.clone(), running: None, waiters: vec![waiter.clone()], hoisted: false, home };
+        let epoch = inner.epochs.get(&version_key(&request.function, request.version)).copied().unwrap_or(0);
+        let state = ReqState {
+            request: Request { lost: 0, ..request.clone() },
+            epoch: Some(epoch),
+            running: None,
+            waiters: vec![waiter.clone()],
+            hoisted: false,
+            home,
+        };
         inner.requests.insert(request.id, state);
         inner.fn_requests.entry(request.function.to_string()).or_default().insert(request.id);
         inner.place(queue, request.id, front, 0);
@@ -870,12 +910,10 @@ impl Statekeeper for Embedded {
         Ok(count)
     }
 
-    async fn complete(&self, id: &ReqId, outcome: &Outcome, memoize: bool, local: &NodeId) -> SkResult<bool> {
+    async fn complete(&self, id: &ReqId, outcome: &Outcome, memo: Memo, local: &NodeId) -> SkResult<bool> {
         let mut inner = self.inner.lock();
-        if memoize {
-            inner.results().insert(*id, outcome.clone());
-        }
         let Some(state) = inner.requests.remove(id) else { return Ok(false) };
+        inner.memoize(&state, outcome, memo);
         inner.untrack(&state.request.function, id);
         inner.root_done(state.request.budget.tree, id);
         if let Some(owner) = state.running.as_ref().and_then(|owner| inner.nodes.get_mut(owner)) {
@@ -890,6 +928,32 @@ impl Statekeeper for Embedded {
             }
         }
         Ok(local_waits)
+    }
+
+    async fn forget(&self, request: &Request) -> SkResult<bool> {
+        let mut inner = self.inner.lock();
+        if let Some(state) = inner.requests.get_mut(&request.id) {
+            state.epoch = None;
+        }
+        Ok(inner.results().remove(&request.id))
+    }
+
+    async fn forget_all(&self, function: &str, version: u32) -> SkResult<u64> {
+        let group = version_key(function, version);
+        {
+            let mut inner = self.inner.lock();
+            let epoch = inner.epochs.entry(group.clone()).or_insert(0);
+            *epoch = epoch.saturating_add(1);
+        }
+        let mut forgotten = 0;
+        loop {
+            // A batch per lock hold: a huge group does not stall every other operation.
+            let (removed, more) = self.inner.lock().results().remove_group(&group, FORGET_BATCH_MAX);
+            forgotten += removed as u64;
+            if !more {
+                return Ok(forgotten);
+            }
+        }
     }
 
     async fn cancel_tree(&self, root: &ReqId, waiter: &NodeId) -> SkResult<bool> {

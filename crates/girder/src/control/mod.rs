@@ -17,6 +17,13 @@
 //!   pool counts as a volunteer with the credits of its own idle members.
 //! - [`Statekeeper::complete`] memoizes the outcome and wakes exactly the nodes that wait
 //!   for it, each through its own inbox.
+//! - A request whose claiming node is lost goes back in flight with its `lost` count one
+//!   higher ([`Request::lost`]); the node that claims it next decides, by the function's
+//!   `retries`, whether to run it again or to fail it.
+//! - Memoized outcomes are grouped by function version, so that [`Statekeeper::forget_all`]
+//!   finds them in bounded steps; [`Statekeeper::forget`] drops one. An evaluation in flight
+//!   when its result is forgotten is not memoized when it completes (its callers still get
+//!   it), so a forgotten result never comes back through a completion that raced the forget.
 
 #[cfg(any(test, feature = "testing"))]
 pub mod conformance;
@@ -42,6 +49,33 @@ pub const CLAIM_DROP_MAX: usize = 1_000;
 /// How long a call tree's record (its request count, how it ended) outlives the last new
 /// request of the tree.
 pub const TREE_TTL_MS: u64 = 3_600_000;
+/// Most memoized outcomes one step of [`Statekeeper::forget_all`] removes; a store takes as
+/// many steps as it needs, each bounded.
+pub const FORGET_BATCH_MAX: usize = 1_000;
+
+/// Whether [`Statekeeper::complete`] memoizes an outcome, and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Memo {
+    /// Not memoized: panics, infrastructure errors, and evaluations the grid gave up on.
+    Skip,
+    /// Memoized for the store's own time to live (if it has one).
+    Keep,
+    /// Memoized for this many milliseconds (a function's `ttl_ms`); `For(0)` memoizes nothing.
+    For(u64),
+}
+
+impl Memo {
+    /// Whether anything is memoized at all.
+    pub fn memoizes(self) -> bool {
+        !matches!(self, Memo::Skip | Memo::For(0))
+    }
+}
+
+/// The group of memoized outcomes [`Statekeeper::forget_all`] forgets at once: a function at
+/// one version, written `VERSION:NAME` where a store needs one string.
+pub fn version_key(function: &str, version: u32) -> String {
+    format!("{version}:{function}")
+}
 
 /// Result of a statekeeper operation.
 pub type SkResult<T> = Result<T, StatekeeperError>;
@@ -362,9 +396,12 @@ pub trait Statekeeper: Send + Sync + 'static {
     /// requests it really runs; anything else it holds is re-run elsewhere. Returns how many.
     async fn release_claims(&self, owner: &NodeId, keep: &[ReqId]) -> SkResult<usize>;
 
-    /// Records the outcome of `id`, memoizing it when `memoize`, and wakes every waiting
-    /// node other than `local` through its inbox. Returns whether `local` was waiting.
-    async fn complete(&self, id: &ReqId, outcome: &Outcome, memoize: bool, local: &NodeId) -> SkResult<bool>;
+    /// Records the outcome of `id` and wakes every waiting node other than `local` through
+    /// its inbox. Returns whether `local` was waiting. The outcome is memoized as `memo` says,
+    /// only while `id` is in flight and was not forgotten since it was submitted (by
+    /// [`Statekeeper::forget`] or [`Statekeeper::forget_all`]): a late or duplicate
+    /// completion (its claim was given to another node meanwhile) memoizes nothing.
+    async fn complete(&self, id: &ReqId, outcome: &Outcome, memo: Memo, local: &NodeId) -> SkResult<bool>;
 
     /// [`Statekeeper::complete`], then [`Statekeeper::claim`] of up to `max` requests from
     /// `queue` for `local`, in one step where the store allows: a worker that finished an
@@ -373,15 +410,27 @@ pub trait Statekeeper: Send + Sync + 'static {
         &self,
         id: &ReqId,
         outcome: &Outcome,
-        memoize: bool,
+        memo: Memo,
         local: &NodeId,
         queue: &QueueId,
         max: usize,
     ) -> SkResult<(bool, Vec<Request>)> {
-        let local_waits = self.complete(id, outcome, memoize, local).await?;
+        let local_waits = self.complete(id, outcome, memo, local).await?;
         let next = if max > 0 { self.claim(queue, local, max).await? } else { Vec::new() };
         Ok((local_waits, next))
     }
+
+    /// Forgets the memoized outcome of `request`, everywhere: no node serves it again (a near
+    /// cache of another process drops it when told, see the store's docs), and an
+    /// evaluation of it in flight now memoizes nothing when it completes. Returns whether
+    /// an outcome was memoized.
+    async fn forget(&self, request: &Request) -> SkResult<bool>;
+
+    /// Forgets every memoized outcome of `function` at `version`, as [`Statekeeper::forget`]
+    /// does one; evaluations of it in flight now memoize nothing. Runs in steps of at most
+    /// [`FORGET_BATCH_MAX`] outcomes; returns how many were forgotten. Outcomes memoized by
+    /// requests submitted after it began may be forgotten too.
+    async fn forget_all(&self, function: &str, version: u32) -> SkResult<u64>;
 
     /// Withdraws `waiter` from the request `root`. When nobody waits for it any more and it
     /// is the root of a call tree still running, the tree ends as [`TreeEnd::Cancelled`]:

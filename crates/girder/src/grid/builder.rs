@@ -1,6 +1,7 @@
 //! [`NodeBuilder`] and the specs of what a node runs: it registers the node, declares its
 //! pools, and starts its workers, roles and upkeep.
 
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::core::{Calls, DeclaredPool, Membership, NodeCore, Work};
-use super::function::Registry;
+use super::function::{Policy, Registry};
 use super::node::Node;
 use super::worker::Worker;
 use crate::control::{Embedded, NodeId, PoolId, QueueId, Statekeeper};
@@ -113,6 +114,8 @@ pub struct NodeBuilder {
     settings: super::config::Settings,
     limits: super::core::CallLimits,
     time_limit: Option<Duration>,
+    /// Per function, the policy fields this node sets over the attribute's.
+    policies: HashMap<String, Policy>,
 }
 
 /// Most slots a worker may have; a guard against typos, not a tuning limit.
@@ -143,6 +146,7 @@ impl NodeBuilder {
             settings: super::config::Settings::default(),
             limits: super::core::CallLimits::default(),
             time_limit: None,
+            policies: HashMap::new(),
         }
     }
 
@@ -223,6 +227,47 @@ impl NodeBuilder {
         self
     }
 
+    /// Sets policy fields of the function `name` on this node: each field set in `policy`
+    /// replaces the attribute's (`#[girder::function(retries = .., timeout_ms = .., ttl_ms =
+    /// ..)]`); fields left `None` keep it. Called again for the same function, the fields
+    /// set last win. Give every node serving a function the same overrides: the node that
+    /// evaluates a request applies its own (retries of panics and lost nodes, the time limit,
+    /// how long its result is memoized).
+    pub fn policy(mut self, name: impl Into<String>, policy: Policy) -> NodeBuilder {
+        let merged = self.policies.entry(name.into()).or_default();
+        *merged = overlay(*merged, policy);
+        self
+    }
+
+    /// Parses `NAME:retries=3,timeout_ms=500,ttl_ms=60000` (any of the fields, at least one)
+    /// into the function's name and the policy fields it sets, for [`NodeBuilder::policy`].
+    pub fn parse_policy(spec: &str) -> Result<(String, Policy), String> {
+        let (name, fields) = spec.rsplit_once(':').filter(|(name, _)| !name.is_empty()).ok_or_else(|| {
+            format!("{spec:?} is not NAME:FIELD=VALUE,... (e.g. examples/fib:retries=3,ttl_ms=60000)")
+        })?;
+        let mut policy = Policy::NODE;
+        for field in fields.split(',') {
+            let (key, value) =
+                field.split_once('=').ok_or_else(|| format!("{field:?} in {spec:?} is not FIELD=VALUE"))?;
+            let value = value.trim();
+            let number =
+                |what: &str| value.parse::<u64>().map_err(|_| format!("{what} must be a whole number, got {value:?}"));
+            match key.trim() {
+                "retries" => {
+                    policy.retries =
+                        Some(u32::try_from(number("retries")?).map_err(|_| "retries is too large".to_owned())?)
+                }
+                "timeout_ms" => match number("timeout_ms")? {
+                    0 => return Err("timeout_ms must be at least 1".to_owned()),
+                    ms => policy.timeout_ms = Some(ms),
+                },
+                "ttl_ms" => policy.ttl_ms = Some(number("ttl_ms")?),
+                other => return Err(format!("unknown policy field {other:?}; known: retries, timeout_ms, ttl_ms")),
+            }
+        }
+        Ok((name.to_owned(), policy))
+    }
+
     /// Records the address of this node's HTTP API, reported in its status.
     pub fn http_address(mut self, address: impl Into<String>) -> NodeBuilder {
         self.http = Some(address.into());
@@ -282,6 +327,7 @@ impl NodeBuilder {
         let node_ttl = Duration::from_millis(statekeeper.node_ttl_ms());
         let id = NodeId::new(self.id);
         let evaluations = self.registry.names().into_iter().map(|(name, _)| (name, AtomicU64::new(0))).collect();
+        let policies = resolve_policies(&self.registry, &self.policies);
         let pools: Vec<DeclaredPool> = self
             .pools
             .iter()
@@ -312,6 +358,7 @@ impl NodeBuilder {
                 trees: Arc::default(),
                 limits: self.limits,
                 time_limit: self.time_limit,
+                policies,
             },
             membership: Membership {
                 pools,
@@ -377,6 +424,29 @@ impl NodeBuilder {
         tracing::info!(node = %id, workers = workers.len(), "node started");
         Ok(Node { core, tasks: parking_lot::Mutex::new(tasks), entry_queue })
     }
+}
+
+/// `base` with the fields `over` sets replaced.
+fn overlay(base: Policy, over: Policy) -> Policy {
+    Policy {
+        retries: over.retries.or(base.retries),
+        timeout_ms: over.timeout_ms.or(base.timeout_ms),
+        ttl_ms: over.ttl_ms.or(base.ttl_ms),
+    }
+}
+
+/// The policy of every function of `registry`: its attribute's, overlaid with `overrides`.
+/// An override of a function not served here is ignored, with a warning (a typo, or a node
+/// serving only some functions started with the grid's common flags).
+fn resolve_policies(registry: &Registry, overrides: &HashMap<String, Policy>) -> HashMap<&'static str, Policy> {
+    for name in overrides.keys().filter(|name| registry.version_of(name).is_none()) {
+        tracing::warn!(function = %name, "a policy was set for a function this node does not serve; ignored");
+    }
+    let policies = registry.names().into_iter().filter_map(|(name, _)| {
+        let own = registry.get(name)?.function.policy();
+        Some((name, overrides.get(name).map_or(own, |over| overlay(own, *over))))
+    });
+    policies.collect()
 }
 
 /// `HOST-PID-XXXX`: unique per process, and a restarted process gets a new one.

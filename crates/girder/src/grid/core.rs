@@ -11,9 +11,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::waiters::{Submission, Waiters};
 use super::worker::Worker;
-use crate::control::{NodeId, NodeInfo, PoolId, QueueId, Statekeeper, Submitted, WorkerInfo};
+use crate::control::{Memo, NodeId, NodeInfo, PoolId, QueueId, Statekeeper, Submitted, WorkerInfo};
 use crate::error::{CallError, StatekeeperError};
-use crate::grid::function::Registry;
+use crate::grid::function::{Policy, Registry};
 use crate::id::ReqId;
 use crate::request::{Budget, Outcome, Request};
 use crate::retry::Backoff;
@@ -112,7 +112,15 @@ pub(crate) struct Work {
     pub(crate) limits: CallLimits,
     /// How long an evaluation of a function without a time limit of its own may run.
     pub(crate) time_limit: Option<Duration>,
+    /// The policy of each function served here: its attribute's, with the fields the node
+    /// overrides ([`crate::NodeBuilder::policy`]) replaced.
+    pub(crate) policies: HashMap<&'static str, Policy>,
 }
+
+/// How many times a request is run again after nodes evaluating it were lost, for a function
+/// whose policy sets no `retries` (Ray's default for tasks too). A panic is retried only when
+/// `retries` is set.
+pub const LOST_RETRIES_DEFAULT: u32 = 3;
 
 /// Limits of a call tree: the most new requests it may create and how deep it may nest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,6 +167,74 @@ pub(crate) struct Target<'a> {
 }
 
 impl NodeCore {
+    /// The policy this node applies to `function`, if it serves it: the attribute's fields,
+    /// those set on the node ([`crate::NodeBuilder::policy`]) replacing them, and the node's
+    /// time limit for a function without `timeout_ms`. `retries` left `None` means 0 for
+    /// panics and [`LOST_RETRIES_DEFAULT`] for lost nodes; `ttl_ms` left `None` means the
+    /// store's own time to live.
+    pub(crate) fn policy_of(&self, function: &str) -> Option<Policy> {
+        let policy = *self.work.policies.get(function)?;
+        let node_limit = self.work.time_limit.map(|l| u64::try_from(l.as_millis()).unwrap_or(u64::MAX));
+        Some(Policy { timeout_ms: policy.timeout_ms.or(node_limit), ..policy })
+    }
+
+    /// How many times an evaluation of `function` that panicked is run again here.
+    pub(crate) fn panic_retries(&self, function: &str) -> u32 {
+        self.work.policies.get(function).and_then(|p| p.retries).unwrap_or(0)
+    }
+
+    /// The error `request` fails with instead of running again, when the nodes lost while
+    /// evaluating it used up its function's retries. Not memoized: a later call runs it.
+    pub(crate) fn lost_too_often(&self, request: &Request) -> Option<CallError> {
+        let retries =
+            self.work.policies.get(&*request.function).and_then(|p| p.retries).unwrap_or(LOST_RETRIES_DEFAULT);
+        (request.lost > retries).then(|| lost_error(request, retries))
+    }
+
+    /// How the outcome of an evaluation of `request` is memoized: values and returned errors
+    /// for the function's `ttl_ms` (the store's own when it has none); nothing else.
+    fn memo_for(&self, request: &Request, outcome: &Outcome) -> Memo {
+        let memoizable = match outcome {
+            Ok(_) => true,
+            Err(err) => err.is_memoizable(),
+        };
+        if !memoizable {
+            return Memo::Skip;
+        }
+        match self.work.policies.get(&*request.function).and_then(|p| p.ttl_ms) {
+            Some(ttl_ms) => Memo::For(ttl_ms),
+            None => Memo::Keep,
+        }
+    }
+
+    /// The version of `function` this node serves, else the one the grid's directory knows.
+    pub(crate) async fn version_of(&self, function: &str) -> Result<u32, CallError> {
+        if let Some(version) = self.registry.version_of(function) {
+            return Ok(version);
+        }
+        match self.statekeeper.function_version(function).await {
+            Ok(Some(version)) => Ok(version),
+            Ok(None) => Err(CallError::UnknownFunction { function: function.to_owned() }),
+            Err(err) => Err(CallError::statekeeper(function, &err)),
+        }
+    }
+
+    /// Forgets the memoized outcome of `request` on every node (see [`Statekeeper::forget`]).
+    /// Returns whether one was memoized.
+    pub(crate) async fn forget(&self, request: &Request) -> Result<bool, CallError> {
+        self.statekeeper.forget(request).await.map_err(|err| CallError::statekeeper(&request.function, &err))
+    }
+
+    /// Forgets every memoized outcome of `function` at the version this node serves (else the
+    /// one the directory knows). Returns how many.
+    pub(crate) async fn forget_all(&self, function: &str) -> Result<u64, CallError> {
+        let version = self.version_of(function).await?;
+        let forgotten = self.statekeeper.forget_all(function, version).await;
+        let forgotten = forgotten.map_err(|err| CallError::statekeeper(function, &err))?;
+        tracing::info!(function, version, forgotten, "forgot every memoized result of a function version");
+        Ok(forgotten)
+    }
+
     /// Looks up memoized results, then registers the caller and submits the request if no
     /// other local caller did. Returns the outcome now, or a receiver for it.
     pub(crate) async fn begin_call(
@@ -322,20 +398,15 @@ impl NodeCore {
         next: Option<&QueueId>,
     ) -> Option<Request> {
         self.note_finished(request);
-        let memoize = match &outcome {
-            Ok(_) => true,
-            Err(err) => err.is_memoizable(),
-        };
+        let memo = self.memo_for(request, &outcome);
         let mut backoff = Backoff::statekeeper();
         let mut waited = Duration::ZERO;
         loop {
             let result = match next {
                 Some(queue) => {
-                    self.statekeeper.complete_and_claim(&request.id, &outcome, memoize, &self.id, queue, 1).await
+                    self.statekeeper.complete_and_claim(&request.id, &outcome, memo, &self.id, queue, 1).await
                 }
-                None => {
-                    self.statekeeper.complete(&request.id, &outcome, memoize, &self.id).await.map(|w| (w, Vec::new()))
-                }
+                None => self.statekeeper.complete(&request.id, &outcome, memo, &self.id).await.map(|w| (w, Vec::new())),
             };
             match result {
                 Ok((local_waits, mut claimed)) => {
@@ -496,5 +567,18 @@ impl NodeCore {
             flocks: u32::try_from(self.membership.placement.table().flocks_of(self.id.as_str())).unwrap_or(u32::MAX),
             health: crate::control::Health::Alive,
         }
+    }
+}
+
+/// Why `request` fails after its evaluations were lost with their nodes more often than its
+/// function's `retries` allow.
+fn lost_error(request: &Request, retries: u32) -> CallError {
+    CallError::Statekeeper {
+        function: request.function.to_string(),
+        message: format!(
+            "the node evaluating it was lost {} time(s), and its policy allows {retries} re-run(s) after a lost \
+             node; it was not memoized, so calling again runs it again",
+            request.lost
+        ),
     }
 }

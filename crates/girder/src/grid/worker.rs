@@ -288,8 +288,25 @@ async fn evaluate_async(
     }
 }
 
+/// Shortest and longest wait before a retry of an evaluation (after a panic, or after the
+/// node running it was lost).
+const RETRY_DELAY_MIN: Duration = Duration::from_millis(10);
+const RETRY_DELAY_MAX: Duration = Duration::from_secs(1);
+
+fn retry_backoff() -> Backoff {
+    Backoff::new(RETRY_DELAY_MIN, RETRY_DELAY_MAX)
+}
+
+/// How long a request re-run after its `lost`-th lost node waits before it starts: the
+/// backoff's `lost`-th step, so a request that brings nodes down does not do so in a loop.
+fn rerun_delay(lost: u32) -> Duration {
+    let mut backoff = retry_backoff();
+    (0..lost.min(16)).map(|_| backoff.failed()).last().unwrap_or(Duration::ZERO)
+}
+
 /// One async evaluation of `request`, within its time limit, dropped at its next await
-/// when its call tree ends; its outcome as the grid records it.
+/// when its call tree ends; its outcome as the grid records it. A request whose lost nodes
+/// used up its retries fails instead.
 async fn evaluate_once(
     core: &Arc<NodeCore>,
     worker: &Arc<Worker>,
@@ -297,14 +314,18 @@ async fn evaluate_once(
     request: &Request,
     nested: &Arc<AtomicUsize>,
 ) -> Outcome {
+    if let Some(lost) = core.lost_too_often(request) {
+        return Err(lost);
+    }
+    if request.lost > 0 {
+        tokio::time::sleep(rerun_delay(request.lost)).await;
+    }
     let bounds = Bounds::of(core, registered);
-    let ctx = Ctx::for_async(bounds.scope(core, worker, request), nested.clone());
-    let running = AssertUnwindSafe(async { registered.function.invoke_async(ctx, &request.args).await });
-    let evaluation = running.catch_unwind();
+    let evaluation = attempts_async(core, worker, registered, request, nested, &bounds);
     let limited = async {
         match bounds.limit {
             Some(limit) => {
-                tokio::time::timeout(limit, evaluation).await.unwrap_or_else(|_| Ok(Err(bounds.overrun(request))))
+                tokio::time::timeout(limit, evaluation).await.unwrap_or_else(|_| Err(bounds.overrun(request)))
             }
             None => evaluation.await,
         }
@@ -318,15 +339,43 @@ async fn evaluate_once(
             match &entered.token {
                 Some(token) => tokio::select! {
                     biased;
-                    _ = token.cancelled() => Ok(Err(CallError::Cancelled { function: request.function.to_string() })),
+                    _ = token.cancelled() => Err(CallError::Cancelled { function: request.function.to_string() }),
                     outcome = limited => outcome,
                 },
                 None => limited.await,
             }
         }
     };
-    let outcome = outcome.unwrap_or_else(|payload| Err(panic_error(request, payload)));
     core.settle(request, outcome, &bounds.taint)
+}
+
+/// Runs `request`'s async body until it does not panic or its function's retries of panics
+/// are used up, backing off between attempts. The time limit bounds all attempts together.
+async fn attempts_async(
+    core: &Arc<NodeCore>,
+    worker: &Arc<Worker>,
+    registered: &Registered,
+    request: &Request,
+    nested: &Arc<AtomicUsize>,
+    bounds: &Bounds,
+) -> Outcome {
+    let retries = core.panic_retries(&request.function);
+    let mut backoff = retry_backoff();
+    let mut attempt = 0;
+    loop {
+        let ctx = Ctx::for_async(bounds.scope(core, worker, request), nested.clone());
+        let running = AssertUnwindSafe(async { registered.function.invoke_async(ctx, &request.args).await });
+        let error = match running.catch_unwind().await {
+            Ok(outcome) => return outcome,
+            Err(payload) => panic_error(request, payload),
+        };
+        if attempt >= retries || !bounds.may_retry(core, request) {
+            return Err(error);
+        }
+        attempt += 1;
+        tracing::debug!(function = %request.function, request = %request.id, attempt, "retrying after a panic");
+        tokio::time::sleep(backoff.failed()).await;
+    }
 }
 
 /// Runs a blocking function on this thread, holding the slot in `slot`, and records the
@@ -339,7 +388,6 @@ pub(crate) fn run_blocking(
     request: Request,
 ) {
     let bounds = Bounds::of(core, registered);
-    let ctx = Ctx::for_blocking(bounds.scope(core, worker, &request), slot.clone());
     // Past its time limit, the grid answers for it at once and discards what it returns.
     let answered = Arc::new(AtomicBool::new(false));
     let timer = bounds.limit.map(|limit| {
@@ -353,11 +401,10 @@ pub(crate) fn run_blocking(
             }
         })
     });
-    let outcome: Outcome = {
-        let _evaluating = super::panics::Evaluating::enter();
-        std::panic::catch_unwind(AssertUnwindSafe(|| registered.function.invoke_blocking(ctx, &request.args)))
-    }
-    .unwrap_or_else(|payload| Err(panic_error(&request, payload)));
+    let outcome = match core.lost_too_often(&request) {
+        Some(lost) => Err(lost),
+        None => attempts_blocking(core, worker, registered, slot, &request, &bounds, &answered),
+    };
     if let Some(timer) = timer {
         timer.abort();
     }
@@ -375,6 +422,44 @@ pub(crate) fn run_blocking(
     core.handle.block_on(core.complete(&request, outcome));
 }
 
+/// Runs `request`'s blocking body on this thread until it does not panic or its function's
+/// retries of panics are used up, backing off between attempts (after a lost node, before
+/// the first too). The time limit bounds all attempts together.
+fn attempts_blocking(
+    core: &Arc<NodeCore>,
+    worker: &Arc<Worker>,
+    registered: &Registered,
+    slot: &Arc<Mutex<Option<OwnedSemaphorePermit>>>,
+    request: &Request,
+    bounds: &Bounds,
+    answered: &AtomicBool,
+) -> Outcome {
+    if request.lost > 0 {
+        std::thread::sleep(rerun_delay(request.lost));
+    }
+    let retries = core.panic_retries(&request.function);
+    let mut backoff = retry_backoff();
+    let mut attempt = 0;
+    loop {
+        let ctx = Ctx::for_blocking(bounds.scope(core, worker, request), slot.clone());
+        let run = {
+            let _evaluating = super::panics::Evaluating::enter();
+            std::panic::catch_unwind(AssertUnwindSafe(|| registered.function.invoke_blocking(ctx, &request.args)))
+        };
+        let error = match run {
+            Ok(outcome) => return outcome,
+            Err(payload) => panic_error(request, payload),
+        };
+        if attempt >= retries || answered.load(Ordering::Acquire) || !bounds.may_retry(core, request) {
+            return Err(error);
+        }
+        attempt += 1;
+        tracing::debug!(function = %request.function, request = %request.id, attempt, "retrying after a panic");
+        // A fiber thread of its own, holding its slot: a short, bounded wait.
+        std::thread::sleep(backoff.failed());
+    }
+}
+
 /// What bounds one evaluation besides its call tree: the taint its nested calls leave, and
 /// its time limit.
 struct Bounds {
@@ -386,10 +471,17 @@ struct Bounds {
 
 impl Bounds {
     fn of(core: &Arc<NodeCore>, registered: &Registered) -> Bounds {
-        let own = registered.function.policy().timeout_ms.map(Duration::from_millis);
-        let limit = own.or(core.work.time_limit);
+        // The function's own limit (its attribute's, or this node's override), else the node's.
+        let limit = core.policy_of(registered.name).and_then(|p| p.timeout_ms).map(Duration::from_millis);
         let deadline = limit.map(|limit| std::time::Instant::now() + limit);
         Bounds { taint: Taint::default(), limit, deadline }
+    }
+
+    /// Whether an evaluation that panicked may run again: its tree goes on, its time limit
+    /// has not run out, and the node is not stopping.
+    fn may_retry(&self, core: &NodeCore, request: &Request) -> bool {
+        let past_deadline = self.deadline.is_some_and(|deadline| std::time::Instant::now() >= deadline);
+        core.work.trees.ended(request.budget.tree).is_none() && !past_deadline && !core.cancel.is_cancelled()
     }
 
     fn scope(&self, core: &Arc<NodeCore>, worker: &Arc<Worker>, request: &Request) -> Scope {

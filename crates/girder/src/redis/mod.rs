@@ -10,7 +10,13 @@
 //!   turns `W` events into wake-ups of the local queue waiters and `D` events into
 //!   outcomes for the local callers;
 //! - a bounded near cache of memoized outcomes: outcomes never change for an identity, so
-//!   repeated hits are served locally without crossing the network.
+//!   repeated hits are served locally without crossing the network. An entry expires when
+//!   its Redis key does (timed from before the read that brought it, so never later); a
+//!   forgotten outcome is dropped when the forget's notice reaches the inbox reader (`F` and
+//!   `A` events), and should a notice be lost, at the next heartbeat, which returns the
+//!   grid's count of forgets: when it changed, the whole near cache is dropped. A fill from
+//!   a read that began before a drop is refused, so a read racing a forget cannot bring the
+//!   forgotten outcome back.
 //!
 //! Every script does bounded work per call. Removing a node (deregistration, reaping, a
 //! re-registration over an expired node) detaches it in one step and gives back what it
@@ -20,7 +26,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
@@ -30,8 +36,8 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::codec;
 use crate::control::{
-    Event, NodeId, NodeInfo, PoolCounters, PoolId, QueueId, ResultStore, ResultStoreConfig, SkResult, Statekeeper,
-    Submitted, TreeEnd,
+    version_key, Event, Memo, NodeId, NodeInfo, PoolCounters, PoolId, QueueId, ResultStore, ResultStoreConfig,
+    SkResult, Statekeeper, Submitted, TreeEnd,
 };
 use crate::error::{CallError, StatekeeperError};
 use crate::id::ReqId;
@@ -120,6 +126,8 @@ struct Scripts {
     release_claims: Script,
     complete: Script,
     complete_and_claim: Script,
+    forget: Script,
+    forget_all: Script,
     cancel_tree: Script,
     volunteer: Script,
     distribute: Script,
@@ -152,6 +160,8 @@ impl Scripts {
             release_claims: script("release_claims"),
             complete: script("complete"),
             complete_and_claim: script("complete_and_claim"),
+            forget: script("forget"),
+            forget_all: script("forget_all"),
             cancel_tree: script("cancel_tree"),
             volunteer: script("volunteer"),
             distribute: script("distribute"),
@@ -177,6 +187,54 @@ pub(crate) fn sections(text: &'static str) -> Vec<(&'static str, String)> {
 
 type Signals = Arc<Mutex<HashMap<QueueId, Arc<Notify>>>>;
 
+/// The near cache of outcomes, and what keeps it from serving one that was forgotten.
+struct Near {
+    store: ResultStore,
+    /// Drops so far: a fill from a read that began before the latest drop is refused.
+    epoch: u64,
+    /// The grid's count of forgets at the last heartbeat (`None` before the first).
+    forgets: Option<u64>,
+}
+
+impl Near {
+    /// Taken before a read whose answer may fill the cache.
+    fn ticket(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Keeps `outcome` until `expires_at` (and no longer than the near cache's own limit),
+    /// unless something was dropped since `ticket` was taken.
+    fn fill(&mut self, ticket: u64, id: ReqId, outcome: &Outcome, expires_at: Option<Instant>) {
+        if ticket != self.epoch {
+            return;
+        }
+        let expires_at = match (expires_at, self.store.default_expiry()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.store.insert_with(id, outcome.clone(), None, expires_at);
+    }
+
+    fn forget(&mut self, id: &ReqId) {
+        self.store.remove(id);
+        self.epoch += 1;
+    }
+
+    fn clear(&mut self) {
+        self.store.clear();
+        self.epoch += 1;
+    }
+
+    /// The grid's count of forgets, read by a heartbeat: when it moved, a notice may have
+    /// been missed, so everything goes.
+    fn saw_forgets(&mut self, forgets: u64) {
+        if self.forgets != Some(forgets) {
+            self.clear();
+            self.forgets = Some(forgets);
+        }
+    }
+}
+
 /// The statekeeper on Redis. Cheap to share behind an `Arc`; one per process is enough.
 pub struct RedisStatekeeper {
     client: redis::Client,
@@ -184,7 +242,7 @@ pub struct RedisStatekeeper {
     prefix: String,
     scripts: Scripts,
     config: RedisConfig,
-    near: Mutex<ResultStore>,
+    near: Arc<Mutex<Near>>,
     signals: Signals,
     disruptions: Arc<AtomicU64>,
     structures: Arc<structures::RedisStructures>,
@@ -211,19 +269,58 @@ fn corrupt(what: &str, err: impl std::fmt::Display) -> StatekeeperError {
 struct Completion {
     hex: String,
     outcome: Vec<u8>,
+    memoize: &'static [u8],
+    ttl_ms: u64,
     ttl: String,
     count_max: String,
+    /// Taken before the script runs: a near-cache entry expires no later than Redis's key.
+    sent: Instant,
+    ticket: u64,
 }
 
 impl RedisStatekeeper {
-    fn completion(&self, id: &ReqId, outcome: &Outcome) -> SkResult<Completion> {
+    fn completion(&self, id: &ReqId, outcome: &Outcome, memo: Memo) -> SkResult<Completion> {
+        let ttl_ms = match memo {
+            Memo::For(ttl_ms) => ttl_ms,
+            _ => self.config.results_ttl_ms.unwrap_or(0),
+        };
         Ok(Completion {
             hex: id.to_hex(),
             outcome: encode_outcome(outcome)?,
-            ttl: self.config.results_ttl_ms.unwrap_or(0).to_string(),
+            memoize: if memo.memoizes() { b"1" } else { b"0" },
+            ttl_ms,
+            ttl: ttl_ms.to_string(),
             count_max: self.config.results_entries_max.to_string(),
+            sent: Instant::now(),
+            ticket: self.near.lock().ticket(),
         })
     }
+
+    /// Keeps a completion's outcome near once the script memoized it.
+    fn remember_completed(&self, id: &ReqId, outcome: &Outcome, completion: &Completion) {
+        let ttl = (completion.ttl_ms > 0).then(|| completion.sent + Duration::from_millis(completion.ttl_ms));
+        self.near.lock().fill(completion.ticket, *id, outcome, ttl);
+    }
+}
+
+/// A claim script's reply: each request followed by its lost count.
+fn parse_claimed(reply: &[Vec<u8>]) -> SkResult<Vec<Request>> {
+    reply
+        .chunks(2)
+        .map(|pair| {
+            let [request, lost] = pair else {
+                return Err(corrupt("a claim reply", "a request without its lost count"));
+            };
+            let mut request: Request = codec::decode(request).map_err(|e| corrupt("a queued request", e))?;
+            request.lost = std::str::from_utf8(lost).ok().and_then(|l| l.parse().ok()).unwrap_or(0);
+            Ok(request)
+        })
+        .collect()
+}
+
+/// When an outcome read at `sent` with `pttl` ms left expires (`pttl` < 0: it has no ttl).
+fn expiry_of(sent: Instant, pttl: i64) -> Option<Instant> {
+    u64::try_from(pttl).ok().map(|ms| sent + Duration::from_millis(ms))
 }
 
 /// A call tree's id as the scripts key it: 16 hex digits, or empty for "no tree".
@@ -283,7 +380,7 @@ impl RedisStatekeeper {
             conn,
             prefix,
             scripts: Scripts::load(&config),
-            near: Mutex::new(ResultStore::new(config.near_cache)),
+            near: Arc::new(Mutex::new(Near { store: ResultStore::new(config.near_cache), epoch: 0, forgets: None })),
             signals: Signals::default(),
             disruptions: Arc::default(),
             config,
@@ -350,10 +447,6 @@ impl RedisStatekeeper {
         let more: i64 = self.run(&self.scripts.deregister, &[node.as_str().as_bytes(), flag]).await?;
         self.reclaim_all(more).await
     }
-
-    fn remember(&self, id: ReqId, outcome: &Outcome) {
-        self.near.lock().insert(id, outcome.clone());
-    }
 }
 
 fn expect_ok(reply: String, pool: &PoolId) -> SkResult<()> {
@@ -398,7 +491,9 @@ impl Statekeeper for RedisStatekeeper {
     async fn heartbeat(&self, node: &NodeId, info: &NodeInfo) -> SkResult<bool> {
         let ttl = self.config.node_ttl_ms.to_string();
         let info = codec::encode(info).map_err(|e| corrupt("cannot encode node info", e))?;
-        let known: i64 = self.run(&self.scripts.heartbeat, &[node.as_str().as_bytes(), ttl.as_bytes(), &info]).await?;
+        let (known, forgets): (i64, u64) =
+            self.run(&self.scripts.heartbeat, &[node.as_str().as_bytes(), ttl.as_bytes(), &info]).await?;
+        self.near.lock().saw_forgets(forgets);
         Ok(known == 1)
     }
 
@@ -473,27 +568,26 @@ impl Statekeeper for RedisStatekeeper {
     }
 
     async fn result(&self, id: &ReqId) -> SkResult<Option<Outcome>> {
-        if let Some(outcome) = self.near.lock().get(id) {
+        if let Some(outcome) = self.near.lock().store.get(id) {
             return Ok(Some(outcome));
         }
+        let (sent, ticket) = (Instant::now(), self.near.lock().ticket());
+        let key = format!("{}res:{}", self.prefix, id.to_hex());
         let mut conn = self.conn.get();
-        let bytes: Option<Vec<u8>> = redis::cmd("GET")
-            .arg(format!("{}res:{}", self.prefix, id.to_hex()))
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| self.failed(e))?;
+        let (bytes, pttl): (Option<Vec<u8>>, i64) =
+            redis::pipe().atomic().get(&key).pttl(&key).query_async(&mut conn).await.map_err(|e| self.failed(e))?;
         match bytes {
             None => Ok(None),
             Some(bytes) => {
                 let outcome = decode_outcome(&bytes)?;
-                self.remember(*id, &outcome);
+                self.near.lock().fill(ticket, *id, &outcome, expiry_of(sent, pttl));
                 Ok(Some(outcome))
             }
         }
     }
 
     fn cached_result(&self, id: &ReqId) -> Option<Outcome> {
-        self.near.lock().get(id)
+        self.near.lock().store.get(id)
     }
 
     async fn submit(&self, request: &Request, queue: &QueueId, front: bool, waiter: &NodeId) -> SkResult<Submitted> {
@@ -506,6 +600,8 @@ impl Statekeeper for RedisStatekeeper {
         let tree = tree_hex(budget.tree);
         let (depth, requests_max) = (budget.depth.to_string(), budget.requests_max.to_string());
         let tree_ttl = crate::control::TREE_TTL_MS.to_string();
+        let group = version_key(&request.function, request.version);
+        let (sent, ticket) = (Instant::now(), self.near.lock().ticket());
         let args = [
             id.as_bytes(),
             &encoded,
@@ -520,12 +616,16 @@ impl Statekeeper for RedisStatekeeper {
             depth.as_bytes(),
             requests_max.as_bytes(),
             tree_ttl.as_bytes(),
+            group.as_bytes(),
         ];
         let reply: Vec<Vec<u8>> = self.run(&self.scripts.submit, &args).await?;
         match reply.first().map(Vec::as_slice) {
             Some(b"DONE") => {
                 let outcome = decode_outcome(reply.get(1).map_or(&[][..], Vec::as_slice))?;
-                self.remember(request.id, &outcome);
+                let pttl = reply.get(2).and_then(|p| std::str::from_utf8(p).ok()).and_then(|p| p.parse().ok());
+                // Without its ttl (an older script), keep it no longer than the near cache would.
+                let expires_at = pttl.map_or_else(|| self.near.lock().store.default_expiry(), |p| expiry_of(sent, p));
+                self.near.lock().fill(ticket, request.id, &outcome, expires_at);
                 Ok(Submitted::Done(outcome))
             }
             Some(b"QUEUED") => Ok(Submitted::Queued),
@@ -552,7 +652,7 @@ impl Statekeeper for RedisStatekeeper {
         let max = max.to_string();
         let args = [queue.as_str().as_bytes(), owner.as_str().as_bytes(), max.as_bytes()];
         let reply: Vec<Vec<u8>> = self.run(&self.scripts.claim, &args).await?;
-        reply.iter().map(|bytes| codec::decode::<Request>(bytes).map_err(|e| corrupt("a queued request", e))).collect()
+        parse_claimed(&reply)
     }
 
     async fn release_claims(&self, owner: &NodeId, keep: &[ReqId]) -> SkResult<usize> {
@@ -571,20 +671,19 @@ impl Statekeeper for RedisStatekeeper {
         }
     }
 
-    async fn complete(&self, id: &ReqId, outcome: &Outcome, memoize: bool, local: &NodeId) -> SkResult<bool> {
-        let completion = self.completion(id, outcome)?;
-        let memoize_flag: &[u8] = if memoize { b"1" } else { b"0" };
+    async fn complete(&self, id: &ReqId, outcome: &Outcome, memo: Memo, local: &NodeId) -> SkResult<bool> {
+        let completion = self.completion(id, outcome, memo)?;
         let args = [
             completion.hex.as_bytes(),
             &completion.outcome,
-            memoize_flag,
+            completion.memoize,
             local.as_str().as_bytes(),
             completion.ttl.as_bytes(),
             completion.count_max.as_bytes(),
         ];
-        let local_waits: i64 = self.run(&self.scripts.complete, &args).await?;
-        if memoize {
-            self.remember(*id, outcome);
+        let (local_waits, memoized): (i64, i64) = self.run(&self.scripts.complete, &args).await?;
+        if memoized == 1 {
+            self.remember_completed(id, outcome, &completion);
         }
         Ok(local_waits == 1)
     }
@@ -593,33 +692,54 @@ impl Statekeeper for RedisStatekeeper {
         &self,
         id: &ReqId,
         outcome: &Outcome,
-        memoize: bool,
+        memo: Memo,
         local: &NodeId,
         queue: &QueueId,
         max: usize,
     ) -> SkResult<(bool, Vec<Request>)> {
-        let completion = self.completion(id, outcome)?;
-        let memoize_flag: &[u8] = if memoize { b"1" } else { b"0" };
+        let completion = self.completion(id, outcome, memo)?;
         let max = max.to_string();
         let args = [
             completion.hex.as_bytes(),
             &completion.outcome,
-            memoize_flag,
+            completion.memoize,
             local.as_str().as_bytes(),
             completion.ttl.as_bytes(),
             queue.as_str().as_bytes(),
             max.as_bytes(),
             completion.count_max.as_bytes(),
         ];
-        let (local_waits, claimed): (i64, Vec<Vec<u8>>) = self.run(&self.scripts.complete_and_claim, &args).await?;
-        if memoize {
-            self.remember(*id, outcome);
+        let (local_waits, memoized, claimed): (i64, i64, Vec<Vec<u8>>) =
+            self.run(&self.scripts.complete_and_claim, &args).await?;
+        if memoized == 1 {
+            self.remember_completed(id, outcome, &completion);
         }
-        let claimed = claimed
-            .iter()
-            .map(|bytes| codec::decode::<Request>(bytes).map_err(|e| corrupt("a queued request", e)))
-            .collect::<SkResult<_>>()?;
-        Ok((local_waits == 1, claimed))
+        Ok((local_waits == 1, parse_claimed(&claimed)?))
+    }
+
+    async fn forget(&self, request: &Request) -> SkResult<bool> {
+        let (hex, group) = (request.id.to_hex(), version_key(&request.function, request.version));
+        let forgotten: i64 = self.run(&self.scripts.forget, &[hex.as_bytes(), group.as_bytes()]).await?;
+        // Ours goes at once; the other nodes' go when the notice reaches them.
+        self.near.lock().forget(&request.id);
+        Ok(forgotten == 1)
+    }
+
+    async fn forget_all(&self, function: &str, version: u32) -> SkResult<u64> {
+        let group = version_key(function, version);
+        let mut first: &[u8] = b"1";
+        let mut forgotten = 0;
+        loop {
+            let (removed, more): (u64, i64) = self.run(&self.scripts.forget_all, &[group.as_bytes(), first]).await?;
+            if first == b"1" {
+                self.near.lock().clear();
+                first = b"0";
+            }
+            forgotten += removed;
+            if more == 0 {
+                return Ok(forgotten);
+            }
+        }
     }
 
     async fn cancel_tree(&self, root: &ReqId, waiter: &NodeId) -> SkResult<bool> {
@@ -684,6 +804,7 @@ impl Statekeeper for RedisStatekeeper {
             client: self.client.clone(),
             key: format!("{}inbox:{}", self.prefix, node),
             signals: self.signals.clone(),
+            near: self.near.clone(),
             disruptions: self.disruptions.clone(),
             tx,
         };
@@ -698,6 +819,7 @@ struct InboxReader {
     client: redis::Client,
     key: String,
     signals: Signals,
+    near: Arc<Mutex<Near>>,
     disruptions: Arc<AtomicU64>,
     tx: mpsc::Sender<Event>,
 }
@@ -763,6 +885,8 @@ impl InboxReader {
                     signal.notify_one();
                 }
             }
+            Some(Inbox::Forget(id)) => self.near.lock().forget(&id),
+            Some(Inbox::ForgetAll) => self.near.lock().clear(),
             Some(Inbox::Event(event)) => {
                 // Fails only when the node dropped its stream: nobody waits any more.
                 let _ = self.tx.send(event).await;
@@ -773,9 +897,13 @@ impl InboxReader {
 }
 
 /// An inbox entry: `W` + queue, `D` + request id + outcome, `K` + request id + tree end,
-/// `T` + tree id (16 hex digits) + tree end.
+/// `T` + tree id (16 hex digits) + tree end, `F` + request id (its outcome was forgotten),
+/// `A` + function version (all its outcomes were forgotten; the near cache keeps no versions,
+/// so all of it goes).
 enum Inbox {
     Wake(QueueId),
+    Forget(ReqId),
+    ForgetAll,
     Event(Event),
 }
 
@@ -785,6 +913,8 @@ fn parse_inbox_event(event: &[u8]) -> Option<Inbox> {
     let after = |len: usize| rest.get(len..).unwrap_or_default();
     let event = match tag {
         b'W' => return Some(Inbox::Wake(QueueId::new(String::from_utf8_lossy(rest).into_owned()))),
+        b'F' => return ReqId::from_hex(id(64)?).map(Inbox::Forget),
+        b'A' => return Some(Inbox::ForgetAll),
         b'D' => Event::Done { id: ReqId::from_hex(id(64)?)?, outcome: decode_outcome(after(64)).ok()? },
         b'K' => Event::Dropped { id: ReqId::from_hex(id(64)?)?, end: parse_tree_end(after(64))? },
         b'T' => Event::TreeEnded { tree: u64::from_str_radix(id(16)?, 16).ok()?, end: parse_tree_end(after(16))? },

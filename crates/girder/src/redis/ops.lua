@@ -23,11 +23,12 @@ if exp and (ARGV[2] ~= '1' or tonumber(exp) <= now_ms()) then detach(node) end
 return reclaim_step(RECLAIM_BATCH)
 --@@ reclaim: ARGV = (none); gives back a batch of removed nodes' work; returns 1 while more remains
 return reclaim_step(RECLAIM_BATCH)
---@@ heartbeat: ARGV = node, ttl_ms, info
-if redis.call('HEXISTS', P .. 'nodes', ARGV[1]) == 0 then return 0 end
+--@@ heartbeat: ARGV = node, ttl_ms, info; returns {1 if known else 0, forgets so far}
+local fgen = tonumber(redis.call('GET', P .. 'fgen') or '0')
+if redis.call('HEXISTS', P .. 'nodes', ARGV[1]) == 0 then return {0, fgen} end
 redis.call('HSET', P .. 'nodes', ARGV[1], now_ms() + tonumber(ARGV[2]))
 redis.call('HSET', P .. 'info', ARGV[1], ARGV[3])
-return 1
+return {1, fgen}
 --@@ reap: ARGV = (none); returns '1' while work remains (call again), else '0'; then the nodes reaped
 -- Finishes giving back the work of removed nodes first; then detaches at most REAP_NODES_MAX
 -- dead nodes, in id order (the embedded statekeeper's order).
@@ -89,11 +90,12 @@ redis.call('LREM', P .. 'members:' .. pool, 0, member)
 redis.call('HDEL', P .. 'credits:' .. pool, member)
 if redis.call('EXISTS', P .. 'pool:' .. pool) == 1 then redis.call('HSET', P .. 'pool:' .. pool, 'next', 0) end
 return 'OK'
---@@ submit: ARGV = id, request, fn, queue, front ('1'/'0'), waiter, unknown-function outcome, in_flight_max, node ttl ms, tree ('' for none), depth, requests_max, tree ttl ms
+--@@ submit: ARGV = id, request, fn, queue, front ('1'/'0'), waiter, unknown-function outcome, in_flight_max, node ttl ms, tree ('' for none), depth, requests_max, tree ttl ms, VERSION:NAME
+-- A memoized outcome comes back with its remaining time to live in ms (-1: none).
 local id, request, fn, queue, front, waiter = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5] == '1', ARGV[6]
-local tree = ARGV[10]
+local tree, vk = ARGV[10], ARGV[14]
 local res = redis.call('GET', P .. 'res:' .. id)
-if res then return {'DONE', res} end
+if res then return {'DONE', res, tostring(redis.call('PTTL', P .. 'res:' .. id))} end
 -- A worker queue whose node is gone takes no more work: its pool does instead.
 if not pool_of_queue(queue) and not redis.call('HGET', P .. 'qowner', queue) then
   local pool = redis.call('HGET', P .. 'qpool', queue)
@@ -115,7 +117,7 @@ if owner then
   redis.call('SADD', P .. 'wait:' .. id, waiter)
   if owner ~= '' and not node_alive(owner, now_ms()) then
     redis.call('ZREM', P .. 'claims:' .. owner, id)
-    requeue(id, true)
+    requeue_lost(id)
   elseif owner == '' and front then
     place(queue, id, true, 0)
   end
@@ -139,7 +141,9 @@ end
 local home = queue
 local pool = redis.call('HGET', P .. 'qpool', queue)
 if pool then home = 'pool:' .. pool end
-redis.call('HSET', rkey, 'req', request, 'fn', fn, 'owner', '', 'hoisted', '0', 'home', home, 'tree', tree)
+local ep = redis.call('HGET', P .. 'fvep', vk) or '0'
+redis.call('HSET', rkey, 'req', request, 'fn', fn, 'owner', '', 'hoisted', '0', 'home', home, 'tree', tree,
+  'vk', vk, 'ep', ep)
 if tree ~= '' and ARGV[11] == '0' then redis.call('HSET', rkey, 'root', tree) end
 redis.call('SADD', P .. 'fnreq:' .. fn, id)
 redis.call('INCR', P .. 'inflight')
@@ -171,7 +175,32 @@ local next_cursor = ''
 if #ids == RECLAIM_BATCH then next_cursor = ids[#ids] end
 return {released, next_cursor}
 --@@ complete: ARGV = id, outcome, memoize ('1'/'0'), local node, result ttl ms (0 = none), results max
-return complete(ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]))
+-- Returns {local node waits (1/0), memoized (1/0)}.
+local local_waits, memoized = complete(ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]))
+return {local_waits, memoized}
+--@@ forget: ARGV = id, VERSION:NAME; returns 1 when an outcome was memoized
+local id, vk = ARGV[1], ARGV[2]
+local forgotten = redis.call('DEL', P .. 'res:' .. id)
+redis.call('ZREM', P .. 'resz', id .. vk)
+redis.call('SREM', P .. 'resv:' .. vk, id)
+-- An evaluation in flight now memoizes nothing when it completes.
+if redis.call('EXISTS', P .. 'req:' .. id) == 1 then redis.call('HSET', P .. 'req:' .. id, 'ep', '-1') end
+broadcast_forget('F' .. id)
+return forgotten
+--@@ forget_all: ARGV = VERSION:NAME, first step ('1'/'0'); returns {forgotten, 1 while more remain}
+-- The first step moves the version to a new epoch (evaluations in flight memoize nothing) and
+-- tells every node; each step removes at most FORGET_BATCH outcomes.
+local vk = ARGV[1]
+if ARGV[2] == '1' then
+  redis.call('HINCRBY', P .. 'fvep', vk, 1)
+  broadcast_forget('A' .. vk)
+end
+local forgotten = 0
+for _, id in ipairs(redis.call('SPOP', P .. 'resv:' .. vk, FORGET_BATCH)) do
+  forgotten = forgotten + redis.call('DEL', P .. 'res:' .. id)
+  redis.call('ZREM', P .. 'resz', id .. vk)
+end
+return {forgotten, redis.call('EXISTS', P .. 'resv:' .. vk)}
 --@@ cancel_tree: ARGV = root id, waiter; returns 1 when the tree was cancelled
 local id, waiter = ARGV[1], ARGV[2]
 local rkey = P .. 'req:' .. id
@@ -232,6 +261,7 @@ if redis.call('EXISTS', P .. 'pool:' .. pool) == 0 then return 'UNKNOWN_POOL' en
 local h = redis.call('HMGET', P .. 'pstat:' .. pool, 'handed_off', 'hoisted')
 return {tonumber(h[1] or '0') or 0, tonumber(h[2] or '0') or 0, redis.call('LLEN', P .. 'q:pool:' .. pool)}
 --@@ complete_and_claim: ARGV = id, outcome, memoize, local node, result ttl ms, queue, max, results max
+-- Returns {local node waits, memoized, claimed (request, lost count)...}.
 local id, outcome, memoize, localnode, ttl = ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4], tonumber(ARGV[5])
-local local_waits = complete(id, outcome, memoize, localnode, ttl, tonumber(ARGV[8]))
-return {local_waits, claim(ARGV[6], localnode, tonumber(ARGV[7]))}
+local local_waits, memoized = complete(id, outcome, memoize, localnode, ttl, tonumber(ARGV[8]))
+return {local_waits, memoized, claim(ARGV[6], localnode, tonumber(ARGV[7]))}

@@ -2,9 +2,16 @@
 -- every key a script touches starts with it, so all of them hash to one cluster slot.
 -- Keys (P = prefix):
 --   P res:ID        memoized outcome (string, optional PX ttl)
---   P resz          memoized ids by when they were memoized (sorted set): the oldest go first past
---                   the count cap (bytes are Redis's `maxmemory`'s to bound)
---   P req:ID        request in flight (hash: req, fn, owner ('' while pending), hoisted, home)
+--   P resz          memoized outcomes by when they were memoized (sorted set of ID .. VK, VK being
+--                   the function version `VERSION:NAME`): the oldest go first past the count cap
+--                   (bytes are Redis's `maxmemory`'s to bound)
+--   P resv:VK       ids of the memoized outcomes of function version VK (set), for `forget_all`
+--   P fvep          VK -> how many times all its outcomes were forgotten (hash; absent = 0)
+--   P fgen          forgets so far (counter); heartbeats return it, so a node that missed a
+--                   forget's notice clears its near cache
+--   P req:ID        request in flight (hash: req, fn, owner ('' while pending), hoisted, home,
+--                   vk, ep = fvep of vk when submitted ('-1' once forgotten: its outcome is not
+--                   memoized), lost = times its claiming node was lost)
 --   P wait:ID       nodes waiting for ID (set)
 --   P q:QUEUE       queue of ids (list); QUEUE is `pool:NAME` or `worker:ID`
 --   P pool:NAME     pool (hash: parent, next);  P members:NAME (list);  P credits:NAME (hash)
@@ -14,7 +21,8 @@
 --   P nodefns:N / nodequeues:N / nodepools:N   what node N holds (sets)
 --   P claims:N      requests node N claimed (sorted set, all scores 0: in id order)
 --   P fver          function -> version (hash);  P fnodes:F  nodes serving F (set)
---   P inbox:N       events for node N (list): 'D' .. ID .. outcome, or 'W' .. QUEUE
+--   P inbox:N       events for node N (list): 'D' .. ID .. outcome, 'W' .. QUEUE, 'F' .. ID (forgotten),
+--                   'A' .. VK (all of VK forgotten)
 --   P inflight      number of requests in flight (counter);  P born  when this grid state began (ms)
 --   P fnreq:F       requests in flight for function F (set);  P funknown  F -> outcome for "nobody serves F"
 --   P tree:T        call tree T (16 hex digits; hash: n = new requests so far, rootnode, rootreq,
@@ -35,6 +43,7 @@ local SCAN_MAX = 1000
 local RECLAIM_BATCH = 1000
 local REAP_NODES_MAX = 16
 local CLAIM_DROP_MAX = 1000
+local FORGET_BATCH = 1000
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -134,6 +143,19 @@ local function requeue(id, front)
   redis.call('HSET', rkey, 'owner', '')
   local home = redis.call('HGET', rkey, 'home')
   if home then place(home, id, front, 0) end
+end
+
+-- Puts a request whose claiming node was lost back in flight, counting the loss.
+local function requeue_lost(id)
+  redis.call('HINCRBY', P .. 'req:' .. id, 'lost', 1)
+  requeue(id, true)
+end
+
+-- Tells every registered node that memoized outcomes were forgotten ('F' .. ID or 'A' .. VK),
+-- so they drop them from their near caches.
+local function broadcast_forget(event)
+  redis.call('INCR', P .. 'fgen')
+  for _, node in ipairs(redis.call('HKEYS', P .. 'nodes')) do push_event(node, event) end
 end
 
 -- Credits of `pool`'s members whatever the function: an upper bound of what it can take now.
@@ -336,7 +358,7 @@ local function reclaim_step(budget)
       budget = budget - math.max(1, #popped / 2)
       for i = 1, #popped, 2 do
         local id = popped[i]
-        if redis.call('HGET', P .. 'req:' .. id, 'owner') == node then requeue(id, true) end
+        if redis.call('HGET', P .. 'req:' .. id, 'owner') == node then requeue_lost(id) end
       end
     elseif q then
       local ids = redis.call('LPOP', J .. ':q:' .. q, budget) or {}
@@ -356,18 +378,20 @@ local function reclaim_step(budget)
   return 0
 end
 
--- Claims up to `max` pending requests from the front of `queue` for `owner`.
+-- Claims up to `max` pending requests from the front of `queue` for `owner`; returns each
+-- request followed by its lost count.
 local function claim(queue, owner, max)
   local qkey = P .. 'q:' .. queue
   local out = {}
   -- A node the grid declared dead holds no claims: it registers again first.
   if max <= 0 or redis.call('HEXISTS', P .. 'nodes', owner) == 0 then return out end
   local dropped = 0
-  while #out < max do
+  -- Two entries in `out` per request claimed.
+  while #out < 2 * max do
     local id = redis.call('LPOP', qkey)
     if not id then break end
     local rkey = P .. 'req:' .. id
-    local h = redis.call('HMGET', rkey, 'owner', 'req', 'tree')
+    local h = redis.call('HMGET', rkey, 'owner', 'req', 'tree', 'lost')
     if h[2] and h[1] == '' then
       local ended = tree_end(h[3])
       if ended ~= '' then
@@ -383,40 +407,53 @@ local function claim(queue, owner, max)
         redis.call('HSET', rkey, 'owner', owner)
         redis.call('ZADD', P .. 'claims:' .. owner, 0, id)
         table.insert(out, h[2])
+        table.insert(out, h[4] or '0')
       end
     end
   end
   return out
 end
 
--- Memoizes `outcome` as the result of `id` (for `ttl` ms, 0 = no ttl); past `count_max`
--- results, forgets the oldest, at most EVICT_MAX per call (each call adds one, so the store
--- stays within its cap). Results that expired still count until evicted.
+-- Memoizes `outcome` as the result of `id` of function version `vk` (for `ttl` ms, 0 = no
+-- ttl); past `count_max` results, forgets the oldest, at most EVICT_MAX per call (each call
+-- adds one, so the store stays within its cap). Results that expired still count until
+-- evicted; so do their entries in `resv:VK`, which eviction removes too.
 local EVICT_MAX = 16
-local function memoize_result(id, outcome, ttl, count_max)
+local function memoize_result(id, outcome, ttl, count_max, vk)
   local key = P .. 'res:' .. id
   if ttl > 0 then
     redis.call('SET', key, outcome, 'PX', ttl)
   else
     redis.call('SET', key, outcome)
   end
+  redis.call('SADD', P .. 'resv:' .. vk, id)
   local rkey = P .. 'resz'
-  redis.call('ZADD', rkey, now_ms(), id)
+  redis.call('ZADD', rkey, now_ms(), id .. vk)
   local over = redis.call('ZCARD', rkey) - count_max
   if over > 0 then
     local popped = redis.call('ZPOPMIN', rkey, math.min(over, EVICT_MAX))
-    -- Member, score pairs.
-    for i = 1, #popped, 2 do redis.call('DEL', P .. 'res:' .. popped[i]) end
+    -- Member, score pairs; a member is the 64 hex digits of the id, then its VK.
+    for i = 1, #popped, 2 do
+      local old, old_vk = string.sub(popped[i], 1, 64), string.sub(popped[i], 65)
+      redis.call('DEL', P .. 'res:' .. old)
+      if old_vk ~= '' then redis.call('SREM', P .. 'resv:' .. old_vk, old) end
+    end
   end
 end
 
--- Records an outcome and wakes the waiting nodes; returns 1 when `localnode` waits too.
+-- Records an outcome and wakes the waiting nodes; returns 1 when `localnode` waits too, and
+-- 1 when the outcome was memoized: only for a request in flight that was not forgotten since
+-- it was submitted (a late or duplicate completion memoizes nothing).
 local function complete(id, outcome, memoize, localnode, ttl, count_max)
-  if memoize then memoize_result(id, outcome, ttl, count_max) end
   local rkey = P .. 'req:' .. id
-  local h = redis.call('HMGET', rkey, 'owner', 'fn', 'root')
+  local h = redis.call('HMGET', rkey, 'owner', 'fn', 'root', 'vk', 'ep')
   local owner = h[1]
-  if not owner then return 0 end
+  if not owner then return 0, 0 end
+  local memoized = 0
+  if memoize and h[4] and h[5] == (redis.call('HGET', P .. 'fvep', h[4]) or '0') then
+    memoize_result(id, outcome, ttl, count_max, h[4])
+    memoized = 1
+  end
   if owner ~= '' then redis.call('ZREM', P .. 'claims:' .. owner, id) end
   if h[2] then redis.call('SREM', P .. 'fnreq:' .. h[2], id) end
   if h[3] then root_done(h[3], id) end
@@ -432,5 +469,5 @@ local function complete(id, outcome, memoize, localnode, ttl, count_max)
       push_event(w, 'D' .. id .. outcome)
     end
   end
-  return local_waits
+  return local_waits, memoized
 end

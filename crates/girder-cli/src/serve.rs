@@ -98,6 +98,11 @@ pub struct NodeArgs {
     /// (`time_limit_exceeded`), for functions without a limit of their own.
     #[arg(long, default_value_t = 3_600_000, value_parser = clap::value_parser!(u64).range(1..))]
     time_limit_ms: u64,
+    /// A function's policy on this node, over its attribute's:
+    /// NAME:retries=3,timeout_ms=500,ttl_ms=60000 (any of the fields). Repeat it per
+    /// function, and give every node serving the function the same.
+    #[arg(long = "policy", value_name = "NAME:FIELD=VALUE,...", value_parser = girder::NodeBuilder::parse_policy)]
+    policies: Vec<(String, girder::Policy)>,
     // The bearer tokens every HTTP route but /v1/health requires.
     #[command(flatten)]
     auth: crate::auth::NodeTokenArgs,
@@ -303,6 +308,9 @@ pub async fn run(registry: Registry, args: NodeArgs) -> anyhow::Result<()> {
     builder = builder
         .call_limits(girder::CallLimits { requests_max: args.call_requests_max, depth_max: args.call_depth_max })
         .time_limit(Duration::from_millis(args.time_limit_ms));
+    for (name, policy) in &args.policies {
+        builder = builder.policy(name.clone(), *policy);
+    }
     if let Some(parent) = &args.parent {
         builder = builder.pool(PoolSpec::new(parent.clone()));
     }

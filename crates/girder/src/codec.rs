@@ -6,6 +6,16 @@
 //! `[90]` produce the same bytes and so the same request identity, and so do a Rust struct
 //! and the same JSON object. Integers are written in their smallest form whatever their
 //! Rust type, which keeps `90u8`, `90i64` and JSON `90` (and `90.0`) identical too.
+//!
+//! Integers beyond ±[`JSON_EXACT_INT_MAX`] (2^53), where a JSON parser that reads numbers as
+//! 64-bit floats would round them, are written as their decimal text: in the canonical
+//! MessagePack form as in JSON. So `u64::MAX` from Rust, the JSON number
+//! `18446744073709551615` and the JSON string `"18446744073709551615"` are one identity, a
+//! `u128` of any size has a JSON form, and a client can send back what it received.
+//! [`decode`] reads that text (and only that exact text) into any integer type.
+
+mod canon;
+mod lenient;
 
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
@@ -22,8 +32,14 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Bytes, String> {
 /// is the integer `1`; other floats are 64-bit). So a Rust struct and the same JSON object
 /// (any key order, `1` or `1.0`) are the same request, and results read as JSON keep their
 /// field names.
+///
+/// Integers beyond ±[`JSON_EXACT_INT_MAX`] are written as their decimal text (a `u128` or an
+/// `i128` within that range as a plain integer); [`decode`] reads them back into any
+/// integer type.
 pub fn encode_canonical<T: Serialize + ?Sized>(value: &T) -> Result<Bytes, String> {
-    let named = rmp_serde::to_vec_named(value).map_err(|e| e.to_string())?;
+    // Integers are made canonical on the typed value: in the bytes, a `u128` (16 bytes of
+    // binary) looks like any 16-byte buffer.
+    let named = rmp_serde::to_vec_named(&canon::Canon(value)).map_err(|e| e.to_string())?;
     // Only maps and floats have anything to canonicalize, and each starts with its marker
     // byte: without any such byte (data bytes may match too: then the slow path), the
     // encoding is canonical already.
@@ -45,12 +61,32 @@ fn canonicalize(bytes: &[u8]) -> Result<Bytes, String> {
     Ok(Bytes::from(out))
 }
 
-/// Largest magnitude below which every integer is exactly a 64-bit float.
-const EXACT_FLOAT_INT_MAX: f64 = 9_007_199_254_740_992.0;
+/// Largest magnitude of an integer written as a number, in the canonical form and in JSON:
+/// 2^53. Every integer up to it is exactly a 64-bit float, so any JSON parser reads it
+/// exactly; larger ones are written as their decimal text (`"9007199254740993"`).
+pub const JSON_EXACT_INT_MAX: u64 = 1 << 53;
+
+/// [`JSON_EXACT_INT_MAX`] as a float (exact).
+const EXACT_FLOAT_INT_MAX: f64 = JSON_EXACT_INT_MAX as f64;
+
+/// Whether an integer is written as a number (within ±[`JSON_EXACT_INT_MAX`]).
+fn is_exact(int: rmpv::Integer) -> bool {
+    int.as_u64().or_else(|| int.as_i64().map(i64::unsigned_abs)).is_some_and(|n| n <= JSON_EXACT_INT_MAX)
+}
+
+/// An integer in canonical form: itself within ±[`JSON_EXACT_INT_MAX`], else its decimal text.
+fn canonical_int(int: rmpv::Integer) -> rmpv::Value {
+    if is_exact(int) {
+        rmpv::Value::Integer(int)
+    } else {
+        rmpv::Value::from(int.to_string())
+    }
+}
 
 fn canonical(value: rmpv::Value) -> rmpv::Value {
     use rmpv::Value as V;
     match value {
+        V::Integer(int) => canonical_int(int),
         V::F32(f) => canonical(V::F64(f64::from(f))),
         // Integral floats within the exactly representable range become integers.
         V::F64(f) if f.fract() == 0.0 && f.abs() <= EXACT_FLOAT_INT_MAX => {
@@ -79,9 +115,14 @@ fn canonical(value: rmpv::Value) -> rmpv::Value {
     }
 }
 
-/// Decodes MessagePack into `T`.
+/// Decodes MessagePack into `T`. Any integer type reads a MessagePack integer, the canonical
+/// decimal text of an integer beyond ±[`JSON_EXACT_INT_MAX`] (as [`encode_canonical`] and
+/// JSON callers write it; other text, like `"5"` or `"+9007199254740993"`, is refused), and
+/// for `u128`/`i128` the 16 bytes rmp_serde writes. A negative integer is refused for an
+/// unsigned type (rmp_serde alone would wrap `-1` into `u128::MAX`).
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
-    rmp_serde::from_slice(bytes).map_err(|e| e.to_string())
+    let mut deserializer = rmp_serde::Deserializer::from_read_ref(bytes);
+    T::deserialize(lenient::Lenient(&mut deserializer)).map_err(|e| e.to_string())
 }
 
 /// Encodes a JSON array of arguments as a MessagePack argument array.
@@ -97,7 +138,8 @@ pub fn json_args_to_msgpack(args: &serde_json::Value) -> Result<Bytes, String> {
     encode_canonical(args)
 }
 
-/// Converts a MessagePack value to JSON. Binary becomes an array of byte values, maps with
+/// Converts a MessagePack value to JSON. Integers beyond ±[`JSON_EXACT_INT_MAX`] become
+/// strings of their decimal value, binary becomes an array of byte values, maps with
 /// non-string keys get their keys rendered as JSON text.
 pub fn msgpack_to_json(bytes: &[u8]) -> Result<serde_json::Value, String> {
     let mut reader = bytes;
@@ -113,15 +155,8 @@ fn value_to_json(value: rmpv::Value) -> serde_json::Value {
     match value {
         rmpv::Value::Nil => J::Null,
         rmpv::Value::Boolean(b) => J::Bool(b),
-        rmpv::Value::Integer(i) => {
-            if let Some(u) = i.as_u64() {
-                J::from(u)
-            } else if let Some(s) = i.as_i64() {
-                J::from(s)
-            } else {
-                J::Null
-            }
-        }
+        rmpv::Value::Integer(i) if !is_exact(i) => J::String(i.to_string()),
+        rmpv::Value::Integer(i) => i.as_u64().map(J::from).or_else(|| i.as_i64().map(J::from)).unwrap_or(J::Null),
         rmpv::Value::F32(f) => serde_json::Number::from_f64(f64::from(f)).map_or(J::Null, J::Number),
         rmpv::Value::F64(f) => serde_json::Number::from_f64(f).map_or(J::Null, J::Number),
         rmpv::Value::String(s) => match s.into_str() {
@@ -261,7 +296,7 @@ mod tests {
         assert_eq!(explain(serde_json::json!([1])).unwrap(), "expected 2 arguments (n, label), got 1");
         assert_eq!(explain(serde_json::json!([1, "ok"])), None);
         let long = explain(serde_json::json!(["y".repeat(500), "ok"])).unwrap();
-        assert!(long.len() < 200, "long values are cut: {long}");
+        assert!(long.len() < 300 && !long.contains(&"y".repeat(100)), "long values are cut: {long}");
         assert!(explain_args(&[0xc1], &names, &checks).is_some(), "not MessagePack");
     }
 
@@ -273,9 +308,18 @@ mod tests {
 
     #[test]
     fn msgpack_to_json_round_trips_plain_data() {
-        let value = serde_json::json!({"a": [1, -2, 2.5, "x", null, true], "b": 18446744073709551615u64});
+        let value = serde_json::json!({"a": [1, -2, 2.5, "x", null, true], "b": 9007199254740992u64});
         let bytes = encode(&value).unwrap();
         assert_eq!(msgpack_to_json(&bytes).unwrap(), value);
+        // Beyond 2^53, integers are their decimal text, whatever encoded them.
+        let big = encode(&(u64::MAX, i64::MIN, -9007199254740992i64, 9007199254740993u64)).unwrap();
+        let expected = serde_json::json!([
+            "18446744073709551615",
+            "-9223372036854775808",
+            -9007199254740992i64,
+            "9007199254740993"
+        ]);
+        assert_eq!(msgpack_to_json(&big).unwrap(), expected);
         assert!(msgpack_to_json(&[0x92, 0x01]).is_err(), "truncated array");
         assert!(msgpack_to_json(&[0x01, 0x02]).is_err(), "trailing bytes");
     }

@@ -15,6 +15,9 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
         any::<bool>().prop_map(serde_json::Value::from),
         any::<i64>().prop_map(serde_json::Value::from),
         any::<u64>().prop_map(serde_json::Value::from),
+        edge_int().prop_map(serde_json::Value::from),
+        // The text of an integer, as JSON output writes those beyond ±2^53.
+        edge_int().prop_map(|n| serde_json::Value::from(n.to_string())),
         any::<f64>().prop_filter("JSON has no NaN or infinity", |f| f.is_finite()).prop_map(serde_json::Value::from),
         ".{0,40}".prop_map(serde_json::Value::from),
     ];
@@ -27,10 +30,53 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
     })
 }
 
-/// Equal JSON, numbers compared by value (`1` and `1.0` alike).
+/// Integers around every boundary of the canonical form (±2^53, the 64-bit and 128-bit
+/// limits) and anywhere within 128 bits.
+fn edge_int() -> impl Strategy<Value = i64> {
+    let exact = 1i64 << 53;
+    prop_oneof![
+        (-3i64..=3).prop_map(move |d| exact + d),
+        (-3i64..=3).prop_map(move |d| -exact + d),
+        Just(i64::MIN),
+        Just(i64::MAX),
+        any::<i64>(),
+    ]
+}
+
+/// A `u128` near 0, 2^53, 2^64 or `u128::MAX`, or anywhere.
+fn edge_u128() -> impl Strategy<Value = u128> {
+    let near = |at: u128| (0u128..=6).prop_map(move |d| at.saturating_add(d).saturating_sub(3));
+    prop_oneof![
+        near(0),
+        near(1 << 53),
+        near(1 << 64),
+        near(u128::MAX),
+        any::<u128>(),
+        any::<u64>().prop_map(u128::from)
+    ]
+}
+
+/// An `i128` near the same boundaries, on both sides of zero, or anywhere.
+fn edge_i128() -> impl Strategy<Value = i128> {
+    let near = |at: i128| (0i128..=6).prop_map(move |d| at.saturating_add(d).saturating_sub(3));
+    prop_oneof![
+        near(0),
+        near(1 << 53),
+        near(-(1 << 53)),
+        near(i128::from(i64::MIN)),
+        near(i128::MIN),
+        near(i128::MAX),
+        any::<i128>(),
+    ]
+}
+
+/// Equal JSON, numbers compared by value (`1` and `1.0` alike; an integer beyond ±2^53 and
+/// its decimal text alike, as the canonical form writes it).
 fn same_value(a: &serde_json::Value, b: &serde_json::Value) -> bool {
     use serde_json::Value as J;
+    let as_text = |n: &serde_json::Number| beyond_exact(n).then(|| n.to_string());
     match (a, b) {
+        (J::Number(x), J::String(y)) | (J::String(y), J::Number(x)) => as_text(x).as_deref() == Some(y.as_str()),
         (J::Number(x), J::Number(y)) => x == y || x.as_f64() == y.as_f64(),
         (J::Array(x), J::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same_value(x, y)),
         (J::Object(x), J::Object(y)) => {
@@ -40,8 +86,91 @@ fn same_value(a: &serde_json::Value, b: &serde_json::Value) -> bool {
     }
 }
 
+/// A result or argument with every kind of field JSON can carry, 128-bit integers included.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Wide {
+    unsigned: u128,
+    signed: i128,
+    big: u64,
+    negative: i64,
+    small: u32,
+    ratio: f64,
+    single: f32,
+    label: String,
+    list: Vec<u128>,
+    named: std::collections::BTreeMap<String, i64>,
+    maybe: Option<i128>,
+    shape: Shape,
+    flag: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+enum Shape {
+    Dot,
+    Size(u128),
+    Span { from: i128, to: u64 },
+}
+
+/// Floats JSON can carry (no NaN or infinity), integral ones among them.
+fn finite_f64() -> impl Strategy<Value = f64> {
+    prop_oneof![any::<f64>().prop_filter("finite", |f| f.is_finite()), any::<i64>().prop_map(|i| i as f64)]
+}
+
+fn wide() -> impl Strategy<Value = Wide> {
+    let shape = prop_oneof![
+        Just(Shape::Dot),
+        edge_u128().prop_map(Shape::Size),
+        (edge_i128(), any::<u64>()).prop_map(|(from, to)| Shape::Span { from, to }),
+    ];
+    let numbers = (edge_u128(), edge_i128(), any::<u64>(), edge_int(), any::<u32>(), finite_f64());
+    let rest = (
+        any::<f32>().prop_filter("finite", |f| f.is_finite()),
+        ".{0,12}",
+        prop::collection::vec(edge_u128(), 0..4),
+        prop::collection::btree_map(".{0,6}", edge_int(), 0..4),
+        prop::option::of(edge_i128()),
+        shape,
+        any::<bool>(),
+    );
+    (numbers, rest).prop_map(
+        |((unsigned, signed, big, negative, small, ratio), (single, label, list, named, maybe, shape, flag))| Wide {
+            unsigned,
+            signed,
+            big,
+            negative,
+            small,
+            ratio,
+            single,
+            label,
+            list,
+            named,
+            maybe,
+            shape,
+            flag,
+        },
+    )
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
+}
+
+/// Whether a JSON number is an integer beyond ±2^53, which JSON output writes as text.
+fn beyond_exact(n: &serde_json::Number) -> bool {
+    let magnitude = n.as_u64().or(n.as_i64().map(i64::unsigned_abs));
+    magnitude.is_some_and(|m| m > codec::JSON_EXACT_INT_MAX)
+}
+
+/// Whether every JSON number that is an integer is one a parser reading 64-bit floats reads
+/// exactly (within ±2^53).
+fn integers_read_exactly(json: &serde_json::Value) -> bool {
+    use serde_json::Value as J;
+    match json {
+        J::Number(n) => !beyond_exact(n),
+        J::Array(items) => items.iter().all(integers_read_exactly),
+        J::Object(map) => map.values().all(integers_read_exactly),
+        _ => true,
+    }
 }
 
 proptest! {
@@ -55,6 +184,60 @@ proptest! {
         // The canonical form writes an integral float as an integer: equal as values.
         prop_assert!(same_value(&back, &json), "{back} != {json}");
         prop_assert_eq!(codec::json_args_to_msgpack(&back).expect("encodes again"), packed, "canonical is stable");
+    }
+
+    /// JSON arguments, through MessagePack and back to JSON, stay the same JSON.
+    #[test]
+    fn json_through_msgpack_and_back_is_stable(args in prop::collection::vec(json_value(), 0..6)) {
+        let once = codec::msgpack_to_json(&codec::json_args_to_msgpack(&serde_json::Value::Array(args)).expect("encodes"))
+            .expect("decodes");
+        let twice = codec::msgpack_to_json(&codec::json_args_to_msgpack(&once).expect("encodes again")).expect("decodes");
+        prop_assert_eq!(twice, once);
+    }
+
+    /// A Rust caller and a JSON caller sending the value's JSON form ask for the same
+    /// request; the value decodes back whole from either. (The JSON value, not its text:
+    /// serde_json reads some float texts 1 ULP off unless its `float_roundtrip` feature is on.)
+    #[test]
+    fn a_rust_value_and_its_json_form_are_one_identity(value in wide()) {
+        let typed = codec::encode_canonical(&(value.clone(),)).expect("encodes");
+        let json = codec::msgpack_to_json(&typed).expect("decodes as JSON");
+        let text = json.to_string();
+        let from_json = codec::json_args_to_msgpack(&json).expect("encodes");
+        prop_assert_eq!(&from_json, &typed, "{}", text);
+        let (back,): (Wide,) = codec::decode(&from_json).expect("decodes");
+        prop_assert_eq!(back, value);
+        prop_assert!(integers_read_exactly(&json), "{}", text);
+    }
+
+    /// Every integer alone: `u128`, `i128`, `u64` and `i64` of one value are one identity,
+    /// the JSON number or decimal text of the rule.
+    #[test]
+    fn every_integer_type_of_one_value_is_one_identity(n in edge_i128()) {
+        let typed = codec::encode_canonical(&(n,)).expect("encodes");
+        let text = if n.unsigned_abs() <= u128::from(codec::JSON_EXACT_INT_MAX) { format!("[{n}]") } else { format!("[\"{n}\"]") };
+        // As HTTP receives it: text.
+        let json: serde_json::Value = serde_json::from_str(&text).expect("parses");
+        prop_assert_eq!(&codec::json_args_to_msgpack(&json).expect("encodes"), &typed);
+        prop_assert_eq!(codec::msgpack_to_json(&typed).expect("decodes"), json);
+        prop_assert_eq!(codec::decode::<(i128,)>(&typed).expect("decodes"), (n,));
+        if let Ok(u) = u128::try_from(n) {
+            prop_assert_eq!(&codec::encode_canonical(&(u,)).expect("encodes"), &typed);
+            prop_assert_eq!(codec::decode::<(u128,)>(&typed).expect("decodes"), (u,));
+        } else {
+            prop_assert!(codec::decode::<(u128,)>(&typed).is_err(), "a negative u128");
+        }
+        match i64::try_from(n) {
+            Ok(i) => {
+                prop_assert_eq!(&codec::encode_canonical(&(i,)).expect("encodes"), &typed);
+                prop_assert_eq!(codec::decode::<(i64,)>(&typed).expect("decodes"), (i,));
+            }
+            Err(_) => prop_assert!(codec::decode::<(i64,)>(&typed).is_err(), "out of the i64 range"),
+        }
+        if let Ok(u) = u64::try_from(n) {
+            prop_assert_eq!(&codec::encode_canonical(&(u,)).expect("encodes"), &typed);
+            prop_assert_eq!(codec::decode::<(u64,)>(&typed).expect("decodes"), (u,));
+        }
     }
 
     #[test]

@@ -1,11 +1,24 @@
-//! The node's HTTP API (axum).
+//! The node's HTTP API (axum). [`ROUTES`] lists every route; `GET /v1/openapi.json`
+//! describes them all.
 //!
 //! - `POST /v1/call/{function}` with a JSON array of arguments returns the JSON result.
 //!   `?timeout_ms=N` sets a deadline; `?requests_max=N&depth_max=N` lower the limits of the
 //!   call's tree; `?affinity=KEY` runs it on an owner of KEY when one
-//!   has a free slot. Errors are `{"kind": ..., "message": ...}` with a
-//!   fitting status: 400 bad request or arguments, 404 unknown function, 422 the function
-//!   returned an error, 500 it panicked, 503 the grid is unavailable, 504 the deadline passed.
+//!   has a free slot. The response carries the call's id in `girder-call-id`; a caller may
+//!   choose it by sending that header (1 to 64 of `[A-Za-z0-9._-]`). Errors are
+//!   `{"kind": ..., "message": ...}` with a fitting status: 400 bad request or arguments,
+//!   404 unknown function, 409 a call id already in flight, 422 the function returned an
+//!   error, 500 it panicked, 503 the grid is unavailable, 504 the deadline passed.
+//! - `POST /v1/map/{function}` with a JSON array of argument arrays streams one NDJSON line
+//!   per input as it completes (`{"index": I, "value": V}` or `{"index": I, "error": {...}}`);
+//!   `?concurrency=N&ordered=true` besides the call's parameters.
+//! - `DELETE /v1/calls/{id}` cancels the call or map `id` in flight on this node.
+//! - `POST /v1/forget/{function}` with a JSON argument array forgets that memoized result;
+//!   `?all=true` (no body) every memoized result of the function's current version.
+//! - `GET /v1/functions` lists the functions the grid serves: parameters with their JSON
+//!   schemas, result schema, policies; and, from the directory, those only other nodes serve.
+//! - `GET /v1/openapi.json` is the OpenAPI 3.1 document of this API, with a path per
+//!   function this node knows (`POST /v1/call/NAME` with its arguments' and result's schemas).
 //! - `GET /v1/health` returns `{"status": "ok", "node": ID, "slots": N, "busy": N}`, with
 //!   `"status": "degraded"` (still `200`, so a busy node is not restarted by a liveness
 //!   probe) once every slot has been busy for [`HttpConfig::degraded_after_ms`].
@@ -36,8 +49,11 @@ mod admission;
 mod cache;
 pub use cache::USER_KEY_PREFIX;
 mod calls;
+pub mod catalogue;
+pub use catalogue::Catalogue;
 mod grid;
 mod load;
+mod openapi;
 mod server;
 pub use server::{bind, connections_max_for, BodyTimeout, Server, ServerConfig};
 mod tls;
@@ -107,7 +123,50 @@ struct AppState {
     token_hashes: Vec<blake3::Hash>,
     admission: Arc<admission::Admission>,
     load: Arc<load::Load>,
+    /// The OpenAPI document, built on first request: nothing it says changes while the
+    /// node runs.
+    openapi: std::sync::OnceLock<axum::body::Bytes>,
 }
+
+/// One route of the API.
+#[derive(Debug, Clone, Copy)]
+pub struct Route {
+    /// The method, e.g. `GET`.
+    pub method: &'static str,
+    /// The path in the router's syntax: `{name}` is one path segment, `{*name}` the rest of
+    /// the path (function names contain `/`).
+    pub path: &'static str,
+    /// The route's OpenAPI operation.
+    doc: fn(&openapi::Docs) -> serde_json::Value,
+}
+
+impl Route {
+    /// The path in OpenAPI's syntax, where `{*name}` is written `{name}`.
+    pub fn openapi_path(&self) -> String {
+        self.path.replace("{*", "{")
+    }
+}
+
+/// Every route the router serves, each with its OpenAPI operation (in `openapi.rs`): a
+/// route cannot be listed without its documentation, and a test fails on a route of the
+/// router that is not listed here.
+pub const ROUTES: &[Route] = &[
+    Route { method: "POST", path: "/v1/call/{*function}", doc: openapi::call },
+    Route { method: "POST", path: "/v1/map/{*function}", doc: openapi::map },
+    Route { method: "DELETE", path: "/v1/calls/{id}", doc: openapi::cancel },
+    Route { method: "POST", path: "/v1/forget/{*function}", doc: openapi::forget },
+    Route { method: "GET", path: "/v1/functions", doc: openapi::functions },
+    Route { method: "GET", path: "/v1/openapi.json", doc: openapi::openapi },
+    Route { method: "GET", path: "/v1/health", doc: openapi::health },
+    Route { method: "GET", path: "/v1/stats", doc: openapi::stats },
+    Route { method: "GET", path: "/v1/status", doc: openapi::status },
+    Route { method: "GET", path: "/metrics", doc: openapi::metrics },
+    Route { method: "GET", path: "/v1/placement/{id}", doc: openapi::placement },
+    Route { method: "GET", path: "/v1/cache/{key}", doc: openapi::cache_get },
+    Route { method: "PUT", path: "/v1/cache/{key}", doc: openapi::cache_put },
+    Route { method: "POST", path: "/v1/cache/{key}", doc: openapi::cache_append },
+    Route { method: "DELETE", path: "/v1/cache/{key}", doc: openapi::cache_delete },
+];
 
 /// The JSON body of every error response.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -234,11 +293,14 @@ pub fn router(node: Arc<Node>, config: HttpConfig) -> Router {
     let admission = Arc::new(admission::Admission::new(config.calls_max, config.caller_share));
     let load = Arc::new(load::Load::new(&node));
     load::spawn_sampler(Arc::downgrade(&node), Arc::downgrade(&load));
-    let state = Arc::new(AppState { node, cache, config, token_hashes, admission, load });
+    let openapi = std::sync::OnceLock::new();
+    let state = Arc::new(AppState { node, cache, config, token_hashes, admission, load, openapi });
     let guarded = Router::new()
         .merge(calls::routes(state.clone()))
         .merge(cache::routes())
         .merge(grid::routes())
+        .merge(catalogue::routes())
+        .merge(openapi::routes())
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .merge(guarded)

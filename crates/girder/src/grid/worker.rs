@@ -211,6 +211,15 @@ pub(crate) fn account(core: &NodeCore, worker: &Worker, request: &Request) {
 
 /// Starts evaluating a claimed request in the slot `permit`.
 pub(crate) fn start(core: &Arc<NodeCore>, worker: &Arc<Worker>, request: Request, permit: OwnedSemaphorePermit) {
+    if let Some(lost) = core.lost_too_often(&request) {
+        // Its retries after lost nodes are used up: answered without running it.
+        let (core, worker) = (core.clone(), worker.clone());
+        core.handle.clone().spawn(async move {
+            worker.release(permit);
+            core.complete(&request, Err(lost)).await;
+        });
+        return;
+    }
     account(core, worker, &request);
     let Some(registered) = core.registry.get(&request.function).cloned() else {
         // Claimed work this node cannot run: answer it so nobody waits on it forever.

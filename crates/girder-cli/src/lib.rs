@@ -19,6 +19,7 @@ mod call;
 mod config;
 mod demo;
 mod ds;
+mod map;
 mod serve;
 mod status;
 
@@ -43,6 +44,8 @@ enum Command {
     Node(Box<serve::NodeArgs>),
     /// Call a function on a running node and print its JSON result.
     Call(call::CallArgs),
+    /// Call a function once per argument array on stdin; print results as they complete.
+    Map(map::MapArgs),
     /// Read and write the grid's cache through a node.
     Cache(cache::CacheArgs),
     /// Drive the grid's data structures directly: contention and failure drills.
@@ -75,6 +78,7 @@ pub fn main_with(registry: Registry) -> ExitCode {
             Command::Demo(args) => demo::run(registry, args).await,
             Command::Node(args) => serve::run(registry, *args).await,
             Command::Call(args) => call::run(args).await,
+            Command::Map(args) => map::run(args).await,
             Command::Cache(args) => cache::run(args).await,
             Command::Ds(args) => ds::run(args).await,
             Command::Config(args) => config::run(args).await,

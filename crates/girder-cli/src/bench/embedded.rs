@@ -75,6 +75,8 @@ pub(super) async fn run(registry: Registry, args: BenchArgs) -> anyhow::Result<(
         (1e9 / rate) / base_p50
     );
 
+    map_line(&client, &mut fresh, &args, rate, |per_req_ns| per_req_ns / base_p50, "baseline").await?;
+
     let hit = rmpv::Value::from(u64::MAX);
     echo::call(&client, hit.clone()).await?;
     let mut memo = histogram()?;
@@ -94,6 +96,9 @@ pub(super) async fn run(registry: Registry, args: BenchArgs) -> anyhow::Result<(
         memo_mean / 1e3,
         memo.value_at_quantile(0.5) as f64 / base_p50
     );
+    grid.shutdown().await;
+    let grid = node(&registry, 1, 16).await?;
+    cancel_line(&grid, args.rounds.max(20), base_p50, "baseline").await?;
     grid.shutdown().await;
 
     for (label, blocking) in
@@ -127,6 +132,48 @@ pub(super) async fn run(registry: Registry, args: BenchArgs) -> anyhow::Result<(
     depth(&registry, trip_p50 as f64).await?;
     placement(&registry).await?;
     outln!("\nfor comparison (issue figures on this machine size): Ray 2.60 1.4 ms round trip, 2,060 tasks/s, tree(6,3) 4.7 s; Dask 10.6 ms, 635 tasks/s");
+    Ok(())
+}
+
+/// Prints `client.map`'s throughput over `args.batch` no-ops with 64 in flight, beside the
+/// "all at once" figure `at_once` (req/s) of the same run; `ratio` turns ns per request
+/// into a multiple of the run's floor, called `floor`.
+pub(super) async fn map_line(
+    client: &girder::Client,
+    fresh: &mut super::measure::Fresh,
+    args: &BenchArgs,
+    at_once: f64,
+    ratio: impl Fn(f64) -> f64,
+    floor: &str,
+) -> anyhow::Result<()> {
+    let rates = super::measure::map_throughput(client, fresh, args.batch, args.rounds, 64).await?;
+    let rate = median(rates.clone());
+    outln!(
+        "{:<40} {:>10.0} req/s (best {:.0})   {:.2} µs/req = {:.2}x {floor}   {:.2}x all at once",
+        format!("map, {} no-ops, 64 in flight", args.batch),
+        rate,
+        rates.iter().cloned().fold(0.0, f64::max),
+        1e6 / rate,
+        ratio(1e9 / rate),
+        rate / at_once
+    );
+    Ok(())
+}
+
+/// Prints how long cancelling a 13-request tree takes on `grid`: until the caller is
+/// answered and until every evaluation stopped, beside `floor_ns` (the run's floor, named
+/// `floor`).
+pub(super) async fn cancel_line(grid: &Node, rounds: u64, floor_ns: f64, floor: &str) -> anyhow::Result<()> {
+    let (answered, stopped) = super::measure::cancel_latency(grid, rounds).await?;
+    for (label, hist) in [("cancel: caller answered", &answered), ("cancel: 13-request tree stopped", &stopped)] {
+        outln!(
+            "{:<40} p50 {:>8.2} µs   p99 {:>8.2} µs   {:.1}x {floor}   ({rounds} rounds)",
+            label,
+            us(hist.value_at_quantile(0.5)),
+            us(hist.value_at_quantile(0.99)),
+            hist.value_at_quantile(0.5) as f64 / floor_ns
+        );
+    }
     Ok(())
 }
 

@@ -4,8 +4,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use girder::examples::echo;
-use girder::Client;
+use futures::StreamExt;
+use girder::examples::{echo, nap_tree};
+use girder::{CallError, Client, Node};
 use hdrhistogram::Histogram;
 
 pub(crate) fn histogram() -> anyhow::Result<Histogram<u64>> {
@@ -70,6 +71,59 @@ pub(crate) async fn throughput(
         rates.push(batch as f64 / took.as_secs_f64());
     }
     Ok(rates)
+}
+
+/// Requests per second, one figure per round of `batch` no-ops through `client.map` with
+/// `concurrency` calls in flight.
+pub(crate) async fn map_throughput(
+    client: &Client,
+    fresh: &mut Fresh,
+    batch: u64,
+    rounds: u64,
+    concurrency: usize,
+) -> anyhow::Result<Vec<f64>> {
+    let mut rates = Vec::new();
+    for _ in 0..rounds {
+        let values: Vec<_> = (0..batch).map(|_| (fresh.next(),)).collect();
+        let begun = Instant::now();
+        let mut results = client.map::<echo, _>(values, concurrency);
+        let mut answered = 0;
+        while let Some((_, result)) = results.next().await {
+            result.context("a map request failed")?;
+            answered += 1;
+        }
+        let took = begun.elapsed();
+        anyhow::ensure!(answered == batch, "the map answered {answered} of {batch}");
+        rates.push(batch as f64 / took.as_secs_f64());
+    }
+    Ok(rates)
+}
+
+/// How long cancelling a call takes, over `rounds` rounds: until its caller is answered,
+/// and until every evaluation of its tree (a 3-level `nap_tree` of 13 requests whose
+/// leaves sleep a minute) stopped on `node`, which must have 13 slots free.
+pub(crate) async fn cancel_latency(node: &Node, rounds: u64) -> anyhow::Result<(Histogram<u64>, Histogram<u64>)> {
+    let client = node.client();
+    let (mut answered, mut stopped) = (histogram()?, histogram()?);
+    for round in 0..rounds {
+        let call = client.spawn::<nap_tree>((2, 3, round * 100, 60_000))?;
+        let begun = Instant::now();
+        while node.running() < 13 {
+            anyhow::ensure!(begun.elapsed() < Duration::from_secs(10), "the tree never ran whole");
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        let cancelled = Instant::now();
+        call.cancel();
+        let outcome = call.await;
+        record(&mut answered, cancelled.elapsed());
+        anyhow::ensure!(matches!(outcome, Err(CallError::Cancelled { .. })), "a cancelled call gave {outcome:?}");
+        while node.running() > 0 {
+            anyhow::ensure!(cancelled.elapsed() < Duration::from_secs(10), "the tree ran on");
+            tokio::task::yield_now().await;
+        }
+        record(&mut stopped, cancelled.elapsed());
+    }
+    Ok((answered, stopped))
 }
 
 /// The middle value (the upper one of an even count); `values` must not be empty.

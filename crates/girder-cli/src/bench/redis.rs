@@ -61,6 +61,22 @@ async fn client_node(url: &str, namespace: &str) -> anyhow::Result<(Node, Arc<Re
     Ok((node, statekeeper))
 }
 
+/// A node on Redis that serves the examples itself, with room for a 13-request tree.
+async fn cancel_node(url: &str, namespace: &str) -> anyhow::Result<Node> {
+    let mut config = RedisConfig::new(url);
+    config.namespace = namespace.to_owned();
+    let statekeeper = Arc::new(RedisStatekeeper::connect(config).await?);
+    Node::builder()
+        .id("bench-cancel")
+        .statekeeper(statekeeper)
+        .registry(Registry::with_examples())
+        .pool(PoolSpec::new("bench"))
+        .workers(girder::WorkerSpec::new("bench", 1, 16))
+        .start()
+        .await
+        .context("cannot start the cancellation node")
+}
+
 pub(super) async fn run(redis: &str, args: &BenchArgs) -> anyhow::Result<()> {
     let server = if redis == "auto" { Some(RedisServer::start(false)?) } else { None };
     let url = server.as_ref().map_or_else(|| redis.to_owned(), RedisServer::url);
@@ -108,7 +124,11 @@ pub(super) async fn run(redis: &str, args: &BenchArgs) -> anyhow::Result<()> {
         1e6 / rate,
         (1e9 / rate) / floor
     );
+    super::embedded::map_line(&client, &mut fresh, args, rate, |per_req_ns| per_req_ns / floor, "PING").await?;
     node.shutdown().await;
+    let cancelling = cancel_node(&url, &format!("bench-{run_id}-cancel")).await?;
+    super::embedded::cancel_line(&cancelling, args.rounds.max(20), floor, "PING").await?;
+    cancelling.shutdown().await;
 
     let mut times = Vec::new();
     for round in 0..args.rounds {

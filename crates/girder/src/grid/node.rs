@@ -84,6 +84,11 @@ impl Node {
         Client::new(self.core.clone(), Some(QueueId::pool(&PoolId::new(pool))))
     }
 
+    /// Requests being evaluated on this node now (see [`NodeStats::running`]).
+    pub fn running(&self) -> u64 {
+        self.core.work.running.lock().len() as u64
+    }
+
     /// The functions this node serves.
     pub fn registry(&self) -> &Registry {
         &self.core.registry
@@ -216,7 +221,7 @@ impl Node {
                 })
                 .collect(),
             evaluations,
-            running: self.core.work.running.lock().len() as u64,
+            running: self.running(),
             pools,
         }
     }

@@ -54,6 +54,7 @@ pub use catalogue::Catalogue;
 mod grid;
 mod load;
 mod openapi;
+mod results;
 mod server;
 pub use server::{bind, connections_max_for, BodyTimeout, Server, ServerConfig};
 mod tls;
@@ -301,6 +302,7 @@ pub fn router(node: Arc<Node>, config: HttpConfig) -> Router {
         .merge(grid::routes())
         .merge(catalogue::routes())
         .merge(openapi::routes())
+        .merge(results::routes(state.clone()))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .merge(guarded)

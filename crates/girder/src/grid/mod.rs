@@ -18,6 +18,7 @@ pub mod config;
 pub(crate) mod core;
 mod ctx;
 mod fiber;
+mod forget;
 pub mod function;
 mod inflight;
 mod map;

@@ -470,3 +470,32 @@ async fn predecessor_is_gone(statekeeper: &dyn Statekeeper, id: &NodeId) -> bool
         && old.host == here
         && !std::path::Path::new(&format!("/proc/{}", old.pid)).exists()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_specs_parse_or_say_why_not() {
+        let (name, policy) = NodeBuilder::parse_policy("examples/fib:retries=3,timeout_ms=500,ttl_ms=60000").unwrap();
+        assert_eq!(name, "examples/fib");
+        assert_eq!(policy, Policy { retries: Some(3), timeout_ms: Some(500), ttl_ms: Some(60_000) });
+        let (_, ttl_only) = NodeBuilder::parse_policy("ns/f: ttl_ms = 0").unwrap();
+        assert_eq!(ttl_only, Policy { ttl_ms: Some(0), ..Policy::NODE });
+        for bad in
+            ["f", ":retries=1", "f:", "f:retries", "f:retries=-1", "f:timeout_ms=0", "f:nope=1", "f:retries=5000000000"]
+        {
+            assert!(NodeBuilder::parse_policy(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn overrides_replace_only_the_fields_they_set() {
+        let attribute = Policy { retries: Some(3), timeout_ms: Some(500), ttl_ms: None };
+        let builder = Node::builder()
+            .policy("f", Policy { retries: Some(1), ..Policy::NODE })
+            .policy("f", Policy { ttl_ms: Some(10), ..Policy::NODE });
+        let over = builder.policies["f"];
+        assert_eq!(overlay(attribute, over), Policy { retries: Some(1), timeout_ms: Some(500), ttl_ms: Some(10) });
+    }
+}

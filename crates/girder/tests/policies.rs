@@ -426,3 +426,49 @@ async fn a_lost_evaluation_runs_again_until_its_retries_are_used_up() {
     })
     .await;
 }
+
+/// `POST /v1/forget/{function}` against the router: one result by its JSON arguments, or
+/// every result of the version with `?all=true`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_forgets_one_result_or_all_of_them() {
+    use tower::ServiceExt;
+    let store = Store::new(Backend::Embedded);
+    let node = Arc::new(store.node("http", 1, &[]).await);
+    let keys = [store.key("http 0"), store.key("http 1")];
+    for key in &keys {
+        assert_eq!(kept::call(&node.client(), key.clone()).await, Ok(1));
+    }
+    let router = girder::http::router(node.clone(), girder::http::HttpConfig::default());
+    let post = |uri: String, body: String| {
+        let request = axum::http::Request::builder()
+            .method("POST")
+            .uri(uri)
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(body))
+            .expect("a request");
+        let router = router.clone();
+        async move {
+            let response = router.oneshot(request).await.expect("the router answers");
+            let status = response.status().as_u16();
+            let body = axum::body::to_bytes(response.into_body(), 1 << 16).await.expect("a body");
+            (status, serde_json::from_slice::<serde_json::Value>(&body).expect("a JSON body"))
+        }
+    };
+    let one = serde_json::json!([keys[0]]).to_string();
+    assert_eq!(post("/v1/forget/test/kept".into(), one.clone()).await, (200, serde_json::json!({"forgotten": 1})));
+    assert_eq!(post("/v1/forget/test/kept".into(), one).await, (200, serde_json::json!({"forgotten": 0})));
+    assert_eq!(kept::call(&node.client(), keys[0].clone()).await, Ok(2), "computed again");
+    assert_eq!(kept::call(&node.client(), keys[1].clone()).await, Ok(1), "the other stays");
+    let (status, body) = post("/v1/forget/test/kept?all=true".into(), "[1]".into()).await;
+    assert_eq!((status, &body["kind"]), (400, &serde_json::json!("bad_request")), "?all=true takes no body");
+    let (status, body) = post("/v1/forget/test/kept".into(), "{\"key\": 1}".into()).await;
+    assert_eq!((status, &body["kind"]), (400, &serde_json::json!("bad_request")), "{body}");
+    let (status, body) = post("/v1/forget/test/kept".into(), "[1]".into()).await;
+    assert_eq!((status, &body["kind"]), (400, &serde_json::json!("bad_arguments")), "{body}");
+    let (status, body) = post("/v1/forget/test/nobody?all=true".into(), String::new()).await;
+    assert_eq!((status, &body["kind"]), (404, &serde_json::json!("unknown_function")), "{body}");
+    let all = post("/v1/forget/test/kept?all=true".into(), String::new()).await;
+    assert_eq!(all, (200, serde_json::json!({"forgotten": 2})));
+    assert_eq!(kept::call(&node.client(), keys[1].clone()).await, Ok(2));
+    node.shutdown().await;
+}

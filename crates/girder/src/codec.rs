@@ -39,7 +39,7 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Bytes, String> {
 pub fn encode_canonical<T: Serialize + ?Sized>(value: &T) -> Result<Bytes, String> {
     // Integers are made canonical on the typed value: in the bytes, a `u128` (16 bytes of
     // binary) looks like any 16-byte buffer.
-    let named = rmp_serde::to_vec_named(&canon::Canon(value)).map_err(|e| e.to_string())?;
+    let named = rmp_serde::to_vec_named(&canon::Canon(value, canon::Mode::Identity)).map_err(|e| e.to_string())?;
     // Only maps and floats have anything to canonicalize, and each starts with its marker
     // byte: without any such byte (data bytes may match too: then the slow path), the
     // encoding is canonical already.
@@ -47,6 +47,16 @@ pub fn encode_canonical<T: Serialize + ?Sized>(value: &T) -> Result<Bytes, Strin
         return Ok(Bytes::from(named));
     }
     canonicalize(&named)
+}
+
+/// Encodes a function's result: structs as maps of field names (so its JSON form keeps
+/// them), integers as MessagePack integers wherever one holds them (`u128`/`i128` beyond
+/// the 64-bit range as their decimal text, which [`decode`] reads back). A result has no
+/// identity to keep canonical, so it keeps the bytes Rust callers have always read, which
+/// also decode where serde buffers values (internally tagged enums, `#[serde(flatten)]`);
+/// [`msgpack_to_json`] writes the integers beyond ±[`JSON_EXACT_INT_MAX`] as text.
+pub fn encode_result<T: Serialize + ?Sized>(value: &T) -> Result<Bytes, String> {
+    rmp_serde::to_vec_named(&canon::Canon(value, canon::Mode::Result)).map(Bytes::from).map_err(|e| e.to_string())
 }
 
 /// The canonical form (see [`encode_canonical`]) of well-formed MessagePack bytes.
@@ -279,6 +289,47 @@ mod tests {
         let values = encode_canonical(&(0.5f64, 1e300f64, u64::MAX, -7i64)).unwrap();
         assert_eq!(decode::<(f64, f64, u64, i64)>(&values).unwrap(), (0.5, 1e300, u64::MAX, -7));
         assert_eq!(canonicalize(&typed).unwrap(), typed, "canonical is a fixed point");
+    }
+
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    #[serde(tag = "kind")]
+    enum Event {
+        Tick { at_ns: u64, offset: i64 },
+    }
+
+    #[test]
+    fn results_keep_msgpack_integers_and_read_as_json_text() {
+        let event = Event::Tick { at_ns: u64::MAX, offset: i64::MIN };
+        let bytes = encode_result(&event).unwrap();
+        // serde reads an internally tagged enum through its own buffer, where only a
+        // MessagePack integer is an integer: results keep them.
+        assert_eq!(decode::<Event>(&bytes).unwrap(), event);
+        let json =
+            serde_json::json!({"kind": "Tick", "at_ns": "18446744073709551615", "offset": "-9223372036854775808"});
+        assert_eq!(msgpack_to_json(&bytes).unwrap(), json);
+        assert_eq!(encode_result(&(u64::MAX, -7i64)).unwrap(), encode(&(u64::MAX, -7i64)).unwrap());
+        assert_eq!(encode_result(&(7u128, -7i128)).unwrap(), encode(&(7u64, -7i64)).unwrap());
+        let wide = encode_result(&(u128::MAX, i128::MIN)).unwrap();
+        assert_eq!(decode::<(u128, i128)>(&wide).unwrap(), (u128::MAX, i128::MIN));
+        assert_eq!(msgpack_to_json(&wide).unwrap(), serde_json::json!([U128_MAX_TEXT, i128::MIN.to_string()]));
+    }
+
+    const U128_MAX_TEXT: &str = "340282366920938463463374607431768211455";
+
+    #[test]
+    fn arguments_write_integers_beyond_two_to_the_53_as_text() {
+        let args = encode_canonical(&(u64::MAX, u128::MAX, 1u128 << 53, -(1i128 << 53) - 1, 7u128)).unwrap();
+        let json = serde_json::json!(["18446744073709551615", U128_MAX_TEXT, 1u64 << 53, "-9007199254740993", 7]);
+        assert_eq!(msgpack_to_json(&args).unwrap(), json);
+        assert_eq!(json_args_to_msgpack(&json).unwrap(), args, "the JSON form is the same request");
+        let numbers = serde_json::json!([u64::MAX, U128_MAX_TEXT, 1u64 << 53, -(1i64 << 53) - 1, 7]);
+        assert_eq!(json_args_to_msgpack(&numbers).unwrap(), args, "and so are exact JSON numbers");
+        let back: (u64, u128, u128, i128, u128) = decode(&args).unwrap();
+        assert_eq!(back, (u64::MAX, u128::MAX, 1 << 53, -(1 << 53) - 1, 7));
+        // rmp_serde's own 16 bytes for a u128 (results stored before) still decode.
+        assert_eq!(decode::<(u128,)>(&rmp_serde::to_vec(&(u128::MAX,)).unwrap()).unwrap(), (u128::MAX,));
+        assert!(decode::<(u128,)>(&encode(&(-1i64,)).unwrap()).is_err(), "-1 is no u128");
+        assert!(decode::<(u64,)>(&encode(&("5",)).unwrap()).unwrap_err().contains("sent as a number"));
     }
 
     #[test]

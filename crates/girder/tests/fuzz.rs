@@ -196,7 +196,7 @@ proptest! {
     }
 
     /// A Rust caller and a JSON caller sending the value's JSON form ask for the same
-    /// request; the value decodes back whole from either. (The JSON value, not its text:
+    /// request; the value decodes back whole from either, and from its result encoding. (The JSON value, not its text:
     /// serde_json reads some float texts 1 ULP off unless its `float_roundtrip` feature is on.)
     #[test]
     fn a_rust_value_and_its_json_form_are_one_identity(value in wide()) {
@@ -206,8 +206,16 @@ proptest! {
         let from_json = codec::json_args_to_msgpack(&json).expect("encodes");
         prop_assert_eq!(&from_json, &typed, "{}", text);
         let (back,): (Wide,) = codec::decode(&from_json).expect("decodes");
-        prop_assert_eq!(back, value);
+        prop_assert_eq!(&back, &value);
         prop_assert!(integers_read_exactly(&json), "{}", text);
+        // As a result it decodes back too, and its JSON form sent back as an argument is
+        // the same request again.
+        let result = codec::encode_result(&value).expect("encodes");
+        prop_assert_eq!(codec::decode::<Wide>(&result).expect("decodes"), value);
+        let result_json = codec::msgpack_to_json(&result).expect("decodes as JSON");
+        prop_assert!(integers_read_exactly(&result_json), "{}", result_json);
+        let sent_back = serde_json::Value::Array(vec![result_json]);
+        prop_assert_eq!(codec::json_args_to_msgpack(&sent_back).expect("encodes"), typed);
     }
 
     /// Every integer alone: `u128`, `i128`, `u64` and `i64` of one value are one identity,

@@ -55,25 +55,10 @@ async fn borrowed_arguments_are_the_same_request_as_owned_ones() {
     node.shutdown().await;
 }
 
-/// A stand-in for the `anyhow` crate (not a dependency here): the attribute sees the path
-/// `anyhow::Result<T>` only, and the error needs nothing but `Display`.
-mod anyhow {
-    pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-    #[derive(Debug)]
-    pub struct Error(pub String);
-
-    impl std::fmt::Display for Error {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            write!(f, "anyhow: {}", self.0)
-        }
-    }
-}
-
 #[girder::function(name = "macros/halve")]
 async fn halve(_ctx: Ctx, n: u64) -> anyhow::Result<u64> {
     if n % 2 == 1 {
-        return Err(anyhow::Error(format!("{n} is odd")));
+        anyhow::bail!("anyhow: {n} is odd");
     }
     Ok(n / 2)
 }

@@ -125,7 +125,7 @@ fn decode_args<F: Function>(args: &[u8]) -> Result<F::Args, CallError> {
 
 fn encode_output<F: Function>(result: Result<F::Output, String>) -> Outcome {
     match result {
-        Ok(value) => codec::encode_canonical(&value)
+        Ok(value) => codec::encode_result(&value)
             .map_err(|message| CallError::BadResult { function: F::NAME.to_owned(), message }),
         Err(message) => Err(CallError::Function { function: F::NAME.to_owned(), message }),
     }

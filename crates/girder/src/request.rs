@@ -29,6 +29,12 @@ pub struct Request {
     /// of running it again once they are used up. Not part of the identity.
     #[serde(default)]
     pub lost: u32,
+    /// The grid's count of forgets ([`crate::control::Statekeeper::forget`] and
+    /// `forget_all`) when the statekeeper handed this request out; a completion that comes
+    /// when the request is no longer in flight (a duplicate, or after the store lost its
+    /// state) is memoized only if nothing was forgotten since. Not part of the identity.
+    #[serde(default)]
+    pub forgets: u64,
 }
 
 /// The call tree a request belongs to, how deep in it the request is, and the tree's
@@ -87,7 +93,7 @@ impl Request {
     pub fn new(function: impl Into<Arc<str>>, version: u32, args: Bytes) -> Request {
         let function = function.into();
         let id = ReqId::of(&function, version, &args);
-        Request { id, function, version, args, budget: Budget::default(), lost: 0 }
+        Request { id, function, version, args, budget: Budget::default(), lost: 0, forgets: 0 }
     }
 
     /// This request, as part of the call tree `budget`.

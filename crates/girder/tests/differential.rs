@@ -75,7 +75,8 @@ fn all_requests() -> Vec<Request> {
 
 fn label(req: &Request) -> String {
     let lost = if req.lost > 0 { format!("~lost{}", req.lost) } else { String::new() };
-    format!("{}{}{lost}", req.function, req.args.first().copied().unwrap_or(0))
+    let forgets = if req.forgets > 0 { format!("~forgets{}", req.forgets) } else { String::new() };
+    format!("{}{}{lost}{forgets}", req.function, req.args.first().copied().unwrap_or(0))
 }
 
 fn label_of(id: &girder::ReqId) -> String {
@@ -278,10 +279,10 @@ impl Side {
             }
             Op::Claim { queue, owner, max } => show(sk.claim(queue, owner, *max).await, show_claimed),
             Op::Complete { req, outcome, memoize, local } => {
-                show(sk.complete(&req.id, outcome, *memoize, local).await, |w| format!("{w}"))
+                show(sk.complete(&req, outcome, *memoize, local).await, |w| format!("{w}"))
             }
             Op::CompleteAndClaim { req, outcome, memoize, local, queue, max } => {
-                show(sk.complete_and_claim(&req.id, outcome, *memoize, local, queue, *max).await, |(w, c)| {
+                show(sk.complete_and_claim(&req, outcome, *memoize, local, queue, *max).await, |(w, c)| {
                     format!("{w} {}", show_claimed(c))
                 })
             }

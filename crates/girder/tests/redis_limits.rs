@@ -17,7 +17,7 @@ async fn memoize(sk: &RedisStatekeeper, count: u32, payload_bytes: usize) -> Vec
         let claimed = sk.claim(&queue, &node, 1).await.unwrap();
         assert_eq!(claimed.len(), 1);
         let value = Ok(Bytes::from(vec![b'x'; payload_bytes]));
-        sk.complete(&request.id, &value, Memo::Keep, &node).await.unwrap();
+        sk.complete(&request, &value, Memo::Keep, &node).await.unwrap();
         requests.push(request);
     }
     requests
@@ -63,7 +63,7 @@ async fn finished_call_trees_leave_no_keys_behind() {
         let root = Request::new("f", 1, Bytes::from(n.to_le_bytes().to_vec())).with_budget(budget);
         assert_eq!(sk.submit(&root, &queue, false, &node).await.unwrap(), Submitted::Queued);
         assert_eq!(sk.claim(&queue, &node, 1).await.unwrap().len(), 1);
-        sk.complete(&root.id, &Ok(Bytes::from_static(b"v")), Memo::Keep, &node).await.unwrap();
+        sk.complete(&root, &Ok(Bytes::from_static(b"v")), Memo::Keep, &node).await.unwrap();
     }
     let keys: Vec<String> = redis::cmd("KEYS").arg("girder:{girder}:tree:*").query_async(&mut conn).await.unwrap();
     assert!(keys.is_empty(), "trees of one request are forgotten when done: {keys:?}");

@@ -123,7 +123,7 @@ async fn submit_queues_joins_and_memoizes(factory: Factory) {
     assert!(sk.claim(&pool_queue, &node("n1"), 10).await.unwrap().is_empty());
     assert_eq!(sk.submit(&req, &pool_queue, false, &node("n2")).await.unwrap(), Submitted::Joined);
     let outcome = Ok(Bytes::from_static(b"value"));
-    assert!(sk.complete(&req.id, &outcome, Memo::Keep, &node("n1")).await.unwrap(), "n1 waits for it");
+    assert!(sk.complete(&req, &outcome, Memo::Keep, &node("n1")).await.unwrap(), "n1 waits for it");
     assert_eq!(next_event(&mut n2_events).await, Event::Done { id: req.id, outcome: outcome.clone() });
     assert_eq!(sk.result(&req.id).await.unwrap(), Some(outcome.clone()));
     assert_eq!(sk.submit(&req, &pool_queue, false, &node("n1")).await.unwrap(), Submitted::Done(outcome));
@@ -133,7 +133,7 @@ async fn submit_queues_joins_and_memoizes(factory: Factory) {
     sk.submit(&failing, &pool_queue, false, &node("n1")).await.unwrap();
     let error = Err(CallError::Function { function: "f".into(), message: "no".into() });
     sk.claim(&pool_queue, &node("n1"), 1).await.unwrap();
-    sk.complete(&failing.id, &error, Memo::Keep, &node("n1")).await.unwrap();
+    sk.complete(&failing, &error, Memo::Keep, &node("n1")).await.unwrap();
     assert_eq!(sk.result(&failing.id).await.unwrap(), Some(error));
 }
 
@@ -176,7 +176,7 @@ async fn unmemoized_outcomes_are_not_kept(factory: Factory) {
     sk.submit(&req, &pool_queue, false, &node("n1")).await.unwrap();
     sk.claim(&pool_queue, &node("n1"), 1).await.unwrap();
     let panic = Err(CallError::Panic { function: "f".into(), message: "boom".into() });
-    assert!(sk.complete(&req.id, &panic, Memo::Skip, &node("n1")).await.unwrap());
+    assert!(sk.complete(&req, &panic, Memo::Skip, &node("n1")).await.unwrap());
     assert_eq!(sk.result(&req.id).await.unwrap(), None);
     assert_eq!(sk.submit(&req, &pool_queue, false, &node("n1")).await.unwrap(), Submitted::Queued, "runs again");
 }
@@ -423,7 +423,7 @@ async fn unknown_nodes_hold_no_claims(factory: Factory) {
     sk.submit(&other, &pool_queue, false, &node("n1")).await.unwrap();
     assert_eq!(sk.claim(&pool_queue, &node("n1"), 1).await.unwrap(), vec![req.clone()]);
     let (_, next) = sk
-        .complete_and_claim(&req.id, &Ok(Bytes::from_static(b"v")), Memo::Keep, &node("n2"), &pool_queue, 5)
+        .complete_and_claim(&req, &Ok(Bytes::from_static(b"v")), Memo::Keep, &node("n2"), &pool_queue, 5)
         .await
         .unwrap();
     assert!(next.is_empty(), "complete_and_claim claims nothing for an unknown node");
@@ -441,7 +441,7 @@ async fn memoized_submissions_record_nothing(factory: Factory) {
     let value = Ok(Bytes::from_static(b"v"));
     sk.submit(&req, &pool_queue, false, &node("n1")).await.unwrap();
     sk.claim(&pool_queue, &node("n1"), 1).await.unwrap();
-    sk.complete(&req.id, &value, Memo::Keep, &node("n1")).await.unwrap();
+    sk.complete(&req, &value, Memo::Keep, &node("n1")).await.unwrap();
     for front in [false, true] {
         assert_eq!(sk.submit(&req, &pool_queue, front, &node("n2")).await.unwrap(), Submitted::Done(value.clone()));
         assert_eq!(
@@ -452,7 +452,7 @@ async fn memoized_submissions_record_nothing(factory: Factory) {
     assert_eq!(sk.queue_len(&pool_queue).await.unwrap(), 0);
     assert_eq!(sk.queue_len(&worker("n1/w0")).await.unwrap(), 0);
     // No waiter was recorded: a second completion wakes nobody, locally or elsewhere.
-    assert!(!sk.complete(&req.id, &value, Memo::Keep, &node("n2")).await.unwrap());
+    assert!(!sk.complete(&req, &value, Memo::Keep, &node("n2")).await.unwrap());
 }
 
 /// Invariant: every waiting caller gets exactly one outcome (the completing node directly,
@@ -471,14 +471,14 @@ async fn each_waiter_gets_exactly_one_outcome(factory: Factory) {
     sk.submit(&other, &pool_queue, false, &node("n3")).await.unwrap();
     assert_eq!(sk.claim(&pool_queue, &node("n1"), 1).await.unwrap(), vec![req.clone()]);
     let value = Ok(Bytes::from_static(b"v"));
-    assert!(sk.complete(&req.id, &value, Memo::Keep, &node("n1")).await.unwrap(), "n1 learns it from the reply");
+    assert!(sk.complete(&req, &value, Memo::Keep, &node("n1")).await.unwrap(), "n1 learns it from the reply");
     assert_eq!(next_event(&mut n2_events).await, Event::Done { id: req.id, outcome: value.clone() });
     assert_eq!(next_event(&mut n3_events).await, Event::Done { id: req.id, outcome: value.clone() });
-    assert!(!sk.complete(&req.id, &value, Memo::Keep, &node("n1")).await.unwrap(), "nobody waits any more");
+    assert!(!sk.complete(&req, &value, Memo::Keep, &node("n1")).await.unwrap(), "nobody waits any more");
     // The next event each inbox sees is about `other`: nothing was sent twice.
     sk.claim(&pool_queue, &node("n1"), 1).await.unwrap();
     let panic = Err(CallError::Panic { function: "f".into(), message: "boom".into() });
-    assert!(!sk.complete(&other.id, &panic, Memo::Skip, &node("n2")).await.unwrap());
+    assert!(!sk.complete(&other, &panic, Memo::Skip, &node("n2")).await.unwrap());
     assert_eq!(next_event(&mut n3_events).await, Event::Done { id: other.id, outcome: panic });
     let more = tokio::time::timeout(Duration::from_millis(100), n2_events.next()).await;
     assert!(more.is_err(), "n2 got a second event: {more:?}");
@@ -494,7 +494,7 @@ async fn copies_of_done_requests_are_dropped(factory: Factory) {
     sk.submit(&req, &worker("n1/w1"), true, &node("n1")).await.unwrap();
     assert_eq!(sk.queue_len(&worker("n1/w1")).await.unwrap(), 1, "a nested submission copies a pending id");
     assert_eq!(sk.claim(&worker("n1/w1"), &node("n1"), 5).await.unwrap(), vec![req.clone()]);
-    sk.complete(&req.id, &Ok(Bytes::from_static(b"v")), Memo::Keep, &node("n1")).await.unwrap();
+    sk.complete(&req, &Ok(Bytes::from_static(b"v")), Memo::Keep, &node("n1")).await.unwrap();
     assert!(sk.claim(&worker("n1/w0"), &node("n1"), 5).await.unwrap().is_empty());
     assert_eq!(sk.queue_len(&worker("n1/w0")).await.unwrap(), 0, "the stale copy is dropped");
 }
@@ -525,7 +525,7 @@ async fn rounds_look_at_a_bounded_number_of_entries(factory: Factory) {
         sk.submit(&stale, &busy, true, &node("n1")).await.unwrap();
     }
     assert_eq!(sk.claim(&busy, &node("n1"), 1).await.unwrap(), vec![stale.clone()]);
-    sk.complete(&stale.id, &Ok(Bytes::from_static(b"v")), Memo::Keep, &node("n1")).await.unwrap();
+    sk.complete(&stale, &Ok(Bytes::from_static(b"v")), Memo::Keep, &node("n1")).await.unwrap();
     sk.submit(&request("f", 1_001), &busy, true, &node("n1")).await.unwrap();
     sk.submit(&request("f", 1_002), &busy, true, &node("n1")).await.unwrap();
     assert_eq!(sk.queue_len(&busy).await.unwrap(), 1_002);
@@ -766,7 +766,7 @@ async fn a_finished_root_ends_its_tree(factory: Factory) {
     assert_eq!(sk.claim(&own, &node("n1"), 1).await.unwrap().len(), 1);
     let straggler = in_tree("f", 1, tree, 1, 100);
     assert_eq!(sk.submit(&straggler, &own, true, &node("n1")).await.unwrap(), Submitted::Queued);
-    sk.complete(&root.id, &Ok(Bytes::from_static(b"done")), Memo::Keep, &node("n1")).await.unwrap();
+    sk.complete(&root, &Ok(Bytes::from_static(b"done")), Memo::Keep, &node("n1")).await.unwrap();
     // Nothing of the tree is needed any more: its stragglers are dropped, it takes no more.
     assert!(sk.claim(&own, &node("n1"), 10).await.unwrap().is_empty());
     let late = sk.submit(&in_tree("f", 2, tree, 1, 100), &own, true, &node("n1")).await.unwrap();
@@ -775,7 +775,7 @@ async fn a_finished_root_ends_its_tree(factory: Factory) {
     let single = in_tree("f", 3, 0x51, 0, 1);
     assert_eq!(sk.submit(&single, &own, false, &node("n1")).await.unwrap(), Submitted::Queued);
     assert_eq!(sk.claim(&own, &node("n1"), 1).await.unwrap().len(), 1);
-    sk.complete(&single.id, &Ok(Bytes::from_static(b"1")), Memo::Keep, &node("n1")).await.unwrap();
+    sk.complete(&single, &Ok(Bytes::from_static(b"1")), Memo::Keep, &node("n1")).await.unwrap();
     let again = in_tree("f", 4, 0x51, 0, 1);
     assert_eq!(
         sk.submit(&again, &own, false, &node("n1")).await.unwrap(),
@@ -812,19 +812,24 @@ async fn lost_claims_are_counted_each_time(factory: Factory) {
     reap_until(&sk, &node("n2"), &[node("n3")]).await;
     assert_eq!(sk.claim(&pool_queue, &node("n3"), 1).await.unwrap(), vec![after_lost(req.clone(), 2)]);
     let failed = Err(CallError::Panic { function: "f".into(), message: "gave up".into() });
-    sk.complete(&req.id, &failed, Memo::Skip, &node("n3")).await.unwrap();
+    sk.complete(&req, &failed, Memo::Skip, &node("n3")).await.unwrap();
     beat(&["n3"]).await;
     sk.submit(&req, &pool_queue, false, &node("n3")).await.unwrap();
     assert_eq!(sk.claim(&pool_queue, &node("n3"), 1).await.unwrap(), vec![req], "a new submission starts afresh");
+}
+
+fn ids(requests: &[Request]) -> Vec<crate::id::ReqId> {
+    requests.iter().map(|r| r.id).collect()
 }
 
 /// Submits, claims and completes `req` on `n1` with `memo`.
 async fn evaluated(sk: &Arc<dyn Statekeeper>, req: &Request, memo: Memo) {
     let pool_queue = QueueId::pool(&PoolId::new("p"));
     assert_eq!(sk.submit(req, &pool_queue, false, &node("n1")).await.unwrap(), Submitted::Queued);
-    assert_eq!(sk.claim(&pool_queue, &node("n1"), 1).await.unwrap(), vec![req.clone()]);
+    let claimed = sk.claim(&pool_queue, &node("n1"), 1).await.unwrap();
+    assert_eq!(ids(&claimed), vec![req.id]);
     let value = Ok(Bytes::from(format!("{:?}", req.args)));
-    assert!(sk.complete(&req.id, &value, memo, &node("n1")).await.unwrap());
+    assert!(sk.complete(&claimed[0], &value, memo, &node("n1")).await.unwrap());
 }
 
 async fn memoized_outcomes_expire_after_their_ttl(factory: Factory) {
@@ -859,13 +864,23 @@ async fn forget_drops_one_outcome(factory: Factory) {
     // An evaluation in flight when its result is forgotten: its callers get the value, the
     // memo does not.
     assert_eq!(sk.submit(&a, &pool_queue, false, &node("n1")).await.unwrap(), Submitted::Queued);
-    assert_eq!(sk.claim(&pool_queue, &node("n1"), 1).await.unwrap(), vec![a.clone()]);
+    assert_eq!(ids(&sk.claim(&pool_queue, &node("n1"), 1).await.unwrap()), vec![a.id]);
     assert!(!sk.forget(&a).await.unwrap());
-    assert!(sk.complete(&a.id, &Ok(Bytes::from_static(b"late")), Memo::Keep, &node("n1")).await.unwrap());
+    assert!(sk.complete(&a, &Ok(Bytes::from_static(b"late")), Memo::Keep, &node("n1")).await.unwrap());
     assert_eq!(sk.result(&a.id).await.unwrap(), None, "a completion that raced the forget memoizes nothing");
-    // A completion of a request not in flight (a duplicate) memoizes nothing either.
-    sk.complete(&request("f", 3).id, &Ok(Bytes::from_static(b"stray")), Memo::Keep, &node("n1")).await.unwrap();
-    assert_eq!(sk.result(&request("f", 3).id).await.unwrap(), None);
+    // A completion of a request no longer in flight (a duplicate: it was claimed again
+    // elsewhere and completed there) memoizes only if nothing was forgotten since its claim.
+    let c = request("f", 3);
+    sk.submit(&c, &pool_queue, false, &node("n1")).await.unwrap();
+    let claimed = sk.claim(&pool_queue, &node("n1"), 1).await.unwrap();
+    let panic = Err(CallError::Panic { function: "f".into(), message: "boom".into() });
+    sk.complete(&claimed[0], &panic, Memo::Skip, &node("n1")).await.unwrap();
+    let late = Ok(Bytes::from_static(b"late"));
+    assert!(!sk.complete(&claimed[0], &late, Memo::Keep, &node("n1")).await.unwrap());
+    assert_eq!(sk.result(&c.id).await.unwrap(), Some(late.clone()), "nothing was forgotten since its claim");
+    assert!(sk.forget(&c).await.unwrap());
+    sk.complete(&claimed[0], &late, Memo::Keep, &node("n1")).await.unwrap();
+    assert_eq!(sk.result(&c.id).await.unwrap(), None, "a forget since its claim: not memoized");
     // The next evaluation is memoized as usual.
     evaluated(&sk, &a, Memo::Keep).await;
     assert!(sk.result(&a.id).await.unwrap().is_some());
@@ -882,7 +897,7 @@ async fn forget_all_drops_a_function_version(factory: Factory) {
     }
     assert_eq!(sk.claim(&pool_queue, &node("n1"), many.len()).await.unwrap().len(), many.len());
     for req in &many {
-        sk.complete(&req.id, &Ok(Bytes::from_static(b"v")), Memo::Keep, &node("n1")).await.unwrap();
+        sk.complete(&req, &Ok(Bytes::from_static(b"v")), Memo::Keep, &node("n1")).await.unwrap();
     }
     let other_version = Request::new("f", 2, Bytes::from_static(b"x"));
     let other_function = request("g", 0);
@@ -897,7 +912,7 @@ async fn forget_all_drops_a_function_version(factory: Factory) {
     }
     assert!(sk.result(&other_version.id).await.unwrap().is_some(), "another version stays");
     assert!(sk.result(&other_function.id).await.unwrap().is_some(), "another function stays");
-    assert!(sk.complete(&in_flight.id, &Ok(Bytes::from_static(b"late")), Memo::Keep, &node("n1")).await.unwrap());
+    assert!(sk.complete(&in_flight, &Ok(Bytes::from_static(b"late")), Memo::Keep, &node("n1")).await.unwrap());
     assert_eq!(sk.result(&in_flight.id).await.unwrap(), None, "an evaluation in flight memoizes nothing");
     evaluated(&sk, &many[0], Memo::Keep).await;
     assert!(sk.result(&many[0].id).await.unwrap().is_some(), "later evaluations are memoized again");

@@ -189,6 +189,8 @@ struct Inner {
     trees: Trees,
     /// `VERSION:NAME` -> how many times all its outcomes were forgotten (absent: 0).
     epochs: HashMap<String, u64>,
+    /// Forgets so far, of one outcome or of all of a version (see [`Request::forgets`]).
+    forgets: u64,
 }
 
 /// The in-process statekeeper: the default, one process is a whole grid.
@@ -632,17 +634,19 @@ impl Inner {
         }
     }
 
-    /// Memoizes `outcome` of the request `state` was, as `memo` says, unless it was forgotten
-    /// since it was submitted.
-    fn memoize(&mut self, state: &ReqState, outcome: &Outcome, memo: Memo) {
+    /// Whether the request in flight `state` was forgotten since it was submitted (by itself,
+    /// or with all of its function version).
+    fn is_current(&self, state: &ReqState) -> bool {
+        let group = version_key(&state.request.function, state.request.version);
+        state.epoch == Some(self.epochs.get(&group).copied().unwrap_or(0))
+    }
+
+    /// Memoizes `outcome` of `request` as `memo` says, in its function version's group.
+    fn memoize(&mut self, request: &Request, outcome: &Outcome, memo: Memo) {
         if !memo.memoizes() {
             return;
         }
-        let request = &state.request;
         let group = version_key(&request.function, request.version);
-        if state.epoch != Some(self.epochs.get(&group).copied().unwrap_or(0)) {
-            return;
-        }
         let results = self.results();
         let expires_at = match memo {
             Memo::For(ttl_ms) => Some(Instant::now() + Duration::from_millis(ttl_ms)),
@@ -867,6 +871,7 @@ impl Statekeeper for Embedded {
         if !inner.nodes.contains_key(owner) {
             return Ok(claimed);
         }
+        let forgets = inner.forgets;
         let mut dropped = 0;
         while claimed.len() < max {
             let Some(id) = inner.queues.get_mut(queue).and_then(|q| q.items.pop_front()) else { break };
@@ -886,7 +891,7 @@ impl Statekeeper for Embedded {
             }
             if let (Some(req), Some(node)) = (inner.requests.get_mut(&id), inner.nodes.get_mut(owner)) {
                 req.running = Some(owner.clone());
-                claimed.push(req.request.clone());
+                claimed.push(Request { forgets, ..req.request.clone() });
                 node.running.insert(id);
             }
         }
@@ -910,10 +915,19 @@ impl Statekeeper for Embedded {
         Ok(count)
     }
 
-    async fn complete(&self, id: &ReqId, outcome: &Outcome, memo: Memo, local: &NodeId) -> SkResult<bool> {
+    async fn complete(&self, request: &Request, outcome: &Outcome, memo: Memo, local: &NodeId) -> SkResult<bool> {
         let mut inner = self.inner.lock();
-        let Some(state) = inner.requests.remove(id) else { return Ok(false) };
-        inner.memoize(&state, outcome, memo);
+        let id = &request.id;
+        let Some(state) = inner.requests.remove(id) else {
+            // Not in flight any more: memoized unless anything was forgotten since its claim.
+            if request.forgets == inner.forgets {
+                inner.memoize(request, outcome, memo);
+            }
+            return Ok(false);
+        };
+        if inner.is_current(&state) {
+            inner.memoize(&state.request, outcome, memo);
+        }
         inner.untrack(&state.request.function, id);
         inner.root_done(state.request.budget.tree, id);
         if let Some(owner) = state.running.as_ref().and_then(|owner| inner.nodes.get_mut(owner)) {
@@ -935,6 +949,7 @@ impl Statekeeper for Embedded {
         if let Some(state) = inner.requests.get_mut(&request.id) {
             state.epoch = None;
         }
+        inner.forgets += 1;
         Ok(inner.results().remove(&request.id))
     }
 
@@ -944,6 +959,7 @@ impl Statekeeper for Embedded {
             let mut inner = self.inner.lock();
             let epoch = inner.epochs.entry(group.clone()).or_insert(0);
             *epoch = epoch.saturating_add(1);
+            inner.forgets += 1;
         }
         let mut forgotten = 0;
         loop {

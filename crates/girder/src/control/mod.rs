@@ -24,6 +24,8 @@
 //!   finds them in bounded steps; [`Statekeeper::forget`] drops one. An evaluation in flight
 //!   when its result is forgotten is not memoized when it completes (its callers still get
 //!   it), so a forgotten result never comes back through a completion that raced the forget.
+//!   A claim stamps the request with the grid's count of forgets ([`Request::forgets`]), so
+//!   a completion that finds its request no longer in flight knows whether it may memoize.
 
 #[cfg(any(test, feature = "testing"))]
 pub mod conformance;
@@ -396,26 +398,28 @@ pub trait Statekeeper: Send + Sync + 'static {
     /// requests it really runs; anything else it holds is re-run elsewhere. Returns how many.
     async fn release_claims(&self, owner: &NodeId, keep: &[ReqId]) -> SkResult<usize>;
 
-    /// Records the outcome of `id` and wakes every waiting node other than `local` through
-    /// its inbox. Returns whether `local` was waiting. The outcome is memoized as `memo` says,
-    /// only while `id` is in flight and was not forgotten since it was submitted (by
-    /// [`Statekeeper::forget`] or [`Statekeeper::forget_all`]): a late or duplicate
-    /// completion (its claim was given to another node meanwhile) memoizes nothing.
-    async fn complete(&self, id: &ReqId, outcome: &Outcome, memo: Memo, local: &NodeId) -> SkResult<bool>;
+    /// Records the outcome of `request` (as it was claimed) and wakes every waiting node
+    /// other than `local` through its inbox. Returns whether `local` was waiting. The outcome
+    /// is memoized as `memo` says, unless it was forgotten since: while the request is in
+    /// flight, unless [`Statekeeper::forget`] or [`Statekeeper::forget_all`] covered it since
+    /// it was submitted; when it is not in flight any more (a duplicate completion, or the
+    /// store lost its state), unless anything was forgotten since it was claimed
+    /// ([`Request::forgets`]).
+    async fn complete(&self, request: &Request, outcome: &Outcome, memo: Memo, local: &NodeId) -> SkResult<bool>;
 
     /// [`Statekeeper::complete`], then [`Statekeeper::claim`] of up to `max` requests from
     /// `queue` for `local`, in one step where the store allows: a worker that finished an
     /// evaluation takes its next request without another round trip.
     async fn complete_and_claim(
         &self,
-        id: &ReqId,
+        request: &Request,
         outcome: &Outcome,
         memo: Memo,
         local: &NodeId,
         queue: &QueueId,
         max: usize,
     ) -> SkResult<(bool, Vec<Request>)> {
-        let local_waits = self.complete(id, outcome, memo, local).await?;
+        let local_waits = self.complete(request, outcome, memo, local).await?;
         let next = if max > 0 { self.claim(queue, local, max).await? } else { Vec::new() };
         Ok((local_waits, next))
     }

@@ -403,10 +403,8 @@ impl NodeCore {
         let mut waited = Duration::ZERO;
         loop {
             let result = match next {
-                Some(queue) => {
-                    self.statekeeper.complete_and_claim(&request.id, &outcome, memo, &self.id, queue, 1).await
-                }
-                None => self.statekeeper.complete(&request.id, &outcome, memo, &self.id).await.map(|w| (w, Vec::new())),
+                Some(queue) => self.statekeeper.complete_and_claim(request, &outcome, memo, &self.id, queue, 1).await,
+                None => self.statekeeper.complete(request, &outcome, memo, &self.id).await.map(|w| (w, Vec::new())),
             };
             match result {
                 Ok((local_waits, mut claimed)) => {

@@ -268,6 +268,8 @@ fn corrupt(what: &str, err: impl std::fmt::Display) -> StatekeeperError {
 /// What the completion scripts take besides the node and the claim.
 struct Completion {
     hex: String,
+    group: String,
+    forgets: String,
     outcome: Vec<u8>,
     memoize: &'static [u8],
     ttl_ms: u64,
@@ -279,13 +281,15 @@ struct Completion {
 }
 
 impl RedisStatekeeper {
-    fn completion(&self, id: &ReqId, outcome: &Outcome, memo: Memo) -> SkResult<Completion> {
+    fn completion(&self, request: &Request, outcome: &Outcome, memo: Memo) -> SkResult<Completion> {
         let ttl_ms = match memo {
             Memo::For(ttl_ms) => ttl_ms,
             _ => self.config.results_ttl_ms.unwrap_or(0),
         };
         Ok(Completion {
-            hex: id.to_hex(),
+            hex: request.id.to_hex(),
+            group: version_key(&request.function, request.version),
+            forgets: request.forgets.to_string(),
             outcome: encode_outcome(outcome)?,
             memoize: if memo.memoizes() { b"1" } else { b"0" },
             ttl_ms,
@@ -303,16 +307,21 @@ impl RedisStatekeeper {
     }
 }
 
-/// A claim script's reply: each request followed by its lost count.
+/// A claim script's reply: the grid's count of forgets (every request's stamp), then each
+/// request followed by its lost count.
 fn parse_claimed(reply: &[Vec<u8>]) -> SkResult<Vec<Request>> {
-    reply
+    let number = |bytes: &[u8]| std::str::from_utf8(bytes).ok().and_then(|n| n.parse().ok());
+    let Some((forgets, claimed)) = reply.split_first() else { return Err(corrupt("a claim reply", "empty")) };
+    let forgets = number(forgets).ok_or_else(|| corrupt("a claim reply", "no count of forgets"))?;
+    claimed
         .chunks(2)
         .map(|pair| {
             let [request, lost] = pair else {
                 return Err(corrupt("a claim reply", "a request without its lost count"));
             };
             let mut request: Request = codec::decode(request).map_err(|e| corrupt("a queued request", e))?;
-            request.lost = std::str::from_utf8(lost).ok().and_then(|l| l.parse().ok()).unwrap_or(0);
+            request.lost = u32::try_from(number(lost).unwrap_or(0)).unwrap_or(u32::MAX);
+            request.forgets = forgets;
             Ok(request)
         })
         .collect()
@@ -671,8 +680,8 @@ impl Statekeeper for RedisStatekeeper {
         }
     }
 
-    async fn complete(&self, id: &ReqId, outcome: &Outcome, memo: Memo, local: &NodeId) -> SkResult<bool> {
-        let completion = self.completion(id, outcome, memo)?;
+    async fn complete(&self, request: &Request, outcome: &Outcome, memo: Memo, local: &NodeId) -> SkResult<bool> {
+        let completion = self.completion(request, outcome, memo)?;
         let args = [
             completion.hex.as_bytes(),
             &completion.outcome,
@@ -680,24 +689,26 @@ impl Statekeeper for RedisStatekeeper {
             local.as_str().as_bytes(),
             completion.ttl.as_bytes(),
             completion.count_max.as_bytes(),
+            completion.group.as_bytes(),
+            completion.forgets.as_bytes(),
         ];
         let (local_waits, memoized): (i64, i64) = self.run(&self.scripts.complete, &args).await?;
         if memoized == 1 {
-            self.remember_completed(id, outcome, &completion);
+            self.remember_completed(&request.id, outcome, &completion);
         }
         Ok(local_waits == 1)
     }
 
     async fn complete_and_claim(
         &self,
-        id: &ReqId,
+        request: &Request,
         outcome: &Outcome,
         memo: Memo,
         local: &NodeId,
         queue: &QueueId,
         max: usize,
     ) -> SkResult<(bool, Vec<Request>)> {
-        let completion = self.completion(id, outcome, memo)?;
+        let completion = self.completion(request, outcome, memo)?;
         let max = max.to_string();
         let args = [
             completion.hex.as_bytes(),
@@ -708,11 +719,13 @@ impl Statekeeper for RedisStatekeeper {
             queue.as_str().as_bytes(),
             max.as_bytes(),
             completion.count_max.as_bytes(),
+            completion.group.as_bytes(),
+            completion.forgets.as_bytes(),
         ];
         let (local_waits, memoized, claimed): (i64, i64, Vec<Vec<u8>>) =
             self.run(&self.scripts.complete_and_claim, &args).await?;
         if memoized == 1 {
-            self.remember_completed(id, outcome, &completion);
+            self.remember_completed(&request.id, outcome, &completion);
         }
         Ok((local_waits == 1, parse_claimed(&claimed)?))
     }

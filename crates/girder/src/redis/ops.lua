@@ -150,7 +150,7 @@ redis.call('INCR', P .. 'inflight')
 redis.call('SADD', P .. 'wait:' .. id, waiter)
 place(queue, id, front, 0)
 return {'QUEUED'}
---@@ claim: ARGV = queue, owner, max
+--@@ claim: ARGV = queue, owner, max; returns the forgets stamp, then request, lost count pairs
 return claim(ARGV[1], ARGV[2], tonumber(ARGV[3]))
 --@@ release_claims: ARGV = owner, cursor ('' to start), kept ids...
 -- Looks at up to RECLAIM_BATCH claims after `cursor`, in id order; returns {released, next
@@ -174,9 +174,10 @@ end
 local next_cursor = ''
 if #ids == RECLAIM_BATCH then next_cursor = ids[#ids] end
 return {released, next_cursor}
---@@ complete: ARGV = id, outcome, memoize ('1'/'0'), local node, result ttl ms (0 = none), results max
+--@@ complete: ARGV = id, outcome, memoize ('1'/'0'), local node, result ttl ms (0 = none), results max, VERSION:NAME, forgets stamp
 -- Returns {local node waits (1/0), memoized (1/0)}.
-local local_waits, memoized = complete(ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]))
+local local_waits, memoized =
+  complete(ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8])
 return {local_waits, memoized}
 --@@ forget: ARGV = id, VERSION:NAME; returns 1 when an outcome was memoized
 local id, vk = ARGV[1], ARGV[2]
@@ -260,8 +261,8 @@ local pool = ARGV[1]
 if redis.call('EXISTS', P .. 'pool:' .. pool) == 0 then return 'UNKNOWN_POOL' end
 local h = redis.call('HMGET', P .. 'pstat:' .. pool, 'handed_off', 'hoisted')
 return {tonumber(h[1] or '0') or 0, tonumber(h[2] or '0') or 0, redis.call('LLEN', P .. 'q:pool:' .. pool)}
---@@ complete_and_claim: ARGV = id, outcome, memoize, local node, result ttl ms, queue, max, results max
--- Returns {local node waits, memoized, claimed (request, lost count)...}.
+--@@ complete_and_claim: ARGV = id, outcome, memoize, local node, result ttl ms, queue, max, results max, VERSION:NAME, forgets stamp
+-- Returns {local node waits, memoized, {forgets stamp, claimed (request, lost count)...}}.
 local id, outcome, memoize, localnode, ttl = ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4], tonumber(ARGV[5])
-local local_waits, memoized = complete(id, outcome, memoize, localnode, ttl, tonumber(ARGV[8]))
+local local_waits, memoized = complete(id, outcome, memoize, localnode, ttl, tonumber(ARGV[8]), ARGV[9], ARGV[10])
 return {local_waits, memoized, claim(ARGV[6], localnode, tonumber(ARGV[7]))}

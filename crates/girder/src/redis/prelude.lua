@@ -8,7 +8,8 @@
 --   P resv:VK       ids of the memoized outcomes of function version VK (set), for `forget_all`
 --   P fvep          VK -> how many times all its outcomes were forgotten (hash; absent = 0)
 --   P fgen          forgets so far (counter); heartbeats return it, so a node that missed a
---                   forget's notice clears its near cache
+--                   forget's notice clears its near cache; claims stamp requests with it, so a
+--                   completion of a request no longer in flight memoizes only if it did not move
 --   P req:ID        request in flight (hash: req, fn, owner ('' while pending), hoisted, home,
 --                   vk, ep = fvep of vk when submitted ('-1' once forgotten: its outcome is not
 --                   memoized), lost = times its claiming node was lost)
@@ -378,16 +379,16 @@ local function reclaim_step(budget)
   return 0
 end
 
--- Claims up to `max` pending requests from the front of `queue` for `owner`; returns each
--- request followed by its lost count.
+-- Claims up to `max` pending requests from the front of `queue` for `owner`; returns the
+-- grid's count of forgets (the requests' stamp), then each request followed by its lost count.
 local function claim(queue, owner, max)
   local qkey = P .. 'q:' .. queue
-  local out = {}
+  local out = {redis.call('GET', P .. 'fgen') or '0'}
   -- A node the grid declared dead holds no claims: it registers again first.
   if max <= 0 or redis.call('HEXISTS', P .. 'nodes', owner) == 0 then return out end
   local dropped = 0
-  -- Two entries in `out` per request claimed.
-  while #out < 2 * max do
+  -- Two entries in `out` per request claimed, after the stamp.
+  while #out < 2 * max + 1 do
     local id = redis.call('LPOP', qkey)
     if not id then break end
     local rkey = P .. 'req:' .. id
@@ -441,14 +442,22 @@ local function memoize_result(id, outcome, ttl, count_max, vk)
   end
 end
 
--- Records an outcome and wakes the waiting nodes; returns 1 when `localnode` waits too, and
--- 1 when the outcome was memoized: only for a request in flight that was not forgotten since
--- it was submitted (a late or duplicate completion memoizes nothing).
-local function complete(id, outcome, memoize, localnode, ttl, count_max)
+-- Records an outcome of `id` (function version `vk`, claimed when the grid had seen `forgets`
+-- forgets) and wakes the waiting nodes; returns 1 when `localnode` waits too, and 1 when the
+-- outcome was memoized: for a request in flight, unless it was forgotten since it was
+-- submitted; for one no longer in flight (a duplicate completion, or Redis lost its state),
+-- unless anything was forgotten since it was claimed.
+local function complete(id, outcome, memoize, localnode, ttl, count_max, vk, forgets)
   local rkey = P .. 'req:' .. id
   local h = redis.call('HMGET', rkey, 'owner', 'fn', 'root', 'vk', 'ep')
   local owner = h[1]
-  if not owner then return 0, 0 end
+  if not owner then
+    if memoize and forgets == (redis.call('GET', P .. 'fgen') or '0') then
+      memoize_result(id, outcome, ttl, count_max, vk)
+      return 0, 1
+    end
+    return 0, 0
+  end
   local memoized = 0
   if memoize and h[4] and h[5] == (redis.call('HGET', P .. 'fvep', h[4]) or '0') then
     memoize_result(id, outcome, ttl, count_max, h[4])

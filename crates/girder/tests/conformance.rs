@@ -57,7 +57,7 @@ async fn a_full_embedded_inbox_drops_events_and_counts_a_disruption() {
     assert_eq!(sk.claim(&queue, &n1, 2).await.unwrap().len(), 2);
     let value = Ok(Bytes::from_static(b"v"));
     for req in &requests {
-        sk.complete(&req, &value, Memo::Keep, &n1).await.unwrap();
+        sk.complete(req, &value, Memo::Keep, &n1).await.unwrap();
     }
     assert_eq!(sk.disruptions(), 1, "the second event found the inbox full");
     // What the node does on a disruption: submit again, and the memo answers.

@@ -279,10 +279,10 @@ impl Side {
             }
             Op::Claim { queue, owner, max } => show(sk.claim(queue, owner, *max).await, show_claimed),
             Op::Complete { req, outcome, memoize, local } => {
-                show(sk.complete(&req, outcome, *memoize, local).await, |w| format!("{w}"))
+                show(sk.complete(req, outcome, *memoize, local).await, |w| format!("{w}"))
             }
             Op::CompleteAndClaim { req, outcome, memoize, local, queue, max } => {
-                show(sk.complete_and_claim(&req, outcome, *memoize, local, queue, *max).await, |(w, c)| {
+                show(sk.complete_and_claim(req, outcome, *memoize, local, queue, *max).await, |(w, c)| {
                     format!("{w} {}", show_claimed(c))
                 })
             }

@@ -897,7 +897,7 @@ async fn forget_all_drops_a_function_version(factory: Factory) {
     }
     assert_eq!(sk.claim(&pool_queue, &node("n1"), many.len()).await.unwrap().len(), many.len());
     for req in &many {
-        sk.complete(&req, &Ok(Bytes::from_static(b"v")), Memo::Keep, &node("n1")).await.unwrap();
+        sk.complete(req, &Ok(Bytes::from_static(b"v")), Memo::Keep, &node("n1")).await.unwrap();
     }
     let other_version = Request::new("f", 2, Bytes::from_static(b"x"));
     let other_function = request("g", 0);

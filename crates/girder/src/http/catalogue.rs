@@ -128,10 +128,11 @@ pub(super) fn registered(node: &Node) -> Vec<FunctionEntry> {
             let params = function
                 .params()
                 .iter()
-                .map(|param| ParamEntry {
-                    name: (*param).to_owned(),
+                .map(|param| {
                     // A function that declares fewer schemas than parameters allows anything.
-                    schema: schemas_of.next().unwrap_or(serde_json::Value::Bool(true)),
+                    let mut schema = schemas_of.next().unwrap_or(serde_json::Value::Bool(true));
+                    bound_integers(&mut schema);
+                    ParamEntry { name: (*param).to_owned(), schema }
                 })
                 .collect();
             Some(FunctionEntry {
@@ -141,11 +142,91 @@ pub(super) fn registered(node: &Node) -> Vec<FunctionEntry> {
                 nodes: Vec::new(),
                 kind: Some(function.kind().into()),
                 params: Some(params),
-                result: Some(schemas.output),
+                result: Some(result_schema(schemas.output)),
                 policy: Some(function.policy().into()),
             })
         })
         .collect()
+}
+
+/// The range of the integers of a schemars `format`, which JSON Schema validators do not
+/// know: `None` for a format that is no integer type, or whose range JSON numbers cannot
+/// write (128-bit).
+fn integer_range(format: &str) -> Option<(i64, u64)> {
+    let range = match format {
+        "int8" => (i64::from(i8::MIN), i8::MAX as u64),
+        "int16" => (i64::from(i16::MIN), i16::MAX as u64),
+        "int32" => (i64::from(i32::MIN), i32::MAX as u64),
+        "int64" | "int" => (i64::MIN, i64::MAX as u64),
+        "uint8" => (0, u64::from(u8::MAX)),
+        "uint16" => (0, u64::from(u16::MAX)),
+        "uint32" => (0, u64::from(u32::MAX)),
+        "uint64" | "uint" => (0, u64::MAX),
+        _ => return None,
+    };
+    Some(range)
+}
+
+/// Whether `schema` is an integer type (alone or with others, like `null`).
+fn is_integer(schema: &serde_json::Map<String, serde_json::Value>) -> bool {
+    match schema.get("type") {
+        Some(serde_json::Value::String(name)) => name == "integer",
+        Some(serde_json::Value::Array(names)) => names.iter().any(|name| name == "integer"),
+        _ => false,
+    }
+}
+
+/// Calls `visit` on every object of `schema`, depth first, children before their parent.
+fn walk(schema: &mut serde_json::Value, visit: &mut dyn FnMut(&mut serde_json::Value)) {
+    match schema {
+        serde_json::Value::Object(object) => object.values_mut().for_each(|value| walk(value, visit)),
+        serde_json::Value::Array(items) => items.iter_mut().for_each(|value| walk(value, visit)),
+        _ => return,
+    }
+    if schema.is_object() {
+        visit(schema);
+    }
+}
+
+/// Gives every integer of `schema` whose `format` names its Rust type (`uint32`, ...) the
+/// bounds of that type, so that clients and validators know them: a parameter takes any
+/// number in its type's range (and, beyond ±2^53, its decimal text as well).
+fn bound_integers(schema: &mut serde_json::Value) {
+    walk(schema, &mut |schema| {
+        let Some(object) = schema.as_object_mut() else { return };
+        let range = object.get("format").and_then(|f| f.as_str()).and_then(integer_range);
+        if let (true, Some((min, max))) = (is_integer(object), range) {
+            object.entry("minimum").or_insert(min.into());
+            object.entry("maximum").or_insert(max.into());
+        }
+    });
+}
+
+/// A result's schema as its JSON form is: integers beyond ±2^53 come as their decimal text
+/// (see [`crate::codec`]), so an integer type whose range reaches beyond is a number within
+/// ±2^53 or a string of digits.
+fn result_schema(mut schema: serde_json::Value) -> serde_json::Value {
+    const EXACT: u64 = crate::codec::JSON_EXACT_INT_MAX;
+    bound_integers(&mut schema);
+    walk(&mut schema, &mut |schema| {
+        let Some(object) = schema.as_object_mut() else { return };
+        let format = object.get("format").and_then(|f| f.as_str()).unwrap_or_default();
+        let wide = matches!(format, "int64" | "int" | "uint64" | "uint" | "int128" | "uint128");
+        if !(is_integer(object) && wide) {
+            return;
+        }
+        let mut number = object.clone();
+        let lowest = if format.starts_with('u') { 0 } else { -(EXACT as i64) };
+        number.insert("minimum".to_owned(), lowest.into());
+        number.insert("maximum".to_owned(), EXACT.into());
+        let text = serde_json::json!({
+            "type": "string",
+            "pattern": "^-?[1-9][0-9]{15,}$",
+            "description": "An integer beyond ±2^53, as its decimal text.",
+        });
+        *schema = serde_json::json!({ "anyOf": [number, text] });
+    });
+    schema
 }
 
 /// The catalogue of `node`: its registered functions, and those the directory says other
@@ -251,6 +332,32 @@ mod tests {
             .expect("node starts")
     }
 
+    #[test]
+    fn integers_get_their_types_bounds_and_wide_results_may_be_text() {
+        #[derive(schemars::JsonSchema)]
+        #[allow(dead_code)]
+        struct Reading {
+            count: u64,
+            small: i8,
+        }
+        let schema = |value: schemars::Schema| serde_json::to_value(value).expect("json");
+        let mut param = schema(schemars::schema_for!(u32));
+        super::bound_integers(&mut param);
+        assert_eq!((param["minimum"].as_u64(), param["maximum"].as_u64()), (Some(0), Some(u64::from(u32::MAX))));
+        let mut param = schema(schemars::schema_for!(i64));
+        super::bound_integers(&mut param);
+        assert_eq!((param["minimum"].as_i64(), param["maximum"].as_i64()), (Some(i64::MIN), Some(i64::MAX)));
+
+        // A u64 result within 2^53 is a number; beyond, the digits of a string.
+        let result = super::result_schema(schema(schemars::schema_for!(Reading)));
+        let count = &result["properties"]["count"]["anyOf"];
+        assert_eq!(count[0]["maximum"].as_u64(), Some(crate::codec::JSON_EXACT_INT_MAX));
+        assert_eq!(count[1]["type"], "string");
+        assert_eq!(result["properties"]["small"]["maximum"].as_i64(), Some(127));
+        let optional = super::result_schema(schema(schemars::schema_for!(Option<u64>)));
+        assert_eq!(optional["anyOf"][0]["type"], serde_json::json!(["integer", "null"]));
+    }
+
     async fn catalogue_of(router: &axum::Router) -> Catalogue {
         let request = axum::http::Request::get("/v1/functions").body(axum::body::Body::empty()).expect("request");
         let response = router.clone().oneshot(request).await.expect("infallible");
@@ -287,6 +394,8 @@ mod tests {
         assert_eq!(fib.nodes, ["here", "there"]);
         let params: Vec<&str> = tree.params.as_ref().expect("known").iter().map(|p| p.name.as_str()).collect();
         assert_eq!(params, ["depth", "fanout", "id"]);
+        let depth = &tree.params.as_ref().expect("known")[0].schema;
+        assert_eq!(depth["maximum"].as_u64(), Some(u64::from(u32::MAX)), "{depth}");
         assert_eq!(tree.kind, Some(super::Kind::Async));
         assert_eq!(tree.policy, Some(super::PolicyEntry { retries: None, timeout_ms: None, ttl_ms: None }));
         there.shutdown().await;

@@ -494,7 +494,11 @@ pub(super) fn placement(docs: &Docs) -> Value {
 }
 
 fn cache_key() -> Value {
-    path_param("key", "The cache key.", json!({ "type": "string", "minLength": 1 }))
+    // Keys are stored under a prefix, within the store's limit in bytes. `maxLength` counts
+    // characters, so it is exact for ASCII keys and lets longer UTF-8 through to a 400.
+    let bytes_max = crate::structures::KEY_BYTES_MAX - super::USER_KEY_PREFIX.len();
+    let description = format!("The cache key: 1 to {bytes_max} bytes of UTF-8.");
+    path_param("key", &description, json!({ "type": "string", "minLength": 1, "maxLength": bytes_max }))
 }
 
 /// The errors of every cache operation.
@@ -523,7 +527,7 @@ pub(super) fn cache_put(docs: &Docs) -> Value {
     let ttl = query_param(
         "ttl_ms",
         "Drop the value after this many milliseconds.",
-        json!({ "type": "integer", "minimum": 0, "maximum": u64::MAX }),
+        json!({ "type": "integer", "minimum": 0, "maximum": crate::structures::TTL_MS_MAX }),
     );
     let ok = json!({ "description": "Stored." });
     let mut operation = operation(

@@ -215,3 +215,97 @@ async fn on_redis_budgets_hold_across_nodes_for_concurrent_trees() {
     let out = b.call(&["examples/tree", "3", "5", "9", "--timeout-ms", "10000"]);
     assert_eq!(text(&out.stdout), "156", "a tree within its budget is whole; {}", text(&out.stderr));
 }
+
+/// Requests being evaluated now on `nodes`.
+async fn running(http: &reqwest::Client, nodes: &[&NodeProcess]) -> u64 {
+    let mut sum = 0;
+    for node in nodes {
+        let stats: serde_json::Value =
+            http.get(format!("{}/v1/stats", node.url)).send().await.expect("stats").json().await.expect("JSON");
+        sum += stats["running"].as_u64().expect("stats say what runs");
+    }
+    sum
+}
+
+fn post_call(
+    http: &reqwest::Client,
+    node: &NodeProcess,
+    body: &str,
+    id: &str,
+) -> tokio::task::JoinHandle<reqwest::Response> {
+    let request = http
+        .post(format!("{}/v1/call/examples/nap_tree", node.url))
+        .header("girder-call-id", id)
+        .header("content-type", "application/json")
+        .body(body.to_owned());
+    tokio::spawn(async move { request.send().await.expect("the node answers") })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_redis_cancelling_a_call_by_id_stops_its_tree_on_both_nodes_but_not_a_shared_child() {
+    let redis = RedisServer::start(false).unwrap_or_else(|e| panic!("{e}"));
+    let url = redis.url();
+    let http = reqwest::Client::new();
+    // Sleeping leaves hold a slot each: 9 leaves and 4 parents need room on two nodes.
+    let node = |id: &str| {
+        NodeProcess::start(&[
+            "--statekeeper",
+            &url,
+            "--id",
+            id,
+            "--node-ttl-ms",
+            "1500",
+            "--heartbeat-ms",
+            "250",
+            "--workers",
+            "1",
+            "--slots",
+            "12",
+        ])
+    };
+    let (a, b) = (node("a"), node("b"));
+    // A 3-level tree (1 + 3 + 9 requests) whose leaves sleep 4 s, and another caller of one
+    // of its leaves (tree 1's children are 4..6, theirs 13..21).
+    let tree = post_call(&http, &a, "[2, 3, 1, 4000]", "tree-1");
+    let begun = Instant::now();
+    while running(&http, &[&a, &b]).await < 13 {
+        assert!(begun.elapsed() < Duration::from_secs(10), "the tree never ran whole");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let shared = post_call(&http, &b, "[0, 3, 13, 4000]", "leaf-13");
+    until_evaluating(&http, &[&a, &b], "examples/nap_tree", 13).await;
+    // The second caller waits on the running leaf (the node counts it as joined).
+    let joined = Instant::now();
+    loop {
+        let stats: serde_json::Value =
+            http.get(format!("{}/v1/stats", b.url)).send().await.unwrap().json().await.unwrap();
+        if stats["joined"].as_u64() >= Some(1) || stats["queued"].as_u64() >= Some(1) {
+            break;
+        }
+        assert!(joined.elapsed() < Duration::from_secs(5), "the shared caller never arrived");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let cancelled = http.delete(format!("{}/v1/calls/tree-1", a.url)).send().await.expect("delete answers");
+    let sent = Instant::now();
+    assert_eq!(cancelled.status(), 200);
+    // Every evaluation nobody else waits for stops: only the shared leaf runs on.
+    while running(&http, &[&a, &b]).await > 1 {
+        assert!(sent.elapsed() < Duration::from_secs(5), "the tree ran on after its cancellation");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let stopped = sent.elapsed();
+    eprintln!("cancelled tree stopped on both nodes {stopped:?} after DELETE answered");
+    assert!(stopped < Duration::from_millis(100 + 250), "stopped after {stopped:?}: over 100 ms plus one heartbeat");
+    let response = tree.await.expect("tree call joins");
+    assert_eq!(response.status(), 409);
+    assert_eq!(response.headers()["girder-call-id"], "tree-1");
+    let body: serde_json::Value = response.json().await.expect("JSON error");
+    assert_eq!(body["kind"], "cancelled");
+    assert_eq!(running(&http, &[&a, &b]).await, 1, "the shared leaf still runs");
+    let response = shared.await.expect("shared call joins");
+    assert_eq!(response.status(), 200, "the other caller gets its result");
+    assert_eq!(response.json::<serde_json::Value>().await.expect("JSON"), serde_json::json!(1));
+    assert_eq!(total(&http, &[&a, &b], "examples/nap_tree").await, 13, "the shared leaf ran on, not again");
+    let again = http.delete(format!("{}/v1/calls/tree-1", a.url)).send().await.expect("delete answers");
+    assert_eq!(again.status(), 404, "nothing left to cancel");
+}

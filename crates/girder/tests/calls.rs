@@ -132,3 +132,29 @@ async fn cancelling_one_caller_leaves_another_waiting_for_the_same_request() {
     assert!(CallId::parse("no spaces").is_err());
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_tree_leaves_a_child_another_caller_waits_for_running() {
+    let node = common::grid(Registry::with_examples(), 1, 16).await;
+    let client = node.client();
+    let tree = client.spawn::<nap_tree>((2, 3, 1, 400)).expect("spawned");
+    let begun = std::time::Instant::now();
+    while node.stats().await.running < 13 {
+        assert!(begun.elapsed() < Duration::from_secs(10), "the tree never ran whole");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // Tree 1's children are 4..6, theirs 13..21: another caller waits for leaf 13.
+    let shared = client.spawn::<nap_tree>((0, 3, 13, 400)).expect("spawned");
+    while node.stats().await.joined < 1 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    tree.cancel();
+    assert!(matches!(tree.await, Err(CallError::Cancelled { .. })));
+    while node.stats().await.running > 1 {
+        assert!(begun.elapsed() < Duration::from_secs(10), "the tree ran on");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(shared.await, Ok(1));
+    assert_eq!(node.evaluations_of("examples/nap_tree"), 13, "the shared leaf ran on, not again");
+    node.shutdown().await;
+}

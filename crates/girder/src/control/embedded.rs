@@ -84,6 +84,9 @@ struct TreeRecord {
     /// The node whose caller submitted the root, and the root.
     root: Option<(NodeId, ReqId)>,
     end: Option<TreeEnd>,
+    /// Requests of this tree that callers of other trees joined, with the joining tree (at
+    /// most [`super::ADOPTIONS_MAX`]): they are adopted when this tree ends.
+    joined: Vec<(ReqId, u64)>,
 }
 
 /// The call trees' records, bounded by count. A record goes when its root finishes or is
@@ -107,7 +110,7 @@ impl Trees {
         if !self.0.contains(&tree) && self.0.len() >= TREES_MAX {
             self.0.pop_lru();
         }
-        self.0.get_or_insert_mut(tree, || TreeRecord { count: 0, root: None, end: None })
+        self.0.get_or_insert_mut(tree, || TreeRecord { count: 0, root: None, end: None, joined: Vec::new() })
     }
 }
 
@@ -575,14 +578,43 @@ impl Inner {
         Some(TreeEnd::Cancelled)
     }
 
-    /// Ends `tree` and tells every live node.
+    /// Ends `tree` and tells every live node; first, the trees that joined its requests
+    /// adopt those that are still in flight.
     fn end_tree(&mut self, tree: u64, end: TreeEnd) {
-        if let Some(record) = self.trees.get(tree) {
-            record.end = Some(end);
-        }
+        let joined = match self.trees.get(tree) {
+            Some(record) => {
+                record.end = Some(end);
+                std::mem::take(&mut record.joined)
+            }
+            None => Vec::new(),
+        };
         let nodes: Vec<NodeId> = self.nodes.keys().cloned().collect();
+        for (id, adopter) in joined {
+            // A tree without a record made no request yet: it runs.
+            if self.trees.0.peek(&adopter).is_some_and(|record| record.end.is_some()) {
+                continue;
+            }
+            let Some(state) = self.requests.get_mut(&id).filter(|s| s.request.budget.tree == tree) else { continue };
+            state.request.budget.tree = adopter;
+            for node in &nodes {
+                self.send_event(node, Event::Adopted { id, from: tree, tree: adopter });
+            }
+        }
         for node in nodes {
             self.send_event(&node, Event::TreeEnded { tree, end });
+        }
+    }
+
+    /// Notes that a caller of `joiner`'s tree joined the request `id` of another tree, so
+    /// that tree's end leaves it to `joiner`'s.
+    fn note_join(&mut self, id: &ReqId, joiner: u64) {
+        let Some(tree) = self.requests.get(id).map(|s| s.request.budget.tree) else { return };
+        if tree == 0 || joiner == 0 || tree == joiner {
+            return;
+        }
+        let Some(record) = self.trees.0.peek_mut(&tree).filter(|r| r.end.is_none()) else { return };
+        if record.joined.len() < super::ADOPTIONS_MAX && !record.joined.iter().any(|(j, _)| j == id) {
+            record.joined.push((*id, joiner));
         }
     }
 
@@ -838,6 +870,7 @@ impl Statekeeper for Embedded {
             } else if front && pending {
                 inner.place(queue, request.id, true, 0);
             }
+            inner.note_join(&request.id, request.budget.tree);
             return Ok(Submitted::Joined);
         }
         if inner.requests.len() >= self.config.in_flight_max {

@@ -48,6 +48,9 @@ use crate::request::{Outcome, Request};
 
 /// Most requests of ended call trees one [`Statekeeper::claim`] drops.
 pub const CLAIM_DROP_MAX: usize = 1_000;
+/// Most requests of one call tree that callers of other trees can adopt when it ends;
+/// beyond, a joining caller whose request was dropped calls again instead.
+pub const ADOPTIONS_MAX: usize = 64;
 /// How long a call tree's record (its request count, how it ended) outlives the last new
 /// request of the tree.
 pub const TREE_TTL_MS: u64 = 3_600_000;
@@ -199,6 +202,17 @@ pub enum Event {
         id: ReqId,
         /// Why its tree ended.
         end: TreeEnd,
+    },
+    /// A request of a tree that is ending is waited for by a caller of another tree, which
+    /// adopts it: its evaluation goes on as part of `tree` (sent to every live node, before
+    /// the [`Event::TreeEnded`] of the tree it leaves).
+    Adopted {
+        /// The request.
+        id: ReqId,
+        /// The tree it leaves.
+        from: u64,
+        /// The tree it belongs to now.
+        tree: u64,
     },
     /// A call tree ended: evaluations of it stop (sent to every live node).
     TreeEnded {
@@ -440,6 +454,9 @@ pub trait Statekeeper: Send + Sync + 'static {
     /// is the root of a call tree still running, the tree ends as [`TreeEnd::Cancelled`]:
     /// every live node gets [`Event::TreeEnded`], further submissions of the tree are
     /// refused and its queued requests are dropped. Returns whether the tree was cancelled.
+    /// A request of the tree that a caller of another tree joined (up to
+    /// [`ADOPTIONS_MAX`] per tree) is not dropped: that tree adopts it ([`Event::Adopted`])
+    /// if it still runs, so a shared child that another caller waits for keeps running.
     async fn cancel_tree(&self, root: &ReqId, waiter: &NodeId) -> SkResult<bool>;
 
     /// Sets `member`'s credits at `pool`: how many more requests it takes now. Zero

@@ -248,8 +248,8 @@ impl NodeCore {
             return Ok(outcome);
         }
         let submission = Submission { request: request.clone(), queue: target.queue.clone(), front: target.front };
-        let (rx, first) = self.calls.waiters.register(&submission);
-        if !first {
+        let (rx, submit) = self.calls.waiters.register(&submission);
+        if !submit {
             self.calls.counters.joined.fetch_add(1, Ordering::Relaxed);
             return Err(rx);
         }
@@ -373,7 +373,7 @@ impl NodeCore {
         if outcome.is_ok() {
             return outcome;
         }
-        if let Some(end) = self.work.trees.ended(request.budget.tree) {
+        if let Some(end) = self.work.trees.ended(self.work.trees.tree_of(&request.id, request.budget.tree)) {
             return Err(end.error(&request.function));
         }
         match taint.lock().take() {

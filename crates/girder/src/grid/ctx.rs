@@ -16,6 +16,7 @@ use crate::control::QueueId;
 use crate::error::CallError;
 use crate::grid::client::{Caller, Client};
 use crate::grid::function::FnKind;
+use crate::id::ReqId;
 use crate::request::{Budget, Outcome, Request};
 
 enum Mode {
@@ -40,6 +41,8 @@ enum Mode {
 pub struct Ctx {
     core: Arc<NodeCore>,
     runs: Runs,
+    /// The request being evaluated.
+    id: ReqId,
     /// The budget of the request being evaluated; nested calls go one level deeper.
     budget: Budget,
     /// The first nested call that failed for a reason of the tree, not of its arguments.
@@ -71,6 +74,7 @@ pub(crate) type Taint = Arc<Mutex<Option<CallError>>>;
 pub(crate) struct Scope {
     pub(crate) core: Arc<NodeCore>,
     pub(crate) worker: Arc<Worker>,
+    pub(crate) id: ReqId,
     pub(crate) budget: Budget,
     pub(crate) taint: Taint,
     pub(crate) deadline: Option<std::time::Instant>,
@@ -79,15 +83,15 @@ pub(crate) struct Scope {
 
 impl Ctx {
     pub(crate) fn for_async(scope: Scope, nested: Arc<AtomicUsize>) -> Ctx {
-        let Scope { core, worker, budget, taint, deadline, function } = scope;
+        let Scope { core, worker, id, budget, taint, deadline, function } = scope;
         let runs = Runs::Worker { worker, mode: Mode::Async(nested) };
-        Ctx { core, runs, budget, taint, deadline, function }
+        Ctx { core, runs, id, budget, taint, deadline, function }
     }
 
     pub(crate) fn for_blocking(scope: Scope, slot: Arc<Mutex<Option<OwnedSemaphorePermit>>>) -> Ctx {
-        let Scope { core, worker, budget, taint, deadline, function } = scope;
+        let Scope { core, worker, id, budget, taint, deadline, function } = scope;
         let mode = Mode::Blocking { slot, fiber: fiber::current() };
-        Ctx { core, runs: Runs::Worker { worker, mode }, budget, taint, deadline, function }
+        Ctx { core, runs: Runs::Worker { worker, mode }, id, budget, taint, deadline, function }
     }
 
     /// A context for calling a function's body directly, e.g. in a unit test:
@@ -105,6 +109,7 @@ impl Ctx {
         Ctx {
             core: client.core().clone(),
             runs: Runs::Test(client),
+            id: ReqId::of(TEST_FUNCTION, 0, &[]),
             budget: Budget::default(),
             taint: Taint::default(),
             deadline: None,
@@ -118,7 +123,13 @@ impl Ctx {
     /// discarded anyway, and its nested calls fail at once. (An async function is simply
     /// dropped at its next await.)
     pub fn is_cancelled(&self) -> bool {
-        self.core.work.trees.ended(self.budget.tree).is_some() || self.past_deadline()
+        self.core.work.trees.ended(self.tree()).is_some() || self.past_deadline()
+    }
+
+    /// The evaluation's call tree: its request's, or the one that adopted it when that
+    /// ended while another caller waited for it.
+    fn tree(&self) -> u64 {
+        self.core.work.trees.tree_of(&self.id, self.budget.tree)
     }
 
     fn past_deadline(&self) -> bool {
@@ -136,19 +147,20 @@ impl Ctx {
 
     /// The call tree this evaluation belongs to and its limits.
     pub fn budget(&self) -> Budget {
-        self.budget
+        Budget { tree: self.tree(), ..self.budget }
     }
 
     /// `request` as a nested call of this evaluation, or why it may not be made: the tree
     /// ended, or the call would be deeper than the tree may go.
     fn nest(&self, request: Request) -> Result<Request, CallError> {
-        if let Some(end) = self.core.work.trees.ended(self.budget.tree) {
+        let budget = self.budget();
+        if let Some(end) = self.core.work.trees.ended(budget.tree) {
             return Err(end.error(&request.function));
         }
         if self.past_deadline() {
             return Err(CallError::Cancelled { function: request.function.to_string() });
         }
-        let budget = self.budget.nested(&request.function)?;
+        let budget = budget.nested(&request.function)?;
         Ok(request.with_budget(budget))
     }
 

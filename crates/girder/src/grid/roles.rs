@@ -80,6 +80,7 @@ pub(crate) async fn inbox(core: Arc<NodeCore>, mut events: futures::stream::BoxS
             event = events.next() => match event {
                 Some(Event::Done { id, outcome }) => core.calls.waiters.deliver(&id, &outcome),
                 Some(Event::Dropped { id, end }) => core.calls.waiters.deliver_dropped(&id, end),
+                Some(Event::Adopted { id, from, tree }) => core.work.trees.adopt(id, from, tree),
                 Some(Event::TreeEnded { tree, end }) => core.work.trees.end(tree, end),
                 None => break,
             },

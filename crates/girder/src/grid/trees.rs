@@ -15,10 +15,13 @@ use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use crate::control::TreeEnd;
+use crate::id::ReqId;
 
 /// Ended trees remembered; older ones are forgotten (their requests are dropped by the
 /// statekeeper anyway, this only spares a round trip).
 const ENDED_MAX: usize = 65_536;
+/// Adoptions remembered (requests that moved to another tree when theirs ended).
+const ADOPTED_MAX: usize = 65_536;
 
 /// The trees of the evaluations running here, and the trees that ended.
 pub(crate) struct Trees {
@@ -29,12 +32,15 @@ struct Inner {
     /// Tree -> its token and how many evaluations of it run here.
     live: HashMap<u64, (CancellationToken, usize)>,
     ended: lru::LruCache<u64, TreeEnd>,
+    /// (Request, the tree it left) -> the tree that adopted it when that one ended.
+    adopted: lru::LruCache<(ReqId, u64), u64>,
 }
 
 impl Default for Trees {
     fn default() -> Self {
         // Bounded by `end`; a bounded LruCache would allocate its whole capacity up front.
-        Trees { inner: Mutex::new(Inner { live: HashMap::new(), ended: lru::LruCache::unbounded() }) }
+        let (ended, adopted) = (lru::LruCache::unbounded(), lru::LruCache::unbounded());
+        Trees { inner: Mutex::new(Inner { live: HashMap::new(), ended, adopted }) }
     }
 }
 
@@ -90,6 +96,34 @@ impl Trees {
         if let Some((token, _)) = inner.live.get(&tree) {
             token.cancel();
         }
+    }
+
+    /// Records that the tree `to` adopted the request `id` from the tree `from` (which is
+    /// ending: the statekeeper says so first, so its evaluation here goes on in `to`).
+    pub(crate) fn adopt(&self, id: ReqId, from: u64, to: u64) {
+        let mut inner = self.inner.lock();
+        if !inner.adopted.contains(&(id, from)) && inner.adopted.len() >= ADOPTED_MAX {
+            inner.adopted.pop_lru();
+        }
+        inner.adopted.put((id, from), to);
+    }
+
+    /// The tree an evaluation of the request `id` of `tree` belongs to: `tree`, or the one
+    /// that adopted it when that ended (and so on, a few times at most).
+    pub(crate) fn tree_of(&self, id: &ReqId, tree: u64) -> u64 {
+        const HOPS_MAX: usize = 8;
+        if tree == 0 {
+            return 0;
+        }
+        let inner = self.inner.lock();
+        let mut now = tree;
+        for _ in 0..HOPS_MAX {
+            match inner.adopted.peek(&(*id, now)) {
+                Some(next) => now = *next,
+                None => break,
+            }
+        }
+        now
     }
 
     /// How `tree` ended, if this node heard.

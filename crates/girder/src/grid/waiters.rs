@@ -60,8 +60,9 @@ pub(crate) struct Waiters {
 }
 
 impl Waiters {
-    /// Registers a caller of `submission`. Returns its receiver and whether it is the first
-    /// local caller (which must then submit the request; later ones only wait).
+    /// Registers a caller of `submission`. Returns its receiver and whether it must submit
+    /// the request: the first local caller does (later ones only wait), and so does a caller
+    /// of another call tree than the first's.
     pub(crate) fn register(&self, submission: &Submission) -> (oneshot::Receiver<Outcome>, bool) {
         let (tx, rx) = oneshot::channel();
         let mut map = self.map.lock();
@@ -74,7 +75,11 @@ impl Waiters {
         entry.senders.retain(Waiter::is_waiting);
         let first = entry.senders.is_empty();
         entry.senders.push(Waiter::Channel(tx));
-        (rx, first)
+        // A caller of another call tree joins at the statekeeper too, so that its tree adopts
+        // the request should the first caller's tree end (see `Statekeeper::cancel_tree`).
+        let (tree, joiner) = (entry.submission.request.budget.tree, submission.request.budget.tree);
+        let submit = first || (tree != 0 && joiner != 0 && tree != joiner);
+        (rx, submit)
     }
 
     /// Adds `callback` as a waiter of `id`, which already has one. Gives it back when `id`

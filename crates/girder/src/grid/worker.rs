@@ -344,14 +344,22 @@ async fn evaluate_once(
     let outcome = match limited.as_mut().now_or_never() {
         Some(outcome) => outcome,
         None => {
-            let entered = core.work.trees.enter(request.budget.tree);
-            match &entered.token {
-                Some(token) => tokio::select! {
+            let mut tree = core.work.trees.tree_of(&request.id, request.budget.tree);
+            loop {
+                let entered = core.work.trees.enter(tree);
+                let Some(token) = entered.token.clone() else { break limited.await };
+                tokio::select! {
                     biased;
-                    _ = token.cancelled() => Err(CallError::Cancelled { function: request.function.to_string() }),
-                    outcome = limited => outcome,
-                },
-                None => limited.await,
+                    _ = token.cancelled() => {
+                        // Adopted by a caller's tree when its own ended: it goes on there.
+                        let adopter = core.work.trees.tree_of(&request.id, tree);
+                        if adopter == tree {
+                            break Err(CallError::Cancelled { function: request.function.to_string() });
+                        }
+                        tree = adopter;
+                    }
+                    outcome = limited.as_mut() => break outcome,
+                }
             }
         }
     };
@@ -497,6 +505,7 @@ impl Bounds {
         Scope {
             core: core.clone(),
             worker: worker.clone(),
+            id: request.id,
             budget: request.budget,
             taint: self.taint.clone(),
             deadline: self.deadline,

@@ -910,6 +910,7 @@ impl InboxReader {
 }
 
 /// An inbox entry: `W` + queue, `D` + request id + outcome, `K` + request id + tree end,
+/// `R` + request id + old tree + new tree (an adoption; trees as 16 hex digits),
 /// `T` + tree id (16 hex digits) + tree end, `F` + request id (its outcome was forgotten),
 /// `A` + function version (all its outcomes were forgotten; the near cache keeps no versions,
 /// so all of it goes).
@@ -930,6 +931,11 @@ fn parse_inbox_event(event: &[u8]) -> Option<Inbox> {
         b'A' => return Some(Inbox::ForgetAll),
         b'D' => Event::Done { id: ReqId::from_hex(id(64)?)?, outcome: decode_outcome(after(64)).ok()? },
         b'K' => Event::Dropped { id: ReqId::from_hex(id(64)?)?, end: parse_tree_end(after(64))? },
+        b'R' => Event::Adopted {
+            id: ReqId::from_hex(id(64)?)?,
+            from: u64::from_str_radix(std::str::from_utf8(rest.get(64..80)?).ok()?, 16).ok()?,
+            tree: u64::from_str_radix(std::str::from_utf8(rest.get(80..96)?).ok()?, 16).ok()?,
+        },
         b'T' => Event::TreeEnded { tree: u64::from_str_radix(id(16)?, 16).ok()?, end: parse_tree_end(after(16))? },
         _ => return None,
     };

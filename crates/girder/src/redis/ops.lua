@@ -121,6 +121,7 @@ if owner then
   elseif owner == '' and front then
     place(queue, id, true, 0)
   end
+  if tree ~= '' then note_join(id, tree) end
   return {'JOINED'}
 end
 if tonumber(redis.call('GET', P .. 'inflight') or '0') >= tonumber(ARGV[8]) then return {'OVERLOADED'} end

@@ -237,10 +237,46 @@ local function fail_waiters(id, outcome)
   remove_request(id, 'D' .. id .. outcome)
 end
 
--- Ends call tree `tree` with `code` ('C' cancelled, 'B<max>' over budget) and tells every live node.
+-- Whether call tree `tree` has not ended (a tree without a record made no request yet).
+local function tree_runs(tree)
+  local ended = redis.call('HGET', P .. 'tree:' .. tree, 'end')
+  return not ended or ended == ''
+end
+
+-- Ends call tree `tree` with `code` ('C' cancelled, 'B<max>' over budget) and tells every live
+-- node. First the trees whose callers joined its requests (`tree:T:joined`, at most
+-- ADOPTIONS_MAX) adopt those still in flight, if they still run: every node hears 'R' + id +
+-- old tree + new tree before the tree's end, so their evaluations go on.
 local function end_tree(tree, code)
-  redis.call('HSET', P .. 'tree:' .. tree, 'end', code)
-  for _, node in ipairs(redis.call('HKEYS', P .. 'nodes')) do push_event(node, 'T' .. tree .. code) end
+  local tkey = P .. 'tree:' .. tree
+  redis.call('HSET', tkey, 'end', code)
+  local nodes = redis.call('HKEYS', P .. 'nodes')
+  local joined = redis.call('HGETALL', tkey .. ':joined')
+  for i = 1, #joined, 2 do
+    local id, adopter = joined[i], joined[i + 1]
+    local rkey = P .. 'req:' .. id
+    if redis.call('HGET', rkey, 'tree') == tree and tree_runs(adopter) then
+      redis.call('HSET', rkey, 'tree', adopter)
+      for _, node in ipairs(nodes) do push_event(node, 'R' .. id .. tree .. adopter) end
+    end
+  end
+  redis.call('DEL', tkey .. ':joined')
+  for _, node in ipairs(nodes) do push_event(node, 'T' .. tree .. code) end
+end
+
+-- A caller of tree `joiner` joined the request `id` of another, running tree: when that tree
+-- ends, `joiner`'s adopts the request (see end_tree). At most ADOPTIONS_MAX per tree.
+local ADOPTIONS_MAX = 64
+local function note_join(id, joiner)
+  local tree = redis.call('HGET', P .. 'req:' .. id, 'tree')
+  if not tree or tree == '' or tree == joiner or redis.call('EXISTS', P .. 'tree:' .. tree) == 0
+    or not tree_runs(tree) then return end
+  local jkey = P .. 'tree:' .. tree .. ':joined'
+  if redis.call('HLEN', jkey) >= ADOPTIONS_MAX and redis.call('HEXISTS', jkey, id) == 0 then return end
+  redis.call('HSET', jkey, id, joiner)
+  -- Kept as long as the tree's record (an hour after its last new request at most).
+  local ttl = redis.call('PTTL', P .. 'tree:' .. tree)
+  redis.call('PEXPIRE', jkey, ttl > 0 and ttl or 3600000)
 end
 
 -- When `id` is the root of `tree`, nothing of the tree is needed any more: a tree of one

@@ -19,6 +19,8 @@ mod call;
 mod config;
 mod demo;
 mod ds;
+mod forget;
+mod functions;
 mod map;
 mod serve;
 mod status;
@@ -44,6 +46,10 @@ enum Command {
     Node(Box<serve::NodeArgs>),
     /// Call a function on a running node and print its JSON result.
     Call(call::CallArgs),
+    /// List the functions the grid serves: parameters, types, result and policies.
+    Functions(functions::FunctionsArgs),
+    /// Forget memoized results of a function (one, or every one with --all), so the next call computes again.
+    Forget(forget::ForgetArgs),
     /// Call a function once per argument array on stdin; print results as they complete.
     Map(map::MapArgs),
     /// Read and write the grid's cache through a node.
@@ -79,6 +85,8 @@ pub fn main_with(registry: Registry) -> ExitCode {
             Command::Node(args) => serve::run(registry, *args).await,
             Command::Call(args) => call::run(args).await,
             Command::Map(args) => map::run(args).await,
+            Command::Forget(args) => forget::run(args).await,
+            Command::Functions(args) => functions::run(args).await,
             Command::Cache(args) => cache::run(args).await,
             Command::Ds(args) => ds::run(args).await,
             Command::Config(args) => config::run(args).await,

@@ -116,7 +116,7 @@ async fn with_its_retries_used_up_the_call_fails_with_a_clear_error() {
     let answered = killed.elapsed();
     assert!(!out.status.success(), "the call failed; stdout {}", text(&out.stdout));
     let stderr = text(&out.stderr);
-    assert!(stderr.contains("examples/sleep") && stderr.contains("lost 1 time(s)"), "{stderr}");
+    assert!(stderr.contains("examples/sleep") && stderr.contains("lost with its node 1 time(s)"), "{stderr}");
     assert!(stderr.contains("allows 0 re-run(s)"), "{stderr}");
     let within = Duration::from_millis(NODE_TTL_MS) + MARGIN;
     assert!(answered < within, "failed {answered:?} after the kill, not within {within:?}");

@@ -113,6 +113,21 @@ pub enum CallError {
         /// The limit, in milliseconds.
         limit_ms: u64,
     },
+    /// The nodes evaluating the request were lost (killed, or reaped after their lease)
+    /// more often than the function's `retries` policy allows re-runs. Not memoized:
+    /// calling again runs it again.
+    #[error(
+        "{function} was lost with its node {lost} time(s); its policy allows {retries} re-run(s) \
+         (not memoized: calling again runs it again)"
+    )]
+    NodeLost {
+        /// The function's name.
+        function: String,
+        /// How many times a node evaluating it was lost.
+        lost: u32,
+        /// The re-runs its policy allows.
+        retries: u32,
+    },
 }
 
 /// A short, stable name for each [`CallError`] variant: the `kind` field of HTTP errors.
@@ -145,6 +160,8 @@ pub enum ErrorKind {
     Cancelled,
     /// [`CallError::TimeLimitExceeded`].
     TimeLimitExceeded,
+    /// [`CallError::NodeLost`].
+    NodeLost,
     /// A malformed HTTP request (not valid JSON, not an array): it never reached the grid.
     BadRequest,
     /// A cache key or structure that does not exist.
@@ -179,6 +196,7 @@ impl ErrorKind {
             ErrorKind::BudgetExceeded => "budget_exceeded",
             ErrorKind::Cancelled => "cancelled",
             ErrorKind::TimeLimitExceeded => "time_limit_exceeded",
+            ErrorKind::NodeLost => "node_lost",
             ErrorKind::BadRequest => "bad_request",
             ErrorKind::NotFound => "not_found",
             ErrorKind::WrongKind => "wrong_kind",
@@ -207,6 +225,7 @@ impl CallError {
             CallError::BudgetExceeded { .. } => ErrorKind::BudgetExceeded,
             CallError::Cancelled { .. } => ErrorKind::Cancelled,
             CallError::TimeLimitExceeded { .. } => ErrorKind::TimeLimitExceeded,
+            CallError::NodeLost { .. } => ErrorKind::NodeLost,
         }
     }
 

@@ -99,9 +99,14 @@ fn tree_check(depth: u32, fanout: u32, id: u64) -> Result<(), String> {
     for _ in 0..depth {
         level = level.saturating_mul(u64::from(fanout));
         total = total.saturating_add(level);
+        // Past the limit, or no level left to add: more rounds change nothing (and a huge
+        // `depth` must not keep this slot busy).
+        if total > TREE_REQUESTS_MAX || level == 0 {
+            break;
+        }
     }
     if total > TREE_REQUESTS_MAX {
-        return Err(format!("tree({depth}, {fanout}) would make {total} requests; the limit is {TREE_REQUESTS_MAX}"));
+        return Err(format!("tree({depth}, {fanout}) would make more than {TREE_REQUESTS_MAX} requests"));
     }
     // The deepest ids are about id * fanout^depth; refuse before they overflow.
     id.checked_mul(level.max(1))

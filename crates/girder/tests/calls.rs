@@ -21,7 +21,7 @@ async fn square(_ctx: Ctx, x: u64) -> u64 {
 
 #[girder::function(name = "test/odd_only")]
 async fn odd_only(_ctx: Ctx, x: u64) -> Result<u64, String> {
-    if x % 2 == 0 {
+    if x.is_multiple_of(2) {
         return Err(format!("{x} is even"));
     }
     Ok(x)

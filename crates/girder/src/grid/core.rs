@@ -571,12 +571,5 @@ impl NodeCore {
 /// Why `request` fails after its evaluations were lost with their nodes more often than its
 /// function's `retries` allow.
 fn lost_error(request: &Request, retries: u32) -> CallError {
-    CallError::Statekeeper {
-        function: request.function.to_string(),
-        message: format!(
-            "the node evaluating it was lost {} time(s), and its policy allows {retries} re-run(s) after a lost \
-             node; it was not memoized, so calling again runs it again",
-            request.lost
-        ),
-    }
+    CallError::NodeLost { function: request.function.to_string(), lost: request.lost, retries }
 }

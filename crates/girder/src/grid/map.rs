@@ -48,7 +48,7 @@ impl Client {
         I::IntoIter: Send + 'static,
     {
         let client = self.clone();
-        futures::stream::iter(inputs.into_iter())
+        futures::stream::iter(inputs)
             .map(move |args| {
                 let client = client.clone();
                 async move { call::<F, Client>(&client, args).await }

@@ -201,7 +201,7 @@ impl From<CallError> for ApiError {
             ErrorKind::FunctionError => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorKind::Panic | ErrorKind::BlockingInAsync | ErrorKind::NoPool => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorKind::BadResult => StatusCode::BAD_GATEWAY,
-            ErrorKind::Statekeeper | ErrorKind::Shutdown => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::Statekeeper | ErrorKind::Shutdown | ErrorKind::NodeLost => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::DeadlineExceeded | ErrorKind::TimeLimitExceeded => StatusCode::GATEWAY_TIMEOUT,
             // The caller's own limits: the request is well formed but asks for too much.
             ErrorKind::BudgetExceeded => StatusCode::UNPROCESSABLE_ENTITY,

@@ -18,7 +18,7 @@ use super::{AppState, ROUTES};
 use crate::error::ErrorKind;
 
 /// The `kind`s an error body may carry.
-const ERROR_KINDS: [ErrorKind; 20] = [
+const ERROR_KINDS: [ErrorKind; 21] = [
     ErrorKind::FunctionError,
     ErrorKind::Panic,
     ErrorKind::UnknownFunction,
@@ -32,6 +32,7 @@ const ERROR_KINDS: [ErrorKind; 20] = [
     ErrorKind::BudgetExceeded,
     ErrorKind::Cancelled,
     ErrorKind::TimeLimitExceeded,
+    ErrorKind::NodeLost,
     ErrorKind::BadRequest,
     ErrorKind::NotFound,
     ErrorKind::WrongKind,
@@ -56,6 +57,7 @@ const _: fn(ErrorKind) = |kind| match kind {
     | ErrorKind::BudgetExceeded
     | ErrorKind::Cancelled
     | ErrorKind::TimeLimitExceeded
+    | ErrorKind::NodeLost
     | ErrorKind::BadRequest
     | ErrorKind::NotFound
     | ErrorKind::WrongKind

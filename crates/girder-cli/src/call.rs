@@ -30,13 +30,38 @@ pub struct CallArgs {
     auth: crate::auth::TokenArgs,
 }
 
-pub async fn run(args: CallArgs) -> anyhow::Result<()> {
-    let mut values = Vec::with_capacity(args.args.len());
-    for (index, text) in args.args.iter().enumerate() {
+/// The command line's arguments, each one JSON value.
+pub(crate) fn json_args(args: &[String]) -> anyhow::Result<Vec<serde_json::Value>> {
+    let mut values = Vec::with_capacity(args.len());
+    for (index, text) in args.iter().enumerate() {
         let value: serde_json::Value = serde_json::from_str(text)
             .with_context(|| format!("argument {} ({text:?}) is not JSON; quote strings as '\"{text}\"'", index + 1))?;
         values.push(value);
     }
+    Ok(values)
+}
+
+/// Sends `request` to the node at `base` and returns its JSON answer; an error answer
+/// becomes its message.
+pub(crate) async fn send_json(request: reqwest::RequestBuilder, base: &str) -> anyhow::Result<serde_json::Value> {
+    let response = request
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the girder node at {base} (is `girder node` running there?)"))?;
+    let status = response.status();
+    let body: serde_json::Value =
+        response.json().await.with_context(|| format!("the node at {base} answered {status} without a JSON body"))?;
+    if status.is_success() {
+        return Ok(body);
+    }
+    match body.get("message").and_then(|m| m.as_str()) {
+        Some(message) => bail!("{message}"),
+        None => bail!("the node answered {status}: {body}"),
+    }
+}
+
+pub async fn run(args: CallArgs) -> anyhow::Result<()> {
+    let values = json_args(&args.args)?;
     let base = args.node.trim_end_matches('/');
     let url = format!("{base}/v1/call/{}", args.function);
     let mut query: Vec<(&str, String)> = Vec::new();
@@ -57,22 +82,8 @@ pub async fn run(args: CallArgs) -> anyhow::Result<()> {
     // node configured longer still answers, as this waits up to the longest deadline.
     let client_timeout = Duration::from_millis(args.timeout_ms.unwrap_or(3_600_000).saturating_add(5_000));
     let client = args.auth.client(reqwest::Client::builder().timeout(client_timeout))?;
-    let response = client
-        .post(&url)
-        .query(&query)
-        .json(&serde_json::Value::Array(values))
-        .send()
-        .await
-        .with_context(|| format!("cannot reach the girder node at {base} (is `girder node` running there?)"))?;
-    let status = response.status();
-    let body: serde_json::Value =
-        response.json().await.with_context(|| format!("the node at {base} answered {status} without a JSON body"))?;
-    if status.is_success() {
-        outln!("{body}");
-        return Ok(());
-    }
-    match body.get("message").and_then(|m| m.as_str()) {
-        Some(message) => bail!("{message}"),
-        None => bail!("the node answered {status}: {body}"),
-    }
+    let request = client.post(&url).query(&query).json(&serde_json::Value::Array(values));
+    let body = send_json(request, base).await?;
+    outln!("{body}");
+    Ok(())
 }

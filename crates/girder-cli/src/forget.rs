@@ -3,8 +3,6 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Context};
-
 /// Arguments of `girder forget`.
 #[derive(Debug, clap::Args)]
 pub struct ForgetArgs {
@@ -26,12 +24,7 @@ pub struct ForgetArgs {
 const FORGET_TIMEOUT: Duration = Duration::from_secs(600);
 
 pub async fn run(args: ForgetArgs) -> anyhow::Result<()> {
-    let mut values = Vec::with_capacity(args.args.len());
-    for (index, text) in args.args.iter().enumerate() {
-        let value: serde_json::Value = serde_json::from_str(text)
-            .with_context(|| format!("argument {} ({text:?}) is not JSON; quote strings as '\"{text}\"'", index + 1))?;
-        values.push(value);
-    }
+    let values = crate::call::json_args(&args.args)?;
     let base = args.node.trim_end_matches('/');
     let url = format!("{base}/v1/forget/{}", args.function);
     let client = args.auth.client(reqwest::Client::builder().timeout(FORGET_TIMEOUT))?;
@@ -40,19 +33,7 @@ pub async fn run(args: ForgetArgs) -> anyhow::Result<()> {
     } else {
         client.post(&url).json(&serde_json::Value::Array(values))
     };
-    let response = request
-        .send()
-        .await
-        .with_context(|| format!("cannot reach the girder node at {base} (is `girder node` running there?)"))?;
-    let status = response.status();
-    let body: serde_json::Value =
-        response.json().await.with_context(|| format!("the node at {base} answered {status} without a JSON body"))?;
-    if status.is_success() {
-        outln!("{body}");
-        return Ok(());
-    }
-    match body.get("message").and_then(|m| m.as_str()) {
-        Some(message) => bail!("{message}"),
-        None => bail!("the node answered {status}: {body}"),
-    }
+    let body = crate::call::send_json(request, base).await?;
+    outln!("{body}");
+    Ok(())
 }

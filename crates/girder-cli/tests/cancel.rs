@@ -118,20 +118,7 @@ async fn ctrl_c_on_girder_call_stops_its_tree_within_a_second() {
 }
 
 fn redis_node(url: &str, id: &str) -> NodeProcess {
-    NodeProcess::start(&[
-        "--statekeeper",
-        url,
-        "--id",
-        id,
-        "--node-ttl-ms",
-        "1500",
-        "--heartbeat-ms",
-        "250",
-        "--workers",
-        "1",
-        "--slots",
-        "2",
-    ])
+    NodeProcess::on_redis(url, id, &["--workers", "1", "--slots", "2"])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -247,22 +234,7 @@ async fn on_redis_cancelling_a_call_by_id_stops_its_tree_on_both_nodes_but_not_a
     let url = redis.url();
     let http = reqwest::Client::new();
     // Sleeping leaves hold a slot each: 9 leaves and 4 parents need room on two nodes.
-    let node = |id: &str| {
-        NodeProcess::start(&[
-            "--statekeeper",
-            &url,
-            "--id",
-            id,
-            "--node-ttl-ms",
-            "1500",
-            "--heartbeat-ms",
-            "250",
-            "--workers",
-            "1",
-            "--slots",
-            "12",
-        ])
-    };
+    let node = |id: &str| NodeProcess::on_redis(&url, id, &["--workers", "1", "--slots", "12"]);
     let (a, b) = (node("a"), node("b"));
     // A 3-level tree (1 + 3 + 9 requests) whose leaves sleep 4 s, and another caller of one
     // of its leaves (tree 1's children are 4..6, theirs 13..21).

@@ -18,24 +18,11 @@ const MARGIN: Duration = Duration::from_millis(1_500);
 const SLEEP_MS: &str = "2000";
 
 fn node(url: &str, id: &str, workers: &str, policy: Option<&str>) -> NodeProcess {
-    let mut args = vec![
-        "--statekeeper",
-        url,
-        "--id",
-        id,
-        "--node-ttl-ms",
-        "1500",
-        "--heartbeat-ms",
-        "250",
-        "--workers",
-        workers,
-        "--slots",
-        "2",
-    ];
+    let mut args = vec!["--workers", workers, "--slots", "2"];
     if let Some(policy) = policy {
         args.extend(["--policy", policy]);
     }
-    NodeProcess::start(&args)
+    NodeProcess::on_redis(url, id, &args)
 }
 
 /// Evaluations of `function` the node at `url` started so far.

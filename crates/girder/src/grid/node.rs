@@ -89,6 +89,12 @@ impl Node {
         self.core.work.running.lock().len() as u64
     }
 
+    /// The policy this node applies to `function`: the attribute's with this node's
+    /// overrides ([`crate::NodeBuilder::policy`]); `None` for a function not registered here.
+    pub fn policy(&self, function: &str) -> Option<crate::Policy> {
+        self.core.work.policies.get(function).copied()
+    }
+
     /// The functions this node serves.
     pub fn registry(&self) -> &Registry {
         &self.core.registry

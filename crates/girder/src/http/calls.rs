@@ -106,13 +106,6 @@ fn call_id(headers: &HeaderMap) -> Result<CallId, ApiError> {
     }
 }
 
-fn with_call_id(mut response: Response, id: &CallId) -> Response {
-    if let Ok(value) = HeaderValue::from_str(id.as_str()) {
-        response.headers_mut().insert(CALL_ID_HEADER, value);
-    }
-    response
-}
-
 impl From<InFlightError> for ApiError {
     fn from(err: InFlightError) -> ApiError {
         let (status, kind) = match err {
@@ -162,15 +155,28 @@ async fn call(
     headers: HeaderMap,
     body: BodyResult,
 ) -> Response {
-    let id = match call_id(&headers) {
+    with_id(&headers, |id| async move {
+        call_inner(&state, &function, query, id, body).await.map(|value| Json(value).into_response())
+    })
+    .await
+}
+
+/// Runs `handle` under the call id `headers` name (or a new one) and puts the id on its
+/// response, error or not.
+async fn with_id<F, Fut>(headers: &HeaderMap, handle: F) -> Response
+where
+    F: FnOnce(CallId) -> Fut,
+    Fut: std::future::Future<Output = Result<Response, ApiError>>,
+{
+    let id = match call_id(headers) {
         Ok(id) => id,
         Err(err) => return err.into_response(),
     };
-    let response = match call_inner(&state, &function, query, id.clone(), body).await {
-        Ok(value) => Json(value).into_response(),
-        Err(err) => err.into_response(),
-    };
-    with_call_id(response, &id)
+    let mut response = handle(id.clone()).await.unwrap_or_else(IntoResponse::into_response);
+    if let Ok(value) = HeaderValue::from_str(id.as_str()) {
+        response.headers_mut().insert(CALL_ID_HEADER, value);
+    }
+    response
 }
 
 async fn call_inner(
@@ -232,15 +238,7 @@ async fn map(
     headers: HeaderMap,
     body: BodyResult,
 ) -> Response {
-    let id = match call_id(&headers) {
-        Ok(id) => id,
-        Err(err) => return err.into_response(),
-    };
-    let response = match map_inner(&state, function, query, id.clone(), body).await {
-        Ok(response) => response,
-        Err(err) => err.into_response(),
-    };
-    with_call_id(response, &id)
+    with_id(&headers, |id| map_inner(&state, function, query, id, body)).await
 }
 
 async fn map_inner(

@@ -143,7 +143,8 @@ pub(super) fn registered(node: &Node) -> Vec<FunctionEntry> {
                 kind: Some(function.kind().into()),
                 params: Some(params),
                 result: Some(result_schema(schemas.output)),
-                policy: Some(function.policy().into()),
+                // The attribute's, with this node's overrides (`--policy`).
+                policy: Some(node.policy(name).unwrap_or_else(|| function.policy()).into()),
             })
         })
         .collect()

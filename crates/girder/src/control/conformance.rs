@@ -50,6 +50,7 @@ pub const CASES: &[(&str, Case)] = &[
     ("an_expired_node_registering_again_gives_back_its_work", |f| Box::pin(expired_node_registering_again(f))),
     ("a_tree_past_its_budget_ends", |f| Box::pin(a_tree_past_its_budget_ends(f))),
     ("a_tree_is_cancelled_when_its_root_has_no_waiter", |f| Box::pin(a_tree_is_cancelled_when_unwaited(f))),
+    ("another_tree_adopts_what_its_caller_joined", |f| Box::pin(another_tree_adopts_what_it_joined(f))),
     ("a_tree_whose_root_caller_died_ends", |f| Box::pin(a_tree_whose_root_caller_died_ends(f))),
     ("claims_drop_a_bounded_number_of_ended_requests", |f| Box::pin(claims_drop_a_bounded_number(f))),
     ("a_finished_root_ends_its_tree", |f| Box::pin(a_finished_root_ends_its_tree(f))),
@@ -701,6 +702,49 @@ async fn a_tree_is_cancelled_when_unwaited(factory: Factory) {
     // A cancelled request is not memoized: submitted again in a live tree, it is new.
     let again = in_tree("f", 2, 0xfeed, 0, 100);
     assert_eq!(sk.submit(&again, &own, false, &node("n1")).await.unwrap(), Submitted::Queued);
+}
+
+async fn another_tree_adopts_what_it_joined(factory: Factory) {
+    let sk = one_node(&factory, LONG_TTL_MS).await;
+    let mut events = sk.open_inbox(&node("n1")).await.unwrap();
+    let own = worker("n1/w0");
+    let (tree, other) = (0xab1, 0xab2);
+    let root = in_tree("f", 0, tree, 0, 100);
+    let (running, queued, alone) =
+        (in_tree("f", 1, tree, 1, 100), in_tree("f", 2, tree, 1, 100), in_tree("f", 3, tree, 1, 100));
+    assert_eq!(sk.submit(&root, &own, false, &node("n1")).await.unwrap(), Submitted::Queued);
+    assert_eq!(sk.claim(&own, &node("n1"), 1).await.unwrap().len(), 1);
+    for child in [&running, &queued, &alone] {
+        assert_eq!(sk.submit(child, &own, false, &node("n1")).await.unwrap(), Submitted::Queued);
+    }
+    let claimed_running = sk.claim(&own, &node("n1"), 1).await.unwrap().remove(0);
+    assert_eq!(claimed_running.id, running.id);
+    // A caller of another tree joins two of the tree's requests: one running, one queued.
+    for child in [&running, &queued] {
+        let joining = child.clone().with_budget(Budget { tree: other, ..child.budget });
+        assert_eq!(sk.submit(&joining, &own, false, &node("n2")).await.unwrap(), Submitted::Joined);
+    }
+    assert!(sk.cancel_tree(&root.id, &node("n1")).await.unwrap());
+    // Both are adopted (every node hears it before the tree's end); the third is not.
+    let mut adopted = Vec::new();
+    loop {
+        match next_event(&mut events).await {
+            Event::Adopted { id, from, tree: to } => {
+                assert_eq!((from, to), (tree, other));
+                adopted.push(id);
+            }
+            Event::TreeEnded { tree: t, .. } if t == tree => break,
+            _ => {}
+        }
+    }
+    assert!(adopted.len() == 2 && adopted.contains(&running.id) && adopted.contains(&queued.id), "{adopted:?}");
+    // The queued one is claimed in its new tree; the one nobody else joined is dropped.
+    let claimed = sk.claim(&own, &node("n1"), 10).await.unwrap();
+    assert_eq!(claimed.iter().map(|r| r.id).collect::<Vec<_>>(), vec![queued.id]);
+    // The running one completes for its adopter as usual.
+    sk.complete(&claimed_running, &Ok(Bytes::from_static(b"v")), Memo::Keep, &node("n1")).await.unwrap();
+    let done = sk.submit(&running, &own, false, &node("n1")).await.unwrap();
+    assert_eq!(done, Submitted::Done(Ok(Bytes::from_static(b"v"))), "its value is memoized");
 }
 
 async fn a_tree_whose_root_caller_died_ends(factory: Factory) {

@@ -189,15 +189,19 @@ impl Caller for Client {
             let begun = std::time::Instant::now();
             let queue = self.queue_for(&request.function)?;
             let request = self.rooted(request);
-            let function = request.function.clone();
-            let call = self.core.call_root(request, Target { queue: &queue, front: false }, self.deadline);
+            let target = Target { queue: &queue, front: false };
+            // Each branch makes its own call future: one made before the `match` would be
+            // moved (kilobytes) on every call, the common uncancellable one included.
             let outcome = match &self.cancel {
-                None => call.await,
-                Some(cancel) => tokio::select! {
-                    outcome = call => outcome,
-                    // Dropping the call withdraws this caller (see `NodeCore::call_root`).
-                    () = cancel.cancelled() => Err(CallError::Cancelled { function: function.to_string() }),
-                },
+                None => self.core.call_root(request, target, self.deadline).await,
+                Some(cancel) => {
+                    let function = request.function.clone();
+                    tokio::select! {
+                        outcome = self.core.call_root(request, target, self.deadline) => outcome,
+                        // Dropping the call withdraws this caller (see `NodeCore::call_root`).
+                        () = cancel.cancelled() => Err(CallError::Cancelled { function: function.to_string() }),
+                    }
+                }
             };
             self.core.calls.latency.record(begun.elapsed());
             outcome

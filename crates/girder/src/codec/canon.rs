@@ -200,39 +200,30 @@ compound!(SerializeTuple, serialize_element);
 compound!(SerializeTupleStruct, serialize_field);
 compound!(SerializeTupleVariant, serialize_field);
 
-impl<S: ser::SerializeStruct> ser::SerializeStruct for Ints<S> {
-    type Ok = S::Ok;
-    type Error = S::Error;
+/// Passes a struct's fields on, each through [`Canon`].
+macro_rules! structure {
+    ($trait:ident) => {
+        impl<S: ser::$trait> ser::$trait for Ints<S> {
+            type Ok = S::Ok;
+            type Error = S::Error;
 
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, key: &'static str, value: &T) -> Result<(), S::Error> {
-        self.0.serialize_field(key, &Canon(value, self.1))
-    }
+            fn serialize_field<T: Serialize + ?Sized>(&mut self, key: &'static str, value: &T) -> Result<(), S::Error> {
+                self.0.serialize_field(key, &Canon(value, self.1))
+            }
 
-    fn skip_field(&mut self, key: &'static str) -> Result<(), S::Error> {
-        self.0.skip_field(key)
-    }
+            fn skip_field(&mut self, key: &'static str) -> Result<(), S::Error> {
+                self.0.skip_field(key)
+            }
 
-    fn end(self) -> Result<S::Ok, S::Error> {
-        self.0.end()
-    }
+            fn end(self) -> Result<S::Ok, S::Error> {
+                self.0.end()
+            }
+        }
+    };
 }
 
-impl<S: ser::SerializeStructVariant> ser::SerializeStructVariant for Ints<S> {
-    type Ok = S::Ok;
-    type Error = S::Error;
-
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, key: &'static str, value: &T) -> Result<(), S::Error> {
-        self.0.serialize_field(key, &Canon(value, self.1))
-    }
-
-    fn skip_field(&mut self, key: &'static str) -> Result<(), S::Error> {
-        self.0.skip_field(key)
-    }
-
-    fn end(self) -> Result<S::Ok, S::Error> {
-        self.0.end()
-    }
-}
+structure!(SerializeStruct);
+structure!(SerializeStructVariant);
 
 impl<S: ser::SerializeMap> ser::SerializeMap for Ints<S> {
     type Ok = S::Ok;

@@ -48,13 +48,8 @@ async fn admit(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let caller = Caller::of(&request);
-    match state.admission.admit(caller, state.load.slots()) {
-        Ok(ticket) => {
-            let response = next.run(request).await;
-            drop(ticket);
-            response
-        }
+    match state.admission.admit(Caller::of(&request), state.load.slots()) {
+        Ok(_ticket) => next.run(request).await,
         Err(refused) => refused.into_response(),
     }
 }
@@ -65,8 +60,7 @@ async fn admit_stream(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let caller = Caller::of(&request);
-    match state.admission.admit(caller, state.load.slots()) {
+    match state.admission.admit(Caller::of(&request), state.load.slots()) {
         Ok(ticket) => {
             let (parts, body) = next.run(request).await.into_parts();
             let body = body.into_data_stream().map(move |chunk| {

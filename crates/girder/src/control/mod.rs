@@ -282,6 +282,36 @@ pub struct NodeInfo {
     pub flocks: u32,
     /// Its health by heartbeat age, filled in by [`Statekeeper::live_nodes`].
     pub health: Health,
+    /// What its bucket store holds, if it runs one.
+    #[serde(default)]
+    pub store: Option<StoreReport>,
+}
+
+/// What a node's bucket store reports with each heartbeat: which flocks it can serve reads
+/// for and which it holds at all, so that every node can route store requests.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreReport {
+    /// The placement epoch the node last acted on.
+    pub epoch: u64,
+    /// Flocks it holds completely (caught up): one bit per flock, flock `f` at byte `f / 8`,
+    /// bit `f % 8`.
+    pub ready: Vec<u8>,
+    /// Flocks it holds any data of and still takes writes for (ready or catching up, owned
+    /// or handing over), same layout.
+    pub held: Vec<u8>,
+    /// Live items stored.
+    pub items: u64,
+    /// Bytes stored (encoded records).
+    pub bytes: u64,
+    /// Flocks being copied to it now.
+    pub syncing: u32,
+}
+
+impl StoreReport {
+    /// Whether bit `flock` is set in `bits`.
+    pub fn has(bits: &[u8], flock: u32) -> bool {
+        bits.get((flock / 8) as usize).is_some_and(|b| b & (1 << (flock % 8)) != 0)
+    }
 }
 
 /// A node's health, judged by the age of its last heartbeat.

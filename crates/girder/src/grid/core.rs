@@ -564,6 +564,7 @@ impl NodeCore {
             heartbeat_age_ms: 0,
             flocks: u32::try_from(self.membership.placement.table().flocks_of(self.id.as_str())).unwrap_or(u32::MAX),
             health: crate::control::Health::Alive,
+            store: None,
         }
     }
 }

@@ -138,6 +138,13 @@ impl Placement {
         self.snapshot.read().table.clone()
     }
 
+    /// The table and the nodes that were not dead, as last read (one consistent snapshot).
+    pub fn view(&self) -> (Arc<FlockTable>, Vec<NodeInfo>) {
+        let snapshot = self.snapshot.read();
+        let nodes = snapshot.nodes.values().filter(|n| self.live(&snapshot, &n.id)).cloned().collect();
+        (snapshot.table.clone(), nodes)
+    }
+
     /// Spreads `ids` over the live nodes by `strategy` (smooth weighted round robin, so
     /// shares are exact), `replicas` owners each, and records them. Returns each id's owners.
     pub async fn init(

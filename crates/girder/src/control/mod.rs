@@ -285,6 +285,9 @@ pub struct NodeInfo {
     /// What its bucket store holds, if it runs one.
     #[serde(default)]
     pub store: Option<StoreReport>,
+    /// It is draining: it takes no new work and hands its flocks over.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// What a node's bucket store reports with each heartbeat: which flocks it can serve reads

@@ -565,6 +565,7 @@ impl NodeCore {
             flocks: u32::try_from(self.membership.placement.table().flocks_of(self.id.as_str())).unwrap_or(u32::MAX),
             health: crate::control::Health::Alive,
             store: None,
+            draining: self.work.draining.load(Ordering::Acquire),
         }
     }
 }

@@ -22,9 +22,10 @@ pub enum Strategy {
 
 impl Strategy {
     /// `node`'s weight under this strategy; zero for a node without workers (a pure client
-    /// or gateway holds no data and runs nothing).
+    /// or gateway holds no data and runs nothing) and for a draining one (its flocks move
+    /// away before it leaves).
     pub fn weight(self, node: &NodeInfo) -> f64 {
-        if node.workers.is_empty() {
+        if node.workers.is_empty() || node.draining {
             return 0.0;
         }
         match self {

@@ -52,6 +52,8 @@ pub struct Client {
     queue: Option<QueueId>,
     deadline: Option<Duration>,
     affinity: Option<Arc<str>>,
+    /// Affinity that waits for an owner rather than run elsewhere ([`Client::run_on`]).
+    strict: bool,
     limits: Option<CallLimits>,
     /// Cancelled when the call this client makes is cancelled by id.
     cancel: Option<CancellationToken>,
@@ -59,7 +61,7 @@ pub struct Client {
 
 impl Client {
     pub(crate) fn new(core: Arc<NodeCore>, queue: Option<QueueId>) -> Client {
-        Client { core, queue, deadline: None, affinity: None, limits: None, cancel: None }
+        Client { core, queue, deadline: None, affinity: None, strict: false, limits: None, cancel: None }
     }
 
     /// Starts a call of `F` with `args` under a new call id, in a task of its own, and
@@ -129,7 +131,15 @@ impl Client {
     /// when one of them has a free slot, and anywhere else when none has: the data is
     /// local where possible, and nothing waits for a busy or dead owner.
     pub fn with_affinity(&self, key: impl Into<Arc<str>>) -> Client {
-        Client { affinity: Some(key.into()), ..self.clone() }
+        Client { affinity: Some(key.into()), strict: false, ..self.clone() }
+    }
+
+    /// A client whose calls run on a node that holds `bucket` (an owner of its flock),
+    /// queueing at the least loaded one when all are busy, so that the function reads the
+    /// bucket locally ([`crate::Ctx::local_bucket`]). Calls go anywhere only when no owner
+    /// serves the function.
+    pub fn run_on(&self, bucket: impl Into<Arc<str>>) -> Client {
+        Client { affinity: Some(bucket.into()), strict: true, ..self.clone() }
     }
 
     /// Calls the function `name` with JSON arguments (an array, one element per parameter)
@@ -173,8 +183,11 @@ impl Client {
     /// Where a call of `function` goes: an owner's worker for affinity calls that have
     /// one free, the client's pool otherwise.
     fn queue_for(&self, function: &str) -> Result<QueueId, CallError> {
-        let affine =
-            self.affinity.as_deref().and_then(|key| self.core.membership.placement.affinity_worker(key, function));
+        let placement = &self.core.membership.placement;
+        let affine = self.affinity.as_deref().and_then(|key| {
+            let free = placement.affinity_worker(key, function);
+            free.or_else(|| if self.strict { placement.holder_worker(key, function) } else { None })
+        });
         match (affine, &self.queue) {
             (Some(worker), _) => Ok(QueueId::worker(&worker)),
             (None, Some(queue)) => Ok(queue.clone()),

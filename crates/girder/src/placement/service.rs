@@ -292,6 +292,22 @@ impl Placement {
             .map(|w| w.id.clone())
     }
 
+    /// For work that must run where `key`'s data is: the worker of a live owner of `key`
+    /// serving `function` that is least loaded (busy over slots, then queue length), even
+    /// when every one is busy, so the work queues there rather than go elsewhere. `None`
+    /// when no owner serves `function`.
+    pub fn holder_worker(&self, key: &str, function: &str) -> Option<String> {
+        let owners = self.node_ids_cached(key);
+        let snapshot = self.snapshot.read();
+        owners
+            .iter()
+            .filter_map(|owner| snapshot.nodes.get(owner))
+            .filter(|info| info.functions.iter().any(|f| f == function))
+            .flat_map(|info| info.workers.iter())
+            .min_by_key(|w| ((u64::from(w.busy) << 16) / u64::from(w.slots.max(1)), w.queue_len))
+            .map(|w| w.id.clone())
+    }
+
     /// The best node for `id` from the local snapshot only: no round trip.
     pub fn node_id_cached(&self, id: &str) -> Option<String> {
         self.best_of(&self.node_ids_cached(id))

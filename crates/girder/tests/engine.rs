@@ -130,12 +130,13 @@ fn key(bucket: &str, item: &str) -> ItemKey {
 }
 
 #[test]
-fn reopening_keeps_every_record_and_usage() {
+fn a_missing_data_directory_is_created_and_reopening_keeps_every_record_and_usage() {
     for durability in [Durability::Immediate, Durability::Buffered] {
-        let dir = TempDir::new("reopen");
+        let root = TempDir::new("reopen");
+        let dir = root.0.join("missing").join("data");
         let config = EngineConfig { durability, ..EngineConfig::default() };
         let big = distinctive(5, 1 << 20);
-        let engine = DiskEngine::open(&dir.0, config.clone()).unwrap();
+        let engine = DiskEngine::open(&dir, config.clone()).unwrap();
         engine.write(&[(key("b", "small"), record(1, "small")), (key("b", "big"), record(2, big.clone()))]).unwrap();
         engine.write(&[(key("b", "dead"), tombstone(3)), (ItemKey::new(900, "c", "gone"), record(1, "x"))]).unwrap();
         engine.remove(&[ItemKey::new(900, "c", "gone")]).unwrap();
@@ -143,7 +144,7 @@ fn reopening_keeps_every_record_and_usage() {
         let metas = engine.scan_flock(17, None, 100).unwrap();
         drop(engine);
 
-        let engine = DiskEngine::open(&dir.0, config).unwrap();
+        let engine = DiskEngine::open(&dir, config).unwrap();
         assert_eq!(engine.get(&key("b", "small")).unwrap(), Some(record(1, "small")), "{durability:?}");
         assert_eq!(engine.get(&key("b", "big")).unwrap().map(|r| r.value), Some(Bytes::from(big)));
         assert_eq!(engine.get(&key("b", "dead")).unwrap(), Some(tombstone(3)));
@@ -324,14 +325,36 @@ fn a_read_only_data_directory_gives_read_only() {
     assert_eq!(engine.get(&key("b", "kept")).unwrap(), Some(record(1, "kept")));
 }
 
+/// Set in the child process of the full-disk test's fallback.
+const FSIZE_CHILD: &str = "GIRDER_ENGINE_TEST_FSIZE_CHILD";
+
 /// Fills a 4 MiB tmpfs: the write that does not fit gets Full, every write acknowledged
-/// before it reads back, now, once there is room again, and after reopening.
+/// before it reads back, now, once there is room again, and after reopening. Where this
+/// process may not mount, the same runs in a child process whose files may not grow past
+/// 4 MiB (RLIMIT_FSIZE, with SIGXFSZ ignored, so writes fail with EFBIG).
 #[test]
 fn a_full_disk_gives_full_and_loses_nothing() {
-    let Some(fs) = Tmpfs::mount("full", "size=4m") else {
-        panic!("this test needs to mount a tmpfs (root with CAP_SYS_ADMIN), to fill a real file system");
-    };
-    let engine = DiskEngine::open(&fs.0 .0, EngineConfig::default()).unwrap();
+    if std::env::var_os(FSIZE_CHILD).is_some() {
+        let dir = TempDir::new("fsize");
+        fill_until_full(&dir.0, None);
+    } else if let Some(fs) = Tmpfs::mount("full", "size=4m") {
+        fill_until_full(&fs.0 .0, Some(&fs));
+    } else {
+        let status = Command::new("sh")
+            .arg("-c")
+            .arg(r#"trap "" XFSZ; exec prlimit --fsize=4194304 "$0" --exact a_full_disk_gives_full_and_loses_nothing"#)
+            .arg(std::env::current_exe().unwrap())
+            .env(FSIZE_CHILD, "1")
+            .status()
+            .unwrap();
+        assert!(status.success(), "the size-limited child failed: {status}");
+    }
+}
+
+/// Writes 100 KiB items into `dir` until the disk refuses one, then checks what was
+/// acknowledged; with `fs`, gives the disk more room and checks that writes resume.
+fn fill_until_full(dir: &Path, fs: Option<&Tmpfs>) {
+    let engine = DiskEngine::open(dir, EngineConfig::default()).unwrap();
     let mut acknowledged = Vec::new();
     let err = loop {
         let i = acknowledged.len() as u64;
@@ -352,14 +375,18 @@ fn a_full_disk_gives_full_and_loses_nothing() {
         }
     };
     check(&engine);
-    // More room (an operator freed some): writes resume without restarting anything.
-    fs.remount("size=8m");
-    let more = key("fill", "more");
-    engine.write(&[(more.clone(), record(1, "room again"))]).unwrap();
-    assert_eq!(engine.get(&more).unwrap(), Some(record(1, "room again")));
-    check(&engine);
+    let mut items = acknowledged.len() as u64;
+    if let Some(fs) = fs {
+        // More room (an operator freed some): writes resume without restarting anything.
+        fs.remount("size=8m");
+        let more = key("fill", "more");
+        engine.write(&[(more.clone(), record(1, "room again"))]).unwrap();
+        assert_eq!(engine.get(&more).unwrap(), Some(record(1, "room again")));
+        check(&engine);
+        items += 1;
+    }
     drop(engine);
-    let engine = DiskEngine::open(&fs.0 .0, EngineConfig::default()).unwrap();
+    let engine = DiskEngine::open(dir, EngineConfig::default()).unwrap();
     check(&engine);
-    assert_eq!(engine.usage()[0].items, acknowledged.len() as u64 + 1);
+    assert_eq!(engine.usage()[0].items, items);
 }

@@ -446,9 +446,11 @@ impl Writer {
         let mut records = tx.open_table(RECORDS)?;
         let mut chunks = tx.open_table(CHUNKS)?;
         let mut counts = std::collections::BTreeMap::new();
-        let usage = self.shared.usage.lock();
+        // The lock is taken per flock, not held: `usage` must not wait for a long write. Only
+        // this thread changes usage, so what it reads stays true until it commits.
         let mut count = |flock: Flock, live: bool, bytes: u64, sign: bool| {
-            adjust(counts.entry(flock).or_insert_with(|| usage.get(flock)), live, bytes, sign);
+            let current = || self.shared.usage.lock().get(flock);
+            adjust(counts.entry(flock).or_insert_with(current), live, bytes, sign);
         };
         for op in ops {
             match op {
@@ -472,7 +474,6 @@ impl Writer {
                 Op::Flush => {}
             }
         }
-        drop(usage);
         let mut table = tx.open_table(USAGE)?;
         for (&flock, &c) in &counts {
             if c == (0, 0) {

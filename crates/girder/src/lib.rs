@@ -33,6 +33,7 @@ extern crate self as girder;
 
 pub mod codec;
 pub mod control;
+pub mod dataplane;
 mod error;
 pub mod examples;
 mod grid;
@@ -43,6 +44,7 @@ pub mod placement;
 mod redis;
 mod request;
 mod retry;
+pub mod store;
 pub mod structures;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

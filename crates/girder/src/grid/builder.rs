@@ -2,7 +2,7 @@
 //! pools, and starts its workers, roles and upkeep.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,6 +28,9 @@ pub enum NodeError {
     /// `start` was called outside a tokio runtime.
     #[error("a node must be started inside a tokio runtime")]
     NoRuntime,
+    /// The bucket store could not start (its data directory, its data-plane address).
+    #[error("the bucket store cannot start: {0}")]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// A pool this node declares and serves roles for.
@@ -116,6 +119,7 @@ pub struct NodeBuilder {
     time_limit: Option<Duration>,
     /// Per function, the policy fields this node sets over the attribute's.
     policies: HashMap<String, Policy>,
+    store: Option<crate::store::StoreConfig>,
 }
 
 /// Most slots a worker may have; a guard against typos, not a tuning limit.
@@ -147,7 +151,16 @@ impl NodeBuilder {
             limits: super::core::CallLimits::default(),
             time_limit: None,
             policies: HashMap::new(),
+            store: None,
         }
+    }
+
+    /// Runs a bucket store on this node (its farm on `config.data_dir`, or in memory), with
+    /// a data plane other nodes reach it on. A node without workers holds no flocks, but
+    /// still routes store requests.
+    pub fn store(mut self, config: crate::store::StoreConfig) -> NodeBuilder {
+        self.store = Some(config);
+        self
     }
 
     /// Sets the node id (default: host, process id and a random suffix, so nodes started
@@ -370,8 +383,13 @@ impl NodeBuilder {
                 beats: AtomicU64::new(0),
                 rejoins: AtomicU64::new(0),
                 placement: Arc::new(crate::placement::Placement::new(statekeeper.clone(), Some(id.to_string()))),
+                farm: std::sync::OnceLock::new(),
             },
         });
+        let anti_entropy = self.store.as_ref().map(|c| Duration::from_millis(c.anti_entropy_ms.max(100)));
+        if let Some(config) = self.store {
+            open_farm(&core, config).await?;
+        }
         let registering = Instant::now();
         let mut joined = core.rejoin().await;
         if let Err(StatekeeperError::DuplicateNode(_)) = &joined {
@@ -404,6 +422,7 @@ impl NodeBuilder {
                 heartbeat: Duration::from_millis(self.heartbeat_ms),
                 node_ttl,
                 resubmit_after: Duration::from_millis(self.resubmit_ms),
+                anti_entropy,
             },
         ));
         for pool in &self.pools {
@@ -424,6 +443,23 @@ impl NodeBuilder {
         tracing::info!(node = %id, workers = workers.len(), "node started");
         Ok(Node { core, tasks: parking_lot::Mutex::new(tasks), entry_queue })
     }
+}
+
+/// Opens the node's store; its lease is the node's, as the node's own clock sees it.
+async fn open_farm(core: &Arc<NodeCore>, config: crate::store::StoreConfig) -> Result<(), NodeError> {
+    let weak = Arc::downgrade(core);
+    let lease_left: Arc<dyn Fn() -> (Duration, u64) + Send + Sync> = Arc::new(move || {
+        weak.upgrade().map_or((Duration::ZERO, 0), |core| {
+            (core.membership.lease.lock().remaining(), core.membership.rejoins.load(Ordering::Acquire))
+        })
+    });
+    let placement = core.membership.placement.clone();
+    let ttl_ms = core.statekeeper.node_ttl_ms();
+    let structures = core.statekeeper.structures();
+    let farm = crate::store::Farm::open(core.id.as_str(), config, placement, structures, lease_left, ttl_ms).await?;
+    // Set once, right after the core was made: nothing else sets it.
+    let _ = core.membership.farm.set(farm);
+    Ok(())
 }
 
 /// `base` with the fields `over` sets replaced.

@@ -156,6 +156,8 @@ pub(crate) struct Membership {
     /// callers wait for is submitted again at once.
     pub(crate) rejoins: AtomicU64,
     pub(crate) placement: Arc<crate::placement::Placement>,
+    /// The node's bucket store, when it runs one.
+    pub(crate) farm: std::sync::OnceLock<crate::store::Farm>,
 }
 
 /// Where a call's request goes when it must be queued.
@@ -533,7 +535,7 @@ impl NodeCore {
         NodeInfo {
             id: self.id.to_string(),
             http: self.membership.http.clone(),
-            data: None,
+            data: self.membership.farm.get().map(|farm| farm.address().to_owned()),
             host: machine.host,
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -564,7 +566,7 @@ impl NodeCore {
             heartbeat_age_ms: 0,
             flocks: u32::try_from(self.membership.placement.table().flocks_of(self.id.as_str())).unwrap_or(u32::MAX),
             health: crate::control::Health::Alive,
-            store: None,
+            store: self.membership.farm.get().map(|farm| farm.node.report()),
             draining: self.work.draining.load(Ordering::Acquire),
         }
     }

@@ -117,6 +117,18 @@ impl Ctx {
         }
     }
 
+    /// The bucket store, through the node this evaluation runs on.
+    pub fn store(&self) -> Result<crate::store::ItemStore, crate::store::StoreError> {
+        self.core.membership.farm.get().map(|farm| farm.store()).ok_or(crate::store::StoreError::NoStore)
+    }
+
+    /// `bucket` read from this node's own engine, without the network, pinned here while
+    /// the handle lives: for functions called with [`crate::Client::run_on`]. Fails when
+    /// this node does not hold the bucket completely.
+    pub fn local_bucket(&self, bucket: &str) -> Result<crate::store::LocalBucket, crate::store::StoreError> {
+        self.store()?.local_bucket(bucket)
+    }
+
     /// Whether the grid gave up on this evaluation: nobody waits for its call tree any more
     /// (its callers left, or it went over its budget), or it ran past its time limit. A long
     /// blocking function should check it now and then and return early: its result is

@@ -110,6 +110,17 @@ impl Node {
         self.core.membership.placement.clone()
     }
 
+    /// The bucket store, reached through this node ([`crate::store::StoreError::NoStore`]
+    /// when it was started without [`crate::NodeBuilder::store`]).
+    pub fn store(&self) -> Result<crate::store::ItemStore, crate::store::StoreError> {
+        self.core.membership.farm.get().map(|farm| farm.store()).ok_or(crate::store::StoreError::NoStore)
+    }
+
+    /// The node's farm, if it runs a store.
+    pub(crate) fn farm(&self) -> Option<&crate::store::Farm> {
+        self.core.membership.farm.get()
+    }
+
     /// The grid's data structures (caches, atoms, maps, locks, topics, ...).
     pub fn structures(&self) -> crate::structures::Store {
         self.core.statekeeper.structures()
@@ -247,22 +258,41 @@ impl Node {
     pub async fn drain(&self, timeout: Duration) -> bool {
         self.withdraw().await;
         let deadline = tokio::time::Instant::now() + timeout;
-        let finished = loop {
-            let mut queued = 0;
-            for worker in &self.core.work.workers {
-                queued += self.core.statekeeper.queue_len(&worker.queue).await.unwrap_or(0);
-            }
-            if self.core.work.running.lock().is_empty() && queued == 0 {
-                break true;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                break false;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let handed_over = self.hand_over(deadline).await;
+        let finished = handed_over
+            && loop {
+                let mut queued = 0;
+                for worker in &self.core.work.workers {
+                    queued += self.core.statekeeper.queue_len(&worker.queue).await.unwrap_or(0);
+                }
+                if self.core.work.running.lock().is_empty() && queued == 0 {
+                    break true;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    break false;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
         tracing::info!(node = %self.core.id, finished, "drained");
         self.shutdown().await;
         finished
+    }
+
+    /// Waits until every flock this node holds has owners elsewhere that hold it
+    /// completely (a draining node weighs nothing, so the table moves its flocks away),
+    /// or `deadline`. Whether it handed everything over.
+    async fn hand_over(&self, deadline: tokio::time::Instant) -> bool {
+        let Some(farm) = self.farm() else { return true };
+        loop {
+            if farm.node.handed_over() {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(node = %self.core.id, "store: drained before every flock was handed over");
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Stops the node's roles, withdraws its workers and deregisters it. Callers still
@@ -279,6 +309,9 @@ impl Node {
         // Deregistering withdraws the workers and hands what they held back to their pools.
         if let Err(err) = self.core.statekeeper.deregister_node(&self.core.id).await {
             tracing::warn!(node = %self.core.id, error = %err, "could not deregister");
+        }
+        if let Some(farm) = self.core.membership.farm.get() {
+            farm.shutdown().await;
         }
         let waiting = self.core.calls.waiters.len();
         // Dropping the senders wakes every local caller with a shutdown error.

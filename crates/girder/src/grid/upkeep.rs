@@ -32,6 +32,8 @@ pub(crate) struct Timing {
     pub(crate) heartbeat: Duration,
     pub(crate) node_ttl: Duration,
     pub(crate) resubmit_after: Duration,
+    /// How often the store's owners compare digests, when the node runs a store.
+    pub(crate) anti_entropy: Option<Duration>,
 }
 
 impl Timing {
@@ -60,6 +62,24 @@ pub(crate) fn spawn(core: &Arc<NodeCore>, timing: Timing) -> Vec<JoinHandle<()>>
         tasks.push(handle.spawn(in_rounds(core.clone(), name, every, budget, round)));
     }
     tasks.push(handle.spawn(resubmit(core.clone(), timing)));
+    if let Some(every) = timing.anti_entropy {
+        let follow: Round = |core| {
+            Box::pin(async move {
+                if let Some(farm) = core.membership.farm.get() {
+                    farm.node.follow().await;
+                }
+            })
+        };
+        let compare: Round = |core| {
+            Box::pin(async move {
+                if let Some(farm) = core.membership.farm.get() {
+                    farm.node.anti_entropy().await;
+                }
+            })
+        };
+        tasks.push(handle.spawn(in_rounds(core.clone(), "store", beat / 2, timing.node_ttl, follow)));
+        tasks.push(handle.spawn(in_rounds(core.clone(), "anti-entropy", every, every * 4, compare)));
+    }
     tasks
 }
 

@@ -22,4 +22,11 @@ pub struct BenchArgs {
     /// free loopback port for the run. Workers run in separate `girder node` processes.
     #[arg(long)]
     pub(crate) redis: Option<String>,
+    /// Benchmark the bucket store and the data plane instead (nodes in this process, data
+    /// directories under the system's temp dir).
+    #[arg(long, conflicts_with = "redis")]
+    pub(crate) store: bool,
+    /// Bytes the data-plane transfer benchmark moves, in MiB.
+    #[arg(long, default_value_t = 1_024, value_parser = clap::value_parser!(u64).range(16..=65_536))]
+    pub(crate) transfer_mib: u64,
 }

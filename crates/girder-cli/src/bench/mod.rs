@@ -1,10 +1,12 @@
 //! `girder bench`: figures beside baselines measured in the same run, on the embedded
-//! statekeeper (`embedded`) or on Redis (`redis`), with shared measuring tools (`measure`).
+//! statekeeper (`embedded`) or on Redis (`redis`), of the bucket store and the data plane
+//! (`store`), with shared measuring tools (`measure`).
 
 mod args;
 mod embedded;
 mod measure;
 mod redis;
+mod store;
 
 pub use args::BenchArgs;
 
@@ -12,6 +14,10 @@ use girder::Registry;
 
 /// Runs the benchmarks `args` ask for.
 pub async fn run(registry: Registry, args: BenchArgs) -> anyhow::Result<()> {
+    if args.store {
+        store::transfer(usize::try_from(args.transfer_mib << 20)?).await?;
+        return store::run().await;
+    }
     match args.redis.clone() {
         Some(url) => redis::run(&url, &args).await,
         None => embedded::run(registry, args).await,

@@ -118,12 +118,14 @@ impl DataClient {
             peer.permits.clone()
         };
         let permit = permits.acquire_owned().await.map_err(|_| DataError::Closed)?;
-        let idle_timeout = Duration::from_millis(self.config.idle_timeout_ms);
+        // Half the servers' idle timeout: a pooled connection is dropped here well before a
+        // server (configured alike) closes it.
+        let idle_timeout = Duration::from_millis(self.config.idle_timeout_ms / 2);
         let pooled = {
             let mut peers = self.peers.lock();
             let idle = peers.get_mut(address).map(|p| &mut p.idle);
             idle.and_then(|idle| {
-                idle.retain(|(_, since)| since.elapsed() < idle_timeout);
+                idle.retain(|(conn, since)| since.elapsed() < idle_timeout && still_open(conn));
                 idle.pop().map(|(conn, _)| conn)
             })
         };
@@ -160,6 +162,16 @@ impl DataClient {
         let limits = (config.window_frames.max(1), peer_window, config.chunk(), frame_timeout);
         Ok(Conn::new(stream, limits, self.counters.clone()))
     }
+}
+
+/// Whether a pooled connection is still open: the peer sent nothing since (a close shows
+/// as the end of the stream, anything else would be a protocol error).
+fn still_open(conn: &Conn) -> bool {
+    let mut probe = [0u8; 1];
+    if !conn.reader.buffer().is_empty() {
+        return false;
+    }
+    matches!(conn.reader.get_ref().try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
 /// Says who this end is and its window, and reads the peer's: the peer's window.

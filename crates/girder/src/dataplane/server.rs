@@ -110,13 +110,15 @@ async fn serve(
     let mut conn = Conn::new(stream, limits, serving.counters.clone());
     let idle = Duration::from_millis(config.idle_timeout_ms);
     loop {
-        let (header, reply) =
-            match tokio::time::timeout(idle, super::frame::read(&mut conn.reader, config.header_bytes_max)).await {
-                Err(_) | Ok(Err(DataError::Closed)) => return Ok(()),
-                Ok(Err(err)) => return Err(err),
-                Ok(Ok(frame)) if frame.kind == Kind::Header => (frame.payload, frame.reply),
-                Ok(Ok(frame)) => return Err(DataError::Protocol(format!("a {:?} frame before a header", frame.kind))),
-            };
+        let read = tokio::time::timeout(idle, super::frame::read(&mut conn.reader, config.header_bytes_max));
+        let (header, reply) = match read.await {
+            Err(_) | Ok(Err(DataError::Closed)) => return Ok(()),
+            Ok(Err(err)) => return Err(err),
+            Ok(Ok(frame)) if frame.kind == Kind::Header => (frame.payload, frame.reply),
+            // Credits the requester granted for the last response's end, which needed none.
+            Ok(Ok(frame)) if frame.kind == Kind::Credit => continue,
+            Ok(Ok(frame)) => return Err(DataError::Protocol(format!("a {:?} frame before a header", frame.kind))),
+        };
         let slot: Slot = Arc::default();
         let back = {
             let slot = slot.clone();

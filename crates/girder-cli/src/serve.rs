@@ -110,6 +110,29 @@ pub struct NodeArgs {
     /// it is sent.
     #[arg(long, default_value_t = 4 << 20)]
     body_max_bytes: usize,
+    /// Where this node keeps its farm of the bucket store (created if missing); without
+    /// it, the store lives in memory and is lost with the process.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Address of the data plane other nodes move store bytes over; port 0 picks one.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    data_listen: String,
+    /// The data-plane address other nodes should use, when it differs from --data-listen
+    /// (e.g. listening on 0.0.0.0).
+    #[arg(long)]
+    data_advertise: Option<String>,
+    /// When a store write is durable: `always` (fsync before it is acknowledged, shared by
+    /// concurrent writes) or `buffered` (the OS's buffers, synced every 200 ms: a machine's
+    /// crash may lose the last moments).
+    #[arg(long, default_value = "always", value_parser = ["always", "buffered"])]
+    fsync: String,
+    /// Owners that must hold a store write before it is acknowledged (default: all of
+    /// them, so no single death loses an acknowledged write; 1 is lossy).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    write_quorum: Option<u32>,
+    /// Largest store item, in bytes (also the HTTP body limit of store writes).
+    #[arg(long, default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(1..=(1 << 30)))]
+    item_max_bytes: u64,
     /// Serve HTTPS with this PEM certificate chain (with --tls-key).
     #[arg(long, requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -320,6 +343,7 @@ pub async fn run(registry: Registry, args: NodeArgs) -> anyhow::Result<()> {
     }
     let node = builder
         .pool(pool)
+        .store(store_config(&args))
         .workers(WorkerSpec::new(args.pool.clone(), args.workers as usize, args.slots as usize).prefetch(args.prefetch))
         .entry_pool(args.pool.clone())
         .start()
@@ -346,6 +370,7 @@ pub async fn run(registry: Registry, args: NodeArgs) -> anyhow::Result<()> {
         cache,
         tokens: tokens.into_iter().map(Into::into).collect(),
         body_bytes_max: args.body_max_bytes,
+        store_bytes_max: usize::try_from(args.item_max_bytes).unwrap_or(usize::MAX),
         deadline_ms: args.http_deadline_ms,
         calls_max: usize::try_from(args.calls_max).unwrap_or(usize::MAX),
         caller_share: args.caller_share,
@@ -372,6 +397,23 @@ pub async fn run(registry: Registry, args: NodeArgs) -> anyhow::Result<()> {
         tracing::warn!(connections = closed, "closed connections that did not finish in time");
     }
     Ok(())
+}
+
+/// The bucket store's configuration from the flags.
+fn store_config(args: &NodeArgs) -> girder::store::StoreConfig {
+    let durability = match args.fsync.as_str() {
+        "buffered" => girder::store::Durability::Buffered,
+        _ => girder::store::Durability::Immediate,
+    };
+    girder::store::StoreConfig {
+        data_dir: args.data_dir.clone(),
+        engine: girder::store::EngineConfig { durability, ..Default::default() },
+        data_listen: args.data_listen.clone(),
+        data_advertise: args.data_advertise.clone(),
+        item_bytes_max: args.item_max_bytes,
+        write_quorum: args.write_quorum,
+        ..Default::default()
+    }
 }
 
 /// The connection cap: the one asked for, else 10,000, either way no more than the

@@ -177,6 +177,12 @@ pub enum ErrorKind {
     Overloaded,
     /// A write the store has no room for (its byte budget); it changed nothing.
     Full,
+    /// A conditional write found another version.
+    Conflict,
+    /// Stored data failed its checksum on every copy reachable.
+    Corrupt,
+    /// The bucket store could not serve the request in time; retry later.
+    Unavailable,
 }
 
 impl ErrorKind {
@@ -204,6 +210,9 @@ impl ErrorKind {
             ErrorKind::Unauthorized => "unauthorized",
             ErrorKind::Overloaded => "overloaded",
             ErrorKind::Full => "full",
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::Corrupt => "corrupt",
+            ErrorKind::Unavailable => "unavailable",
         }
     }
 }

@@ -48,6 +48,25 @@ impl NodeProcess {
         self.child.id()
     }
 
+    /// Sends a signal (`STOP`, `CONT`, ...) to the process.
+    pub fn signal(&self, signal: &str) {
+        let sent = Command::new("kill").args([&format!("-{signal}"), &self.child.id().to_string()]).status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill -{signal} failed");
+    }
+
+    /// Sends SIGTERM and waits at most `timeout` for the process to exit; whether it did.
+    pub fn terminate(&mut self, timeout: std::time::Duration) -> bool {
+        self.signal("TERM");
+        let begun = std::time::Instant::now();
+        while begun.elapsed() < timeout {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        false
+    }
+
     /// Kills the process with SIGKILL: no goodbye, no deregistration.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

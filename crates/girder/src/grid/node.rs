@@ -195,6 +195,9 @@ impl Node {
         out.sample("girder_flocks_owned", &[("node", node)], f64::from(info.flocks));
         out.family("girder_placement_epoch", "gauge", "Epoch of the placement table this node last read.");
         out.sample("girder_placement_epoch", &[("node", node)], self.core.membership.placement.table().epoch as f64);
+        if let Some(farm) = self.farm() {
+            store_metrics(&mut out, node, &farm.node.stats(), &farm.node.data.stats());
+        }
         out.family("girder_call_duration_seconds", "histogram", "Time from a top-level call to its outcome.");
         out.histogram("girder_call_duration_seconds", node, &self.core.calls.latency);
         out.finish()
@@ -317,5 +320,59 @@ impl Node {
         // Dropping the senders wakes every local caller with a shutdown error.
         self.core.calls.waiters.clear();
         tracing::info!(node = %self.core.id, waiting, "node stopped");
+    }
+}
+
+/// The bucket store's metrics: what it holds, what it did, what crossed the data plane.
+fn store_metrics(
+    out: &mut super::metrics::Exposition,
+    node: &str,
+    store: &crate::store::StoreStats,
+    data: &crate::dataplane::DataStats,
+) {
+    let families: [(&str, &str, &str, u64); 14] = [
+        ("girder_store_items", "gauge", "Live items stored here.", store.items),
+        ("girder_store_bytes", "gauge", "Bytes stored here (encoded records).", store.bytes),
+        (
+            "girder_store_flocks_ready",
+            "gauge",
+            "Flocks held completely (serving reads).",
+            u64::from(store.flocks_ready),
+        ),
+        (
+            "girder_store_flocks_syncing",
+            "gauge",
+            "Flocks being copied here (migrations in progress).",
+            u64::from(store.flocks_syncing),
+        ),
+        ("girder_store_writes_total", "counter", "Writes acknowledged as primary.", store.writes),
+        ("girder_store_replicated_total", "counter", "Replica writes stored.", store.replicated),
+        ("girder_store_copied_total", "counter", "Records copied here by catch-up and anti-entropy.", store.copied),
+        ("girder_store_repaired_total", "counter", "Corrupt records replaced from a replica.", store.repaired),
+        (
+            "girder_store_fenced_total",
+            "counter",
+            "Replica writes refused: stale epoch or not the primary.",
+            store.fenced,
+        ),
+        ("girder_store_syncs_total", "counter", "Flock copies completed.", store.syncs),
+        (
+            "girder_data_sent_bytes_total",
+            "counter",
+            "Body bytes sent on the data plane, before compression.",
+            data.raw_bytes_sent,
+        ),
+        ("girder_data_sent_wire_bytes_total", "counter", "Bytes sent on the data plane's wire.", data.wire_bytes_sent),
+        (
+            "girder_data_received_bytes_total",
+            "counter",
+            "Body bytes received on the data plane.",
+            data.raw_bytes_received,
+        ),
+        ("girder_data_requests_total", "counter", "Data-plane requests sent.", data.requests),
+    ];
+    for (name, kind, help, value) in families {
+        out.family(name, kind, help);
+        out.sample(name, &[("node", node)], value as f64);
     }
 }

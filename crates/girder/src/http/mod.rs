@@ -28,6 +28,11 @@
 //! - `GET /v1/placement/{id}` returns `{"node_id": ..., "node_ids": [...], "flock": N}`.
 //! - `/v1/cache/{key}`: `GET` the value (raw bytes), `PUT` it (`?ttl_ms=N`), `POST` to
 //!   append to it, `DELETE` it. 404 `not_found`, 409 `wrong_kind`, 413 `too_large`.
+//! - `/v1/store/{bucket}/{item}`: `GET` the item (raw bytes, its version in
+//!   `girder-version` and `ETag`), `PUT` it (`If-Match: VERSION` or `If-None-Match: *`; 409
+//!   `conflict`), `POST` to append, `DELETE` it; `GET /v1/store/{bucket}` streams the whole
+//!   bucket as NDJSON, `DELETE` deletes it. Bodies up to [`HttpConfig::store_bytes_max`].
+//!   `GET /v1/flocks`: the flocks this node owns or holds, with their digests.
 //!
 //! Calls without `?timeout_ms=` get [`HttpConfig::deadline_ms`]. Calls in flight are
 //! limited per node and per caller (see `admission`): beyond, `503`/`429` `overloaded` at
@@ -57,6 +62,8 @@ mod openapi;
 mod results;
 mod server;
 pub use server::{bind, connections_max_for, BodyTimeout, Server, ServerConfig};
+mod store;
+pub use store::VERSION_HEADER;
 mod tls;
 use crate::grid::Node;
 use crate::structures::{Cache, CacheConfig, DsError};
@@ -70,8 +77,10 @@ pub struct HttpConfig {
     /// When not empty, every route but `GET /v1/health` requires `Authorization: Bearer
     /// TOKEN` with one of these tokens. Each token is a caller of its own for fairness.
     pub tokens: Vec<Arc<str>>,
-    /// Largest request body accepted, in bytes.
+    /// Largest request body accepted, in bytes (store items: `store_bytes_max`).
     pub body_bytes_max: usize,
+    /// Largest body of a store write (`/v1/store/...`), in bytes: the store's item limit.
+    pub store_bytes_max: usize,
     /// Largest `timeout_ms` a caller may ask for.
     pub timeout_ms_max: u64,
     /// The deadline of a call that names none (`?timeout_ms=`), in milliseconds.
@@ -91,6 +100,7 @@ impl Default for HttpConfig {
             cache: CacheConfig::default(),
             tokens: Vec::new(),
             body_bytes_max: 4 << 20,
+            store_bytes_max: 64 << 20,
             timeout_ms_max: 3_600_000,
             deadline_ms: 300_000,
             calls_max: 4_096,
@@ -107,6 +117,7 @@ impl std::fmt::Debug for HttpConfig {
             .field("cache", &self.cache)
             .field("tokens", &self.tokens.len())
             .field("body_bytes_max", &self.body_bytes_max)
+            .field("store_bytes_max", &self.store_bytes_max)
             .field("timeout_ms_max", &self.timeout_ms_max)
             .field("deadline_ms", &self.deadline_ms)
             .field("calls_max", &self.calls_max)
@@ -167,6 +178,13 @@ pub const ROUTES: &[Route] = &[
     Route { method: "PUT", path: "/v1/cache/{key}", doc: openapi::cache_put },
     Route { method: "POST", path: "/v1/cache/{key}", doc: openapi::cache_append },
     Route { method: "DELETE", path: "/v1/cache/{key}", doc: openapi::cache_delete },
+    Route { method: "GET", path: "/v1/store/{bucket}/{item}", doc: openapi::store_get },
+    Route { method: "PUT", path: "/v1/store/{bucket}/{item}", doc: openapi::store_put },
+    Route { method: "POST", path: "/v1/store/{bucket}/{item}", doc: openapi::store_append },
+    Route { method: "DELETE", path: "/v1/store/{bucket}/{item}", doc: openapi::store_delete },
+    Route { method: "GET", path: "/v1/store/{bucket}", doc: openapi::store_bucket_get },
+    Route { method: "DELETE", path: "/v1/store/{bucket}", doc: openapi::store_bucket_delete },
+    Route { method: "GET", path: "/v1/flocks", doc: openapi::flocks },
 ];
 
 /// The JSON body of every error response.
@@ -214,6 +232,9 @@ impl From<CallError> for ApiError {
             ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorKind::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::Full => StatusCode::INSUFFICIENT_STORAGE,
+            ErrorKind::Conflict => StatusCode::CONFLICT,
+            ErrorKind::Corrupt => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError(status, ErrorBody { kind: err.kind(), message: err.to_string() })
     }
@@ -289,7 +310,7 @@ fn bad_request(message: String) -> ApiError {
 /// the background for as long as the router lives.
 pub fn router(node: Arc<Node>, config: HttpConfig) -> Router {
     let cache = Cache::new(node.structures(), config.cache);
-    let body_bytes_max = config.body_bytes_max;
+    let limits = BodyLimits { general: config.body_bytes_max, store: config.store_bytes_max };
     let token_hashes = config.tokens.iter().map(|t| blake3::hash(t.as_bytes())).collect();
     let admission = Arc::new(admission::Admission::new(config.calls_max, config.caller_share));
     let load = Arc::new(load::Load::new(&node));
@@ -303,15 +324,23 @@ pub fn router(node: Arc<Node>, config: HttpConfig) -> Router {
         .merge(catalogue::routes())
         .merge(openapi::routes())
         .merge(results::routes(state.clone()))
+        .merge(store::routes(limits.store))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .merge(guarded)
         .merge(grid::health_route())
         .fallback(no_route)
         .method_not_allowed_fallback(wrong_method)
-        .layer(DefaultBodyLimit::max(body_bytes_max))
-        .layer(axum::middleware::from_fn_with_state(body_bytes_max, refuse_large_bodies))
+        .layer(DefaultBodyLimit::max(limits.general))
+        .layer(axum::middleware::from_fn_with_state(limits, refuse_large_bodies))
         .with_state(state)
+}
+
+/// Body limits: store writes carry items, which may be larger than anything else.
+#[derive(Debug, Clone, Copy)]
+struct BodyLimits {
+    general: usize,
+    store: usize,
 }
 
 /// Answers `413` to a request whose `Content-Length` is over `body_bytes_max` before
@@ -319,10 +348,11 @@ pub fn router(node: Arc<Node>, config: HttpConfig) -> Router {
 /// so a client that asked for it is told no without sending the body. The connection then
 /// closes, since the unread body would otherwise follow.
 async fn refuse_large_bodies(
-    axum::extract::State(body_bytes_max): axum::extract::State<usize>,
+    axum::extract::State(limits): axum::extract::State<BodyLimits>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    let body_bytes_max = if request.uri().path().starts_with("/v1/store/") { limits.store } else { limits.general };
     let announced = request
         .headers()
         .get(header::CONTENT_LENGTH)

@@ -18,7 +18,7 @@ use super::{AppState, ROUTES};
 use crate::error::ErrorKind;
 
 /// The `kind`s an error body may carry.
-const ERROR_KINDS: [ErrorKind; 21] = [
+const ERROR_KINDS: [ErrorKind; 24] = [
     ErrorKind::FunctionError,
     ErrorKind::Panic,
     ErrorKind::UnknownFunction,
@@ -40,6 +40,9 @@ const ERROR_KINDS: [ErrorKind; 21] = [
     ErrorKind::Unauthorized,
     ErrorKind::Overloaded,
     ErrorKind::Full,
+    ErrorKind::Conflict,
+    ErrorKind::Corrupt,
+    ErrorKind::Unavailable,
 ];
 
 // Does not compile once `ErrorKind` has a variant more, so that it is added above.
@@ -64,7 +67,10 @@ const _: fn(ErrorKind) = |kind| match kind {
     | ErrorKind::TooLarge
     | ErrorKind::Unauthorized
     | ErrorKind::Overloaded
-    | ErrorKind::Full => {}
+    | ErrorKind::Full
+    | ErrorKind::Conflict
+    | ErrorKind::Corrupt
+    | ErrorKind::Unavailable => {}
 };
 
 /// What the document says that depends on the node's configuration.
@@ -150,7 +156,8 @@ fn status_text(status: u16) -> &'static str {
         408 => "The body did not arrive in time; the connection closes.",
         409 => {
             "A conflict: `wrong_kind` (the key holds another kind of structure), \
-                `cancelled` (the call was cancelled), or a call id already in flight."
+                `cancelled` (the call was cancelled), a call id already in flight, or \
+                `conflict` (a conditional store write found another version)."
         }
         413 => "The body is over the node's limit: `too_large`; the connection closes.",
         422 => {
@@ -158,11 +165,12 @@ fn status_text(status: u16) -> &'static str {
                 the call's tree went over its budget (`budget_exceeded`)."
         }
         429 => "This caller holds its share of the node's slots: `overloaded`; retry later.",
-        500 => "The function panicked (`panic`), or a stored value could not be read.",
+        500 => "The function panicked (`panic`), a stored value could not be read, or every copy of an item failed its checksum (`corrupt`).",
         502 => "The function's result could not be encoded: `bad_result`.",
         503 => {
-            "The grid cannot take it now: `statekeeper`, `shutdown` or `overloaded` (the \
-                node's call cap); retry later."
+            "The grid cannot take it now: `statekeeper`, `shutdown`, `overloaded` (the \
+                node's call cap) or `unavailable` (no node could serve a store request in \
+                time); retry later."
         }
         504 => {
             "The deadline passed (`deadline_exceeded`) or the evaluation ran over its time \
@@ -568,6 +576,87 @@ pub(super) fn cache_delete(docs: &Docs) -> Value {
     operation
 }
 
+fn store_params(item: bool) -> Vec<Value> {
+    let key = |name: &str, what: &str| {
+        let description = format!("The {what} key: 1 to {} bytes of UTF-8.", crate::store::KEY_BYTES_MAX);
+        path_param(
+            name,
+            &description,
+            json!({ "type": "string", "minLength": 1, "maxLength": crate::store::KEY_BYTES_MAX }),
+        )
+    };
+    let mut params = vec![key("bucket", "bucket")];
+    if item {
+        params.push(key("item", "item"));
+    }
+    params
+}
+
+/// The errors of every store operation.
+const STORE_ERRORS: [u16; 4] = [400, 500, 503, 507];
+
+fn store_op(docs: &Docs, head: [&str; 3], item: bool, ok: (u16, Value), statuses: &[u16]) -> Value {
+    let mut operation = operation(docs, head, store_params(item), ok, statuses);
+    add_errors(docs, &mut operation, &STORE_ERRORS);
+    operation
+}
+
+/// `GET /v1/store/{bucket}/{item}`.
+pub(super) fn store_get(docs: &Docs) -> Value {
+    let ok = json!({
+        "description": "The item's bytes; its version in `girder-version` and `ETag`.",
+        "content": { "application/octet-stream": { "schema": { "type": "string", "contentMediaType": "application/octet-stream" } } },
+    });
+    store_op(docs, ["store_get", "Read an item", "From the best node holding its bucket."], true, (200, ok), &[404])
+}
+
+/// `PUT /v1/store/{bucket}/{item}`.
+pub(super) fn store_put(docs: &Docs) -> Value {
+    let ok = json_ok("Stored on every owner; its new version.", schema_ref("Written"));
+    let about = "The body is the value. `If-Match: VERSION` writes only over that version, `If-None-Match: *` \
+                 only if the item does not exist (409 `conflict` otherwise).";
+    let mut operation = store_op(docs, ["store_put", "Write an item", about], true, (200, ok), &[408, 409, 413]);
+    operation["requestBody"] = raw_body();
+    operation
+}
+
+/// `POST /v1/store/{bucket}/{item}`.
+pub(super) fn store_append(docs: &Docs) -> Value {
+    let ok = json_ok("Appended on every owner; the item's new version.", schema_ref("Written"));
+    let head = ["store_append", "Append to an item", "The body is appended to the item (created if missing)."];
+    let mut operation = store_op(docs, head, true, (200, ok), &[408, 413]);
+    operation["requestBody"] = raw_body();
+    operation
+}
+
+/// `DELETE /v1/store/{bucket}/{item}`.
+pub(super) fn store_delete(docs: &Docs) -> Value {
+    let ok = json_ok("Whether the item existed.", schema_ref("Existed"));
+    store_op(docs, ["store_delete", "Delete an item", ""], true, (200, ok), &[])
+}
+
+/// `GET /v1/store/{bucket}`.
+pub(super) fn store_bucket_get(docs: &Docs) -> Value {
+    let ok = json!({
+        "description": "One line per item in item order: `{\"item\", \"version\", \"value_b64\"}`; an error ends the stream with `{\"error\": ...}`.",
+        "content": { "application/x-ndjson": { "schema": { "type": "string" } } },
+    });
+    store_op(docs, ["store_bucket_get", "Read a whole bucket", "Streamed as it is read."], false, (200, ok), &[])
+}
+
+/// `DELETE /v1/store/{bucket}`.
+pub(super) fn store_bucket_delete(docs: &Docs) -> Value {
+    let ok = json_ok("How many items were deleted.", schema_ref("Deleted"));
+    store_op(docs, ["store_bucket_delete", "Delete a whole bucket", ""], false, (200, ok), &[])
+}
+
+/// `GET /v1/flocks`.
+pub(super) fn flocks(docs: &Docs) -> Value {
+    let ok = json_ok("Each flock this node owns or holds, and the store's figures.", json!({ "type": "object" }));
+    let about = "Ready, held, copying, live items and the digest replicas compare (equal digests, equal data).";
+    operation(docs, ["flocks", "This node's flocks", about], vec![], (200, ok), &[503])
+}
+
 /// The schemas every document has, by name.
 fn base_schemas() -> Map<String, Value> {
     let kinds: Vec<&str> = ERROR_KINDS.iter().map(|kind| kind.as_str()).collect();
@@ -587,6 +676,12 @@ fn base_schemas() -> Map<String, Value> {
         }),
     );
     add("Arguments", json!({ "type": "array", "description": "One JSON value per parameter, in order." }));
+    add("Written", json!({ "type": "object", "required": ["version"], "properties": { "version": counter() } }));
+    add(
+        "Existed",
+        json!({ "type": "object", "required": ["existed"], "properties": { "existed": { "type": "boolean" } } }),
+    );
+    add("Deleted", json!({ "type": "object", "required": ["deleted"], "properties": { "deleted": counter() } }));
     add("MapInputs", json!({ "type": "array", "items": schema_ref("Arguments") }));
     add(
         "MapLine",

@@ -32,7 +32,8 @@ pub const DIRECTORY_CACHED_MAX: usize = 100_000;
 /// A snapshot of placement: the table and the live nodes, as last read.
 struct Snapshot {
     table: Arc<FlockTable>,
-    nodes: HashMap<String, NodeInfo>,
+    /// Shared, so a view of it costs no copy: it is replaced whole on every refresh.
+    nodes: Arc<HashMap<String, NodeInfo>>,
     node_ttl_ms: u64,
     /// `init` placements seen by this process, bounded (ids come from callers).
     directory: lru::LruCache<String, Vec<String>>,
@@ -41,7 +42,7 @@ struct Snapshot {
 impl Default for Snapshot {
     fn default() -> Snapshot {
         let cap = std::num::NonZeroUsize::new(DIRECTORY_CACHED_MAX).unwrap_or(std::num::NonZeroUsize::MIN);
-        Snapshot { table: Arc::default(), nodes: HashMap::new(), node_ttl_ms: 0, directory: lru::LruCache::new(cap) }
+        Snapshot { table: Arc::default(), nodes: Arc::default(), node_ttl_ms: 0, directory: lru::LruCache::new(cap) }
     }
 }
 
@@ -114,7 +115,7 @@ impl Placement {
         let table = Arc::new(table);
         let mut snapshot = self.snapshot.write();
         snapshot.table = table.clone();
-        snapshot.nodes = nodes.into_iter().map(|n| (n.id.clone(), n)).collect();
+        snapshot.nodes = Arc::new(nodes.into_iter().map(|n| (n.id.clone(), n)).collect());
         snapshot.node_ttl_ms = node_ttl_ms;
         Ok(table)
     }
@@ -138,11 +139,11 @@ impl Placement {
         self.snapshot.read().table.clone()
     }
 
-    /// The table and the nodes that were not dead, as last read (one consistent snapshot).
-    pub fn view(&self) -> (Arc<FlockTable>, Vec<NodeInfo>) {
+    /// The table and the nodes as last read (one consistent snapshot, shared, not
+    /// copied), with the lease that tells the dead among them (see [`NodeInfo::health`]).
+    pub fn view(&self) -> (Arc<FlockTable>, Arc<HashMap<String, NodeInfo>>, u64) {
         let snapshot = self.snapshot.read();
-        let nodes = snapshot.nodes.values().filter(|n| self.live(&snapshot, &n.id)).cloned().collect();
-        (snapshot.table.clone(), nodes)
+        (snapshot.table.clone(), snapshot.nodes.clone(), snapshot.node_ttl_ms.max(1))
     }
 
     /// Spreads `ids` over the live nodes by `strategy` (smooth weighted round robin, so

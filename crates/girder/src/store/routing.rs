@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::control::{NodeInfo, StoreReport};
+use crate::control::{Health, NodeInfo, StoreReport};
 use crate::placement::FlockTable;
 
 use super::engine::Flock;
@@ -12,13 +12,19 @@ use super::engine::Flock;
 /// One consistent snapshot of placement as the store sees it.
 pub(crate) struct View {
     pub(crate) table: Arc<FlockTable>,
-    nodes: HashMap<String, NodeInfo>,
+    nodes: Arc<HashMap<String, NodeInfo>>,
+    node_ttl_ms: u64,
 }
 
 impl View {
-    /// A view of `table` and the live `nodes`.
-    pub(crate) fn new(table: Arc<FlockTable>, nodes: Vec<NodeInfo>) -> View {
-        View { table, nodes: nodes.into_iter().map(|n| (n.id.clone(), n)).collect() }
+    /// A view of `table` and `nodes`, of which those silent past `node_ttl_ms` are dead.
+    pub(crate) fn new(table: Arc<FlockTable>, nodes: Arc<HashMap<String, NodeInfo>>, node_ttl_ms: u64) -> View {
+        View { table, nodes, node_ttl_ms }
+    }
+
+    /// `node`'s report, if it is live.
+    fn live(&self, node: &str) -> Option<&NodeInfo> {
+        self.nodes.get(node).filter(|n| n.health(self.node_ttl_ms) != Health::Dead)
     }
 
     /// The table's epoch.
@@ -39,7 +45,7 @@ impl View {
     }
 
     fn report(&self, node: &str) -> Option<&StoreReport> {
-        self.nodes.get(node).and_then(|n| n.store.as_ref())
+        self.live(node).and_then(|n| n.store.as_ref())
     }
 
     /// Whether `node` is live and said it holds `flock` completely.
@@ -88,7 +94,7 @@ impl View {
         let owners: Vec<String> = self
             .table
             .owners_of(flock)
-            .filter(|n| *n != me && !ready.iter().any(|r| r == n) && self.nodes.contains_key(*n))
+            .filter(|n| *n != me && !ready.iter().any(|r| r == n) && self.live(n).is_some())
             .map(str::to_owned)
             .collect();
         (ready, owners)
@@ -103,7 +109,7 @@ impl View {
 
     /// A node's data-plane address.
     pub(crate) fn address(&self, node: &str) -> Option<&str> {
-        self.nodes.get(node).and_then(|n| n.data.as_deref())
+        self.live(node).and_then(|n| n.data.as_deref())
     }
 }
 
@@ -149,7 +155,8 @@ mod tests {
             node(&owners[1], &[], &[flock]),
             node(other, &[flock], &[flock]),
         ];
-        let view = View::new(table, nodes);
+        let nodes = Arc::new(nodes.into_iter().map(|n| (n.id.clone(), n)).collect());
+        let view = View::new(table, nodes, 1_000);
         assert_eq!(view.primary(flock), Some(owners[0].as_str()));
         assert_eq!(view.replicas(flock, &owners[0]), vec![owners[1].clone(), other.to_owned()]);
         assert_eq!(view.readers(flock), vec![owners[0].clone(), other.to_owned()]);

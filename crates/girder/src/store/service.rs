@@ -17,7 +17,10 @@ use super::StoreConfig;
 use crate::dataplane::{Body, DataClient, Handler, Request, Response};
 use crate::placement::{Placement, FLOCKS};
 
-/// Lock stripes that serialize writers of one key (by key hash).
+/// Lock stripes per key hash, in two sets: `order` serializes a primary's writes of a key
+/// across their replication; `local` guards one read-modify-write of the engine and is
+/// never held across the network (a primary holding `order` on one node and waiting for a
+/// replica's `local` on another cannot deadlock with the reverse).
 const STRIPES: usize = 1_024;
 /// Op ids of recent writes this node acknowledged, so a retried write is not applied twice.
 const RECENT_OPS_MAX: usize = 65_536;
@@ -77,7 +80,8 @@ pub(crate) struct StoreNode {
     pub(crate) data: DataClient,
     /// Where this node's data plane is reached.
     pub(crate) address: Mutex<Option<String>>,
-    stripes: Box<[tokio::sync::Mutex<()>]>,
+    order_stripes: Box<[tokio::sync::Mutex<()>]>,
+    local_stripes: Box<[tokio::sync::Mutex<()>]>,
     /// Per flock: writes share it, a digest rebuild takes it alone.
     pub(crate) flock_locks: Box<[tokio::sync::RwLock<()>]>,
     pub(crate) flocks: Mutex<Flocks>,
@@ -151,7 +155,8 @@ impl StoreNode {
             placement,
             lease_left,
             address: Mutex::new(None),
-            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            order_stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            local_stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             flock_locks: (0..FLOCKS).map(|_| tokio::sync::RwLock::new(())).collect(),
             flocks: Mutex::new(Flocks::new()),
             recent: Mutex::new(lru::LruCache::new(recent)),
@@ -164,8 +169,8 @@ impl StoreNode {
 
     /// Placement as last read.
     pub(crate) fn view(&self) -> View {
-        let (table, nodes) = self.placement.view();
-        View::new(table, nodes)
+        let (table, nodes, node_ttl_ms) = self.placement.view();
+        View::new(table, nodes, node_ttl_ms)
     }
 
     /// Reads placement again (at most every 50 ms however many ask), then the view.
@@ -206,15 +211,24 @@ impl StoreNode {
         !left.is_zero() && flocks.registrations == registrations && flocks.is_ready(flock)
     }
 
-    pub(crate) fn stripe_of(&self, key: &ItemKey) -> &tokio::sync::Mutex<()> {
+    fn stripe(key: &ItemKey) -> usize {
         let mut hasher = blake3::Hasher::new();
         hasher.update(key.bucket.as_bytes());
         hasher.update(&[0]);
         hasher.update(key.item.as_bytes());
         let hash = hasher.finalize();
         let b = hash.as_bytes();
-        let index = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as usize % STRIPES;
-        &self.stripes[index]
+        u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as usize % STRIPES
+    }
+
+    /// The lock a primary holds while it writes `key` and replicates the write.
+    fn order_of(&self, key: &ItemKey) -> &tokio::sync::Mutex<()> {
+        &self.order_stripes[Self::stripe(key)]
+    }
+
+    /// The lock of one local read-modify-write of `key` (never held across the network).
+    pub(crate) fn local_of(&self, key: &ItemKey) -> &tokio::sync::Mutex<()> {
+        &self.local_stripes[Self::stripe(key)]
     }
 
     /// Writes `record` here, keeping the flock's digest in step; the caller holds the
@@ -268,7 +282,7 @@ impl StoreNode {
             let max = self.config.item_bytes_max;
             return fault(Fault::Final(FinalFault::TooLarge { bytes: body.len() as u64, max }));
         }
-        let _guard = self.stripe_of(&key).lock().await;
+        let _order = self.order_of(&key).lock().await;
         let current = match self.current(&view, &key).await {
             Ok(current) => current,
             Err(fault) => return (Reply::Fault(fault), Bytes::new()),
@@ -284,7 +298,7 @@ impl StoreNode {
                 }
                 None => return (Reply::Written { version: Version::default(), existed }, Bytes::new()),
             },
-            None => match self.apply(&view, &key, current, op, op_id, body).await {
+            None => match self.apply(&view, &key, op, op_id, body).await {
                 Ok(Some(applied)) => applied,
                 Ok(None) => return (Reply::Written { version: Version::default(), existed: false }, Bytes::new()),
                 Err(fault) => return (Reply::Fault(fault), Bytes::new()),
@@ -311,11 +325,16 @@ impl StoreNode {
         &self,
         view: &View,
         key: &ItemKey,
-        current: Option<Record>,
         op: WriteOp,
         op_id: u128,
         body: Bytes,
     ) -> Result<Option<(Record, Option<Version>, Bytes, bool)>, Fault> {
+        let _local = self.local_of(key).lock().await;
+        let current = match self.local(key).await {
+            Ok(current) => current,
+            Err(super::EngineError::Corrupt { .. }) => None,
+            Err(err) => return Err(engine_fault(err)),
+        };
         let Some((record, append_to, existed)) = self.next_record(view, current.as_ref(), op, body)? else {
             return Ok(None);
         };
@@ -332,20 +351,20 @@ impl StoreNode {
     /// catches up on its flock, and rewritten from a replica if the local copy is corrupt.
     async fn current(&self, view: &View, key: &ItemKey) -> Result<Option<Record>, Fault> {
         let ready = self.serves(key.flock);
-        let local = match self.local(key).await {
-            Ok(local) => local,
-            Err(super::EngineError::Corrupt { .. }) => None,
+        let (local, corrupt) = match self.local(key).await {
+            Ok(local) => (local, false),
+            Err(super::EngineError::Corrupt { .. }) => (None, true),
             Err(err) => return Err(engine_fault(err)),
         };
-        if ready && local.is_some() {
+        // Holding the flock completely, this node's copy is the item (absent: no item).
+        if ready && !corrupt {
             return Ok(local);
         }
         let mut best = local;
         for reader in view.readers(key.flock).into_iter().filter(|n| *n != self.id) {
             match self.fetch_one(view, &reader, key).await {
                 Ok(Some(remote)) if best.as_ref().is_none_or(|b| b.version < remote.version) => {
-                    let old = best.as_ref().map(Record::meta);
-                    self.store_local(key, old, remote.clone()).await.map_err(engine_fault)?;
+                    self.merge(key, remote.clone()).await?;
                     best = Some(remote);
                     break;
                 }
@@ -531,7 +550,7 @@ impl StoreNode {
             tracing::debug!(%primary, epoch, mine = view.epoch(), flock = key.flock, "store: replica write fenced");
             return fault(Fault::StaleEpoch { epoch: view.epoch() });
         }
-        let _guard = self.stripe_of(&key).lock().await;
+        let _local = self.local_of(&key).lock().await;
         let local = match self.local(&key).await {
             Ok(local) => local,
             Err(super::EngineError::Corrupt { .. }) => None,
@@ -586,12 +605,11 @@ impl StoreNode {
     async fn repair(&self, key: &ItemKey, reason: &str) -> Result<Option<Record>, Fault> {
         tracing::warn!(bucket = %key.bucket, item = %key.item, reason, "store: corrupt record, repairing from a replica");
         let view = self.view();
-        let _guard = self.stripe_of(key).lock().await;
         for holder in view.readers(key.flock).into_iter().filter(|n| *n != self.id) {
             let Ok(found) = self.fetch_one(&view, &holder, key).await else { continue };
             let Some(record) = found else { continue };
-            self.store_local(key, None, record.clone()).await.map_err(engine_fault)?;
-            self.counters.repaired.fetch_add(1, Ordering::Relaxed);
+            // Stored unless a newer write came meanwhile; counted as a repair there.
+            self.merge(key, record.clone()).await?;
             return Ok(Some(record));
         }
         Err(Fault::Final(FinalFault::Corrupt(format!(

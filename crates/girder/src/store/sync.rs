@@ -422,7 +422,7 @@ impl StoreNode {
 
     /// Stores `record` if it is newer than this node's copy of `key`.
     pub(crate) async fn merge(&self, key: &ItemKey, record: super::Record) -> Result<(), Fault> {
-        let _guard = self.stripe_of(key).lock().await;
+        let _local = self.local_of(key).lock().await;
         let (local, corrupt) = match self.local(key).await {
             Ok(local) => (local, false),
             Err(super::EngineError::Corrupt { .. }) => (None, true),

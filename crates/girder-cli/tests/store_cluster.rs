@@ -44,10 +44,31 @@ fn start(redis: &str, id: &str, dir: &DataDir) -> NodeProcess {
     NodeProcess::on_redis(redis, id, &args)
 }
 
+/// A node on `dir` that syncs every write before acknowledging it.
+fn start_durable(redis: &str, id: &str, dir: &DataDir) -> NodeProcess {
+    NodeProcess::on_redis(redis, id, &["--workers", "1", "--slots", "2", "--data-dir", dir.path()])
+}
+
 fn status(node: &NodeProcess) -> serde_json::Value {
     let out = Command::new(GIRDER).args(["status", "--json", "--node", &node.url]).output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Waits until `node` serves every flock it owns (at most 60 s).
+fn ready_here(node: &NodeProcess) {
+    let begun = Instant::now();
+    loop {
+        let body = reqwest::blocking::get(format!("{}/v1/flocks", node.url)).unwrap().text().unwrap();
+        let flocks: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let owned: Vec<&serde_json::Value> =
+            flocks["flocks"].as_array().unwrap().iter().filter(|f| f["owner"] == true).collect();
+        if !owned.is_empty() && owned.iter().all(|f| f["ready"] == true) {
+            return;
+        }
+        assert!(begun.elapsed() < Duration::from_secs(60), "{} never caught up", node.url);
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn bits(report: &serde_json::Value, field: &str) -> u32 {
@@ -175,8 +196,8 @@ fn a_flipped_byte_on_disk_is_never_served_and_is_repaired() {
     let redis = RedisServer::start(false).unwrap_or_else(|e| panic!("{e}"));
     let url = redis.url();
     let dirs = [DataDir::new("c1"), DataDir::new("c2")];
-    let c1 = start(&url, "c1", &dirs[0]);
-    let mut c2 = start(&url, "c2", &dirs[1]);
+    let c1 = start_durable(&url, "c1", &dirs[0]);
+    let mut c2 = start_durable(&url, "c2", &dirs[1]);
     settled(&c1, 2, 2);
     let marker = "UNIQUE-MARKER-0123456789-".repeat(40);
     let client = reqwest::blocking::Client::new();
@@ -194,8 +215,9 @@ fn a_flipped_byte_on_disk_is_never_served_and_is_repaired() {
         }
     }
     assert!(flipped, "the value was not found on c2's disk");
-    let c2 = start(&url, "c2", &dirs[1]);
+    let c2 = start_durable(&url, "c2", &dirs[1]);
     settled(&c1, 2, 2);
+    ready_here(&c2);
     // Read from c2 itself: a good copy, never the flipped one.
     for _ in 0..3 {
         assert_eq!(read(&c2.url, "victim", "item").as_deref(), Some(marker.as_str()));

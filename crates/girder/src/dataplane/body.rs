@@ -1,192 +1,81 @@
-//! Connections and bodies: sending a body under the receiver's credits, and receiving one
-//! while granting credits as its consumer takes chunks.
+//! Bodies: chunks of bytes produced by a sender's source, or read off a connection while
+//! credits go back to the sender as the consumer takes them.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
 use parking_lot::Mutex;
-use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
-use super::frame::{self, Frame, Kind};
-use super::{Compression, Counters, DataError};
+use super::conn::{Conn, Frame};
+use super::frame::Kind;
+use super::{Compression, DataError};
 
-/// Socket buffer sizes: large enough that a 1 MiB chunk goes out in few system calls.
-const IO_BUFFER_BYTES: usize = 256 << 10;
-
-/// One end of a data-plane connection, with what both ends agreed on.
-pub(crate) struct Conn {
-    pub(crate) reader: BufReader<OwnedReadHalf>,
-    pub(crate) writer: BufWriter<OwnedWriteHalf>,
-    /// Chunks the peer lets this end have in flight.
-    pub(crate) peer_window: u32,
-    /// Chunks this end lets the peer have in flight.
-    pub(crate) window: u32,
-    pub(crate) chunk_max: usize,
-    pub(crate) frame_timeout: Duration,
-    pub(crate) counters: Arc<Counters>,
-    /// Held while the connection is checked out of a client's pool.
-    pub(crate) permit: Option<tokio::sync::OwnedSemaphorePermit>,
-}
-
-impl Conn {
-    pub(crate) fn new(
-        stream: tokio::net::TcpStream,
-        limits: (u32, u32, usize, Duration),
-        counters: Arc<Counters>,
-    ) -> Conn {
-        let (reader, writer) = stream.into_split();
-        let (window, peer_window, chunk_max, frame_timeout) = limits;
-        Conn {
-            reader: BufReader::with_capacity(IO_BUFFER_BYTES, reader),
-            writer: BufWriter::with_capacity(IO_BUFFER_BYTES, writer),
-            peer_window,
-            window,
-            chunk_max,
-            frame_timeout,
-            counters,
-            permit: None,
-        }
-    }
-
-    /// Reads the next frame, within the frame timeout.
-    pub(crate) async fn read(&mut self, raw_max: usize) -> Result<Frame, DataError> {
-        let timeout = self.frame_timeout;
-        let frame = tokio::time::timeout(timeout, frame::read(&mut self.reader, raw_max))
-            .await
-            .map_err(|_| DataError::Timeout(format!("no frame from the peer in {timeout:?}")))??;
-        self.counters.wire_bytes_received.fetch_add(frame.wire_bytes as u64, Ordering::Relaxed);
-        Ok(frame)
-    }
-
-    /// Writes one frame (buffered; `flush` sends).
-    pub(crate) async fn write(
-        &mut self,
-        kind: Kind,
-        payload: &[u8],
-        compression: Compression,
-    ) -> Result<(), DataError> {
-        let wire = frame::write(&mut self.writer, kind, payload, compression).await?;
-        self.counters.wire_bytes_sent.fetch_add(wire as u64, Ordering::Relaxed);
-        if kind == Kind::Chunk {
-            self.counters.raw_bytes_sent.fetch_add(payload.len() as u64, Ordering::Relaxed);
-        }
-        Ok(())
-    }
-
-    pub(crate) async fn flush(&mut self) -> Result<(), DataError> {
-        let timeout = self.frame_timeout;
-        tokio::time::timeout(timeout, self.writer.flush())
-            .await
-            .map_err(|_| DataError::Timeout(format!("the peer took nothing for {timeout:?}")))?
-            .map_err(frame::io)
-    }
-
-    /// Sends `body` under the peer's credits, then its end. Returns a frame other than a
-    /// credit that arrived meanwhile (the peer answered before reading the whole body): the
-    /// caller takes it as the answer and must not reuse the connection.
-    pub(crate) async fn send_body(
-        &mut self,
-        mut body: Body,
-        compression: Compression,
-    ) -> Result<Option<Frame>, DataError> {
-        let mut credits = self.peer_window;
-        let chunk_max = self.chunk_max;
-        while let Some(chunk) = body.produce().await {
-            let chunk = chunk?;
-            for piece in chunk.chunks(chunk_max) {
-                while credits == 0 {
-                    self.flush().await?;
-                    let frame = self.read(self.chunk_max).await?;
-                    if frame.kind != Kind::Credit {
-                        return Ok(Some(frame));
-                    }
-                    credits = credits.saturating_add(credit_of(&frame.payload)?);
-                }
-                self.write(Kind::Chunk, piece, compression).await?;
-                credits -= 1;
-            }
-        }
-        self.write(Kind::End, &[], Compression::None).await?;
-        self.flush().await?;
-        Ok(None)
-    }
-}
-
-fn credit_of(payload: &[u8]) -> Result<u32, DataError> {
-    let bytes: [u8; 4] = payload.try_into().map_err(|_| DataError::Protocol("a malformed credit frame".into()))?;
-    Ok(u32::from_le_bytes(bytes))
-}
-
-/// Where a received body's connection goes once the body was read (or dropped).
+/// Where a received body's connection goes once the body was read to its end (`true`) or
+/// dropped or broken (`false`).
 pub(crate) type Return = Box<dyn FnOnce(Conn, bool) + Send>;
 
 /// A body arriving on a connection.
 pub(crate) struct Incoming {
     conn: Option<Conn>,
-    /// Chunks taken since the last credit was granted.
+    /// Chunks taken since credits were last granted.
     taken: u32,
-    finished: bool,
     back: Option<Return>,
 }
 
 impl Incoming {
     pub(crate) fn new(conn: Conn, back: Return) -> Incoming {
-        Incoming { conn: Some(conn), taken: 0, finished: false, back: Some(back) }
+        Incoming { conn: Some(conn), taken: 0, back: Some(back) }
     }
 
     async fn next(&mut self) -> Option<Result<Bytes, DataError>> {
         let conn = self.conn.as_mut()?;
-        let result = async {
-            // Credits go back in batches of half a window, so the sender never stalls on a
-            // full window while the consumer keeps up.
-            if self.taken >= (conn.window / 2).max(1) {
-                conn.write(Kind::Credit, &self.taken.to_le_bytes(), Compression::None).await?;
-                conn.flush().await?;
-                self.taken = 0;
-            }
-            let frame = conn.read(conn.chunk_max).await?;
-            match frame.kind {
-                Kind::Chunk => {
-                    conn.counters.raw_bytes_received.fetch_add(frame.payload.len() as u64, Ordering::Relaxed);
-                    self.taken += 1;
-                    Ok(Some(frame.payload))
-                }
-                Kind::End => Ok(None),
-                other => Err(DataError::Protocol(format!("a {other:?} frame inside a body"))),
-            }
-        }
-        .await;
-        match result {
+        match Self::take(conn, &mut self.taken).await {
             Ok(Some(chunk)) => Some(Ok(chunk)),
             Ok(None) => {
-                self.finished = true;
-                self.give_back();
+                self.give_back(true);
                 None
             }
             Err(err) => {
-                // A broken body leaves the connection in an unknown state: close it.
-                self.conn = None;
-                self.back = None;
+                // A broken body leaves its connection in an unknown state: it closes.
+                self.give_back(false);
                 Some(Err(err))
             }
         }
     }
 
-    fn give_back(&mut self) {
+    async fn take(conn: &mut Conn, taken: &mut u32) -> Result<Option<Bytes>, DataError> {
+        // Credits go back in batches of half a window, so that the sender is never short of
+        // credits while the consumer keeps up, without a frame per chunk.
+        if *taken >= (conn.terms.window / 2).max(1) {
+            conn.send(Kind::Credit, &taken.to_le_bytes(), Compression::None).await?;
+            conn.flush().await?;
+            *taken = 0;
+        }
+        let Frame { kind, payload, .. } = conn.read(conn.terms.body_frame_max()).await?;
+        match kind {
+            Kind::Chunk => {
+                conn.count_received(payload.len());
+                *taken += 1;
+                Ok(Some(payload))
+            }
+            Kind::End => Ok(None),
+            Kind::Error => Err(DataError::Remote(String::from_utf8_lossy(&payload).into_owned())),
+            other => Err(DataError::Protocol(format!("a {other:?} frame inside a body"))),
+        }
+    }
+
+    fn give_back(&mut self, finished: bool) {
         if let (Some(conn), Some(back)) = (self.conn.take(), self.back.take()) {
-            back(conn, self.finished);
+            back(conn, finished);
         }
     }
 }
 
 impl Drop for Incoming {
     fn drop(&mut self) {
-        self.give_back();
+        self.give_back(false);
     }
 }
 
@@ -197,9 +86,22 @@ enum Source {
     Incoming(Box<Incoming>),
 }
 
-/// A body: chunks of bytes. Outgoing bodies are sent in chunks of the data plane's chunk
-/// size; incoming ones are read as they arrive, under credits.
+/// A body: chunks of bytes. An outgoing body is sent in frames of the data plane's chunk
+/// size, produced only as the receiver's credits allow; an incoming one is read as its
+/// consumer takes chunks, so at most a window of chunks waits for it.
 pub struct Body(Source);
+
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = match &self.0 {
+            Source::Empty => "empty",
+            Source::Bytes(_) => "bytes",
+            Source::Stream(_) => "stream",
+            Source::Incoming(_) => "incoming",
+        };
+        f.debug_tuple("Body").field(&what).finish()
+    }
+}
 
 impl Body {
     /// No bytes.
@@ -207,12 +109,15 @@ impl Body {
         Body(Source::Empty)
     }
 
-    /// These bytes (sent in chunks without copying them).
+    /// These bytes, sent in chunk-sized frames without copying them.
     pub fn from_bytes(bytes: Bytes) -> Body {
         Body(Source::Bytes(Some(bytes)))
     }
 
-    /// The chunks `stream` yields, as it yields them (it is polled only as credits allow).
+    /// The chunks `stream` yields, as it yields them: it is polled only as the receiver's
+    /// credits allow (at most a window of chunks, and the one waiting for a credit, ahead
+    /// of the receiver's consumer). An error ends the transfer (the peer sees it as
+    /// [`DataError::Remote`]).
     pub fn from_stream(stream: impl Stream<Item = Result<Bytes, DataError>> + Send + 'static) -> Body {
         Body(Source::Stream(stream.boxed()))
     }
@@ -221,12 +126,22 @@ impl Body {
         Body(Source::Incoming(Box::new(incoming)))
     }
 
-    /// The next chunk, `None` at the end.
+    /// The same body again, when it can be had without consuming this one (bytes in
+    /// memory): for sending it once more.
+    pub(crate) fn replay(&self) -> Option<Body> {
+        match &self.0 {
+            Source::Empty => Some(Body::empty()),
+            Source::Bytes(bytes) => Some(Body(Source::Bytes(bytes.clone()))),
+            Source::Stream(_) | Source::Incoming(_) => None,
+        }
+    }
+
+    /// The next chunk as received (incoming) or produced (outgoing); `None` at the end.
     pub async fn next(&mut self) -> Option<Result<Bytes, DataError>> {
         self.produce().await
     }
 
-    async fn produce(&mut self) -> Option<Result<Bytes, DataError>> {
+    pub(crate) async fn produce(&mut self) -> Option<Result<Bytes, DataError>> {
         match &mut self.0 {
             Source::Empty => None,
             Source::Bytes(bytes) => bytes.take().filter(|b| !b.is_empty()).map(Ok),
@@ -236,12 +151,12 @@ impl Body {
     }
 
     /// The whole body, refused with [`DataError::TooLarge`] as soon as it passes
-    /// `bytes_max` (nothing past it is buffered).
+    /// `bytes_max` (nothing past it is buffered; an incoming body's connection closes).
     pub async fn collect(mut self, bytes_max: usize) -> Result<Bytes, DataError> {
         if let Source::Bytes(bytes) = &mut self.0 {
             let bytes = bytes.take().unwrap_or_default();
             if bytes.len() > bytes_max {
-                return Err(DataError::TooLarge(format!("a body over {bytes_max} bytes")));
+                return Err(DataError::too_large("body", bytes.len(), bytes_max));
             }
             return Ok(bytes);
         }
@@ -251,9 +166,9 @@ impl Body {
             let chunk = chunk?;
             let total = all.len() + first.as_ref().map_or(0, Bytes::len) + chunk.len();
             if total > bytes_max {
-                return Err(DataError::TooLarge(format!("a body over {bytes_max} bytes")));
+                return Err(DataError::too_large("body", total, bytes_max));
             }
-            // One chunk is returned as it is, without a copy.
+            // A body of one chunk is returned as it is, without a copy.
             match first.take() {
                 None if all.is_empty() => first = Some(chunk),
                 Some(previous) => {
@@ -267,5 +182,5 @@ impl Body {
     }
 }
 
-/// A connection handed back by a finished body, for the one waiting for it.
+/// Where a request body hands its connection back to the server that serves it.
 pub(crate) type Slot = Arc<Mutex<Option<(Conn, bool)>>>;

@@ -1,70 +1,72 @@
 //! The requesting side: a bounded pool of connections per peer.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::body::{Conn, Incoming};
-use super::frame::{self, Kind, MAGIC};
-use super::{Body, Compression, Counters, DataConfig, DataError, Response};
+use super::body::Incoming;
+use super::conn::Conn;
+use super::frame::Kind;
+use super::{Body, Compression, Counters, DataConfig, DataError, DataStats, Response};
 
-/// Most peers a client keeps pools for; beyond, the idle connections of others are closed.
+/// Most peers a client keeps pools for; beyond, peers with no request in flight are
+/// forgotten (with their idle connections).
 const PEERS_MAX: usize = 4_096;
+/// How often idle connections of every peer are looked over (otherwise only their own
+/// peer's requests do).
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 struct Peer {
     permits: Arc<Semaphore>,
     idle: Vec<(Conn, Instant)>,
 }
 
-/// Bytes moved by a client and the servers it shares counters with.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
-pub struct DataStats {
-    /// Body bytes sent, before compression.
-    pub raw_bytes_sent: u64,
-    /// Bytes sent on the wire (frames, compressed).
-    pub wire_bytes_sent: u64,
-    /// Body bytes received, after decompression.
-    pub raw_bytes_received: u64,
-    /// Bytes received on the wire.
-    pub wire_bytes_received: u64,
-    /// Requests sent.
-    pub requests: u64,
+struct Pools {
+    peers: HashMap<String, Peer>,
+    swept: Instant,
 }
 
-/// Sends requests to peers' data planes. Cheap to clone; clones share the pools.
+/// Sends requests to peers' data planes, over at most `conns_per_peer_max` connections per
+/// peer. Cheap to clone; clones share the pools and the counters.
 #[derive(Clone)]
 pub struct DataClient {
     config: Arc<DataConfig>,
-    peers: Arc<Mutex<HashMap<String, Peer>>>,
+    pools: Arc<Mutex<Pools>>,
     counters: Arc<Counters>,
+}
+
+/// How a request's first attempt failed.
+enum Failed {
+    /// On a pooled connection whose socket took nothing: the peer cannot have seen any of
+    /// the request, which may go again on a fresh connection, with this body.
+    Untouched(Body, Option<OwnedSemaphorePermit>, DataError),
+    Other(DataError),
 }
 
 impl DataClient {
     /// A client with `config`'s limits.
     pub fn new(config: DataConfig) -> DataClient {
-        DataClient { config: Arc::new(config), peers: Arc::default(), counters: Arc::default() }
+        let pools = Pools { peers: HashMap::new(), swept: Instant::now() };
+        DataClient { config: Arc::new(config), pools: Arc::new(Mutex::new(pools)), counters: Arc::default() }
     }
 
-    /// What this client moved so far.
+    /// What this client moved so far, and its connections.
     pub fn stats(&self) -> DataStats {
-        let c = &self.counters;
-        DataStats {
-            raw_bytes_sent: c.raw_bytes_sent.load(Ordering::Relaxed),
-            wire_bytes_sent: c.wire_bytes_sent.load(Ordering::Relaxed),
-            raw_bytes_received: c.raw_bytes_received.load(Ordering::Relaxed),
-            wire_bytes_received: c.wire_bytes_received.load(Ordering::Relaxed),
-            requests: c.requests.load(Ordering::Relaxed),
-        }
+        self.counters.stats()
     }
 
     /// Sends a request to the data plane at `address` and returns its response as soon as
-    /// its header arrived (its body streams from the connection).
+    /// its header arrived (its body streams from the connection, which goes back to the
+    /// pool once the body was read to its end). `compression` applies to both bodies.
+    ///
+    /// A pooled connection the peer closed meanwhile is noticed before use and closed. If
+    /// one fails when the socket has taken nothing of the request yet, the request goes
+    /// once more on a fresh connection; once anything was written it never goes twice
+    /// (the peer may have acted on it), and the error is returned.
     pub async fn request(
         &self,
         address: &str,
@@ -73,17 +75,63 @@ impl DataClient {
         compression: Compression,
     ) -> Result<Response, DataError> {
         if header.len() > self.config.header_bytes_max {
-            return Err(DataError::TooLarge(format!("a header of {} bytes", header.len())));
+            return Err(DataError::too_large("header", header.len(), self.config.header_bytes_max));
         }
-        self.counters.requests.fetch_add(1, Ordering::Relaxed);
-        let mut conn = self.checkout(address).await?;
-        conn.write(Kind::Header, &header, compression).await?;
-        let early = conn.send_body(body, compression).await?;
-        let reusable = early.is_none();
+        Counters::add(&self.counters.requests, 1);
+        let (conn, pooled) = self.checkout(address).await?;
+        match self.exchange(address, conn, &header, body, compression, pooled).await {
+            Ok(response) => Ok(response),
+            Err(Failed::Untouched(body, permit, err)) => {
+                tracing::debug!(address, error = %err, "data plane: a pooled connection was dead; sending on a new one");
+                let mut conn = self.connect(address).await?;
+                conn.permit = permit;
+                let again = self.exchange(address, conn, &header, body, compression, false).await;
+                again.map_err(|failed| match failed {
+                    Failed::Untouched(_, _, err) | Failed::Other(err) => err,
+                })
+            }
+            Err(Failed::Other(err)) => Err(err),
+        }
+    }
+
+    /// One attempt at a request on `conn`.
+    async fn exchange(
+        &self,
+        address: &str,
+        mut conn: Conn,
+        header: &[u8],
+        body: Body,
+        compression: Compression,
+        pooled: bool,
+    ) -> Result<Response, Failed> {
+        let untouched = |conn: &mut Conn, body: Option<Body>, err: DataError| match body {
+            Some(body) if pooled && conn.accepted == 0 => Failed::Untouched(body, conn.permit.take(), err),
+            _ => Failed::Other(err),
+        };
+        if let Err(err) = conn.send(Kind::Header, header, compression).await {
+            return Err(untouched(&mut conn, Some(body), err));
+        }
+        // A body in memory can go again; a stream cannot, so on a pooled connection the
+        // header goes alone first, to learn whether the socket is alive before the stream
+        // is polled.
+        let replay = body.replay();
+        let body = match replay {
+            Some(_) => body,
+            None if pooled => match conn.flush().await {
+                Ok(()) => body,
+                Err(err) => return Err(untouched(&mut conn, Some(body), err)),
+            },
+            None => body,
+        };
+        let early = match conn.send_body(body, compression, true).await {
+            Ok(early) => early,
+            Err(err) => return Err(untouched(&mut conn, replay, err)),
+        };
         let answer = match early {
             Some(frame) => frame,
             None => loop {
-                let frame = conn.read(self.config.header_bytes_max.max(conn.chunk_max)).await?;
+                // Credits the peer granted for the request body after its last chunk.
+                let frame = conn.read(conn.terms.answer_max()).await.map_err(Failed::Other)?;
                 if frame.kind != Kind::Credit {
                     break frame;
                 }
@@ -91,55 +139,55 @@ impl DataClient {
         };
         match answer.kind {
             Kind::Header => {}
-            Kind::Error => return Err(DataError::Remote(String::from_utf8_lossy(&answer.payload).into_owned())),
-            other => return Err(DataError::Protocol(format!("a {other:?} frame instead of a response header"))),
+            Kind::Error => {
+                return Err(Failed::Other(DataError::Remote(String::from_utf8_lossy(&answer.payload).into_owned())))
+            }
+            other => {
+                return Err(Failed::Other(DataError::Protocol(format!("a {other:?} frame instead of a response"))))
+            }
         }
         let (pool, address) = (self.clone(), address.to_owned());
         let back = Box::new(move |conn: Conn, finished: bool| {
-            if finished && reusable {
+            if finished {
                 pool.check_in(&address, conn);
             }
         });
         Ok(Response { header: answer.payload, body: Body::incoming(Incoming::new(conn, back)) })
     }
 
-    /// An idle pooled connection to `address`, or a new one, holding one of the peer's
-    /// connection permits.
-    async fn checkout(&self, address: &str) -> Result<Conn, DataError> {
-        let permits = {
-            let mut peers = self.peers.lock();
-            if peers.len() >= PEERS_MAX && !peers.contains_key(address) {
-                peers.retain(|_, p| p.permits.available_permits() < self.config.conns_per_peer_max);
-            }
-            let peer = peers.entry(address.to_owned()).or_insert_with(|| Peer {
-                permits: Arc::new(Semaphore::new(self.config.conns_per_peer_max.max(1))),
-                idle: Vec::new(),
-            });
-            peer.permits.clone()
-        };
+    /// A connection to `address` holding one of the peer's permits: an idle pooled one
+    /// (`true`) or a new one.
+    async fn checkout(&self, address: &str) -> Result<(Conn, bool), DataError> {
+        let permits = self.pools.lock().peer(address, &self.config).permits.clone();
         let permit = permits.acquire_owned().await.map_err(|_| DataError::Closed)?;
-        // Half the servers' idle timeout: a pooled connection is dropped here well before a
-        // server (configured alike) closes it.
-        let idle_timeout = Duration::from_millis(self.config.idle_timeout_ms / 2);
         let pooled = {
-            let mut peers = self.peers.lock();
-            let idle = peers.get_mut(address).map(|p| &mut p.idle);
+            let mut pools = self.pools.lock();
+            pools.sweep(self.pooled_for());
+            let idle = pools.peers.get_mut(address).map(|p| &mut p.idle);
             idle.and_then(|idle| {
-                idle.retain(|(conn, since)| since.elapsed() < idle_timeout && still_open(conn));
-                idle.pop().map(|(conn, _)| conn)
+                // Whatever is not usable any more is closed on the way.
+                std::iter::from_fn(|| idle.pop()).find(|(conn, since)| usable(conn, *since, self.pooled_for()))
             })
         };
-        let mut conn = match pooled {
-            Some(conn) => conn,
-            None => self.connect(address).await?,
+        let (mut conn, pooled) = match pooled {
+            Some((conn, _)) => (conn, true),
+            None => (self.connect(address).await?, false),
         };
         conn.permit = Some(permit);
-        Ok(conn)
+        Ok((conn, pooled))
+    }
+
+    /// How long a connection stays pooled: half the idle timeout, so that a server
+    /// configured alike never closes one under a request.
+    fn pooled_for(&self) -> Duration {
+        Duration::from_millis(self.config.idle_timeout_ms / 2)
     }
 
     fn check_in(&self, address: &str, mut conn: Conn) {
         conn.permit = None;
-        if let Some(peer) = self.peers.lock().get_mut(address) {
+        conn.idle();
+        let mut pools = self.pools.lock();
+        if let Some(peer) = pools.peers.get_mut(address) {
             if peer.idle.len() < self.config.conns_per_peer_max {
                 peer.idle.push((conn, Instant::now()));
             }
@@ -147,51 +195,41 @@ impl DataClient {
     }
 
     async fn connect(&self, address: &str) -> Result<Conn, DataError> {
-        let config = &self.config;
-        let timeout = Duration::from_millis(config.connect_timeout_ms);
+        let timeout = Duration::from_millis(self.config.connect_timeout_ms);
+        let begun = Instant::now();
         let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address))
             .await
             .map_err(|_| DataError::Connect(format!("{address}: no answer in {timeout:?}")))?
             .map_err(|e| DataError::Connect(format!("{address}: {e}")))?;
-        stream.set_nodelay(true).map_err(frame::io)?;
-        let mut stream = stream;
-        let frame_timeout = Duration::from_millis(config.frame_timeout_ms);
-        let peer_window = tokio::time::timeout(frame_timeout, handshake(&mut stream, config.window_frames))
-            .await
-            .map_err(|_| DataError::Timeout(format!("{address} did not complete the handshake")))??;
-        let limits = (config.window_frames.max(1), peer_window, config.chunk(), frame_timeout);
-        Ok(Conn::new(stream, limits, self.counters.clone()))
+        let left = timeout.saturating_sub(begun.elapsed());
+        Conn::open(stream, &self.config, self.counters.clone(), left).await
     }
 }
 
-/// Whether a pooled connection is still open: the peer sent nothing since (a close shows
-/// as the end of the stream, anything else would be a protocol error).
-fn still_open(conn: &Conn) -> bool {
-    let mut probe = [0u8; 1];
-    if !conn.reader.buffer().is_empty() {
-        return false;
+impl Pools {
+    fn peer(&mut self, address: &str, config: &DataConfig) -> &mut Peer {
+        let conns_max = config.conns_per_peer_max.max(1);
+        if self.peers.len() >= PEERS_MAX && !self.peers.contains_key(address) {
+            self.peers.retain(|_, p| p.permits.available_permits() < conns_max);
+        }
+        self.peers
+            .entry(address.to_owned())
+            .or_insert_with(|| Peer { permits: Arc::new(Semaphore::new(conns_max)), idle: Vec::new() })
     }
-    matches!(conn.reader.get_ref().try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+
+    /// Closes the idle connections of every peer that are too old or closed by the peer,
+    /// at most every [`SWEEP_EVERY`].
+    fn sweep(&mut self, pooled_for: Duration) {
+        if self.swept.elapsed() < SWEEP_EVERY {
+            return;
+        }
+        self.swept = Instant::now();
+        for peer in self.peers.values_mut() {
+            peer.idle.retain(|(conn, since)| usable(conn, *since, pooled_for));
+        }
+    }
 }
 
-/// Says who this end is and its window, and reads the peer's: the peer's window.
-pub(crate) async fn handshake(stream: &mut tokio::net::TcpStream, window: u32) -> Result<u32, DataError> {
-    let mut hello = [0u8; 10];
-    hello[..6].copy_from_slice(MAGIC);
-    hello[6..].copy_from_slice(&window.max(1).to_le_bytes());
-    let (mut reader, mut writer) = stream.split();
-    let (wrote, read) = tokio::join!(writer.write_all(&hello), async {
-        let mut theirs = [0u8; 10];
-        reader.read_exact(&mut theirs).await.map(|_| theirs)
-    });
-    wrote.map_err(frame::io)?;
-    let theirs = read.map_err(frame::io)?;
-    if &theirs[..6] != MAGIC {
-        return Err(DataError::Protocol("the peer is not a girder data plane of this version".into()));
-    }
-    let peer_window = u32::from_le_bytes([theirs[6], theirs[7], theirs[8], theirs[9]]);
-    if peer_window == 0 {
-        return Err(DataError::Protocol("the peer offers no window".into()));
-    }
-    Ok(peer_window)
+fn usable(conn: &Conn, since: Instant, pooled_for: Duration) -> bool {
+    since.elapsed() < pooled_for && conn.still_open()
 }

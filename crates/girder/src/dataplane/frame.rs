@@ -1,18 +1,30 @@
-//! Frames on the wire: a fixed header (kind, compression, wire length, raw length, crc32c
-//! of the header's other fields and the wire payload), then the payload. Every frame is checked before use, and a
-//! compressed payload is never inflated beyond its declared raw length, itself capped.
+//! Frames on the wire: a fixed 14-byte header, then the payload.
+//!
+//! ```text
+//! 0      kind (Kind)
+//! 1      low nibble: the payload's compression; high nibble (header frames only): the
+//!        compression the requester wants for the response's body
+//! 2..6   wire length: payload bytes as sent (u32, little-endian)
+//! 6..10  raw length: payload bytes once decompressed (u32, little-endian)
+//! 10..14 crc32c of bytes 0..10 and of the payload as sent
+//! ```
+//!
+//! A header is checked for sanity before its payload is read (lengths within the reader's
+//! limit, a compressed payload strictly shorter than its raw length, a raw one exactly as
+//! long), and the checksum before the payload is used, so a corrupt frame is never
+//! decompressed. Decompression is bounded by the raw length, itself bounded by the limit:
+//! a frame can never make its reader allocate more than that.
 
-use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use bytes::Bytes;
 
 use super::{Compression, DataError};
 
 /// Bytes of a frame header.
 pub(crate) const HEADER_LEN: usize = 14;
-/// What a connection says first, both ways: the protocol's name and version.
-pub(crate) const MAGIC: &[u8; 6] = b"GRDP\x00\x01";
 /// Chunks smaller than this are sent raw: compressing them saves nothing worth the time.
 const COMPRESS_MIN_BYTES: usize = 512;
+/// The zstd level: the fastest, since a transfer is as fast as its slowest stage.
+const ZSTD_LEVEL: i32 = 1;
 
 /// What a frame carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,9 +35,10 @@ pub(crate) enum Kind {
     Chunk = 2,
     /// The end of a body.
     End = 3,
-    /// The receiver takes this many more chunks (payload: u32 little-endian).
+    /// The receiver takes this many more chunks (payload: u32, little-endian).
     Credit = 4,
-    /// The request failed on the serving side (payload: why, UTF-8), instead of a header.
+    /// The sender failed (payload: why, UTF-8): instead of a response header, the handler
+    /// panicked; inside a body, its producer failed. The connection closes after it.
     Error = 5,
 }
 
@@ -42,29 +55,6 @@ impl Kind {
     }
 }
 
-/// A frame read off the wire, checked and decompressed.
-#[derive(Debug)]
-pub(crate) struct Frame {
-    pub(crate) kind: Kind,
-    /// For a request's header: how the requester wants the response body compressed.
-    pub(crate) reply: Compression,
-    pub(crate) payload: Bytes,
-    /// Bytes it took on the wire, header included.
-    pub(crate) wire_bytes: usize,
-}
-
-fn compress(compression: Compression, raw: &[u8]) -> Option<(u8, Vec<u8>)> {
-    if raw.len() < COMPRESS_MIN_BYTES {
-        return None;
-    }
-    let packed = match compression {
-        Compression::None => return None,
-        Compression::Lz4 => (1, lz4_flex::block::compress(raw)),
-        Compression::Zstd => (2, zstd::bulk::compress(raw, 1).ok()?),
-    };
-    (packed.1.len() < raw.len()).then_some(packed)
-}
-
 fn code(compression: Compression) -> u8 {
     match compression {
         Compression::None => 0,
@@ -73,81 +63,168 @@ fn code(compression: Compression) -> u8 {
     }
 }
 
-/// Writes one frame of `payload`: a chunk compressed with `compression` when that shrinks
-/// it; a header (never compressed) tells the peer to compress its reply's chunks so.
-pub(crate) async fn write<W: AsyncWrite + Unpin>(
-    out: &mut W,
-    kind: Kind,
-    payload: &[u8],
-    compression: Compression,
-) -> Result<usize, DataError> {
-    let packed = if kind == Kind::Chunk { compress(compression, payload) } else { None };
-    let (flag, wire): (u8, &[u8]) = match &packed {
-        Some((flag, bytes)) => (*flag, bytes),
-        None if kind == Kind::Header => (code(compression) << 4, payload),
-        None => (0, payload),
-    };
-    let (wire_len, raw_len) = (len_u32(wire.len())?, len_u32(payload.len())?);
-    let mut header = [0u8; HEADER_LEN];
-    header[0] = kind as u8;
-    header[1] = flag;
-    header[2..6].copy_from_slice(&wire_len.to_le_bytes());
-    header[6..10].copy_from_slice(&raw_len.to_le_bytes());
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&header[..10]), wire);
-    header[10..14].copy_from_slice(&crc.to_le_bytes());
-    out.write_all(&header).await.map_err(io)?;
-    out.write_all(wire).await.map_err(io)?;
-    Ok(HEADER_LEN + wire.len())
+fn from_code(code: u8) -> Option<Compression> {
+    match code {
+        0 => Some(Compression::None),
+        1 => Some(Compression::Lz4),
+        2 => Some(Compression::Zstd),
+        _ => None,
+    }
 }
 
-/// Reads one frame whose raw payload is at most `raw_max` bytes.
-pub(crate) async fn read<R: AsyncRead + Unpin>(input: &mut R, raw_max: usize) -> Result<Frame, DataError> {
-    let mut header = [0u8; HEADER_LEN];
-    input.read_exact(&mut header).await.map_err(io)?;
+/// A frame header, parsed and found sane (its checksum is checked with the payload).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Head {
+    pub(crate) kind: Kind,
+    /// How the payload is compressed.
+    pub(crate) packing: Compression,
+    /// For a request's header: how the requester wants the response body compressed.
+    pub(crate) reply: Compression,
+    pub(crate) wire_len: usize,
+    pub(crate) raw_len: usize,
+    crc: u32,
+}
+
+/// The header of a frame whose payload is `wire` (`raw_len` bytes once unpacked).
+pub(crate) fn encode_head(
+    kind: Kind,
+    packing: Compression,
+    reply: Compression,
+    wire: &[u8],
+    raw_len: usize,
+) -> Result<[u8; HEADER_LEN], DataError> {
+    let len = |n: usize| u32::try_from(n).map_err(|_| DataError::too_large("frame", n, u32::MAX as usize));
+    let mut head = [0u8; HEADER_LEN];
+    head[0] = kind as u8;
+    head[1] = code(packing) | code(reply) << 4;
+    head[2..6].copy_from_slice(&len(wire.len())?.to_le_bytes());
+    head[6..10].copy_from_slice(&len(raw_len)?.to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&head[..10]), wire);
+    head[10..14].copy_from_slice(&crc.to_le_bytes());
+    Ok(head)
+}
+
+fn u32_at(bytes: &[u8; HEADER_LEN], at: usize) -> u32 {
+    u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+}
+
+/// Parses a frame header whose payload may be at most `raw_max` bytes once unpacked.
+pub(crate) fn parse_head(bytes: &[u8; HEADER_LEN], raw_max: usize) -> Result<Head, DataError> {
     let kind =
-        Kind::from_u8(header[0]).ok_or_else(|| DataError::Protocol(format!("unknown frame kind {}", header[0])))?;
-    let (flag, reply) = match (kind, header[1] >> 4) {
-        (Kind::Header, 0) => (header[1] & 0x0f, Compression::None),
-        (Kind::Header, 1) => (header[1] & 0x0f, Compression::Lz4),
-        (Kind::Header, 2) => (header[1] & 0x0f, Compression::Zstd),
-        (_, 0) => (header[1], Compression::None),
-        _ => return Err(DataError::Protocol(format!("unknown frame flags {:#x}", header[1]))),
+        Kind::from_u8(bytes[0]).ok_or_else(|| DataError::Protocol(format!("unknown frame kind {}", bytes[0])))?;
+    let flags =
+        |code| from_code(code).ok_or_else(|| DataError::Protocol(format!("unknown frame flags {:#x}", bytes[1])));
+    let (packing, reply) = (flags(bytes[1] & 0x0f)?, flags(bytes[1] >> 4)?);
+    if kind != Kind::Header && reply != Compression::None {
+        return Err(DataError::Protocol(format!("unknown frame flags {:#x}", bytes[1])));
+    }
+    let (wire_len, raw_len) = (u32_at(bytes, 2) as usize, u32_at(bytes, 6) as usize);
+    if raw_len > raw_max {
+        return Err(DataError::too_large("frame", raw_len, raw_max));
+    }
+    let sane = match packing {
+        Compression::None => wire_len == raw_len,
+        _ => wire_len < raw_len && kind == Kind::Chunk,
     };
-    let wire_len = u32::from_le_bytes([header[2], header[3], header[4], header[5]]) as usize;
-    let raw_len = u32::from_le_bytes([header[6], header[7], header[8], header[9]]) as usize;
-    let crc = u32::from_le_bytes([header[10], header[11], header[12], header[13]]);
-    if raw_len > raw_max || wire_len > raw_max.saturating_add(raw_max / 64 + 64) {
-        return Err(DataError::TooLarge(format!("a frame of {raw_len} bytes; at most {raw_max}")));
+    if !sane {
+        return Err(DataError::Protocol(format!("a {kind:?} frame of {wire_len} bytes for {raw_len} ({packing:?})")));
     }
-    if flag == 0 && wire_len != raw_len {
-        return Err(DataError::Protocol("an uncompressed frame whose lengths differ".into()));
-    }
-    let mut wire = BytesMut::zeroed(wire_len);
-    input.read_exact(&mut wire).await.map_err(io)?;
-    if crc32c::crc32c_append(crc32c::crc32c(&header[..10]), &wire) != crc {
+    Ok(Head { kind, packing, reply, wire_len, raw_len, crc: u32_at(bytes, 10) })
+}
+
+/// Checks the checksum of a frame: its header's first ten bytes and its payload as sent.
+pub(crate) fn check(head: &Head, bytes: &[u8; HEADER_LEN], wire: &[u8]) -> Result<(), DataError> {
+    if wire.len() != head.wire_len || crc32c::crc32c_append(crc32c::crc32c(&bytes[..10]), wire) != head.crc {
         return Err(DataError::Checksum);
     }
-    let payload = match flag {
-        0 => wire.freeze(),
-        1 => lz4_flex::block::decompress(&wire, raw_len).map_err(|e| DataError::Protocol(format!("lz4: {e}")))?.into(),
-        2 => zstd::bulk::decompress(&wire, raw_len).map_err(|e| DataError::Protocol(format!("zstd: {e}")))?.into(),
-        other => return Err(DataError::Protocol(format!("unknown compression {other}"))),
-    };
-    if payload.len() != raw_len {
-        return Err(DataError::Protocol("a frame that inflated to another length".into()));
-    }
-    Ok(Frame { kind, reply, payload, wire_bytes: HEADER_LEN + wire_len })
+    Ok(())
 }
 
-fn len_u32(len: usize) -> Result<u32, DataError> {
-    u32::try_from(len).map_err(|_| DataError::TooLarge(format!("a frame of {len} bytes")))
+/// A connection's compression state: contexts and scratch space reused frame after frame.
+#[derive(Default)]
+pub(crate) struct Codec {
+    scratch: Vec<u8>,
+    zstd_pack: Option<zstd::bulk::Compressor<'static>>,
+    zstd_unpack: Option<zstd::bulk::Decompressor<'static>>,
 }
 
-pub(crate) fn io(err: std::io::Error) -> DataError {
-    match err.kind() {
-        std::io::ErrorKind::UnexpectedEof => DataError::Closed,
-        _ => DataError::Io(err.to_string()),
+impl Codec {
+    /// `raw` compressed with `compression` when that shrinks it: how it is packed, and the
+    /// bytes to send (in the codec's scratch space, or `raw` itself).
+    pub(crate) fn pack<'a>(&'a mut self, compression: Compression, raw: &'a [u8]) -> (Compression, &'a [u8]) {
+        if raw.len() < COMPRESS_MIN_BYTES {
+            return (Compression::None, raw);
+        }
+        let packed = match compression {
+            Compression::None => None,
+            Compression::Lz4 => {
+                self.room(lz4_flex::block::get_maximum_output_size(raw.len()));
+                lz4_flex::block::compress_into(raw, &mut self.scratch).ok()
+            }
+            Compression::Zstd => {
+                self.room(zstd::zstd_safe::compress_bound(raw.len()));
+                let context = match &mut self.zstd_pack {
+                    Some(context) => Some(context),
+                    None => zstd::bulk::Compressor::new(ZSTD_LEVEL).ok().map(|c| self.zstd_pack.insert(c)),
+                };
+                context.and_then(|c| c.compress_to_buffer(raw, &mut self.scratch[..]).ok())
+            }
+        };
+        match packed {
+            Some(len) if len < raw.len() => (compression, &self.scratch[..len]),
+            _ => (Compression::None, raw),
+        }
     }
+
+    fn room(&mut self, bytes: usize) {
+        if self.scratch.len() < bytes {
+            self.scratch.resize(bytes, 0);
+        }
+    }
+
+    /// The payload of a checked frame, decompressed into exactly `head.raw_len` bytes.
+    pub(crate) fn unpack(&mut self, head: &Head, wire: Bytes) -> Result<Bytes, DataError> {
+        let raw = match head.packing {
+            Compression::None => return Ok(wire),
+            Compression::Lz4 => lz4_flex::block::decompress(&wire, head.raw_len)
+                .map_err(|e| DataError::Protocol(format!("lz4: {e}")))?,
+            Compression::Zstd => {
+                let context = match &mut self.zstd_unpack {
+                    Some(context) => context,
+                    None => self
+                        .zstd_unpack
+                        .insert(zstd::bulk::Decompressor::new().map_err(|e| DataError::Io(format!("zstd: {e}")))?),
+                };
+                // The capacity bounds what it may inflate to.
+                context.decompress(&wire, head.raw_len).map_err(|e| DataError::Protocol(format!("zstd: {e}")))?
+            }
+        };
+        if raw.len() != head.raw_len {
+            return Err(DataError::Protocol(format!("a frame inflated to {} bytes, not {}", raw.len(), head.raw_len)));
+        }
+        Ok(raw.into())
+    }
+}
+
+/// One frame encoded whole: for tests and for peers that write raw frames.
+#[cfg(test)]
+pub(crate) fn encode(kind: Kind, payload: &[u8], compression: Compression, codec: &mut Codec) -> Vec<u8> {
+    let packing = if kind == Kind::Chunk { compression } else { Compression::None };
+    let reply = if kind == Kind::Header { compression } else { Compression::None };
+    let (packing, wire) = codec.pack(packing, payload);
+    let head = encode_head(kind, packing, reply, wire, payload.len()).expect("a small frame");
+    [&head[..], wire].concat()
+}
+
+/// Decodes one frame at the start of `bytes`: its head, its payload, the bytes it took.
+#[cfg(test)]
+pub(crate) fn decode(bytes: &[u8], raw_max: usize, codec: &mut Codec) -> Result<(Head, Bytes, usize), DataError> {
+    let header: &[u8; HEADER_LEN] = bytes.get(..HEADER_LEN).and_then(|h| h.try_into().ok()).ok_or(DataError::Closed)?;
+    let head = parse_head(header, raw_max)?;
+    let wire = bytes.get(HEADER_LEN..HEADER_LEN + head.wire_len).ok_or(DataError::Closed)?;
+    check(&head, header, wire)?;
+    let payload = codec.unpack(&head, Bytes::copy_from_slice(wire))?;
+    Ok((head, payload, HEADER_LEN + head.wire_len))
 }
 
 #[cfg(test)]
@@ -155,39 +232,107 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    async fn round_trip(payload: &[u8], compression: Compression) -> Result<Frame, DataError> {
-        let mut wire = Vec::new();
-        write(&mut wire, Kind::Chunk, payload, compression).await?;
-        read(&mut &wire[..], 1 << 20).await
+    const EVERY: [Compression; 3] = [Compression::None, Compression::Lz4, Compression::Zstd];
+
+    #[test]
+    fn frames_round_trip_with_every_compression() {
+        let text = b"girder girder girder ".repeat(100);
+        let random: Vec<u8> = (0..4_000).map(|_| fastrand::u8(..)).collect();
+        let mut codec = Codec::default();
+        for compression in EVERY {
+            let wire = encode(Kind::Chunk, &text, compression, &mut codec);
+            let (head, payload, used) = decode(&wire, 1 << 20, &mut codec).unwrap();
+            assert_eq!((&payload[..], used, head.packing), (&text[..], wire.len(), compression));
+            if compression != Compression::None {
+                assert!(wire.len() < text.len() / 4, "{compression:?} did not compress");
+            }
+            // Incompressible bytes go raw, whatever was asked.
+            let wire = encode(Kind::Chunk, &random, compression, &mut codec);
+            let (head, payload, _) = decode(&wire, 1 << 20, &mut codec).unwrap();
+            assert_eq!((&payload[..], head.packing), (&random[..], Compression::None));
+            assert_eq!(wire.len(), HEADER_LEN + random.len());
+        }
     }
 
-    #[tokio::test]
-    async fn frames_round_trip_with_every_compression() {
-        let text = b"girder girder girder ".repeat(100);
-        for compression in [Compression::None, Compression::Lz4, Compression::Zstd] {
-            let frame = round_trip(&text, compression).await.unwrap();
-            assert_eq!(&frame.payload[..], &text[..]);
-            if compression != Compression::None {
-                assert!(frame.wire_bytes < text.len() / 4, "{compression:?} did not compress");
+    #[test]
+    fn a_header_carries_the_reply_compression_and_is_never_packed() {
+        let mut codec = Codec::default();
+        let header = vec![b'h'; 4_000];
+        let wire = encode(Kind::Header, &header, Compression::Zstd, &mut codec);
+        let (head, payload, _) = decode(&wire, 1 << 20, &mut codec).unwrap();
+        assert_eq!((head.kind, head.packing, head.reply), (Kind::Header, Compression::None, Compression::Zstd));
+        assert_eq!(payload, header);
+    }
+
+    #[test]
+    fn lengths_over_the_limit_are_refused_before_anything_is_read() {
+        let mut codec = Codec::default();
+        let wire = encode(Kind::Chunk, &[7u8; 2_000], Compression::None, &mut codec);
+        let refused = decode(&wire[..HEADER_LEN], 1_000, &mut codec);
+        assert!(matches!(refused, Err(DataError::TooLarge { bytes: 2_000, bytes_max: 1_000, .. })), "{refused:?}");
+        // A compressed frame that claims to inflate beyond the limit: refused as well.
+        let text = b"abc".repeat(10_000);
+        let mut wire = encode(Kind::Chunk, &text, Compression::Lz4, &mut codec);
+        wire[6..10].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(decode(&wire, 1 << 20, &mut codec), Err(DataError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn a_frame_that_lies_about_its_raw_length_is_refused() {
+        let mut codec = Codec::default();
+        let text = b"abc".repeat(10_000);
+        for compression in [Compression::Lz4, Compression::Zstd] {
+            let wire = encode(Kind::Chunk, &text, compression, &mut codec);
+            // Re-sign a header that claims one byte more (or less) than the payload holds.
+            for raw_len in [text.len() + 1, text.len() - 1] {
+                let (head, _, _) = decode(&wire, 1 << 20, &mut codec).unwrap();
+                let payload = &wire[HEADER_LEN..];
+                let forged = encode_head(Kind::Chunk, head.packing, Compression::None, payload, raw_len).unwrap();
+                let forged = [&forged[..], payload].concat();
+                let decoded = decode(&forged, 1 << 20, &mut codec);
+                assert!(matches!(decoded, Err(DataError::Protocol(_))), "{compression:?}, {raw_len}: {decoded:?}");
             }
         }
     }
 
     proptest! {
         #[test]
-        fn any_flipped_byte_is_refused(payload in proptest::collection::vec(any::<u8>(), 1..2000), at in any::<prop::sample::Index>(), bit in 0u8..8) {
-            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-            let mut wire = Vec::new();
-            runtime.block_on(write(&mut wire, Kind::Chunk, &payload, Compression::Lz4)).unwrap();
+        fn any_flipped_bit_is_refused(
+            payload in proptest::collection::vec(any::<u8>(), 0..3_000),
+            repeat in any::<bool>(),
+            compression in proptest::sample::select(EVERY.to_vec()),
+            at in any::<prop::sample::Index>(),
+            bit in 0u8..8,
+        ) {
+            // Repeated payloads compress, random ones go raw: both layouts are covered.
+            let payload = if repeat { payload.repeat(4) } else { payload };
+            let mut codec = Codec::default();
+            let mut wire = encode(Kind::Chunk, &payload, compression, &mut codec);
             let at = at.index(wire.len());
             wire[at] ^= 1 << bit;
-            prop_assert!(runtime.block_on(read(&mut &wire[..], 1 << 20)).is_err());
+            prop_assert!(decode(&wire, 1 << 20, &mut codec).is_err());
         }
 
         #[test]
-        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
-            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-            let _ = runtime.block_on(read(&mut &bytes[..], 1 << 16));
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut codec = Codec::default();
+            let _ = decode(&bytes, 1 << 16, &mut codec);
+        }
+
+        #[test]
+        fn arbitrary_payloads_behind_a_valid_checksum_never_panic(
+            payload in proptest::collection::vec(any::<u8>(), 1..512),
+            compression in proptest::sample::select(vec![Compression::Lz4, Compression::Zstd]),
+            raw_len in 0usize..4_096,
+        ) {
+            // A peer may sign garbage: decompressing it must fail cleanly, within bounds.
+            let mut codec = Codec::default();
+            if let Ok(head) = encode_head(Kind::Chunk, compression, Compression::None, &payload, raw_len) {
+                let frame = [&head[..], &payload].concat();
+                if let Ok((_, unpacked, _)) = decode(&frame, 4_096, &mut codec) {
+                    prop_assert_eq!(unpacked.len(), raw_len);
+                }
+            }
         }
     }
 }

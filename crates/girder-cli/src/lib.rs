@@ -24,6 +24,7 @@ mod functions;
 mod map;
 mod serve;
 mod status;
+mod store;
 
 use std::process::ExitCode;
 
@@ -54,6 +55,8 @@ enum Command {
     Map(map::MapArgs),
     /// Read and write the grid's cache through a node.
     Cache(cache::CacheArgs),
+    /// Read and write the bucket store through a node: items by bucket and key, streamed.
+    Store(store::StoreArgs),
     /// Drive the grid's data structures directly: contention and failure drills.
     Ds(ds::DsArgs),
     /// Read and change per-node configuration; running nodes pick it up.
@@ -88,6 +91,7 @@ pub fn main_with(registry: Registry) -> ExitCode {
             Command::Forget(args) => forget::run(args).await,
             Command::Functions(args) => functions::run(args).await,
             Command::Cache(args) => cache::run(args).await,
+            Command::Store(args) => store::run(args).await,
             Command::Ds(args) => ds::run(args).await,
             Command::Config(args) => config::run(args).await,
             Command::Bench(args) => bench::run(registry, args).await,

@@ -614,7 +614,8 @@ pub(super) fn store_get(docs: &Docs) -> Value {
 pub(super) fn store_put(docs: &Docs) -> Value {
     let ok = json_ok("Stored on every owner; its new version.", schema_ref("Written"));
     let about = "The body is the value. `If-Match: VERSION` writes only over that version, `If-None-Match: *` \
-                 only if the item does not exist (409 `conflict` otherwise).";
+                 only if the item does not exist (409 `conflict` otherwise, with the item's version in \
+                 `version`, null if it does not exist, and in `girder-version`).";
     let mut operation = store_op(docs, ["store_put", "Write an item", about], true, (200, ok), &[408, 409, 413]);
     operation["requestBody"] = raw_body();
     operation
@@ -638,10 +639,16 @@ pub(super) fn store_delete(docs: &Docs) -> Value {
 /// `GET /v1/store/{bucket}`.
 pub(super) fn store_bucket_get(docs: &Docs) -> Value {
     let ok = json!({
-        "description": "One line per item in item order: `{\"item\", \"version\", \"value_b64\"}`; an error ends the stream with `{\"error\": ...}`.",
+        "description": "One line per item in item order: `{\"item\", \"version\", \"bytes\", \"value_b64\"}`; an error ends the stream with `{\"error\": ...}`.",
         "content": { "application/x-ndjson": { "schema": { "type": "string" } } },
     });
-    store_op(docs, ["store_bucket_get", "Read a whole bucket", "Streamed as it is read."], false, (200, ok), &[])
+    let head = ["store_bucket_get", "Read a whole bucket", "Streamed as it is read."];
+    let mut operation = store_op(docs, head, false, (200, ok), &[]);
+    let values = query_param("values", "`false` leaves `value_b64` out: a listing.", json!({ "type": "boolean" }));
+    if let Some(parameters) = operation["parameters"].as_array_mut() {
+        parameters.push(values);
+    }
+    operation
 }
 
 /// `DELETE /v1/store/{bucket}`.

@@ -774,8 +774,27 @@ fn stats_schema() -> Value {
             "evaluations": { "type": "array", "items": object(&["function", "count"], json!({
                 "function": { "type": "string" }, "count": counter(),
             })) },
+            "store": store_stats_schema(),
         },
     })
+}
+
+/// The bucket store's figures in `GET /v1/stats` (`null` on a node without a store).
+fn store_stats_schema() -> Value {
+    let fields = [
+        "items",
+        "bytes",
+        "flocks_ready",
+        "flocks_syncing",
+        "writes",
+        "replicated",
+        "copied",
+        "repaired",
+        "fenced",
+        "syncs",
+    ];
+    let properties: Map<String, Value> = fields.iter().map(|field| ((*field).to_owned(), counter())).collect();
+    json!({ "type": ["object", "null"], "required": fields, "properties": properties })
 }
 
 /// A live node as `GET /v1/status` describes it (its main fields; it may have more).

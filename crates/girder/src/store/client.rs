@@ -285,6 +285,11 @@ impl ItemStore {
                 readers.retain(|r| *r != best);
                 readers.insert(0, best);
             }
+            // This node first when it serves the flock, even before its own heartbeat says so.
+            if self.node.serves(flock) {
+                readers.retain(|r| *r != self.node.id);
+                readers.insert(0, self.node.id.clone());
+            }
             if readers.is_empty() {
                 attempt.last = "no node holds the bucket's flock completely yet".into();
             }

@@ -26,6 +26,9 @@ pub struct BenchArgs {
     /// directories under the system's temp dir).
     #[arg(long, conflicts_with = "redis")]
     pub(crate) store: bool,
+    /// Benchmark only the data plane's node-to-node transfer (beside a bare TCP copy).
+    #[arg(long, conflicts_with_all = ["redis", "store"])]
+    pub(crate) transfer: bool,
     /// Bytes the data-plane transfer benchmark moves, in MiB.
     #[arg(long, default_value_t = 1_024, value_parser = clap::value_parser!(u64).range(16..=65_536))]
     pub(crate) transfer_mib: u64,

@@ -1,12 +1,13 @@
 //! `girder bench`: figures beside baselines measured in the same run, on the embedded
-//! statekeeper (`embedded`) or on Redis (`redis`), of the bucket store and the data plane
-//! (`store`), with shared measuring tools (`measure`).
+//! statekeeper (`embedded`) or on Redis (`redis`), of the bucket store (`store`) and the
+//! data plane (`transfer`), with shared measuring tools (`measure`).
 
 mod args;
 mod embedded;
 mod measure;
 mod redis;
 mod store;
+mod transfer;
 
 pub use args::BenchArgs;
 
@@ -14,6 +15,9 @@ use girder::Registry;
 
 /// Runs the benchmarks `args` ask for.
 pub async fn run(registry: Registry, args: BenchArgs) -> anyhow::Result<()> {
+    if args.transfer {
+        return transfer::run(usize::try_from(args.transfer_mib << 20)?).await;
+    }
     if args.store {
         store::transfer(usize::try_from(args.transfer_mib << 20)?).await?;
         return store::run().await;

@@ -13,7 +13,8 @@ use super::frame::Kind;
 use super::{Compression, DataError};
 
 /// Where a received body's connection goes once the body was read to its end (`true`) or
-/// dropped or broken (`false`).
+/// dropped before (`false`: the rest of the body is still to come). A broken body's
+/// connection is closed instead.
 pub(crate) type Return = Box<dyn FnOnce(Conn, bool) + Send>;
 
 /// A body arriving on a connection.
@@ -38,8 +39,10 @@ impl Incoming {
                 None
             }
             Err(err) => {
-                // A broken body leaves its connection in an unknown state: it closes.
-                self.give_back(false);
+                // A broken body leaves its connection in an unknown state: it closes, and
+                // whoever waits for it back learns so by not getting it.
+                self.conn = None;
+                self.back = None;
                 Some(Err(err))
             }
         }

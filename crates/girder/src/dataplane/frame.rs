@@ -23,6 +23,8 @@ use super::{Compression, DataError};
 pub(crate) const HEADER_LEN: usize = 14;
 /// Chunks smaller than this are sent raw: compressing them saves nothing worth the time.
 const COMPRESS_MIN_BYTES: usize = 512;
+/// Bytes of the sample that decides whether a large chunk is worth compressing.
+const PROBE_BYTES: usize = 16 << 10;
 /// The zstd level: the fastest, since a transfer is as fast as its slowest stage.
 const ZSTD_LEVEL: i32 = 1;
 
@@ -152,10 +154,27 @@ impl Codec {
     /// `raw` compressed with `compression` when that shrinks it: how it is packed, and the
     /// bytes to send (in the codec's scratch space, or `raw` itself).
     pub(crate) fn pack<'a>(&'a mut self, compression: Compression, raw: &'a [u8]) -> (Compression, &'a [u8]) {
-        if raw.len() < COMPRESS_MIN_BYTES {
+        if raw.len() < COMPRESS_MIN_BYTES || compression == Compression::None {
             return (Compression::None, raw);
         }
-        let packed = match compression {
+        // Incompressible bytes (already compressed, encrypted, random) would cost a whole
+        // compression for nothing: a sample from the middle tells first.
+        if raw.len() >= PROBE_BYTES * 4 {
+            let middle = raw.len() / 2 - PROBE_BYTES / 2;
+            let sample = &raw[middle..middle + PROBE_BYTES];
+            if self.compress(compression, sample).is_none_or(|len| len >= sample.len() / 8 * 7) {
+                return (Compression::None, raw);
+            }
+        }
+        match self.compress(compression, raw) {
+            Some(len) if len < raw.len() => (compression, &self.scratch[..len]),
+            _ => (Compression::None, raw),
+        }
+    }
+
+    /// Compresses `raw` into the scratch space: the compressed length.
+    fn compress(&mut self, compression: Compression, raw: &[u8]) -> Option<usize> {
+        match compression {
             Compression::None => None,
             Compression::Lz4 => {
                 self.room(lz4_flex::block::get_maximum_output_size(raw.len()));
@@ -169,10 +188,6 @@ impl Codec {
                 };
                 context.and_then(|c| c.compress_to_buffer(raw, &mut self.scratch[..]).ok())
             }
-        };
-        match packed {
-            Some(len) if len < raw.len() => (compression, &self.scratch[..len]),
-            _ => (Compression::None, raw),
         }
     }
 
@@ -251,6 +266,24 @@ mod tests {
             let (head, payload, _) = decode(&wire, 1 << 20, &mut codec).unwrap();
             assert_eq!((&payload[..], head.packing), (&random[..], Compression::None));
             assert_eq!(wire.len(), HEADER_LEN + random.len());
+        }
+    }
+
+    #[test]
+    fn a_large_chunk_is_compressed_only_if_a_sample_of_it_shrinks() {
+        let mut codec = Codec::default();
+        let text = b"{\"id\":1,\"name\":\"girder\"}\n".repeat(10_000);
+        let random: Vec<u8> = (0..text.len()).map(|_| fastrand::u8(..)).collect();
+        for compression in [Compression::Lz4, Compression::Zstd] {
+            assert_eq!(codec.pack(compression, &text).0, compression);
+            assert_eq!(codec.pack(compression, &random).0, Compression::None);
+            // Mostly random, compressible in the middle: the sample says yes, and the chunk
+            // shrinks a little, so it goes compressed.
+            let mut mixed = random.clone();
+            let middle = mixed.len() / 2;
+            mixed[middle - 20_000..middle + 20_000].copy_from_slice(&text[..40_000]);
+            let (packing, wire) = codec.pack(compression, &mixed);
+            assert!(packing == compression && wire.len() < mixed.len(), "{compression:?}");
         }
     }
 

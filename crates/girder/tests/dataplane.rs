@@ -392,6 +392,20 @@ async fn garbage_and_strangers_are_cut_off_without_harm() {
     server.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_at_its_connection_limit_closes_new_ones_at_once() {
+    let (server, address) = start(Echo, DataConfig { conns_max: 2, ..DataConfig::default() }).await;
+    let first = greeted(&address).await;
+    let _second = greeted(&address).await;
+    let third = TcpStream::connect(&address).await.unwrap();
+    assert_eq!(closed_by_server(third).await, Some(Vec::new()), "a connection over the limit was served");
+    drop(first);
+    until("the server closes the first connection", || server.stats().conns_open == 1).await;
+    let client = DataClient::new(DataConfig::default());
+    assert_eq!(echo(&client, &address, pattern(10, 1), Compression::None).await.unwrap(), pattern(10, 1));
+    server.shutdown().await;
+}
+
 /// Reports what its request body ended with.
 struct Reports(tokio::sync::mpsc::Sender<(Result<usize, DataError>, Instant)>);
 

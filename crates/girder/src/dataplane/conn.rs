@@ -198,11 +198,12 @@ impl Conn {
             && matches!(self.reader.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 
-    /// Lets a large receive buffer go while the connection is idle.
+    /// Lets large buffers go while the connection is idle.
     pub(crate) fn idle(&mut self) {
         if self.inbox.is_empty() && self.inbox.capacity() > IDLE_BUFFER_BYTES {
             self.inbox = BytesMut::new();
         }
+        self.codec.idle(IDLE_BUFFER_BYTES);
     }
 
     /// Sends a frame: a small one is queued until `flush` or the next large one.

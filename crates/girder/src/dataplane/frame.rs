@@ -191,6 +191,13 @@ impl Codec {
         }
     }
 
+    /// Lets a scratch space larger than `bytes_max` go (the contexts stay).
+    pub(crate) fn idle(&mut self, bytes_max: usize) {
+        if self.scratch.capacity() > bytes_max {
+            self.scratch = Vec::new();
+        }
+    }
+
     fn room(&mut self, bytes: usize) {
         if self.scratch.len() < bytes {
             self.scratch.resize(bytes, 0);

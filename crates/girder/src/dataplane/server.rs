@@ -139,6 +139,7 @@ async fn serve(stream: tokio::net::TcpStream, peer: std::net::SocketAddr, servin
     let mut conn = Conn::open(stream, config, serving.counters.clone(), frame_timeout).await?;
     let idle = Duration::from_millis(config.idle_timeout_ms);
     loop {
+        conn.idle();
         let readable = tokio::select! {
             readable = conn.readable(idle) => readable?,
             _ = serving.stopping.cancelled() => false,

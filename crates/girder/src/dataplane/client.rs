@@ -9,7 +9,7 @@ use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::body::Incoming;
-use super::conn::Conn;
+use super::conn::{Conn, Frame};
 use super::frame::Kind;
 use super::{Body, Compression, Counters, DataConfig, DataError, DataStats, Response};
 
@@ -127,32 +127,14 @@ impl DataClient {
             Ok(early) => early,
             Err(err) => return Err(untouched(&mut conn, replay, err)),
         };
-        let answer = match early {
-            Some(frame) => frame,
-            None => loop {
-                // Credits the peer granted for the request body after its last chunk.
-                let frame = conn.read(conn.terms.answer_max()).await.map_err(Failed::Other)?;
-                if frame.kind != Kind::Credit {
-                    break frame;
-                }
-            },
-        };
-        match answer.kind {
-            Kind::Header => {}
-            Kind::Error => {
-                return Err(Failed::Other(DataError::Remote(String::from_utf8_lossy(&answer.payload).into_owned())))
-            }
-            other => {
-                return Err(Failed::Other(DataError::Protocol(format!("a {other:?} frame instead of a response"))))
-            }
-        }
+        let header = answer(&mut conn, early).await.map_err(Failed::Other)?;
         let (pool, address) = (self.clone(), address.to_owned());
         let back = Box::new(move |conn: Conn, finished: bool| {
             if finished {
                 pool.check_in(&address, conn);
             }
         });
-        Ok(Response { header: answer.payload, body: Body::incoming(Incoming::new(conn, back)) })
+        Ok(Response { header, body: Body::incoming(Incoming::new(conn, back)) })
     }
 
     /// A connection to `address` holding one of the peer's permits: an idle pooled one
@@ -203,6 +185,25 @@ impl DataClient {
             .map_err(|e| DataError::Connect(format!("{address}: {e}")))?;
         let left = timeout.saturating_sub(begun.elapsed());
         Conn::open(stream, &self.config, self.counters.clone(), left).await
+    }
+}
+
+/// The response's header: `early` if the peer answered before the request body ended,
+/// else the next frame but credits (granted for the request body after its last chunk).
+async fn answer(conn: &mut Conn, early: Option<Frame>) -> Result<Bytes, DataError> {
+    let answer = match early {
+        Some(frame) => frame,
+        None => loop {
+            let frame = conn.read(conn.terms.answer_max()).await?;
+            if frame.kind != Kind::Credit {
+                break frame;
+            }
+        },
+    };
+    match answer.kind {
+        Kind::Header => Ok(answer.payload),
+        Kind::Error => Err(DataError::Remote(String::from_utf8_lossy(&answer.payload).into_owned())),
+        other => Err(DataError::Protocol(format!("a {other:?} frame instead of a response"))),
     }
 }
 

@@ -162,22 +162,21 @@ async fn serve(stream: tokio::net::TcpStream, peer: std::net::SocketAddr, servin
             other => return Err(DataError::Protocol(format!("a {other:?} frame instead of a request"))),
         }
         Counters::add(&serving.counters.requests, 1);
-        let Some(next) = serve_one(conn, frame.payload, frame.reply, peer, serving).await? else { return Ok(()) };
-        conn = next;
+        conn = serve_one(conn, frame.payload, frame.reply, peer, serving).await?;
         if serving.stopping.is_cancelled() {
             return Ok(());
         }
     }
 }
 
-/// Serves one request whose header was read; the connection back if it may carry more.
+/// Serves one request whose header was read; the connection back, in step for the next.
 async fn serve_one(
     conn: Conn,
     header: bytes::Bytes,
     reply: Compression,
     peer: std::net::SocketAddr,
     serving: &Serving,
-) -> Result<Option<Conn>, DataError> {
+) -> Result<Conn, DataError> {
     let slot: Slot = Arc::default();
     let back = {
         let slot = slot.clone();
@@ -205,7 +204,7 @@ async fn serve_one(
     };
     let (mut conn, finished) = returned;
     respond(&mut conn, answer, reply, finished).await?;
-    Ok(Some(conn))
+    Ok(conn)
 }
 
 /// Sends the answer: the response's header, the rest of the request body discarded if the

@@ -520,6 +520,49 @@ async fn a_pooled_connection_the_server_closed_is_not_used_broken() {
     server.shutdown().await;
 }
 
+/// Plays a server on an accepted connection: greets, then answers `answered` requests of
+/// an empty body by their header, then says goodbye once the next request begins, unread.
+async fn answer_then_say_goodbye(listener: &tokio::net::TcpListener, answered: &[&[u8]]) -> std::io::Result<()> {
+    let (mut socket, _) = listener.accept().await?;
+    socket.write_all(HELLO).await?;
+    socket.read_exact(&mut [0u8; 14]).await?;
+    for header in answered {
+        let mut request = vec![0u8; 14 + header.len() + 14]; // header frame, end frame
+        socket.read_exact(&mut request).await?;
+        assert_eq!(&request[14..14 + header.len()], *header);
+        socket.write_all(&[raw_frame(1, 0, header), raw_frame(3, 0, b"")].concat()).await?;
+    }
+    socket.read_exact(&mut [0u8; 1]).await?;
+    socket.write_all(&raw_frame(6, 0, b"")).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_meets_a_goodbye_goes_again_only_if_it_can() {
+    let fake = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = fake.local_addr().unwrap().to_string();
+    let serving = tokio::spawn(async move {
+        answer_then_say_goodbye(&fake, &[b"one"]).await?;
+        answer_then_say_goodbye(&fake, &[b"two"]).await
+    });
+    let client = DataClient::new(DataConfig::default());
+    let request = |header: &'static [u8], body: Body| {
+        client.request(&address, Bytes::from_static(header), body, Compression::None)
+    };
+    let one = request(b"one", Body::empty()).await.unwrap();
+    assert_eq!((&one.header[..], one.body.collect(10).await.unwrap().len()), (&b"one"[..], 0));
+    // The pooled connection looks fine, but the server says goodbye to the request: it
+    // goes again, on a new connection, where it is answered.
+    let two = request(b"two", Body::empty()).await.unwrap();
+    assert_eq!((&two.header[..], two.body.collect(10).await.unwrap().len()), (&b"two"[..], 0));
+    assert_eq!(client.stats().conns_opened, 2);
+    // A streamed body cannot go again: the request fails, and is not sent twice.
+    let stream = futures::stream::iter([Ok(Bytes::from_static(b"three"))]);
+    let three = request(b"three", Body::from_stream(stream)).await;
+    assert!(matches!(three, Err(DataError::Closed)), "{:?}", three.err());
+    assert_eq!(client.stats().conns_opened, 2);
+    serving.await.unwrap().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_closes_idle_connections_at_once_and_stops_accepting() {
     let (server, address) = start(Echo, DataConfig::default()).await;

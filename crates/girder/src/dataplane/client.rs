@@ -63,10 +63,12 @@ impl DataClient {
     /// its header arrived (its body streams from the connection, which goes back to the
     /// pool once the body was read to its end). `compression` applies to both bodies.
     ///
-    /// A pooled connection the peer closed meanwhile is noticed before use and closed. If
-    /// one fails when the socket has taken nothing of the request yet, the request goes
-    /// once more on a fresh connection; once anything was written it never goes twice
-    /// (the peer may have acted on it), and the error is returned.
+    /// A pooled connection the peer closed meanwhile is noticed before use and closed. A
+    /// request that fails on a pooled connection goes once more on a fresh one only if the
+    /// peer cannot have acted on it: the socket took nothing of it, or the server said
+    /// goodbye first (it does when it closes an idle connection, and reads nothing after),
+    /// and its body can go again (bytes in memory, or a stream not yet polled). Otherwise
+    /// it never goes twice, and the error is returned.
     pub async fn request(
         &self,
         address: &str,
@@ -105,7 +107,9 @@ impl DataClient {
         pooled: bool,
     ) -> Result<Response, Failed> {
         let untouched = |conn: &mut Conn, body: Option<Body>, err: DataError| match body {
-            Some(body) if pooled && conn.accepted == 0 => Failed::Untouched(body, conn.permit.take(), err),
+            Some(body) if pooled && (conn.accepted == 0 || conn.said_goodbye()) => {
+                Failed::Untouched(body, conn.permit.take(), err)
+            }
             _ => Failed::Other(err),
         };
         if let Err(err) = conn.send(Kind::Header, header, compression).await {
@@ -127,7 +131,10 @@ impl DataClient {
             Ok(early) => early,
             Err(err) => return Err(untouched(&mut conn, replay, err)),
         };
-        let header = answer(&mut conn, early).await.map_err(Failed::Other)?;
+        let header = match answer(&mut conn, early).await {
+            Ok(header) => header,
+            Err(err) => return Err(untouched(&mut conn, replay, err)),
+        };
         let (pool, address) = (self.clone(), address.to_owned());
         let back = Box::new(move |conn: Conn, finished: bool| {
             if finished {

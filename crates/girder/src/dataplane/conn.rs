@@ -76,6 +76,8 @@ pub(crate) struct Conn {
     queue: Vec<u8>,
     /// Bytes the socket took so far: none means the peer cannot have seen anything.
     pub(crate) accepted: u64,
+    /// The peer said goodbye (and read nothing of what this end sent since).
+    goodbye: bool,
     codec: Codec,
     pub(crate) terms: Terms,
     counters: Arc<Counters>,
@@ -115,6 +117,7 @@ impl Conn {
             writer,
             queue: Vec::new(),
             accepted: 0,
+            goodbye: false,
             codec: Codec::default(),
             terms,
             counters,
@@ -165,6 +168,10 @@ impl Conn {
         fill(&mut self.reader, &mut self.inbox, HEADER_LEN, READ_AHEAD_BYTES).await?;
         let header: [u8; HEADER_LEN] = self.inbox[..HEADER_LEN].try_into().map_err(|_| DataError::Closed)?;
         let head: Head = frame::parse_head(&header, raw_max)?;
+        if head.kind == Kind::Goodbye {
+            self.goodbye = true;
+            return Err(DataError::Closed);
+        }
         let len = HEADER_LEN + head.wire_len;
         // Exactly to the frame's end: what lies beyond would be in the way of reuse.
         fill(&mut self.reader, &mut self.inbox, len, len).await?;
@@ -187,6 +194,31 @@ impl Conn {
             Ok(Ok(())) => Ok(true),
             Err(_) | Ok(Err(DataError::Closed)) => Ok(false),
             Ok(Err(err)) => Err(err),
+        }
+    }
+
+    /// Whether the peer said goodbye before it read anything of this end's request: it
+    /// did then not act on it. Looks at what already arrived, without waiting.
+    pub(crate) fn said_goodbye(&mut self) -> bool {
+        if !self.goodbye && self.inbox.len() < HEADER_LEN {
+            let mut probe = [0u8; HEADER_LEN];
+            let want = HEADER_LEN - self.inbox.len();
+            if let Ok(read) = self.reader.try_read(&mut probe[..want]) {
+                self.inbox.extend_from_slice(&probe[..read]);
+            }
+        }
+        let header: Option<[u8; HEADER_LEN]> = self.inbox.get(..HEADER_LEN).and_then(|h| h.try_into().ok());
+        let goodbye = header.is_some_and(|header| {
+            frame::parse_head(&header, 0)
+                .is_ok_and(|head| head.kind == Kind::Goodbye && frame::check(&head, &header, &[]).is_ok())
+        });
+        self.goodbye || goodbye
+    }
+
+    /// Tells the requester this idle connection closes (best effort).
+    pub(crate) async fn say_goodbye(&mut self) {
+        if self.send(Kind::Goodbye, &[], Compression::None).await.is_ok() {
+            let _ = self.flush().await;
         }
     }
 

@@ -42,6 +42,9 @@ pub(crate) enum Kind {
     /// The sender failed (payload: why, UTF-8): instead of a response header, the handler
     /// panicked; inside a body, its producer failed. The connection closes after it.
     Error = 5,
+    /// The server closes this idle connection, and read nothing since its last response:
+    /// a request that meets it was not acted on.
+    Goodbye = 6,
 }
 
 impl Kind {
@@ -52,6 +55,7 @@ impl Kind {
             3 => Some(Kind::End),
             4 => Some(Kind::Credit),
             5 => Some(Kind::Error),
+            6 => Some(Kind::Goodbye),
             _ => None,
         }
     }

@@ -145,6 +145,7 @@ async fn serve(stream: tokio::net::TcpStream, peer: std::net::SocketAddr, servin
             _ = serving.stopping.cancelled() => false,
         };
         if !readable {
+            conn.say_goodbye().await;
             return Ok(());
         }
         let frame = match conn.read(conn.terms.header_bytes_max.max(4)).await {

@@ -23,7 +23,13 @@
 //! its connection, so a connection in an unknown state is never reused. A handler may
 //! answer before reading its request body: the server then discards the rest of it (at
 //! most a window, since it grants no more credits) while the requester stops at its end.
-//! Handlers that panic answer [`DataError::Remote`]; the server lives.
+//! Handlers that panic answer [`DataError::Remote`]; the server lives. A server closing an
+//! idle connection says goodbye first and reads nothing after, so a request that crossed
+//! it on the wire is known not to have been acted on, and goes again on a new connection
+//! (when its body can be sent again); no other failed request is ever sent twice.
+//!
+//! Memory: a connection holds one receive buffer (a chunk and 64 KiB; let go when idle),
+//! and once it compresses, scratch space of a chunk and its compression contexts.
 
 mod body;
 mod client;

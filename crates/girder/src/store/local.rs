@@ -7,7 +7,7 @@ use futures::{Stream, StreamExt};
 
 use super::client::Item;
 use super::engine::Flock;
-use super::service::{blocking, StoreNode, PAGE_ITEMS_MAX};
+use super::service::{blocking, page_full, StoreNode, PAGE_BYTES_MAX, PAGE_ITEMS_MAX};
 use super::StoreError;
 
 /// A bucket this node holds completely, read from its own engine. While it lives, the
@@ -60,10 +60,13 @@ impl LocalBucket {
             }
             let (name, from) = (bucket.clone(), after.clone());
             let limit = PAGE_ITEMS_MAX as usize;
-            let page = blocking(&node.engine, move |e| e.scan_bucket(flock, &name, from.as_deref(), limit)).await;
+            let page = blocking(&node.engine, move |e| {
+                e.scan_bucket_bytes(flock, &name, from.as_deref(), limit, PAGE_BYTES_MAX)
+            })
+            .await;
             match page {
                 Ok(page) => {
-                    let done = page.len() < limit;
+                    let done = !page_full(&page, limit);
                     let next = page.last().map(|(item, _)| item.clone()).or(after);
                     let items: Vec<_> = page
                         .into_iter()

@@ -28,6 +28,9 @@ const RECENT_OPS_MAX: usize = 65_536;
 pub(crate) const FETCH_KEYS_MAX: usize = 256;
 /// Items one page of a bucket or a flock carries.
 pub(crate) const PAGE_ITEMS_MAX: u32 = 1_000;
+/// Value bytes after which a page of a bucket ends (it holds at least one item), so a page
+/// of large items stays bounded in memory on both sides.
+pub(crate) const PAGE_BYTES_MAX: usize = 16 << 20;
 /// Least time between two placement refreshes forced by refusals.
 const REFRESH_GAP: Duration = Duration::from_millis(50);
 
@@ -58,6 +61,9 @@ pub struct StoreStats {
     pub fenced: u64,
     /// Flock copies completed.
     pub syncs: u64,
+    /// How long the flock waiting longest for its copy here has waited, in milliseconds:
+    /// how far this node's replicas lag (0 when it holds all it owns).
+    pub replication_lag_ms: u64,
 }
 
 #[derive(Default)]
@@ -121,6 +127,11 @@ fn engine_fault(error: super::EngineError) -> Fault {
         }
         other => Fault::Unavailable(other.to_string()),
     }
+}
+
+/// Whether a bucket page ended at a limit (items or bytes), so more may follow it.
+pub(crate) fn page_full(page: &[(String, Record)], limit: usize) -> bool {
+    page.len() >= limit || page.iter().map(|(_, r)| r.value.len()).sum::<usize>() >= PAGE_BYTES_MAX
 }
 
 /// Runs `f` on the engine off the async threads.
@@ -676,12 +687,12 @@ impl StoreNode {
         }
         let limit = limit.clamp(1, PAGE_ITEMS_MAX) as usize;
         let scanned = blocking(&self.engine, move |engine| {
-            engine.scan_bucket(flock, &bucket, after.as_deref(), limit).map(|r| (bucket, r))
+            engine.scan_bucket_bytes(flock, &bucket, after.as_deref(), limit, PAGE_BYTES_MAX).map(|r| (bucket, r))
         })
         .await;
         match scanned {
             Ok((bucket, records)) => {
-                let more = records.len() == limit;
+                let more = page_full(&records, limit);
                 let page = records
                     .into_iter()
                     .filter(|(_, r)| !r.tombstone)
@@ -708,12 +719,14 @@ impl StoreNode {
         let (flock, bucket, after) = page;
         let limit = limit.clamp(1, PAGE_ITEMS_MAX) as usize;
         let name = bucket.clone();
-        let scanned = blocking(&self.engine, move |e| e.scan_bucket(flock, &name, after.as_deref(), limit)).await;
+        let scanned =
+            blocking(&self.engine, move |e| e.scan_bucket_bytes(flock, &name, after.as_deref(), limit, PAGE_BYTES_MAX))
+                .await;
         let page = match scanned {
             Ok(page) => page,
             Err(err) => return fault(engine_fault(err)),
         };
-        let next = if page.len() == limit { page.last().map(|(item, _)| item.clone()) } else { None };
+        let next = if page_full(&page, limit) { page.last().map(|(item, _)| item.clone()) } else { None };
         let live = page.into_iter().filter(|(_, r)| !r.tombstone).map(|(item, _)| item);
         let mut deleted = 0;
         for item in live {
@@ -742,6 +755,7 @@ impl StoreNode {
             repaired: c.repaired.load(Ordering::Relaxed),
             fenced: c.fenced.load(Ordering::Relaxed),
             syncs: c.syncs.load(Ordering::Relaxed),
+            replication_lag_ms: u64::try_from(flocks.lag().as_millis()).unwrap_or(u64::MAX),
         }
     }
 

@@ -22,6 +22,7 @@ pub const CASES: &[(&str, Case)] = &[
     ("put_get_overwrite_and_tombstones", put_get_overwrite_and_tombstones),
     ("batches_write_every_record_and_the_last_of_a_key_wins", batches_write_every_record),
     ("scan_bucket_keeps_buckets_apart_and_pages", scan_bucket_keeps_buckets_apart_and_pages),
+    ("scan_bucket_pages_end_at_a_byte_budget", scan_bucket_pages_end_at_a_byte_budget),
     ("scan_flock_orders_and_pages_by_key", scan_flock_orders_and_pages_by_key),
     ("remove_drops_records_outright", remove_drops_records_outright),
     ("usage_follows_writes_overwrites_and_removals", usage_follows_writes),
@@ -153,6 +154,25 @@ fn scan_bucket_keeps_buckets_apart_and_pages(s: &mut dyn Subject) {
     }
     assert_eq!(items(&e.scan_bucket(9, "a", Some("b"), 2).unwrap()), vec!["b\0", "bc"], "after need not exist");
     assert_eq!(e.scan_bucket(9, "a", Some("\u{10ffff}"), 10).unwrap(), vec![]);
+}
+
+fn scan_bucket_pages_end_at_a_byte_budget(s: &mut dyn Subject) {
+    let e = s.engine();
+    let batch: Vec<_> = (0..10).map(|i| (key(4, "big", &format!("i{i}")), record(1, "x".repeat(1_000)))).collect();
+    e.write(&batch).unwrap();
+    let page = e.scan_bucket_bytes(4, "big", None, 100, 2_500).unwrap();
+    assert_eq!(items(&page), vec!["i0", "i1", "i2"], "the page ends with the record that crosses the budget");
+    let page = e.scan_bucket_bytes(4, "big", None, 100, 1).unwrap();
+    assert_eq!(items(&page), vec!["i0"], "a page holds at least one record");
+    let mut paged = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = e.scan_bucket_bytes(4, "big", after.as_deref(), 100, 3_000).unwrap();
+        let Some((last, _)) = page.last() else { break };
+        after = Some(last.clone());
+        paged.extend(page);
+    }
+    assert_eq!(paged.len(), 10, "paging by bytes gives every record once");
 }
 
 fn scan_flock_orders_and_pages_by_key(s: &mut dyn Subject) {

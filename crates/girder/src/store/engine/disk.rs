@@ -170,12 +170,13 @@ impl Engine for DiskEngine {
         self.submit(Op::Remove(keys.to_vec()))
     }
 
-    fn scan_bucket(
+    fn scan_bucket_bytes(
         &self,
         flock: Flock,
         bucket: &str,
         after: Option<&str>,
         limit: usize,
+        bytes_max: usize,
     ) -> Result<Vec<(String, Record)>, EngineError> {
         let prefix = keys::bucket_prefix(flock, bucket);
         let from = match after {
@@ -183,10 +184,10 @@ impl Engine for DiskEngine {
             None => std::ops::Bound::Included(prefix.clone()),
         };
         let reader = self.read()?;
-        let mut page = Vec::new();
+        let (mut page, mut bytes) = (Vec::new(), 0usize);
         let range = reader.records.range::<&[u8]>((as_slice(&from), std::ops::Bound::Unbounded));
         for entry in range.ctx(&reader.doing)? {
-            if page.len() >= limit {
+            if page.len() >= limit || bytes >= bytes_max {
                 break;
             }
             let (kb, stored) = entry.ctx(&reader.doing)?;
@@ -199,6 +200,7 @@ impl Engine for DiskEngine {
                 reason: "its key's bytes are damaged".into(),
             })?;
             let record = reader.load(&key, kb, stored.value())?;
+            bytes = bytes.saturating_add(record.value.len());
             page.push((key.item, record));
         }
         Ok(page)

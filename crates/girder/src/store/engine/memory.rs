@@ -90,25 +90,30 @@ impl Engine for MemoryEngine {
         Ok(())
     }
 
-    fn scan_bucket(
+    fn scan_bucket_bytes(
         &self,
         flock: Flock,
         bucket: &str,
         after: Option<&str>,
         limit: usize,
+        bytes_max: usize,
     ) -> Result<Vec<(String, Record)>, EngineError> {
         let from = match after {
             Some(item) => Bound::Excluded(ItemKey::new(flock, bucket, item)),
             None => Bound::Included(ItemKey::new(flock, bucket, "")),
         };
         let inner = self.inner.read();
-        inner
-            .records
-            .range((from, Bound::Unbounded))
-            .take_while(|(key, _)| key.flock == flock && key.bucket == bucket)
-            .take(limit)
-            .map(|(key, (encoded, _))| Ok((key.item.clone(), decode(key, encoded)?)))
-            .collect()
+        let (mut page, mut bytes) = (Vec::new(), 0usize);
+        let range = inner.records.range((from, Bound::Unbounded));
+        for (key, (encoded, _)) in range.take_while(|(key, _)| key.flock == flock && key.bucket == bucket) {
+            if page.len() >= limit || bytes >= bytes_max {
+                break;
+            }
+            let record = decode(key, encoded)?;
+            bytes = bytes.saturating_add(record.value.len());
+            page.push((key.item.clone(), record));
+        }
+        Ok(page)
     }
 
     fn scan_flock(

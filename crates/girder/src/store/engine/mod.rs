@@ -166,6 +166,19 @@ pub trait Engine: Send + Sync + 'static {
         bucket: &str,
         after: Option<&str>,
         limit: usize,
+    ) -> Result<Vec<(String, Record)>, EngineError> {
+        self.scan_bucket_bytes(flock, bucket, after, limit, usize::MAX)
+    }
+    /// As [`Engine::scan_bucket`], but the page also ends with the record that brings its
+    /// values' bytes to `bytes_max` or past it (a page holds at least one record), so a page
+    /// of large items stays bounded in memory.
+    fn scan_bucket_bytes(
+        &self,
+        flock: Flock,
+        bucket: &str,
+        after: Option<&str>,
+        limit: usize,
+        bytes_max: usize,
     ) -> Result<Vec<(String, Record)>, EngineError>;
     /// Keys and metadata of one flock (tombstones included) with key > `after`, in key order, at
     /// most `limit`. Reads no values.

@@ -19,7 +19,7 @@ pub async fn run(registry: Registry, args: BenchArgs) -> anyhow::Result<()> {
         return transfer::run(usize::try_from(args.transfer_mib << 20)?).await;
     }
     if args.store {
-        store::transfer(usize::try_from(args.transfer_mib << 20)?).await?;
+        transfer::run(usize::try_from(args.transfer_mib << 20)?).await?;
         return store::run().await;
     }
     match args.redis.clone() {

@@ -196,7 +196,7 @@ impl Node {
         out.family("girder_placement_epoch", "gauge", "Epoch of the placement table this node last read.");
         out.sample("girder_placement_epoch", &[("node", node)], self.core.membership.placement.table().epoch as f64);
         if let Some(farm) = self.farm() {
-            store_metrics(&mut out, node, &farm.node.stats(), &farm.node.data.stats());
+            store_metrics(&mut out, node, farm);
         }
         out.family("girder_call_duration_seconds", "histogram", "Time from a top-level call to its outcome.");
         out.histogram("girder_call_duration_seconds", node, &self.core.calls.latency);
@@ -323,27 +323,19 @@ impl Node {
     }
 }
 
-/// The bucket store's metrics: what it holds, what it did, what crossed the data plane.
-fn store_metrics(
-    out: &mut super::metrics::Exposition,
-    node: &str,
-    store: &crate::store::StoreStats,
-    data: &crate::dataplane::DataStats,
-) {
-    let families: [(&str, &str, &str, u64); 14] = [
+/// The bucket store's metrics: what it holds (per flock too), how far its replicas lag,
+/// what it did, and what crossed the data plane (sent as a client, served as a server).
+fn store_metrics(out: &mut super::metrics::Exposition, node: &str, farm: &crate::store::Farm) {
+    let store = farm.node.stats();
+    let families: [(&str, &str, &str, u64); 10] = [
         ("girder_store_items", "gauge", "Live items stored here.", store.items),
         ("girder_store_bytes", "gauge", "Bytes stored here (encoded records).", store.bytes),
-        (
-            "girder_store_flocks_ready",
-            "gauge",
-            "Flocks held completely (serving reads).",
-            u64::from(store.flocks_ready),
-        ),
+        ("girder_store_flocks_ready", "gauge", "Flocks held completely (serving reads).", store.flocks_ready.into()),
         (
             "girder_store_flocks_syncing",
             "gauge",
             "Flocks being copied here (migrations in progress).",
-            u64::from(store.flocks_syncing),
+            store.flocks_syncing.into(),
         ),
         ("girder_store_writes_total", "counter", "Writes acknowledged as primary.", store.writes),
         ("girder_store_replicated_total", "counter", "Replica writes stored.", store.replicated),
@@ -356,23 +348,39 @@ fn store_metrics(
             store.fenced,
         ),
         ("girder_store_syncs_total", "counter", "Flock copies completed.", store.syncs),
-        (
-            "girder_data_sent_bytes_total",
-            "counter",
-            "Body bytes sent on the data plane, before compression.",
-            data.raw_bytes_sent,
-        ),
-        ("girder_data_sent_wire_bytes_total", "counter", "Bytes sent on the data plane's wire.", data.wire_bytes_sent),
-        (
-            "girder_data_received_bytes_total",
-            "counter",
-            "Body bytes received on the data plane.",
-            data.raw_bytes_received,
-        ),
-        ("girder_data_requests_total", "counter", "Data-plane requests sent.", data.requests),
     ];
     for (name, kind, help, value) in families {
         out.family(name, kind, help);
         out.sample(name, &[("node", node)], value as f64);
+    }
+    let lag = "girder_store_replication_lag_seconds";
+    out.family(lag, "gauge", "How long the flock waiting longest for its copy here has waited (0: caught up).");
+    out.sample(lag, &[("node", node)], store.replication_lag_ms as f64 / 1e3);
+    out.family("girder_store_flock_bytes", "gauge", "Bytes stored here per flock (flocks holding data).");
+    for usage in farm.node.engine.usage() {
+        let flock = usage.flock.to_string();
+        out.sample("girder_store_flock_bytes", &[("node", node), ("flock", &flock)], usage.bytes as f64);
+    }
+    data_metrics(out, node, &[("client", farm.node.data.stats()), ("server", farm.server_stats())]);
+}
+
+/// The data plane's throughput counters, by side (a node is both client and server).
+fn data_metrics(out: &mut super::metrics::Exposition, node: &str, sides: &[(&str, crate::dataplane::DataStats)]) {
+    type Field = fn(&crate::dataplane::DataStats) -> u64;
+    let families: [(&str, &str, &str, Field); 8] = [
+        ("girder_data_sent_bytes_total", "counter", "Body bytes sent, before compression.", |d| d.raw_bytes_sent),
+        ("girder_data_sent_wire_bytes_total", "counter", "Bytes sent on the wire.", |d| d.wire_bytes_sent),
+        ("girder_data_received_bytes_total", "counter", "Body bytes received.", |d| d.raw_bytes_received),
+        ("girder_data_received_wire_bytes_total", "counter", "Bytes received on the wire.", |d| d.wire_bytes_received),
+        ("girder_data_frames_sent_total", "counter", "Frames sent.", |d| d.frames_sent),
+        ("girder_data_requests_total", "counter", "Requests sent (client) or served (server).", |d| d.requests),
+        ("girder_data_connections", "gauge", "Data-plane connections open now.", |d| d.conns_open),
+        ("girder_data_connections_total", "counter", "Connections opened or accepted.", |d| d.conns_opened),
+    ];
+    for (name, kind, help, field) in families {
+        out.family(name, kind, help);
+        for (side, stats) in sides {
+            out.sample(name, &[("node", node), ("side", side)], field(stats) as f64);
+        }
     }
 }

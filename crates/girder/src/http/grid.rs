@@ -70,6 +70,7 @@ async fn stats(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
         "pools": pools,
         "evaluations": stats.evaluations.iter().map(|(n, c)| serde_json::json!({"function": n, "count": c})).collect::<Vec<_>>(),
         "running": stats.running,
+        "store": state.node.store().ok().map(|store| store.stats()),
     }))
 }
 

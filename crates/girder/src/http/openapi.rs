@@ -792,6 +792,7 @@ fn store_stats_schema() -> Value {
         "repaired",
         "fenced",
         "syncs",
+        "replication_lag_ms",
     ];
     let properties: Map<String, Value> = fields.iter().map(|field| ((*field).to_owned(), counter())).collect();
     json!({ "type": ["object", "null"], "required": fields, "properties": properties })

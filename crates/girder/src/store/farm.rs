@@ -59,6 +59,11 @@ impl Farm {
         &self.address
     }
 
+    /// What the data-plane server did (requests served, bytes received).
+    pub(crate) fn server_stats(&self) -> crate::dataplane::DataStats {
+        self.server.stats()
+    }
+
     /// The store as callers use it.
     pub(crate) fn store(&self) -> ItemStore {
         ItemStore::new(self.node.clone())

@@ -2,7 +2,7 @@
 //! the flocks it gained from a node that holds them, dropping the ones it handed over, and
 //! anti-entropy (owners compare a digest per flock and pull what they lack).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -49,9 +49,9 @@ pub(crate) struct Flocks {
     pub(crate) epoch: u64,
     ready: Vec<bool>,
     held: Vec<bool>,
-    /// Flocks waiting to be copied here, or being copied: `syncing` holds both, `queued`
-    /// the ones no copier took yet.
-    syncing: HashSet<Flock>,
+    /// Flocks waiting to be copied here, or being copied, with when that began: `syncing`
+    /// holds both, `queued` the ones no copier took yet.
+    syncing: HashMap<Flock, Instant>,
     queued: std::collections::VecDeque<Flock>,
     /// Copier tasks running (at most `syncs_max`).
     copiers: usize,
@@ -94,7 +94,7 @@ impl Flocks {
             epoch: 0,
             ready: vec![false; n],
             held: vec![false; n],
-            syncing: HashSet::new(),
+            syncing: HashMap::new(),
             queued: std::collections::VecDeque::new(),
             copiers: 0,
             drop_at: vec![None; n],
@@ -160,6 +160,12 @@ impl Flocks {
 
     pub(crate) fn syncing_count(&self) -> u32 {
         self.syncing.len() as u32
+    }
+
+    /// How long the flock waiting longest for its copy here has waited: how far this node's
+    /// replicas lag behind (zero when it holds everything it owns).
+    pub(crate) fn lag(&self) -> std::time::Duration {
+        self.syncing.values().map(Instant::elapsed).max().unwrap_or_default()
     }
 
     pub(crate) fn ready_bits(&self) -> Vec<u8> {
@@ -261,7 +267,7 @@ impl StoreNode {
                 if owner {
                     flocks.held[f] = true;
                     flocks.drop_at[f] = None;
-                    if !flocks.ready[f] && !flocks.syncing.contains(&flock) && !lapsed {
+                    if !flocks.ready[f] && !flocks.syncing.contains_key(&flock) && !lapsed {
                         start.push(flock);
                     }
                 } else if flocks.held[f] {
@@ -272,13 +278,13 @@ impl StoreNode {
                         flocks.drop_at[f] = Some(Instant::now() + HANDOVER_GRACE);
                     }
                     let due = flocks.drop_at[f].is_some_and(|at| at <= Instant::now());
-                    if due && !flocks.syncing.contains(&flock) && flocks.pins[f] == 0 {
+                    if due && !flocks.syncing.contains_key(&flock) && flocks.pins[f] == 0 {
                         drop.push(flock);
                     }
                 }
             }
             for flock in start {
-                flocks.syncing.insert(flock);
+                flocks.syncing.insert(flock, Instant::now());
                 flocks.queued.push_back(flock);
             }
             let wanted = flocks.queued.len().min(self.config.syncs_max.max(1));
@@ -477,7 +483,7 @@ impl StoreNode {
                     owner,
                     ready: serving && flocks.ready[f],
                     held: flocks.held[f],
-                    syncing: flocks.syncing.contains(&flock),
+                    syncing: flocks.syncing.contains_key(&flock),
                     items: flocks.items[f],
                     digest: flocks.digests[f].iter().map(|b| format!("{b:02x}")).collect(),
                 })

@@ -144,7 +144,6 @@ fn read(url: &str, bucket: &str, item: &str) -> Option<String> {
 }
 
 #[test]
-#[ignore = "not yet seen passing: it runs for minutes on a debug build (run with --ignored); see issue #11"]
 fn acknowledged_writes_survive_a_sigkill_and_replicas_converge_after_restart() {
     let redis = RedisServer::start(false).unwrap_or_else(|e| panic!("{e}"));
     let url = redis.url();
@@ -336,7 +335,6 @@ fn a_node_joining_mid_load_and_one_drained_with_sigterm_lose_and_fail_nothing() 
 }
 
 #[test]
-#[ignore = "not yet seen passing: 200 MiB through debug builds (run with --ignored); see issue #11"]
 fn a_shuffle_of_200_mib_over_four_nodes_reads_back_exactly_and_keeps_redis_small() {
     use futures::StreamExt;
     let redis = RedisServer::start(false).unwrap_or_else(|e| panic!("{e}"));

@@ -1,6 +1,7 @@
 //! The bucket store across real `girder node` processes on a real Redis: acknowledged
 //! writes survive a SIGKILLed node, a restarted node catches up until every replica of
-//! every flock is identical, a flipped byte on disk is never served.
+//! every flock is identical, a flipped byte on disk is never served, appends from many
+//! writers are neither lost nor repeated when a node dies mid-shuffle.
 
 mod common;
 
@@ -399,6 +400,88 @@ fn a_shuffle_of_200_mib_over_four_nodes_reads_back_exactly_and_keeps_redis_small
     let held: Vec<u64> =
         status(&nodes[0]).as_array().unwrap().iter().map(|n| n["store"]["items"].as_u64().unwrap_or(0)).collect();
     assert!(held.iter().all(|h| *h > 200), "ids are not spread over the nodes: {held:?}");
+}
+
+/// Bytes of one shuffle chunk: a tag saying whose it is, padded.
+const TAGGED_BYTES: usize = 2_048;
+
+/// Chunk `(id, writer, round)`: its tag, then filler derived from it.
+fn tagged(id: usize, writer: usize, round: usize) -> Vec<u8> {
+    let mut bytes = format!("<{id:03}/{writer}/{round}>").into_bytes();
+    bytes.resize(TAGGED_BYTES, b'a' + ((id + writer + round) % 26) as u8);
+    bytes
+}
+
+/// Appends every (writer, round, id) chunk through `urls`, 8 at a time per writer, counting
+/// `done`: the chunks acknowledged and the ones that were not (those may or may not land).
+async fn shuffle_load(
+    urls: Vec<String>,
+    ids: usize,
+    rounds: usize,
+    done: Arc<AtomicUsize>,
+) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    use futures::StreamExt;
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    let work = (0..rounds).flat_map(|round| (0..4).flat_map(move |w| (0..ids).map(move |id| (id, w, round))));
+    let sends = work.enumerate().map(|(i, (id, writer, round))| {
+        let (client, url, done) = (client.clone(), urls[i % urls.len()].clone(), done.clone());
+        async move {
+            let chunk = tagged(id, writer, round);
+            let sent = client.post(format!("{url}/v1/store/mix-{id:03}/data")).body(chunk.clone()).send().await;
+            done.fetch_add(1, Ordering::Relaxed);
+            (chunk, matches!(sent, Ok(r) if r.status().is_success()))
+        }
+    });
+    let results: Vec<(Vec<u8>, bool)> = futures::stream::iter(sends).buffer_unordered(32).collect().await;
+    let (acked, other): (Vec<_>, Vec<_>) = results.into_iter().partition(|(_, ok)| *ok);
+    (acked.into_iter().map(|(c, _)| c).collect(), other.into_iter().map(|(c, _)| c).collect())
+}
+
+#[test]
+fn a_shuffle_loses_and_repeats_no_acknowledged_append_when_a_node_dies_and_one_joins() {
+    let redis = RedisServer::start(false).unwrap_or_else(|e| panic!("{e}"));
+    let url = redis.url();
+    let dirs = [DataDir::new("m1"), DataDir::new("m2"), DataDir::new("m3"), DataDir::new("m4")];
+    let m1 = start(&url, "m1", &dirs[0]);
+    let m2 = start(&url, "m2", &dirs[1]);
+    let mut m3 = start(&url, "m3", &dirs[2]);
+    settled(&m1, 3, 2);
+    let (ids, rounds) = (200, 6);
+    let total = ids * rounds * 4;
+    let done = Arc::new(AtomicUsize::new(0));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    // Writers go through m1 and m2: m3 dies mid-way, m4 joins after it.
+    let load = runtime.spawn(shuffle_load(vec![m1.url.clone(), m2.url.clone()], ids, rounds, done.clone()));
+    let wait_for = |count: usize| {
+        let begun = Instant::now();
+        while done.load(Ordering::Relaxed) < count {
+            assert!(begun.elapsed() < Duration::from_secs(120), "appends stalled at {}", done.load(Ordering::Relaxed));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait_for(total / 4);
+    m3.kill();
+    wait_for(total / 2);
+    let m4 = start(&url, "m4", &dirs[3]);
+    let (acked, unacked) = runtime.block_on(load).unwrap();
+    assert!(acked.len() > total * 9 / 10, "only {} of {total} appends acknowledged", acked.len());
+    settled(&m1, 3, 2);
+    let acked: std::collections::HashSet<Vec<u8>> = acked.into_iter().collect();
+    let unacked: std::collections::HashSet<Vec<u8>> = unacked.into_iter().collect();
+    for id in 0..ids {
+        let via = [&m1, &m2, &m4][id % 3];
+        let value = reqwest::blocking::get(format!("{}/v1/store/mix-{id:03}/data", via.url)).unwrap().bytes().unwrap();
+        assert_eq!(value.len() % TAGGED_BYTES, 0, "id {id} holds a torn chunk");
+        let mut seen = std::collections::HashSet::new();
+        for chunk in value.chunks(TAGGED_BYTES) {
+            assert!(acked.contains(chunk) || unacked.contains(chunk), "id {id} holds a chunk nobody sent");
+            assert!(seen.insert(chunk.to_vec()), "id {id} holds {} twice", text(&chunk[..16]));
+        }
+        let want = (0..4).flat_map(|w| (0..rounds).map(move |r| tagged(id, w, r))).filter(|c| acked.contains(c));
+        for chunk in want {
+            assert!(seen.contains(&chunk), "id {id} lost the acknowledged {}", text(&chunk[..16]));
+        }
+    }
 }
 
 #[test]

@@ -220,7 +220,7 @@ impl ItemStore {
         };
         let page: RecordPage = super::proto::decode(&body).map_err(StoreError::Unavailable)?;
         let mut items = Vec::with_capacity(page.0.len());
-        for (key, bytes) in page.0 {
+        for (key, bytes, _) in page.0 {
             let record =
                 Record::decode(&bytes).map_err(|e| StoreError::Corrupt(format!("{bucket}/{}: {e}", key.item)))?;
             items.push((key.item, Item { value: record.value, version: record.version.seq }));

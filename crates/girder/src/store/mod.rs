@@ -14,6 +14,7 @@ pub mod engine;
 mod farm;
 mod local;
 mod near;
+mod ops;
 mod proto;
 pub mod record;
 mod routing;

@@ -144,7 +144,8 @@ pub(crate) fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, St
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct MetaPage(pub Vec<(ItemKey, RecordMeta)>);
 
-/// Records in a body: each as its item key then its encoded record (checksummed), so a
-/// receiver verifies every one before storing or serving it. (`Bytes` is MessagePack `bin`.)
+/// Records in a body: each as its item key, its encoded record (checksummed, so a receiver
+/// verifies every one before storing or serving it; `Bytes` is MessagePack `bin`) and the
+/// memos of the writes it holds (for copies; empty in bucket pages).
 #[derive(Debug, Serialize, Deserialize)]
-pub(crate) struct RecordPage(pub Vec<(ItemKey, Bytes)>);
+pub(crate) struct RecordPage(pub Vec<(ItemKey, Bytes, Vec<super::ops::Memo>)>);

@@ -9,6 +9,7 @@ use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 
 use super::engine::{Engine, Flock, ItemKey};
+use super::ops::{Memo, OpMemory};
 use super::proto::{self, Expect, Fault, FinalFault, Msg, Reply, WriteOp};
 use super::record::{Record, RecordMeta, Version};
 use super::routing::View;
@@ -22,8 +23,6 @@ use crate::placement::{Placement, FLOCKS};
 /// never held across the network (a primary holding `order` on one node and waiting for a
 /// replica's `local` on another cannot deadlock with the reverse).
 const STRIPES: usize = 1_024;
-/// Op ids of recent writes this node acknowledged, so a retried write is not applied twice.
-const RECENT_OPS_MAX: usize = 65_536;
 /// Keys one `Fetch` asks for.
 pub(crate) const FETCH_KEYS_MAX: usize = 256;
 /// Items one page of a bucket or a flock carries.
@@ -91,7 +90,8 @@ pub(crate) struct StoreNode {
     /// Per flock: writes share it, a digest rebuild takes it alone.
     pub(crate) flock_locks: Box<[tokio::sync::RwLock<()>]>,
     pub(crate) flocks: Mutex<Flocks>,
-    recent: Mutex<lru::LruCache<u128, (Version, bool)>>,
+    /// Which writes each recently written item's record holds, by op id.
+    pub(crate) ops: Mutex<OpMemory>,
     pub(crate) counters: Counters,
     /// Decoded values of typed reads in this process.
     pub(crate) near: Arc<super::near::NearCache>,
@@ -157,7 +157,6 @@ impl StoreNode {
         lease_left: LeaseLeft,
         node_ttl_ms: u64,
     ) -> StoreNode {
-        let recent = std::num::NonZeroUsize::new(RECENT_OPS_MAX).unwrap_or(std::num::NonZeroUsize::MIN);
         StoreNode {
             id,
             engine,
@@ -170,7 +169,7 @@ impl StoreNode {
             local_stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             flock_locks: (0..FLOCKS).map(|_| tokio::sync::RwLock::new(())).collect(),
             flocks: Mutex::new(Flocks::new()),
-            recent: Mutex::new(lru::LruCache::new(recent)),
+            ops: Mutex::new(OpMemory::new()),
             counters: Counters::default(),
             near: Arc::new(super::near::NearCache::new()),
             node_ttl_ms,
@@ -298,11 +297,11 @@ impl StoreNode {
             Ok(current) => current,
             Err(fault) => return (Reply::Fault(fault), Bytes::new()),
         };
-        let remembered = self.recent.lock().get(&op_id).copied();
+        let remembered = self.ops.lock().recall(&key, op_id);
         let (record, append_to, appended, existed) = match remembered {
-            // A retry of a write applied here before (as primary, or as a replica of a
-            // primary since replaced): send what is here now, whole, then acknowledge.
-            Some((_, existed)) => match current {
+            // A retry of a write the record here holds (applied here as primary or as a
+            // replica, or copied here with its memo): send the record whole, acknowledge.
+            Some(Memo { existed, .. }) => match current {
                 Some(record) => {
                     let value = record.value.clone();
                     (record, None, value, existed)
@@ -315,7 +314,7 @@ impl StoreNode {
                 Err(fault) => return (Reply::Fault(fault), Bytes::new()),
             },
         };
-        let version = remembered.map_or(record.version, |(v, _)| v);
+        let version = remembered.map_or(record.version, |memo| memo.version);
         let op = Replicated { op_id, existed, append_to };
         if let Err(fault) = self.replicate_all(&view, &key, &record, op, appended).await {
             return (Reply::Fault(fault), Bytes::new());
@@ -354,7 +353,7 @@ impl StoreNode {
             _ => record.value.clone(),
         };
         self.store_local(key, current.as_ref().map(Record::meta), record.clone()).await.map_err(engine_fault)?;
-        self.recent.lock().put(op_id, (record.version, existed));
+        self.ops.lock().extend(key, Memo { op_id, version: record.version, existed });
         Ok(Some((record, append_to, appended, existed)))
     }
 
@@ -374,8 +373,8 @@ impl StoreNode {
         let mut best = local;
         for reader in view.readers(key.flock).into_iter().filter(|n| *n != self.id) {
             match self.fetch_one(view, &reader, key).await {
-                Ok(Some(remote)) if best.as_ref().is_none_or(|b| b.version < remote.version) => {
-                    self.merge(key, remote.clone()).await?;
+                Ok(Some((remote, memos))) if best.as_ref().is_none_or(|b| b.version < remote.version) => {
+                    self.merge(key, remote.clone(), memos).await?;
                     best = Some(remote);
                     break;
                 }
@@ -567,10 +566,14 @@ impl StoreNode {
             Err(super::EngineError::Corrupt { .. }) => None,
             Err(err) => return fault(engine_fault(err)),
         };
-        // Remembered as if applied here: should this node become the primary and the
-        // writer retry, the write is not applied twice.
-        self.recent.lock().put(op_id, (version, existed));
+        // Remembered once the record here holds it: should this node become the primary
+        // and the writer retry, the write is not applied twice. A newer record here may
+        // not hold it (another primary's), so only the very same version counts.
+        let memo = Memo { op_id, version, existed };
         if local.as_ref().is_some_and(|l| l.version >= version) {
+            if local.as_ref().is_some_and(|l| l.version == version) {
+                self.ops.lock().extend(&key, memo);
+            }
             return (Reply::Stored, Bytes::new());
         }
         let value = match (append_to, local.as_ref()) {
@@ -586,6 +589,11 @@ impl StoreNode {
         let record = Record { version, tombstone, written_ms, value };
         if let Err(err) = self.store_local(&key, local.as_ref().map(Record::meta), record).await {
             return fault(engine_fault(err));
+        }
+        // Extending the record keeps its memos; a whole value need not descend from it.
+        match append_to {
+            Some(_) => self.ops.lock().extend(&key, memo),
+            None => self.ops.lock().replace(&key, vec![memo]),
         }
         self.flocks.lock().hold(key.flock);
         self.counters.replicated.fetch_add(1, Ordering::Relaxed);
@@ -618,9 +626,9 @@ impl StoreNode {
         let view = self.view();
         for holder in view.readers(key.flock).into_iter().filter(|n| *n != self.id) {
             let Ok(found) = self.fetch_one(&view, &holder, key).await else { continue };
-            let Some(record) = found else { continue };
+            let Some((record, memos)) = found else { continue };
             // Stored unless a newer write came meanwhile; counted as a repair there.
-            self.merge(key, record.clone()).await?;
+            self.merge(key, record.clone(), memos).await?;
             return Ok(Some(record));
         }
         Err(Fault::Final(FinalFault::Corrupt(format!(
@@ -629,19 +637,24 @@ impl StoreNode {
         ))))
     }
 
-    /// One record from `node` (`None`: it has none).
-    pub(crate) async fn fetch_one(&self, view: &View, node: &str, key: &ItemKey) -> Result<Option<Record>, Fault> {
+    /// One record from `node` with its memos (`None`: it has none).
+    pub(crate) async fn fetch_one(
+        &self,
+        view: &View,
+        node: &str,
+        key: &ItemKey,
+    ) -> Result<Option<(Record, Vec<Memo>)>, Fault> {
         let mut records = self.fetch(view, node, vec![key.clone()]).await?;
-        Ok(records.pop().map(|(_, r)| r))
+        Ok(records.pop().map(|(_, r, memos)| (r, memos)))
     }
 
-    /// Records from `node`, each checked against its checksum.
+    /// Records from `node` with their memos, each checked against its checksum.
     pub(crate) async fn fetch(
         &self,
         view: &View,
         node: &str,
         keys: Vec<ItemKey>,
-    ) -> Result<Vec<(ItemKey, Record)>, Fault> {
+    ) -> Result<Vec<(ItemKey, Record, Vec<Memo>)>, Fault> {
         let (reply, body) = self.send(view, node, &Msg::Fetch { keys }, Bytes::new()).await?;
         match reply {
             Reply::Page { .. } => {}
@@ -651,9 +664,9 @@ impl StoreNode {
         let page: proto::RecordPage = proto::decode(&body).map_err(Fault::Unavailable)?;
         page.0
             .into_iter()
-            .map(|(key, bytes)| {
+            .map(|(key, bytes, memos)| {
                 Record::decode(&bytes)
-                    .map(|r| (key, r))
+                    .map(|r| (key, r, memos))
                     .map_err(|e| Fault::Unavailable(format!("node {node} sent a bad record: {e}")))
             })
             .collect()
@@ -668,14 +681,21 @@ impl StoreNode {
             let mut found = Vec::with_capacity(keys.len());
             for key in keys {
                 if let Ok(Some(record)) = engine.get(&key) {
-                    found.push((key, Bytes::from(record.encode())));
+                    found.push((key, Bytes::from(record.encode()), Vec::new()));
                 }
             }
             Ok(found)
         })
         .await;
         match found {
-            Ok(found) => (Reply::Page { more: false }, proto::encode(&proto::RecordPage(found))),
+            Ok(mut found) => {
+                // Memos read after the records: one that arrived meanwhile is left out,
+                // which only risks a repeat, never a memo of a write the copy lacks.
+                let ops = self.ops.lock();
+                found.iter_mut().for_each(|(key, _, memos)| *memos = ops.of(key));
+                drop(ops);
+                (Reply::Page { more: false }, proto::encode(&proto::RecordPage(found)))
+            }
             Err(err) => fault(engine_fault(err)),
         }
     }
@@ -696,7 +716,9 @@ impl StoreNode {
                 let page = records
                     .into_iter()
                     .filter(|(_, r)| !r.tombstone)
-                    .map(|(item, r)| (ItemKey { flock, bucket: bucket.clone(), item }, Bytes::from(r.encode())))
+                    .map(|(item, r)| {
+                        (ItemKey { flock, bucket: bucket.clone(), item }, Bytes::from(r.encode()), Vec::new())
+                    })
                     .collect();
                 (Reply::Page { more }, proto::encode(&proto::RecordPage(page)))
             }

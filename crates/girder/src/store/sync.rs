@@ -419,15 +419,21 @@ impl StoreNode {
             batches.push(batch);
         }
         for keys in batches {
-            for (key, record) in self.fetch(view, source, keys).await? {
-                self.merge(&key, record).await?;
+            for (key, record, memos) in self.fetch(view, source, keys).await? {
+                self.merge(&key, record, memos).await?;
             }
         }
         Ok(())
     }
 
-    /// Stores `record` if it is newer than this node's copy of `key`.
-    pub(crate) async fn merge(&self, key: &ItemKey, record: super::Record) -> Result<(), Fault> {
+    /// Stores `record` if it is newer than this node's copy of `key`, with the memos of the
+    /// writes it holds (`memos`, from the node it came from) in place of this node's.
+    pub(crate) async fn merge(
+        &self,
+        key: &ItemKey,
+        record: super::Record,
+        memos: Vec<super::ops::Memo>,
+    ) -> Result<(), Fault> {
         let _local = self.local_of(key).lock().await;
         let (local, corrupt) = match self.local(key).await {
             Ok(local) => (local, false),
@@ -438,7 +444,9 @@ impl StoreNode {
             return Ok(());
         }
         let old = local.as_ref().map(super::Record::meta);
+        let version = record.version;
         self.store_local(key, old, record).await.map_err(|e| Fault::Unavailable(e.to_string()))?;
+        self.ops.lock().replace(key, memos.into_iter().filter(|m| m.version <= version).collect());
         let counter = if corrupt { &self.counters.repaired } else { &self.counters.copied };
         counter.fetch_add(1, Ordering::Relaxed);
         Ok(())

@@ -11,6 +11,9 @@
 //!   opening reads 1,024 rows at most, not the data.
 //! - `girder`: the format marker that tells our file from any other redb file.
 //!
+//! Next to it, `reserve`: [`RESERVE_BYTES`] held back so that on a full disk deletes can still
+//! commit, and so free space (see [`Reserve`]).
+//!
 //! Writes go through one writer thread fed by a bounded queue: it takes every write waiting (up
 //! to `group_bytes_max` of values), applies them in one transaction and syncs once (group
 //! commit); if that transaction fails, it applies them one by one so each caller gets its own
@@ -18,6 +21,7 @@
 //! two phases), so reopening after a crash neither walks nor checks the whole file: recovery is
 //! immediate, and a damaged value only fails its own item's reads.
 
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
@@ -26,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle, WriteTransaction};
+use redb::{Database, ReadableDatabase, ReadableTable, StorageBackend, TableDefinition, TableHandle, WriteTransaction};
 
 use super::{adjust, keys, Durability, Engine, EngineConfig, EngineError, Flock, FlockUsage, ItemKey, UsageMap};
 use crate::store::record::{Record, RecordMeta, HEADER_LEN};
@@ -41,6 +45,15 @@ pub const CHUNK_BYTES: usize = 252 << 10;
 const FORMAT: u64 = 1;
 /// Bytes before the header in a `records` entry: the key's crc32c.
 const KEY_CRC_LEN: usize = 4;
+/// The file in the data directory that holds room back for writes that free space.
+pub const RESERVE_FILE: &str = "reserve";
+/// The reserve's size: room for a commit's own bookkeeping (b-tree pages, the allocator state
+/// quick repair saves) many times over.
+const RESERVE_BYTES: usize = 4 << 20;
+/// How often a missing reserve is tried again.
+const RESERVE_RETRY: Duration = Duration::from_secs(10);
+/// Bytes of one growth of the data file written at most (see [`WrittenGrowth`]).
+const GROWTH_WRITTEN_MAX: u64 = 64 << 20;
 
 const RECORDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("records");
 const CHUNKS: TableDefinition<(&[u8], u32), &[u8]> = TableDefinition::new("chunks");
@@ -83,6 +96,15 @@ impl Op {
             Op::Remove(_) | Op::Flush => 0,
         }
     }
+
+    /// Whether it frees space (deletes, removals), or only makes earlier writes durable: such
+    /// ops may use the reserve on a full disk.
+    fn frees(&self) -> bool {
+        match self {
+            Op::Write(batch) => batch.iter().all(|(_, r)| r.tombstone),
+            Op::Remove(_) | Op::Flush => true,
+        }
+    }
 }
 
 impl DiskEngine {
@@ -102,10 +124,10 @@ impl DiskEngine {
         let shared = Arc::new(Shared { db: RwLock::new(Some(db)), path, usage: Mutex::new(usage) });
         let (queue, jobs) = mpsc::sync_channel(config.queue_writes_max.max(1));
         let writer = {
-            let shared = shared.clone();
+            let (shared, reserve) = (shared.clone(), Reserve::new(dir));
             std::thread::Builder::new()
                 .name("girder-engine-writer".into())
-                .spawn(move || Writer { shared, config }.run(jobs))
+                .spawn(move || Writer { shared, config, reserve, full: false }.run(jobs))
                 .map_err(|e| EngineError::from_io(&e, "starting the storage writer thread"))?
         };
         tracing::debug!(path = %shared.path.display(), "storage engine open");
@@ -302,6 +324,9 @@ fn stored_meta(kb: &[u8], stored: &[u8]) -> Result<RecordMeta, String> {
 struct Writer {
     shared: Arc<Shared>,
     config: EngineConfig,
+    reserve: Reserve,
+    /// The last write that took room failed for want of it.
+    full: bool,
 }
 
 impl Writer {
@@ -392,10 +417,47 @@ impl Writer {
         }
     }
 
-    /// Applies `ops` in one transaction; usage changes only once it committed. redb refuses
-    /// every write after one failed on I/O (a full disk, say) until the file is reopened, so
-    /// then this reopens it and tries once more: writes resume once there is room again.
+    /// Applies `ops` in one transaction; usage changes only once it committed. On a full disk,
+    /// ops that free space get the reserve's room (see [`Reserve`]): at once when the disk was
+    /// found full before (what they free may lie where only new room lets redb write again),
+    /// else when they fail for want of room.
     fn commit(&mut self, ops: &[&Op], durable: bool) -> Result<(), EngineError> {
+        let frees = ops.iter().all(|op| op.frees());
+        if frees && self.full {
+            self.release_reserve();
+        }
+        let mut outcome = self.commit_once(ops, durable);
+        if frees && matches!(outcome, Err(EngineError::Full(_))) && self.release_reserve() {
+            outcome = self.commit_once(ops, durable);
+        }
+        match &outcome {
+            Ok(()) => {
+                // A write that took room shows there is room again.
+                if !frees {
+                    self.full = false;
+                }
+                self.reserve.keep();
+            }
+            Err(EngineError::Full(_)) => self.full = true,
+            Err(_) => {}
+        }
+        outcome
+    }
+
+    /// Gives the reserve's room to the disk, saying so; whether there was any to give.
+    fn release_reserve(&mut self) -> bool {
+        let released = self.reserve.release();
+        if released {
+            let path = self.shared.path.display();
+            tracing::warn!(path = %path, "the data disk is full: its reserve is released for writes that free space");
+        }
+        released
+    }
+
+    /// [`Self::commit`] without the reserve. redb refuses every write after one failed on I/O
+    /// (a full disk, say) until the file is reopened, so then this reopens it and tries once
+    /// more: writes resume once there is room again.
+    fn commit_once(&mut self, ops: &[&Op], durable: bool) -> Result<(), EngineError> {
         let doing = format!("writing {}", self.shared.path.display());
         let db = self.shared.db.read();
         let outcome = match db.as_ref() {
@@ -488,6 +550,164 @@ impl Writer {
     }
 }
 
+/// Room held back on the data disk: a file of [`RESERVE_BYTES`] next to the data file.
+///
+/// redb grows its file sparsely and writes the new pages later, so on a full disk a commit fails
+/// as soon as it touches a page never written, and every commit touches some (the allocator
+/// state, b-tree pages copied on write): even one that only deletes. Releasing the reserve gives
+/// such a commit room; it frees pages redb then reuses. The reserve is made again, once the
+/// disk has room, after a later commit.
+struct Reserve {
+    path: PathBuf,
+    held: bool,
+    /// When to try again to make a missing reserve.
+    next_try: Instant,
+}
+
+impl Reserve {
+    /// The reserve in `dir`, made now if there is room.
+    fn new(dir: &Path) -> Reserve {
+        let mut reserve = Reserve { path: dir.join(RESERVE_FILE), held: false, next_try: Instant::now() };
+        reserve.keep();
+        reserve
+    }
+
+    /// Makes the reserve if it is missing, trying at most every [`RESERVE_RETRY`].
+    fn keep(&mut self) {
+        if self.held || Instant::now() < self.next_try {
+            return;
+        }
+        if std::fs::metadata(&self.path).is_ok_and(|m| m.len() == RESERVE_BYTES as u64) {
+            self.held = true;
+            return;
+        }
+        match fill_file(&self.path, RESERVE_BYTES) {
+            Ok(()) => {
+                self.held = true;
+                tracing::debug!(path = %self.path.display(), "the data disk's reserve is held");
+            }
+            Err(err) => {
+                // Partly written, it would only take room the data file needs.
+                let _ = std::fs::remove_file(&self.path);
+                self.next_try = Instant::now() + RESERVE_RETRY;
+                tracing::debug!(path = %self.path.display(), error = %err, "no room for the data disk's reserve yet");
+            }
+        }
+    }
+
+    /// Gives the reserve's room back to the disk; whether there was any to give.
+    fn release(&mut self) -> bool {
+        if !self.held {
+            return false;
+        }
+        self.held = false;
+        self.next_try = Instant::now() + RESERVE_RETRY;
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => true,
+            Err(err) => {
+                tracing::warn!(path = %self.path.display(), error = %err, "releasing the data disk's reserve failed");
+                false
+            }
+        }
+    }
+}
+
+/// Writes `len` bytes to a new file at `path`. Not zeros, which a compressing file system
+/// would store in no room at all.
+fn fill_file(path: &Path, len: usize) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut block = vec![0u8; 1 << 20];
+    fastrand::Rng::with_seed(0x9e37_79b9).fill(&mut block);
+    let mut file = std::fs::File::create(path)?;
+    for _ in 0..len.div_ceil(block.len()) {
+        file.write_all(&block)?;
+    }
+    Ok(())
+}
+
+/// redb's file backend, except that the file grows by written bytes, not sparsely.
+///
+/// redb grows its file with `set_len` and writes the new pages later. On a full disk a commit
+/// then fails as soon as it touches a page never written, though redb counts the page free; and
+/// as every commit touches some (b-tree pages copied on write, the allocator state), writes keep
+/// failing even after deletes freed written pages. Written growth makes what redb counts free
+/// real room, so what deletes free is written again. Best effort: as much of a growth as fits,
+/// up to [`GROWTH_WRITTEN_MAX`] (redb grows by up to 4 GiB at once: writing it all would stall
+/// writes for seconds); past that, pages are written when used, as before.
+#[derive(Debug)]
+struct WrittenGrowth(redb::backends::FileBackend);
+
+impl WrittenGrowth {
+    /// Writes zeros (what redb expects in new space) over `from..to`, until the disk is full.
+    fn write_zeros(&self, from: u64, to: u64) {
+        let zeros = vec![0u8; 1 << 20];
+        let mut at = from;
+        while at < to {
+            let len = usize::try_from(to - at).map_or(zeros.len(), |left| left.min(zeros.len()));
+            if self.0.write(at, &zeros[..len]).is_err() {
+                return;
+            }
+            at += len as u64;
+        }
+    }
+}
+
+impl StorageBackend for WrittenGrowth {
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        let old = self.0.len()?;
+        self.0.set_len(len)?;
+        if len > old && std::env::var_os("NO_WG").is_none() { // TEMP
+            self.write_zeros(old, len.min(old.saturating_add(GROWTH_WRITTEN_MAX)));
+        }
+        Ok(())
+    }
+
+    fn len(&self) -> std::io::Result<u64> {
+        self.0.len()
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.0.read(offset, out)
+    }
+
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.0.sync_data()
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.0.write(offset, data)
+    }
+
+    fn close(&self) -> std::io::Result<()> {
+        self.0.close()
+    }
+
+    // The file locks that keep a second process out, as redb's own backend does them.
+    fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, redb::BackendError> {
+        self.0.try_lock_range(start, end)
+    }
+
+    fn try_lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, redb::BackendError> {
+        self.0.try_lock_shared_range(start, end)
+    }
+
+    fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), redb::BackendError> {
+        self.0.lock_range(start, end)
+    }
+
+    fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), redb::BackendError> {
+        self.0.lock_shared_range(start, end)
+    }
+
+    fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), redb::BackendError> {
+        self.0.unlock_range(start, end)
+    }
+
+    fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, redb::BackendError> {
+        self.0.query_lock_range(start, end)
+    }
+}
+
 /// New (live items, bytes) per flock.
 type Counts = Vec<(Flock, (u64, u64))>;
 type Records<'t> = redb::Table<'t, &'static [u8], &'static [u8]>;
@@ -532,9 +752,12 @@ fn erase(records: &mut Records, chunks: &mut Chunks, kb: &[u8]) -> Result<Option
 /// Opens (or creates) the file at `path`, checks it is ours, and reads its usage.
 fn open_file(path: &Path, config: &EngineConfig) -> Result<(Database, UsageMap), EngineError> {
     let doing = format!("opening {}", path.display());
+    let mut options = std::fs::OpenOptions::new();
+    let file = options.read(true).write(true).create(true).truncate(false).open(path);
+    let backend = redb::backends::FileBackend::new(file.map_err(|e| EngineError::from_io(&e, &doing))?).ctx(&doing)?;
     let db = redb::Builder::new()
         .set_cache_size(usize::try_from(config.cache_bytes).unwrap_or(usize::MAX))
-        .create(path)
+        .create_with_backend(WrittenGrowth(backend))
         .ctx(&doing)?;
     check_format(&db, path)?;
     let usage = load_usage(&db, &doing)?;

@@ -11,8 +11,8 @@
 //!   opening reads 1,024 rows at most, not the data.
 //! - `girder`: the format marker that tells our file from any other redb file.
 //!
-//! Next to it, `reserve`: [`RESERVE_BYTES`] held back so that on a full disk deletes can still
-//! commit, and so free space (see [`Reserve`]).
+//! Next to it, `reserve`: [`RESERVE_BYTES`] held back so that on a full disk deletes still
+//! commit, and writes can resume once they did (see [`Reserve`]).
 //!
 //! Writes go through one writer thread fed by a bounded queue: it takes every write waiting (up
 //! to `group_bytes_max` of values), applies them in one transaction and syncs once (group
@@ -21,7 +21,6 @@
 //! two phases), so reopening after a crash neither walks nor checks the whole file: recovery is
 //! immediate, and a damaged value only fails its own item's reads.
 
-use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
@@ -30,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
-use redb::{Database, ReadableDatabase, ReadableTable, StorageBackend, TableDefinition, TableHandle, WriteTransaction};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle, WriteTransaction};
 
 use super::{adjust, keys, Durability, Engine, EngineConfig, EngineError, Flock, FlockUsage, ItemKey, UsageMap};
 use crate::store::record::{Record, RecordMeta, HEADER_LEN};
@@ -52,8 +51,6 @@ pub const RESERVE_FILE: &str = "reserve";
 const RESERVE_BYTES: usize = 4 << 20;
 /// How often a missing reserve is tried again.
 const RESERVE_RETRY: Duration = Duration::from_secs(10);
-/// Bytes of one growth of the data file written at most (see [`WrittenGrowth`]).
-const GROWTH_WRITTEN_MAX: u64 = 64 << 20;
 
 const RECORDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("records");
 const CHUNKS: TableDefinition<(&[u8], u32), &[u8]> = TableDefinition::new("chunks");
@@ -97,12 +94,12 @@ impl Op {
         }
     }
 
-    /// Whether it frees space (deletes, removals), or only makes earlier writes durable: such
-    /// ops may use the reserve on a full disk.
-    fn frees(&self) -> bool {
+    /// Whether it stores values; deletes (tombstones), removals and flushes do not, and may
+    /// use the reserve (see [`Reserve`]).
+    fn takes_room(&self) -> bool {
         match self {
-            Op::Write(batch) => batch.iter().all(|(_, r)| r.tombstone),
-            Op::Remove(_) | Op::Flush => true,
+            Op::Write(batch) => batch.iter().any(|(_, r)| !r.tombstone),
+            Op::Remove(_) | Op::Flush => false,
         }
     }
 }
@@ -127,7 +124,7 @@ impl DiskEngine {
             let (shared, reserve) = (shared.clone(), Reserve::new(dir));
             std::thread::Builder::new()
                 .name("girder-engine-writer".into())
-                .spawn(move || Writer { shared, config, reserve, full: false }.run(jobs))
+                .spawn(move || Writer { shared, config, reserve }.run(jobs))
                 .map_err(|e| EngineError::from_io(&e, "starting the storage writer thread"))?
         };
         tracing::debug!(path = %shared.path.display(), "storage engine open");
@@ -325,8 +322,6 @@ struct Writer {
     shared: Arc<Shared>,
     config: EngineConfig,
     reserve: Reserve,
-    /// The last write that took room failed for want of it.
-    full: bool,
 }
 
 impl Writer {
@@ -418,28 +413,23 @@ impl Writer {
     }
 
     /// Applies `ops` in one transaction; usage changes only once it committed. On a full disk,
-    /// ops that free space get the reserve's room (see [`Reserve`]): at once when the disk was
-    /// found full before (what they free may lie where only new room lets redb write again),
-    /// else when they fail for want of room.
+    /// ops that store no values get the reserve's room (see [`Reserve`]) when they fail for want
+    /// of room, and deletes get it at once after any write failed for want of room.
     fn commit(&mut self, ops: &[&Op], durable: bool) -> Result<(), EngineError> {
-        let frees = ops.iter().all(|op| op.frees());
-        if frees && self.full {
+        let takes_room = ops.iter().any(|op| op.takes_room());
+        let deletes = !takes_room && ops.iter().any(|op| !matches!(op, Op::Flush));
+        if deletes && self.reserve.needed {
             self.release_reserve();
         }
         let mut outcome = self.commit_once(ops, durable);
-        if frees && matches!(outcome, Err(EngineError::Full(_))) && self.release_reserve() {
-            outcome = self.commit_once(ops, durable);
-        }
-        match &outcome {
-            Ok(()) => {
-                // A write that took room shows there is room again.
-                if !frees {
-                    self.full = false;
-                }
-                self.reserve.keep();
+        if matches!(outcome, Err(EngineError::Full(_))) {
+            self.reserve.needed = true;
+            if !takes_room && self.release_reserve() {
+                outcome = self.commit_once(ops, durable);
             }
-            Err(EngineError::Full(_)) => self.full = true,
-            Err(_) => {}
+        }
+        if outcome.is_ok() {
+            self.reserve.keep();
         }
         outcome
     }
@@ -449,7 +439,7 @@ impl Writer {
         let released = self.reserve.release();
         if released {
             let path = self.shared.path.display();
-            tracing::warn!(path = %path, "the data disk is full: its reserve is released for writes that free space");
+            tracing::warn!(path = %path, "the data disk is full: its reserve is released for deletes");
         }
         released
     }
@@ -552,14 +542,19 @@ impl Writer {
 
 /// Room held back on the data disk: a file of [`RESERVE_BYTES`] next to the data file.
 ///
-/// redb grows its file sparsely and writes the new pages later, so on a full disk a commit fails
-/// as soon as it touches a page never written, and every commit touches some (the allocator
-/// state, b-tree pages copied on write): even one that only deletes. Releasing the reserve gives
-/// such a commit room; it frees pages redb then reuses. The reserve is made again, once the
-/// disk has room, after a later commit.
+/// redb grows its file sparsely (`set_len`) and writes the new pages when it uses them, so on a
+/// full disk a commit fails as soon as it touches a page never written, and every commit touches
+/// some (b-tree pages copied on write, the allocator state quick repair saves): even one that
+/// only deletes. Without the reserve nothing could be deleted on a full disk, and even after
+/// deletes, writes mostly kept failing: redb may hand out free pages never written rather than
+/// the ones deletes freed. So once a write failed for want of room, the first delete (or
+/// removal, or a flush that failed) releases the reserve: the deletes commit, and new writes get
+/// room at once. The reserve is made again after a later commit, once the disk has room for it.
 struct Reserve {
     path: PathBuf,
     held: bool,
+    /// A write failed for want of room since the reserve was made.
+    needed: bool,
     /// When to try again to make a missing reserve.
     next_try: Instant,
 }
@@ -567,7 +562,8 @@ struct Reserve {
 impl Reserve {
     /// The reserve in `dir`, made now if there is room.
     fn new(dir: &Path) -> Reserve {
-        let mut reserve = Reserve { path: dir.join(RESERVE_FILE), held: false, next_try: Instant::now() };
+        let mut reserve =
+            Reserve { path: dir.join(RESERVE_FILE), held: false, needed: false, next_try: Instant::now() };
         reserve.keep();
         reserve
     }
@@ -583,7 +579,7 @@ impl Reserve {
         }
         match fill_file(&self.path, RESERVE_BYTES) {
             Ok(()) => {
-                self.held = true;
+                (self.held, self.needed) = (true, false);
                 tracing::debug!(path = %self.path.display(), "the data disk's reserve is held");
             }
             Err(err) => {
@@ -623,89 +619,6 @@ fn fill_file(path: &Path, len: usize) -> std::io::Result<()> {
         file.write_all(&block)?;
     }
     Ok(())
-}
-
-/// redb's file backend, except that the file grows by written bytes, not sparsely.
-///
-/// redb grows its file with `set_len` and writes the new pages later. On a full disk a commit
-/// then fails as soon as it touches a page never written, though redb counts the page free; and
-/// as every commit touches some (b-tree pages copied on write, the allocator state), writes keep
-/// failing even after deletes freed written pages. Written growth makes what redb counts free
-/// real room, so what deletes free is written again. Best effort: as much of a growth as fits,
-/// up to [`GROWTH_WRITTEN_MAX`] (redb grows by up to 4 GiB at once: writing it all would stall
-/// writes for seconds); past that, pages are written when used, as before.
-#[derive(Debug)]
-struct WrittenGrowth(redb::backends::FileBackend);
-
-impl WrittenGrowth {
-    /// Writes zeros (what redb expects in new space) over `from..to`, until the disk is full.
-    fn write_zeros(&self, from: u64, to: u64) {
-        let zeros = vec![0u8; 1 << 20];
-        let mut at = from;
-        while at < to {
-            let len = usize::try_from(to - at).map_or(zeros.len(), |left| left.min(zeros.len()));
-            if self.0.write(at, &zeros[..len]).is_err() {
-                return;
-            }
-            at += len as u64;
-        }
-    }
-}
-
-impl StorageBackend for WrittenGrowth {
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        let old = self.0.len()?;
-        self.0.set_len(len)?;
-        if len > old && std::env::var_os("NO_WG").is_none() { // TEMP
-            self.write_zeros(old, len.min(old.saturating_add(GROWTH_WRITTEN_MAX)));
-        }
-        Ok(())
-    }
-
-    fn len(&self) -> std::io::Result<u64> {
-        self.0.len()
-    }
-
-    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
-        self.0.read(offset, out)
-    }
-
-    fn sync_data(&self) -> std::io::Result<()> {
-        self.0.sync_data()
-    }
-
-    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        self.0.write(offset, data)
-    }
-
-    fn close(&self) -> std::io::Result<()> {
-        self.0.close()
-    }
-
-    // The file locks that keep a second process out, as redb's own backend does them.
-    fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, redb::BackendError> {
-        self.0.try_lock_range(start, end)
-    }
-
-    fn try_lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, redb::BackendError> {
-        self.0.try_lock_shared_range(start, end)
-    }
-
-    fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), redb::BackendError> {
-        self.0.lock_range(start, end)
-    }
-
-    fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), redb::BackendError> {
-        self.0.lock_shared_range(start, end)
-    }
-
-    fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), redb::BackendError> {
-        self.0.unlock_range(start, end)
-    }
-
-    fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, redb::BackendError> {
-        self.0.query_lock_range(start, end)
-    }
 }
 
 /// New (live items, bytes) per flock.
@@ -752,12 +665,9 @@ fn erase(records: &mut Records, chunks: &mut Chunks, kb: &[u8]) -> Result<Option
 /// Opens (or creates) the file at `path`, checks it is ours, and reads its usage.
 fn open_file(path: &Path, config: &EngineConfig) -> Result<(Database, UsageMap), EngineError> {
     let doing = format!("opening {}", path.display());
-    let mut options = std::fs::OpenOptions::new();
-    let file = options.read(true).write(true).create(true).truncate(false).open(path);
-    let backend = redb::backends::FileBackend::new(file.map_err(|e| EngineError::from_io(&e, &doing))?).ctx(&doing)?;
     let db = redb::Builder::new()
         .set_cache_size(usize::try_from(config.cache_bytes).unwrap_or(usize::MAX))
-        .create_with_backend(WrittenGrowth(backend))
+        .create(path)
         .ctx(&doing)?;
     check_format(&db, path)?;
     let usage = load_usage(&db, &doing)?;

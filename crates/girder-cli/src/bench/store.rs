@@ -70,10 +70,15 @@ async fn settled(nodes: &[&Node], replicas: u32) -> anyhow::Result<Duration> {
             tokio::time::sleep(Duration::from_millis(5)).await;
             continue;
         }
+        // Every node serves exactly the flocks its table gives it: a joiner copied its share.
         let stats: Vec<_> = nodes.iter().filter_map(|n| n.store().ok().map(|s| s.stats())).collect();
+        let table = nodes[0].placement().table();
+        let each_ready = nodes
+            .iter()
+            .zip(&stats)
+            .all(|(n, s)| s.flocks_ready as usize == table.flocks_of(n.id()) && s.flocks_syncing == 0);
         let ready: u32 = stats.iter().map(|s| s.flocks_ready).sum();
-        let syncing: u32 = stats.iter().map(|s| s.flocks_syncing).sum();
-        if ready == replicas.min(nodes.len() as u32) * girder::placement::FLOCKS && syncing == 0 {
+        if each_ready && ready == replicas.min(nodes.len() as u32) * girder::placement::FLOCKS {
             return Ok(begun.elapsed());
         }
         anyhow::ensure!(begun.elapsed() < Duration::from_secs(300), "the store never settled: {stats:?}");

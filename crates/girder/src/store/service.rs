@@ -298,27 +298,14 @@ impl StoreNode {
             Err(fault) => return (Reply::Fault(fault), Bytes::new()),
         };
         let remembered = self.ops.lock().recall(&key, op_id);
-        let (record, append_to, appended, existed) = match remembered {
-            // A retry of a write the record here holds (applied here as primary or as a
-            // replica, or copied here with its memo): send the record whole, acknowledge.
-            Some(Memo { existed, .. }) => match current {
-                Some(record) => {
-                    let value = record.value.clone();
-                    (record, None, value, existed)
-                }
-                None => return (Reply::Written { version: Version::default(), existed }, Bytes::new()),
-            },
-            None => match self.apply(&view, &key, op, op_id, body).await {
-                Ok(Some(applied)) => applied,
-                Ok(None) => return (Reply::Written { version: Version::default(), existed: false }, Bytes::new()),
-                Err(fault) => return (Reply::Fault(fault), Bytes::new()),
-            },
+        let done = match remembered {
+            Some(memo) => self.resend(&view, &key, current, memo).await,
+            None => self.apply(&view, &key, op, op_id, body).await,
         };
-        let version = remembered.map_or(record.version, |memo| memo.version);
-        let op = Replicated { op_id, existed, append_to };
-        if let Err(fault) = self.replicate_all(&view, &key, &record, op, appended).await {
-            return (Reply::Fault(fault), Bytes::new());
-        }
+        let (version, existed) = match done {
+            Ok(done) => done,
+            Err(fault) => return (Reply::Fault(fault), Bytes::new()),
+        };
         // Acknowledge only while the lease holds: a primary frozen past it may have been
         // replaced, and a write it could not fence must not be reported as done.
         if !self.lease_held() {
@@ -328,9 +315,26 @@ impl StoreNode {
         (Reply::Written { version, existed }, Bytes::new())
     }
 
-    /// Applies a new write here: the record it makes, the version an append extends, the
-    /// appended bytes, and whether the item existed. Remembers `op_id`, so a retry of this
-    /// write is not applied twice. `None`: nothing to write (deleting an absent item).
+    /// A retry of a write the record here holds (applied here as primary or as a replica,
+    /// or copied here with its memo): sends the record whole to the replicas, so they hold
+    /// it too, and answers as the first time.
+    async fn resend(
+        &self,
+        view: &View,
+        key: &ItemKey,
+        current: Option<Record>,
+        memo: Memo,
+    ) -> Result<(Version, bool), Fault> {
+        let Some(record) = current else { return Ok((Version::default(), memo.existed)) };
+        let value = record.value.clone();
+        let op = Replicated { op_id: memo.op_id, existed: memo.existed, append_to: None };
+        self.replicate_all(view, key, &record, op, value).await?;
+        Ok((memo.version, memo.existed))
+    }
+
+    /// Applies a new write here and on the replicas at once: the version it made and
+    /// whether the item existed (`Version::default()`: nothing to write, as when deleting
+    /// an absent item). Remembers `op_id` once stored here, so a retry is not applied twice.
     async fn apply(
         &self,
         view: &View,
@@ -338,23 +342,39 @@ impl StoreNode {
         op: WriteOp,
         op_id: u128,
         body: Bytes,
-    ) -> Result<Option<(Record, Option<Version>, Bytes, bool)>, Fault> {
-        let _local = self.local_of(key).lock().await;
+    ) -> Result<(Version, bool), Fault> {
+        let local = self.local_of(key).lock().await;
         let current = match self.local(key).await {
             Ok(current) => current,
             Err(super::EngineError::Corrupt { .. }) => None,
             Err(err) => return Err(engine_fault(err)),
         };
         let Some((record, append_to, existed)) = self.next_record(view, current.as_ref(), op, body)? else {
-            return Ok(None);
+            return Ok((Version::default(), false));
         };
         let appended = match (append_to, current.as_ref()) {
             (Some(_), Some(old)) => record.value.slice(old.value.len()..),
             _ => record.value.clone(),
         };
-        self.store_local(key, current.as_ref().map(Record::meta), record.clone()).await.map_err(engine_fault)?;
+        // The local write and the replica writes overlap; the local lock goes with the local
+        // write alone, so it is never held while waiting on the network.
+        let (old, mine) = (current.as_ref().map(Record::meta), record.clone());
+        let store = async move {
+            let stored = self.store_local(key, old, mine).await;
+            drop(local);
+            stored
+        };
+        let op = Replicated { op_id, existed, append_to };
+        let (stored, sent) = tokio::join!(store, self.replicate_all(view, key, &record, op, appended));
+        if let Err(err) = stored {
+            // Replicas may now hold a version this node lacks: it catches up on the flock
+            // (from them) before it serves or writes from its own copy again.
+            self.flocks.lock().unready(key.flock);
+            return Err(engine_fault(err));
+        }
         self.ops.lock().extend(key, Memo { op_id, version: record.version, existed });
-        Ok(Some((record, append_to, appended, existed)))
+        sent?;
+        Ok((record.version, existed))
     }
 
     /// The item's current record, fetched from a holder first while this node still

@@ -190,6 +190,13 @@ impl Flocks {
 
     /// Forgets every flock's readiness: this node may have missed writes (its lease ran
     /// out, or it skipped table epochs), so it catches up again before serving reads.
+    /// Forgets `flock`'s readiness: its local copy may lack a write its replicas hold.
+    pub(crate) fn unready(&mut self, flock: Flock) {
+        if let Some(ready) = self.ready.get_mut(flock as usize) {
+            *ready = false;
+        }
+    }
+
     fn unready_all(&mut self) {
         self.ready.iter_mut().for_each(|r| *r = false);
     }

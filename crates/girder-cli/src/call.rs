@@ -18,8 +18,12 @@ pub struct CallArgs {
     #[arg(long)]
     timeout_ms: Option<u64>,
     /// Run on a node that owns this key when one has a free slot.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "bucket")]
     affinity: Option<String>,
+    /// Run on a node that holds this bucket of the store, where the function reads it
+    /// without the network.
+    #[arg(long)]
+    bucket: Option<String>,
     /// Most new requests the call's tree may create (at most the node's limit).
     #[arg(long)]
     requests_max: Option<u64>,
@@ -70,6 +74,9 @@ pub async fn run(args: CallArgs) -> anyhow::Result<()> {
     }
     if let Some(key) = &args.affinity {
         query.push(("affinity", key.clone()));
+    }
+    if let Some(bucket) = &args.bucket {
+        query.push(("bucket", bucket.clone()));
     }
     if let Some(max) = args.requests_max {
         query.push(("requests_max", max.to_string()));

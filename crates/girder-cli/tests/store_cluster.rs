@@ -548,3 +548,46 @@ async fn frozen_load(
     }
     acked
 }
+
+/// The nodes (by id) that hold `bucket`'s flock completely, from each node's `/v1/flocks`.
+fn holders(nodes: &[&NodeProcess], ids: &[&str], bucket: &str) -> Vec<String> {
+    let flock = u64::from(girder::placement::flock_of(bucket.as_bytes()));
+    let holds = |node: &NodeProcess| {
+        let body = reqwest::blocking::get(format!("{}/v1/flocks", node.url)).unwrap().text().unwrap();
+        let flocks: serde_json::Value = serde_json::from_str(&body).unwrap();
+        flocks["flocks"].as_array().unwrap().iter().any(|f| f["flock"] == flock && f["ready"] == true)
+    };
+    nodes.iter().zip(ids).filter(|(node, _)| holds(node)).map(|(_, id)| (*id).to_owned()).collect()
+}
+
+#[test]
+fn calls_with_a_bucket_run_on_a_node_holding_it_over_the_cli_and_http() {
+    let redis = RedisServer::start(false).unwrap_or_else(|e| panic!("{e}"));
+    let url = redis.url();
+    let dirs = [DataDir::new("r1"), DataDir::new("r2"), DataDir::new("r3")];
+    let ids = ["r1", "r2", "r3"];
+    let nodes: Vec<NodeProcess> = dirs.iter().zip(ids).map(|(d, id)| start(&url, id, d)).collect();
+    settled(&nodes[0], 3, 2);
+    let all: Vec<&NodeProcess> = nodes.iter().collect();
+    let client = reqwest::blocking::Client::new();
+    for (i, bucket) in ["north", "south", "east", "west", "up", "down"].iter().enumerate() {
+        let held = holders(&all, &ids, bucket);
+        assert_eq!(held.len(), 2, "{bucket} is held by {held:?}");
+        // Through the one node that does not hold it, so routing has to move the call.
+        let via = nodes.iter().zip(ids).find(|(_, id)| !held.contains(&(*id).to_owned())).unwrap().0;
+        let out = via.call(&["examples/whoami", &format!("\"cli-{i}\""), "--bucket", bucket]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let ran_on: String = serde_json::from_str(&text(&out.stdout)).unwrap();
+        assert!(held.contains(&ran_on), "the CLI call for {bucket} ran on {ran_on}, held by {held:?}");
+        let response = client
+            .post(format!("{}/v1/call/examples/whoami?bucket={bucket}", via.url))
+            .body(format!("[\"http-{i}\"]"))
+            .send()
+            .unwrap();
+        assert!(response.status().is_success(), "{}", response.text().unwrap_or_default());
+        let ran_on: String = response.json().unwrap();
+        assert!(held.contains(&ran_on), "the HTTP call for {bucket} ran on {ran_on}, held by {held:?}");
+    }
+    let both = client.post(format!("{}/v1/call/examples/whoami?bucket=a&affinity=b", nodes[0].url)).body("[\"x\"]");
+    assert_eq!(both.send().unwrap().status(), 400, "bucket and affinity together are refused");
+}

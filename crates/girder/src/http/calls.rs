@@ -79,6 +79,8 @@ struct CallQuery {
     /// The deadline of the call (of each call of a map), in milliseconds.
     timeout_ms: Option<u64>,
     affinity: Option<String>,
+    /// Run on a node that holds this bucket of the store (`Client::run_on`).
+    bucket: Option<String>,
     /// Lowers the node's limit of new requests of the call's tree.
     requests_max: Option<u64>,
     /// Lowers the node's limit of the call tree's depth.
@@ -125,8 +127,14 @@ fn client_for(state: &AppState, query: &CallQuery) -> Result<Client, ApiError> {
         None => state.config.deadline_ms,
     };
     let mut client = state.node.client().with_deadline(Duration::from_millis(timeout_ms));
-    if let Some(key) = &query.affinity {
-        client = client.with_affinity(key.clone());
+    match (&query.affinity, &query.bucket) {
+        (Some(_), Some(_)) => return Err(bad_request("give affinity or bucket, not both".to_owned())),
+        (Some(key), None) => client = client.with_affinity(key.clone()),
+        (None, Some(bucket)) => {
+            crate::store::check_key("bucket", bucket).map_err(ApiError::from)?;
+            client = client.run_on(bucket.clone());
+        }
+        (None, None) => {}
     }
     if query.requests_max.is_some() || query.depth_max.is_some() {
         // Capped by the node's own limits in the client.

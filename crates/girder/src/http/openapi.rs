@@ -263,6 +263,12 @@ fn call_params(docs: &Docs) -> Vec<Value> {
             json!({ "type": "string" }),
         ),
         query_param(
+            "bucket",
+            "Run on a node that holds this bucket of the store (queueing there when all are \
+             busy), where the function reads it without the network; not with `affinity`.",
+            json!({ "type": "string", "minLength": 1, "maxLength": crate::store::KEY_BYTES_MAX }),
+        ),
+        query_param(
             "requests_max",
             "Lowers the node's limit of new requests of the call's tree (its root included; 0 \
              answers only from memoized results).",

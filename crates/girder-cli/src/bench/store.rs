@@ -196,7 +196,41 @@ pub(crate) async fn run() -> anyhow::Result<()> {
         let target = 2.0 * single.value_at_quantile(0.5) as f64 + rtt.value_at_quantile(0.5) as f64;
         println!("    target: p50 within 2x single-node + one round trip = {:.1} µs", target / 1_000.0);
     }
+    near_staleness(&a, &b).await?;
     farm_moves(&sk, &scratch, a, b).await
+}
+
+/// How long after a write through one node another node's near cache (typed reads of
+/// decoded values) serves the new value, polled every 100 µs; then a near hit.
+async fn near_staleness(a: &Node, b: &Node) -> anyhow::Result<()> {
+    const ROUNDS: u64 = 200;
+    let (writer, reader) = (a.store()?.typed::<u64>(), b.store()?.typed::<u64>());
+    let (mut stale, mut hit) = (histogram()?, histogram()?);
+    for round in 0..ROUNDS {
+        writer.put("near", "n", &round).await?;
+        let written = Instant::now();
+        loop {
+            let seen = reader.get("near", "n").await?.map(|(v, _)| *v);
+            if seen == Some(round) {
+                break;
+            }
+            anyhow::ensure!(written.elapsed() < girder::store::NEAR_AGE_MAX * 2, "b never saw round {round}");
+            tokio::time::sleep(Duration::from_micros(100)).await;
+        }
+        record(&mut stale, written.elapsed());
+    }
+    for _ in 0..10_000 {
+        let begun = Instant::now();
+        reader.get("near", "n").await?;
+        record(&mut hit, begun.elapsed());
+    }
+    line("near cache: typed read, a hit", &hit, None);
+    line("near cache: another node serves a new value", &stale, None);
+    println!(
+        "    bound: {} ms (a lost notice); never older than the reader's own write",
+        girder::store::NEAR_AGE_MAX.as_millis()
+    );
+    Ok(())
 }
 
 /// Fills a two-node grid with [`FARM_BYTES`], then times a third node's join until every

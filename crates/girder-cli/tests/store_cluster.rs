@@ -12,41 +12,19 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{text, NodeProcess, GIRDER};
+use common::{text, NodeProcess, ScratchDir, GIRDER};
 use girder::testing::RedisServer;
-
-/// A data directory under the target dir, removed when dropped.
-struct DataDir(PathBuf);
-
-impl DataDir {
-    fn new(name: &str) -> DataDir {
-        let dir =
-            std::env::temp_dir().join(format!("girder-store-{}-{name}-{:x}", std::process::id(), fastrand::u32(..)));
-        std::fs::create_dir_all(&dir).unwrap();
-        DataDir(dir)
-    }
-
-    fn path(&self) -> &str {
-        self.0.to_str().unwrap()
-    }
-}
-
-impl Drop for DataDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A node on `dir`. Writes reach the OS before they are acknowledged (`--fsync buffered`):
 /// what these tests kill is processes, whose writes the OS keeps; fsync itself is the
 /// engine's tests' business.
-fn start(redis: &str, id: &str, dir: &DataDir) -> NodeProcess {
+fn start(redis: &str, id: &str, dir: &ScratchDir) -> NodeProcess {
     let args = ["--workers", "1", "--slots", "2", "--data-dir", dir.path(), "--fsync", "buffered"];
     NodeProcess::on_redis(redis, id, &args)
 }
 
 /// A node on `dir` that syncs every write before acknowledging it.
-fn start_durable(redis: &str, id: &str, dir: &DataDir) -> NodeProcess {
+fn start_durable(redis: &str, id: &str, dir: &ScratchDir) -> NodeProcess {
     NodeProcess::on_redis(redis, id, &["--workers", "1", "--slots", "2", "--data-dir", dir.path()])
 }
 
@@ -148,7 +126,7 @@ fn read(url: &str, bucket: &str, item: &str) -> Option<String> {
 fn acknowledged_writes_survive_a_sigkill_and_replicas_converge_after_restart() {
     let redis = RedisServer::start(false).unwrap_or_else(|e| panic!("{e}"));
     let url = redis.url();
-    let dirs = [DataDir::new("n1"), DataDir::new("n2"), DataDir::new("n3")];
+    let dirs = [ScratchDir::new("n1"), ScratchDir::new("n2"), ScratchDir::new("n3")];
     let n1 = start(&url, "n1", &dirs[0]);
     let n2 = start(&url, "n2", &dirs[1]);
     let mut n3 = start(&url, "n3", &dirs[2]);
@@ -194,7 +172,7 @@ fn acknowledged_writes_survive_a_sigkill_and_replicas_converge_after_restart() {
 fn a_flipped_byte_on_disk_is_never_served_and_is_repaired() {
     let redis = RedisServer::start(false).unwrap_or_else(|e| panic!("{e}"));
     let url = redis.url();
-    let dirs = [DataDir::new("c1"), DataDir::new("c2")];
+    let dirs = [ScratchDir::new("c1"), ScratchDir::new("c2")];
     let c1 = start_durable(&url, "c1", &dirs[0]);
     let mut c2 = start_durable(&url, "c2", &dirs[1]);
     settled(&c1, 2, 2);
@@ -205,7 +183,7 @@ fn a_flipped_byte_on_disk_is_never_served_and_is_repaired() {
     // Stop c2, flip one byte of the value in its files, start it again.
     c2.kill();
     let mut flipped = false;
-    for entry in walk(&dirs[1].0) {
+    for entry in walk(dirs[1].dir()) {
         let mut bytes = std::fs::read(&entry).unwrap();
         if let Some(at) = bytes.windows(marker.len()).position(|w| w == marker.as_bytes()) {
             bytes[at + 100] ^= 0x01;
@@ -311,7 +289,7 @@ async fn steady_load(
 fn a_node_joining_mid_load_and_one_drained_with_sigterm_lose_and_fail_nothing() {
     let redis = RedisServer::start(false).unwrap_or_else(|e| panic!("{e}"));
     let url = redis.url();
-    let dirs = [DataDir::new("j1"), DataDir::new("j2"), DataDir::new("j3"), DataDir::new("j4")];
+    let dirs = [ScratchDir::new("j1"), ScratchDir::new("j2"), ScratchDir::new("j3"), ScratchDir::new("j4")];
     let j1 = start(&url, "j1", &dirs[0]);
     let mut j2 = start(&url, "j2", &dirs[1]);
     let j3 = start(&url, "j3", &dirs[2]);
@@ -340,7 +318,7 @@ fn a_shuffle_of_200_mib_over_four_nodes_reads_back_exactly_and_keeps_redis_small
     use futures::StreamExt;
     let redis = RedisServer::start(false).unwrap_or_else(|e| panic!("{e}"));
     let url = redis.url();
-    let dirs = [DataDir::new("s1"), DataDir::new("s2"), DataDir::new("s3"), DataDir::new("s4")];
+    let dirs = [ScratchDir::new("s1"), ScratchDir::new("s2"), ScratchDir::new("s3"), ScratchDir::new("s4")];
     let nodes: Vec<NodeProcess> = dirs.iter().enumerate().map(|(i, d)| start(&url, &format!("s{i}"), d)).collect();
     settled(&nodes[0], 4, 2);
     let urls: Vec<String> = nodes.iter().map(|n| n.url.clone()).collect();
@@ -441,7 +419,7 @@ async fn shuffle_load(
 fn a_shuffle_loses_and_repeats_no_acknowledged_append_when_a_node_dies_and_one_joins() {
     let redis = RedisServer::start(false).unwrap_or_else(|e| panic!("{e}"));
     let url = redis.url();
-    let dirs = [DataDir::new("m1"), DataDir::new("m2"), DataDir::new("m3"), DataDir::new("m4")];
+    let dirs = [ScratchDir::new("m1"), ScratchDir::new("m2"), ScratchDir::new("m3"), ScratchDir::new("m4")];
     let m1 = start(&url, "m1", &dirs[0]);
     let m2 = start(&url, "m2", &dirs[1]);
     let mut m3 = start(&url, "m3", &dirs[2]);
@@ -488,7 +466,7 @@ fn a_shuffle_loses_and_repeats_no_acknowledged_append_when_a_node_dies_and_one_j
 fn an_old_primary_frozen_past_its_lease_gets_no_write_acknowledged_that_is_lost() {
     let redis = RedisServer::start(false).unwrap_or_else(|e| panic!("{e}"));
     let url = redis.url();
-    let dirs = [DataDir::new("f1"), DataDir::new("f2"), DataDir::new("f3")];
+    let dirs = [ScratchDir::new("f1"), ScratchDir::new("f2"), ScratchDir::new("f3")];
     let f1 = start(&url, "f1", &dirs[0]);
     let f2 = start(&url, "f2", &dirs[1]);
     let f3 = start(&url, "f3", &dirs[2]);
@@ -564,7 +542,7 @@ fn holders(nodes: &[&NodeProcess], ids: &[&str], bucket: &str) -> Vec<String> {
 fn calls_with_a_bucket_run_on_a_node_holding_it_over_the_cli_and_http() {
     let redis = RedisServer::start(false).unwrap_or_else(|e| panic!("{e}"));
     let url = redis.url();
-    let dirs = [DataDir::new("r1"), DataDir::new("r2"), DataDir::new("r3")];
+    let dirs = [ScratchDir::new("r1"), ScratchDir::new("r2"), ScratchDir::new("r3")];
     let ids = ["r1", "r2", "r3"];
     let nodes: Vec<NodeProcess> = dirs.iter().zip(ids).map(|(d, id)| start(&url, id, d)).collect();
     settled(&nodes[0], 3, 2);

@@ -17,10 +17,9 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{text, GIRDER};
+use common::{text, ScratchDir, GIRDER};
 use girder::store::engine::{DiskEngine, Engine, EngineConfig, ItemKey};
 use girder::testing::RedisServer;
 
@@ -38,42 +37,18 @@ const REFUSALS: usize = 8;
 /// How long any one wait of the test may take.
 const PATIENCE: Duration = Duration::from_secs(20);
 
-/// A fresh directory under the system's temp dir, removed when dropped.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(name: &str) -> Dir {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("girder-full-{}-{name}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Dir(dir)
-    }
-
-    fn path(&self) -> &str {
-        self.0.to_str().unwrap()
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// n2's data directory on a small disk: a tmpfs, or (fallback) a cap on the node's file sizes.
 /// A mounted tmpfs is unmounted when dropped, on panic too; nodes on it must be gone by then
 /// (declare it before them).
 struct SmallDisk {
-    dir: Dir,
+    dir: ScratchDir,
     tmpfs: bool,
 }
 
 impl SmallDisk {
     fn new() -> SmallDisk {
-        let dir = Dir::new("small");
-        if std::env::var_os(NO_MOUNT).is_none() && mount(&dir.0) {
+        let dir = ScratchDir::new("small");
+        if std::env::var_os(NO_MOUNT).is_none() && mount(dir.dir()) {
             return SmallDisk { dir, tmpfs: true };
         }
         eprintln!(
@@ -92,7 +67,7 @@ impl SmallDisk {
         if self.tmpfs {
             return;
         }
-        let file = std::fs::metadata(self.dir.0.join("items.redb")).map_or(0, |m| m.len());
+        let file = std::fs::metadata(self.dir.dir().join("items.redb")).map_or(0, |m| m.len());
         set_fsize(node.pid(), Some(file + FSIZE_ROOM));
     }
 
@@ -100,7 +75,7 @@ impl SmallDisk {
     fn grow(&self, node: &Node) {
         if self.tmpfs {
             let remount = format!("remount,{LARGER}");
-            let status = Command::new("mount").args(["-o", &remount]).arg(&self.dir.0).status().unwrap();
+            let status = Command::new("mount").args(["-o", &remount]).arg(self.dir.dir()).status().unwrap();
             assert!(status.success(), "mount -o {remount} failed");
         } else {
             set_fsize(node.pid(), None);
@@ -114,11 +89,16 @@ impl Drop for SmallDisk {
             return;
         }
         let quiet = |args: &[&str]| {
-            Command::new("umount").args(args).arg(&self.dir.0).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+            Command::new("umount")
+                .args(args)
+                .arg(self.dir.dir())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
         };
         // Lazily when busy (a process still holds a file there): never leave a mount behind.
         if !quiet(&[]) && !quiet(&["-l"]) {
-            eprintln!("store_full: could not unmount {}", self.dir.0.display());
+            eprintln!("store_full: could not unmount {}", self.dir.dir().display());
         }
     }
 }
@@ -150,8 +130,8 @@ struct Node {
 }
 
 impl Node {
-    fn start(redis: &str, id: &str, data_dir: &str, logs: &Dir) -> Node {
-        let log = logs.0.join(format!("{id}-{}.log", fastrand::u32(..)));
+    fn start(redis: &str, id: &str, data_dir: &str, logs: &ScratchDir) -> Node {
+        let log = logs.dir().join(format!("{id}-{}.log", fastrand::u32(..)));
         let mut child = Command::new("sh")
             .args(["-c", r#"trap "" XFSZ; exec "$0" "$@""#, GIRDER, "node", "--listen", "127.0.0.1:0"])
             .args(["--statekeeper", redis, "--id", id, "--node-ttl-ms", "1500", "--heartbeat-ms", "250"])
@@ -379,8 +359,8 @@ struct Cluster {
     n1: Node,
     n2: Node,
     disk: SmallDisk,
-    _n1_dir: Dir,
-    logs: Dir,
+    _n1_dir: ScratchDir,
+    logs: ScratchDir,
     redis: String,
     _redis: RedisServer,
     client: reqwest::blocking::Client,
@@ -390,7 +370,7 @@ impl Cluster {
     fn start() -> Cluster {
         let redis_server = RedisServer::start(false).unwrap_or_else(|e| panic!("{e}"));
         let redis = redis_server.url();
-        let (logs, n1_dir, disk) = (Dir::new("logs"), Dir::new("n1"), SmallDisk::new());
+        let (logs, n1_dir, disk) = (ScratchDir::new("logs"), ScratchDir::new("n1"), SmallDisk::new());
         let n1 = Node::start(&redis, "n1", n1_dir.path(), &logs);
         let n2 = Node::start(&redis, "n2", disk.path(), &logs);
         disk.cap(&n2);

@@ -48,6 +48,7 @@ pub mod store;
 pub mod structures;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod workflow;
 
 pub use control::{Embedded, EmbeddedConfig, NodeInfo, ResultStoreConfig, Statekeeper};
 pub use error::{CallError, ErrorKind, StatekeeperError};

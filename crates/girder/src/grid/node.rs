@@ -116,6 +116,13 @@ impl Node {
         self.core.membership.farm.get().map(|farm| farm.store()).ok_or(crate::store::StoreError::NoStore)
     }
 
+    /// Whether the node's lease still holds by its own clock, as a check to keep: work a
+    /// node holds exclusively stops when it turns false.
+    pub(crate) fn lease_check(&self) -> Arc<dyn Fn() -> bool + Send + Sync> {
+        let weak = Arc::downgrade(&self.core);
+        Arc::new(move || weak.upgrade().is_some_and(|core| !core.membership.lease.lock().remaining().is_zero()))
+    }
+
     /// The node's farm, if it runs a store.
     pub(crate) fn farm(&self) -> Option<&crate::store::Farm> {
         self.core.membership.farm.get()

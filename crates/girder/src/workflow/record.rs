@@ -1,0 +1,125 @@
+//! An instance's record in the statekeeper: its state, the positions it consumed, its
+//! owner and epoch, and whether it runs, finished or is parked. Every change is one
+//! compare-and-set on the record's version, which is what fences a stale owner.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::{WorkflowError, STATE_BYTES_MAX};
+use crate::structures::{Kind, Store};
+
+/// Whether an instance takes messages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Status {
+    /// It takes messages.
+    Running,
+    /// It finished; later messages are skipped.
+    Finished,
+    /// A message failed every attempt: `error` says why; that message and later ones wait.
+    Parked {
+        /// The last attempt's error.
+        error: String,
+        /// The source and sequence id of the message that failed.
+        source: String,
+        /// Its sequence id.
+        seq: u64,
+    },
+}
+
+/// An instance as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    /// The encoded state (MessagePack); `None` before the first step.
+    pub state: Option<Bytes>,
+    /// The last sequence id handled, per source.
+    pub positions: BTreeMap<String, u64>,
+    /// The node that owns it.
+    pub owner: String,
+    /// The placement table epoch its owner claimed it under.
+    pub epoch: u64,
+    /// Messages handled.
+    pub handled: u64,
+    /// Whether it runs, finished or is parked.
+    pub status: Status,
+}
+
+/// A record read with its version (0: absent).
+pub(crate) struct Loaded {
+    pub(crate) instance: Option<Instance>,
+    pub(crate) version: u64,
+}
+
+/// The record's key.
+pub(crate) fn key_of(workflow: &str, id: &str) -> String {
+    format!("wf/i/{workflow}/{id}")
+}
+
+/// Reads an instance's record.
+pub(crate) async fn load(store: &Store, workflow: &str, id: &str) -> Result<Loaded, WorkflowError> {
+    match store.value_get(Kind::Atom, &key_of(workflow, id)).await? {
+        None => Ok(Loaded { instance: None, version: 0 }),
+        Some(found) => {
+            let instance = rmp_serde::from_slice(&found.bytes)
+                .map_err(|e| WorkflowError::Invalid(format!("the record of {workflow}/{id} does not decode: {e}")))?;
+            Ok(Loaded { instance: Some(instance), version: found.version })
+        }
+    }
+}
+
+/// Writes `instance` if the record is still at `version` (0: absent); the new version, or
+/// `None` when someone else wrote it first (a newer owner: this one must stop).
+pub(crate) async fn commit(
+    store: &Store,
+    workflow: &str,
+    id: &str,
+    version: u64,
+    instance: &Instance,
+) -> Result<Option<u64>, WorkflowError> {
+    if instance.state.as_ref().is_some_and(|s| s.len() > STATE_BYTES_MAX) {
+        return Err(WorkflowError::Invalid(format!("a state is at most {STATE_BYTES_MAX} bytes")));
+    }
+    let bytes = rmp_serde::to_vec_named(instance).map_err(|e| WorkflowError::Invalid(e.to_string()))?;
+    let expected = (version != 0).then_some(version);
+    Ok(store.value_cas(Kind::Atom, &key_of(workflow, id), expected, &bytes).await?)
+}
+
+/// Reads an instance and reports it, for status and tests (`None`: never sent anything).
+pub async fn instance(store: &Store, workflow: &str, id: &str) -> Result<Option<Instance>, WorkflowError> {
+    Ok(load(store, workflow, id).await?.instance)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::Statekeeper;
+
+    fn owned_by(owner: &str, epoch: u64, handled: u64) -> Instance {
+        Instance {
+            state: Some(Bytes::from(vec![handled as u8])),
+            positions: BTreeMap::from([("mailbox".to_owned(), handled)]),
+            owner: owner.to_owned(),
+            epoch,
+            handled,
+            status: Status::Running,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stale_owner_cannot_commit_over_a_newer_claim() {
+        let store = crate::Embedded::new(crate::EmbeddedConfig::default()).structures();
+        let v1 = commit(&store, "t", "i", 0, &owned_by("a", 1, 0)).await.unwrap().expect("a claims a new instance");
+        let v2 = commit(&store, "t", "i", v1, &owned_by("a", 1, 1)).await.unwrap().expect("a commits a step");
+        // b claims under a newer epoch, from what it read.
+        let read = load(&store, "t", "i").await.unwrap();
+        assert_eq!(read.version, v2);
+        commit(&store, "t", "i", read.version, &owned_by("b", 2, 1)).await.unwrap().expect("b claims");
+        // a, paused meanwhile, tries to commit its next step from its old version.
+        let stale = commit(&store, "t", "i", v2, &owned_by("a", 1, 2)).await.unwrap();
+        assert_eq!(stale, None, "a's commit is refused");
+        let now = load(&store, "t", "i").await.unwrap().instance.unwrap();
+        assert_eq!((now.owner.as_str(), now.epoch, now.handled), ("b", 2, 1), "b's record stands");
+        assert_eq!(commit(&store, "t", "i", 0, &owned_by("c", 3, 0)).await.unwrap(), None, "no blind create");
+    }
+}

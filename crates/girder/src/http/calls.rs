@@ -127,13 +127,13 @@ fn client_for(state: &AppState, query: &CallQuery) -> Result<Client, ApiError> {
         None => state.config.deadline_ms,
     };
     let mut client = state.node.client().with_deadline(Duration::from_millis(timeout_ms));
-    match (&query.affinity, &query.bucket) {
-        (Some(_), Some(_)) => return Err(bad_request("give affinity or bucket, not both".to_owned())),
-        (Some(key), None) => client = client.with_affinity(key.clone()),
-        (None, Some(bucket)) => {
+    // A bucket is a stronger wish than an affinity (the call must run where the data is).
+    match (&query.bucket, &query.affinity) {
+        (Some(bucket), _) => {
             crate::store::check_key("bucket", bucket).map_err(ApiError::from)?;
             client = client.run_on(bucket.clone());
         }
+        (None, Some(key)) => client = client.with_affinity(key.clone()),
         (None, None) => {}
     }
     if query.requests_max.is_some() || query.depth_max.is_some() {

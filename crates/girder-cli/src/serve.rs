@@ -114,6 +114,10 @@ pub struct NodeArgs {
     /// it, the store lives in memory and is lost with the process.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Run workflow instances here (the built-in `examples/counter` type): this node takes
+    /// the instances of the flocks it is the primary of.
+    #[arg(long)]
+    workflows: bool,
     /// Address of the data plane other nodes move store bytes over; port 0 picks one.
     #[arg(long, default_value = "127.0.0.1:0")]
     data_listen: String,
@@ -350,6 +354,9 @@ pub async fn run(registry: Registry, args: NodeArgs) -> anyhow::Result<()> {
         .await
         .context("cannot start the node")?;
     let node = Arc::new(node);
+    let workflows = args
+        .workflows
+        .then(|| girder::workflow::WorkflowRuntime::start(&node, girder::workflow::Workflows::new().with_examples()));
     {
         // The address line is the ready signal; a node whose stdout is closed keeps serving.
         use std::io::Write;
@@ -390,6 +397,10 @@ pub async fn run(registry: Registry, args: NodeArgs) -> anyhow::Result<()> {
     // flight may finish. Held work finishes for up to the drain timeout, then the node stops
     // and callers still waiting get a shutdown error, which ends their requests.
     server.shut_down();
+    // Workflow steps stop first: what they committed stands, the next owner goes on.
+    if let Some(workflows) = &workflows {
+        workflows.shutdown();
+    }
     node.drain(Duration::from_millis(args.drain_timeout_ms)).await;
     // Connections that still linger (slow clients) do not hold the process.
     let closed = server.close(SERVER_CLOSE_GRACE).await;

@@ -33,6 +33,9 @@
 //!   `conflict`), `POST` to append, `DELETE` it; `GET /v1/store/{bucket}` streams the whole
 //!   bucket as NDJSON, `DELETE` deletes it. Bodies up to [`HttpConfig::store_bytes_max`].
 //!   `GET /v1/flocks`: the flocks this node owns or holds, with their digests.
+//! - `/v1/workflows/{workflow}/{id}` (the type's `/` sent as `%2F`): `POST` a JSON message
+//!   to the instance (`202 {"seq": N}`, its place in the mailbox), `GET` its record (state
+//!   as JSON, owner, epoch, positions, `running`/`finished`/`parked` with the error).
 //!
 //! Calls without `?timeout_ms=` get [`HttpConfig::deadline_ms`]. Calls in flight are
 //! limited per node and per caller (see `admission`): beyond, `503`/`429` `overloaded` at
@@ -65,6 +68,7 @@ pub use server::{bind, connections_max_for, BodyTimeout, Server, ServerConfig};
 mod store;
 pub use store::VERSION_HEADER;
 mod tls;
+mod workflow;
 use crate::grid::Node;
 use crate::structures::{Cache, CacheConfig, DsError};
 pub use tls::{tls_config, TlsError};
@@ -185,6 +189,8 @@ pub const ROUTES: &[Route] = &[
     Route { method: "GET", path: "/v1/store/{bucket}", doc: openapi::store_bucket_get },
     Route { method: "DELETE", path: "/v1/store/{bucket}", doc: openapi::store_bucket_delete },
     Route { method: "GET", path: "/v1/flocks", doc: openapi::flocks },
+    Route { method: "GET", path: "/v1/workflows/{workflow}/{id}", doc: openapi::workflow_get },
+    Route { method: "POST", path: "/v1/workflows/{workflow}/{id}", doc: openapi::workflow_send },
 ];
 
 /// The JSON body of every error response.
@@ -325,6 +331,7 @@ pub fn router(node: Arc<Node>, config: HttpConfig) -> Router {
         .merge(openapi::routes())
         .merge(results::routes(state.clone()))
         .merge(store::routes(limits.store))
+        .merge(workflow::routes())
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .merge(guarded)

@@ -265,7 +265,7 @@ fn call_params(docs: &Docs) -> Vec<Value> {
         query_param(
             "bucket",
             "Run on a node that holds this bucket of the store (queueing there when all are \
-             busy), where the function reads it without the network; not with `affinity`.",
+             busy), where the function reads it without the network; it overrides `affinity`.",
             json!({ "type": "string", "minLength": 1, "maxLength": crate::store::KEY_BYTES_MAX }),
         ),
         query_param(
@@ -661,6 +661,49 @@ pub(super) fn store_bucket_get(docs: &Docs) -> Value {
 pub(super) fn store_bucket_delete(docs: &Docs) -> Value {
     let ok = json_ok("How many items were deleted.", schema_ref("Deleted"));
     store_op(docs, ["store_bucket_delete", "Delete a whole bucket", ""], false, (200, ok), &[])
+}
+
+fn workflow_params() -> Vec<Value> {
+    let name = |name: &str, what: &str| {
+        let description = format!("The {what}: 1 to {} bytes, no control characters.", crate::workflow::NAME_BYTES_MAX);
+        path_param(
+            name,
+            &description,
+            json!({ "type": "string", "minLength": 1, "maxLength": crate::workflow::NAME_BYTES_MAX }),
+        )
+    };
+    vec![name("workflow", "workflow type (its `/` as `%2F`)"), name("id", "instance id")]
+}
+
+/// `GET /v1/workflows/{workflow}/{id}`.
+pub(super) fn workflow_get(docs: &Docs) -> Value {
+    let ok =
+        json_ok("The instance's record: state as JSON, owner, epoch, positions, status.", json!({ "type": "object" }));
+    let about = "Parked instances carry the error of the message that failed every attempt.";
+    operation(docs, ["workflow_get", "Read a workflow instance", about], workflow_params(), (200, ok), &[400, 404, 503])
+}
+
+/// `POST /v1/workflows/{workflow}/{id}`.
+pub(super) fn workflow_send(docs: &Docs) -> Value {
+    let ok = json_ok(
+        "Queued in the instance's mailbox: its sequence id there.",
+        json!({
+            "type": "object", "required": ["seq"], "properties": { "seq": counter() },
+        }),
+    );
+    let about = "The body is the JSON message; the instance is created by its first message.";
+    let mut operation = operation(
+        docs,
+        ["workflow_send", "Send to a workflow instance", about],
+        workflow_params(),
+        (202, ok),
+        &[400, 413, 503],
+    );
+    operation["requestBody"] = json!({
+        "required": true,
+        "content": { "application/json": { "schema": {} } },
+    });
+    operation
 }
 
 /// `GET /v1/flocks`.

@@ -25,8 +25,9 @@ use crate::structures::Store;
 pub const MAILBOX: &str = "mailbox";
 /// Messages read from a mailbox at once.
 const READ_BATCH_MAX: usize = 256;
-/// How long one read of a mailbox waits for a message.
-const READ_WAIT_MS: u64 = 500;
+/// How long an idle flock waits for its mailbox's change notice before it reads again
+/// (a notice that raced the read is caught no later than this).
+const READ_WAIT_MS: u64 = 1_000;
 /// How often the runtime looks at the placement table.
 const SUPERVISE_EVERY: Duration = Duration::from_millis(100);
 /// Messages handled between two cursor moves.
@@ -214,10 +215,16 @@ impl FlockRun {
         };
         let mut moved_at = after;
         loop {
-            let batch = match self.inner.store.reliable_read(&topic, after, READ_BATCH_MAX, READ_WAIT_MS).await {
+            // A read that does not block, then a wait for the topic's change notice: no
+            // connection of its own per flock (a blocking read would take one on Redis).
+            let batch = match self.inner.store.reliable_read(&topic, after, READ_BATCH_MAX, 0).await {
                 Ok(batch) => batch,
                 Err(err) => return Stop::Failed(err.into()),
             };
+            if batch.messages.is_empty() {
+                self.inner.store.wait_change(&topic, READ_WAIT_MS).await;
+                continue;
+            }
             if batch.first_retained > after + 1 && after > 0 {
                 tracing::error!(
                     flock = self.flock,

@@ -1,13 +1,22 @@
-//! Web sessions on girder's cache: a [`tower-sessions`](https://docs.rs/tower-sessions)
+//! Web sessions on girder's data structures: a [`tower-sessions`](https://docs.rs/tower-sessions)
 //! session store, so every process of a grid (every app server behind a load balancer)
 //! sees the same sessions, and each session expires with its TTL.
 //!
 //! [`GirderSessionStore`] implements tower-sessions' [`SessionStore`] (tower-sessions 0.15,
-//! axum 0.8) on a [`Cache`]: one cache value per session, under `sessions/{id}` (the prefix
-//! is configurable), holding the session's record in MessagePack with a TTL that ends at the
-//! record's expiry date. A record past its expiry date is never returned, even while the
-//! store still holds it (another process's clock set its TTL). The cache drops expired
-//! sessions by itself, so there is no `ExpiredDeletion` task to run.
+//! axum 0.8) on the grid's data structures ([`Store`]): one value per session, under
+//! `sessions/{id}` (the prefix is configurable), holding the session's record in
+//! MessagePack with a TTL that ends at the record's expiry date. A record past its expiry
+//! date is never returned, even while the store still holds it (another process's clock set
+//! its TTL). The store drops expired sessions by itself, so there is no `ExpiredDeletion`
+//! task to run.
+//!
+//! Why not a [`Cache`](girder::structures::Cache): on Redis a cache read may be answered by
+//! the process's near cache, which another process's write reaches only with its change
+//! notice. A request landing on another app process could then read a session one change
+//! behind and save it back, losing that change (the two-process test lost a name that way in
+//! 4 of 30 runs under load). Sessions are therefore values of kind [`SESSION_KIND`]
+//! (`atom`), stored with a TTL through the same atomic value operations: their reads always
+//! reach the store (one round trip) and are never stale.
 //!
 //! ```no_run
 //! use girder::{RedisConfig, RedisStatekeeper, Statekeeper};
@@ -31,10 +40,10 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Consistency is the cache's: a process reads its own writes at once, and another
-//! process's writes once their change notice arrives (on Redis, normally within a
-//! millisecond; at most 2 s should a notice be lost). Concurrent writes of one session are
-//! last-writer-wins, as with every tower-sessions store.
+//! Every read sees the last completed write, from any process. Concurrent writes of one
+//! session are last-writer-wins, as with every tower-sessions store. On the embedded
+//! statekeeper sessions count towards its memory budget and are not evicted to make room:
+//! once it is full, saving a session fails until some expire.
 //!
 //! The binary `girder-sessions-counter` (feature `counter-app`, on by default) is an
 //! example axum app built on it.
@@ -42,10 +51,9 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::time::Duration;
 
 use async_trait::async_trait;
-use girder::structures::{Cache, CacheConfig, DsError, Store, KEY_BYTES_MAX, TTL_MS_MAX};
+use girder::structures::{DsError, Kind, Store, KEY_BYTES_MAX, TTL_MS_MAX};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tower_sessions_core::session::{Id, Record};
@@ -59,6 +67,9 @@ pub const DEFAULT_RECORD_BYTES_MAX: usize = 256 << 10;
 /// Longest key prefix accepted: a key is the prefix and a 22-character session id, and
 /// girder's keys are at most [`KEY_BYTES_MAX`] bytes.
 pub const KEY_PREFIX_BYTES_MAX: usize = KEY_BYTES_MAX - ID_CHARS;
+/// The kind of structure a session is stored as: a value read from the store every time
+/// (see the crate docs for why not a cache value).
+pub const SESSION_KIND: Kind = Kind::Atom;
 /// Fresh ids `create` draws when the one it was given is taken, before it gives up.
 pub const CREATE_ATTEMPTS_MAX: u32 = 8;
 
@@ -87,7 +98,7 @@ pub enum SessionError {
     /// A stored record does not decode (written by something else under the same prefix?).
     #[error("stored session record {key:?} does not decode: {message}")]
     Decode {
-        /// The record's cache key.
+        /// The record's key.
         key: String,
         /// What is wrong with it.
         message: String,
@@ -98,9 +109,10 @@ pub enum SessionError {
     /// The store's configuration is unusable.
     #[error("bad session store configuration: {0}")]
     Config(String),
-    /// girder's cache refused or failed the operation.
-    #[error("session cache: {0}")]
-    Cache(#[from] DsError),
+    /// girder's data structures refused or failed the operation (unreachable, full, a key
+    /// holding another kind of structure).
+    #[error("session store: {0}")]
+    Store(#[from] DsError),
 }
 
 impl From<SessionError> for session_store::Error {
@@ -116,8 +128,8 @@ impl From<SessionError> for session_store::Error {
 /// Settings of a [`GirderSessionStore`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionStoreConfig {
-    /// Sessions are cache values under `{key_prefix}{session id}`. Not empty (it keeps
-    /// sessions apart from the grid's other cache values), not under `girder/`, at most
+    /// Sessions are stored under `{key_prefix}{session id}`. Not empty (it keeps sessions
+    /// apart from the grid's other keys), not under `girder/`, at most
     /// [`KEY_PREFIX_BYTES_MAX`] bytes.
     pub key_prefix: String,
     /// The largest encoded session record stored; a larger one is refused with
@@ -147,11 +159,11 @@ impl SessionStoreConfig {
     }
 }
 
-/// A tower-sessions [`SessionStore`] on girder's [`Cache`]. Cheap to clone; every clone
-/// (and every process on the same grid) sees the same sessions.
+/// A tower-sessions [`SessionStore`] on girder's data structures. Cheap to clone; every
+/// clone (and every process on the same grid) sees the same sessions.
 #[derive(Clone)]
 pub struct GirderSessionStore {
-    cache: Cache,
+    store: Store,
     config: SessionStoreConfig,
 }
 
@@ -163,15 +175,15 @@ impl fmt::Debug for GirderSessionStore {
 
 impl GirderSessionStore {
     /// Sessions on the grid's data structures `store` (`node.structures()` or
-    /// `statekeeper.structures()`), with the default cache and store settings.
+    /// `statekeeper.structures()`), with the default settings.
     pub fn new(store: Store) -> GirderSessionStore {
-        GirderSessionStore { cache: Cache::new(store, CacheConfig::default()), config: SessionStoreConfig::default() }
+        GirderSessionStore { store, config: SessionStoreConfig::default() }
     }
 
-    /// Sessions in `cache` with `config`; refuses an unusable configuration.
-    pub fn with_config(cache: Cache, config: SessionStoreConfig) -> Result<GirderSessionStore, SessionError> {
+    /// Sessions on `store` with `config`; refuses an unusable configuration.
+    pub fn with_config(store: Store, config: SessionStoreConfig) -> Result<GirderSessionStore, SessionError> {
         config.check()?;
-        Ok(GirderSessionStore { cache, config })
+        Ok(GirderSessionStore { store, config })
     }
 
     /// The store's settings.
@@ -179,19 +191,20 @@ impl GirderSessionStore {
         &self.config
     }
 
-    /// The cache key of session `id`.
+    /// The key session `id` is stored under (as a [`SESSION_KIND`]).
     pub fn key(&self, id: &Id) -> String {
         format!("{}{id}", self.config.key_prefix)
     }
 
     /// Draws fresh ids until one is free, then writes `record` under it.
     async fn create_record(&self, record: &mut Record) -> Result<(), SessionError> {
-        // girder's cache has no set-if-absent with a TTL, so this check and the write are
-        // two steps. Two creators racing for one id would need two equal random 128-bit
+        // girder has no set-if-absent with a TTL (a compare-and-set from unset keeps no
+        // TTL, so a crash before the TTL was set would keep the key forever), so this check
+        // and the write are two steps. Two creators racing for one id would need two equal random 128-bit
         // ids within a round trip, which tower-sessions' guidance accepts; the check
         // covers an id that is already stored.
         for _ in 0..CREATE_ATTEMPTS_MAX {
-            if !self.cache.exists(&self.key(&record.id)).await? {
+            if !self.store.exists(SESSION_KIND, &self.key(&record.id)).await? {
                 return self.write(record).await;
             }
             tracing::warn!("session id collision: drawing another id");
@@ -203,21 +216,21 @@ impl GirderSessionStore {
     /// Stores `record` until its expiry date; an expired record is removed instead.
     async fn write(&self, record: &Record) -> Result<(), SessionError> {
         let key = self.key(&record.id);
-        let Some(ttl) = time_left(record.expiry_date) else {
-            self.cache.delete(&key).await?;
+        let Some(ttl_ms) = time_left_ms(record.expiry_date) else {
+            self.store.delete(SESSION_KIND, &key).await?;
             return Ok(());
         };
         let bytes = encode(record, self.config.record_bytes_max)?;
-        self.cache.set_bytes(&key, &bytes, Some(ttl)).await?;
+        self.store.value_set(SESSION_KIND, &key, &bytes, Some(ttl_ms)).await?;
         Ok(())
     }
 
     /// The record of `id` unless it is missing or past its expiry date by this clock.
     async fn read(&self, id: &Id) -> Result<Option<Record>, SessionError> {
         let key = self.key(id);
-        let Some(bytes) = self.cache.get_bytes(&key).await? else { return Ok(None) };
-        let record = decode(&key, *id, &bytes)?;
-        if time_left(record.expiry_date).is_none() {
+        let Some(stored) = self.store.value_get(SESSION_KIND, &key).await? else { return Ok(None) };
+        let record = decode(&key, *id, &stored.bytes)?;
+        if time_left_ms(record.expiry_date).is_none() {
             tracing::debug!(key = %key, "session record past its expiry date");
             return Ok(None);
         }
@@ -240,20 +253,20 @@ impl SessionStore for GirderSessionStore {
     }
 
     async fn delete(&self, id: &Id) -> session_store::Result<()> {
-        self.cache.delete(&self.key(id)).await.map_err(SessionError::from)?;
+        self.store.delete(SESSION_KIND, &self.key(id)).await.map_err(SessionError::from)?;
         Ok(())
     }
 }
 
-/// How long until `expiry`, as a cache TTL (at least 1 ms, at most girder's longest);
-/// `None` once it has passed.
-fn time_left(expiry: OffsetDateTime) -> Option<Duration> {
+/// How long until `expiry`, as a TTL in milliseconds (at least 1, at most girder's
+/// longest); `None` once it has passed.
+fn time_left_ms(expiry: OffsetDateTime) -> Option<u64> {
     let left = expiry - OffsetDateTime::now_utc();
     if !left.is_positive() {
         return None;
     }
     let ms = u64::try_from(left.whole_milliseconds()).unwrap_or(TTL_MS_MAX);
-    Some(Duration::from_millis(ms.clamp(1, TTL_MS_MAX)))
+    Some(ms.clamp(1, TTL_MS_MAX))
 }
 
 /// A record as stored. Its own layout, not tower-sessions' serde form, so that a new
@@ -334,11 +347,11 @@ mod tests {
 
     #[test]
     fn expiry_becomes_a_bounded_ttl() {
-        assert_eq!(time_left(OffsetDateTime::now_utc() - time::Duration::seconds(1)), None);
-        let soon = time_left(OffsetDateTime::now_utc() + time::Duration::seconds(10)).expect("in the future");
-        assert!(soon <= Duration::from_secs(10) && soon > Duration::from_secs(9));
-        let far = time_left(OffsetDateTime::now_utc() + time::Duration::weeks(100_000)).expect("in the future");
-        assert_eq!(far, Duration::from_millis(TTL_MS_MAX));
+        assert_eq!(time_left_ms(OffsetDateTime::now_utc() - time::Duration::seconds(1)), None);
+        let soon = time_left_ms(OffsetDateTime::now_utc() + time::Duration::seconds(10)).expect("in the future");
+        assert!(soon <= 10_000 && soon > 9_000);
+        let far = time_left_ms(OffsetDateTime::now_utc() + time::Duration::weeks(100_000)).expect("in the future");
+        assert_eq!(far, TTL_MS_MAX);
     }
 
     #[test]

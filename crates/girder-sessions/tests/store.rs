@@ -4,19 +4,18 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use girder::structures::{Cache, CacheConfig};
+use girder::structures::{Kind, Store};
 use girder::{Embedded, EmbeddedConfig, Statekeeper};
-use girder_sessions::{GirderSessionStore, SessionStoreConfig};
+use girder_sessions::{GirderSessionStore, SessionStoreConfig, SESSION_KIND};
 use time::OffsetDateTime;
 use tower_sessions::session::{Id, Record};
 use tower_sessions::session_store::{Error, SessionStore};
 
-fn store() -> (GirderSessionStore, Cache) {
+fn store() -> (GirderSessionStore, Store) {
     let structures = Embedded::new(EmbeddedConfig::default()).structures();
-    let cache = Cache::new(structures, CacheConfig::default());
     let config = SessionStoreConfig { record_bytes_max: 4_096, ..Default::default() };
-    let sessions = GirderSessionStore::with_config(cache.clone(), config).expect("valid config");
-    (sessions, cache)
+    let sessions = GirderSessionStore::with_config(structures.clone(), config).expect("valid config");
+    (sessions, structures)
 }
 
 fn record(count: u64, lifetime: time::Duration) -> Record {
@@ -57,38 +56,39 @@ async fn create_never_overwrites_a_stored_session() {
 
 #[tokio::test]
 async fn a_session_expires_with_its_ttl() {
-    let (sessions, cache) = store();
+    let (sessions, structures) = store();
     let session = record(1, time::Duration::milliseconds(300));
     let begun = Instant::now();
     sessions.save(&session).await.expect("saved");
     assert!(sessions.load(&session.id).await.expect("loads").is_some());
     tokio::time::sleep(Duration::from_millis(350).saturating_sub(begun.elapsed())).await;
     assert_eq!(sessions.load(&session.id).await.expect("loads"), None);
-    assert!(!cache.exists(&sessions.key(&session.id)).await.expect("exists"), "the cache entry expired too");
+    let key = sessions.key(&session.id);
+    assert!(!structures.exists(SESSION_KIND, &key).await.expect("exists"), "the stored value expired too");
 }
 
 #[tokio::test]
 async fn a_record_past_its_date_is_not_returned_while_the_cache_still_holds_it() {
-    let (sessions, cache) = store();
+    let (sessions, structures) = store();
     let session = record(1, time::Duration::milliseconds(200));
     sessions.save(&session).await.expect("saved");
-    // As if a process whose clock runs late had stored it: the cache keeps it for an hour.
+    // As if a process whose clock runs late had stored it: the store keeps it for an hour.
     let key = sessions.key(&session.id);
-    let bytes = cache.get_bytes(&key).await.expect("reads").expect("stored");
-    cache.set_bytes(&key, &bytes, Some(Duration::from_secs(3_600))).await.expect("rewritten");
+    let stored = structures.value_get(SESSION_KIND, &key).await.expect("reads").expect("stored");
+    structures.value_set(SESSION_KIND, &key, &stored.bytes, Some(3_600_000)).await.expect("rewritten");
     tokio::time::sleep(Duration::from_millis(250)).await;
-    assert!(cache.exists(&key).await.expect("exists"));
+    assert!(structures.exists(SESSION_KIND, &key).await.expect("exists"));
     assert_eq!(sessions.load(&session.id).await.expect("loads"), None);
 }
 
 #[tokio::test]
 async fn saving_an_expired_record_removes_it() {
-    let (sessions, cache) = store();
+    let (sessions, structures) = store();
     let mut session = record(1, time::Duration::minutes(5));
     sessions.save(&session).await.expect("saved");
     session.expiry_date = OffsetDateTime::now_utc() - time::Duration::seconds(1);
     sessions.save(&session).await.expect("saved");
-    assert!(!cache.exists(&sessions.key(&session.id)).await.expect("exists"));
+    assert!(!structures.exists(SESSION_KIND, &sessions.key(&session.id)).await.expect("exists"));
     assert_eq!(sessions.load(&session.id).await.expect("loads"), None);
 }
 
@@ -110,22 +110,31 @@ async fn a_record_over_the_limit_is_refused_and_changes_nothing() {
 }
 
 #[tokio::test]
-async fn garbage_under_a_session_key_is_a_decode_error() {
-    let (sessions, cache) = store();
+async fn garbage_or_another_kind_under_a_session_key_is_an_error() {
+    let (sessions, structures) = store();
     let id = Id::default();
-    cache.set_bytes(&sessions.key(&id), b"not a session", None).await.expect("written");
+    structures.value_set(SESSION_KIND, &sessions.key(&id), b"not a session", None).await.expect("written");
     assert!(matches!(sessions.load(&id).await, Err(Error::Decode(_))));
+    // A key holding another kind of structure is refused, and left alone.
+    let other = Id::default();
+    structures.value_set(Kind::Value, &sessions.key(&other), b"a cache value", None).await.expect("written");
+    assert!(matches!(sessions.load(&other).await, Err(Error::Backend(_))));
+    let mut overwrite = record(1, time::Duration::minutes(5));
+    overwrite.id = other;
+    assert!(matches!(sessions.save(&overwrite).await, Err(Error::Backend(_))));
+    let kept = structures.value_get(Kind::Value, &sessions.key(&other)).await.expect("reads").expect("kept");
+    assert_eq!(&kept.bytes[..], b"a cache value");
 }
 
 #[tokio::test]
 async fn keys_use_the_configured_prefix() {
-    let (sessions, cache) = store();
+    let (sessions, structures) = store();
     let session = record(1, time::Duration::minutes(5));
     sessions.save(&session).await.expect("saved");
     let key = format!("sessions/{}", session.id);
     assert_eq!(sessions.key(&session.id), key);
-    assert!(cache.exists(&key).await.expect("exists"));
+    assert!(structures.exists(SESSION_KIND, &key).await.expect("exists"));
 
     let config = SessionStoreConfig { key_prefix: "girder/sessions/".to_owned(), ..Default::default() };
-    assert!(GirderSessionStore::with_config(cache, config).is_err(), "girder/ is reserved");
+    assert!(GirderSessionStore::with_config(structures, config).is_err(), "girder/ is reserved");
 }

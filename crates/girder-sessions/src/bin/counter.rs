@@ -1,5 +1,5 @@
-//! `girder-sessions-counter`: an example axum app whose web sessions live on girder's
-//! cache, so several app processes on one grid share them.
+//! `girder-sessions-counter`: an example axum app whose web sessions live on girder's grid
+//! (see `girder_sessions`), so several app processes on one grid share them.
 //!
 //! ```sh
 //! girder-sessions-counter --statekeeper redis://127.0.0.1:6379/0 --listen 127.0.0.1:3001 &
@@ -36,7 +36,7 @@ const NAME_BODY_BYTES_MAX: usize = 1_024;
 const COUNT: &str = "count";
 const NAME: &str = "name";
 
-/// An axum app that counts visits in web sessions stored on girder's cache.
+/// An axum app that counts visits in web sessions stored on girder's grid.
 #[derive(Parser, Debug)]
 #[command(name = "girder-sessions-counter", version)]
 struct Args {

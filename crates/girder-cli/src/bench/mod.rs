@@ -1,6 +1,7 @@
 //! `girder bench`: figures beside baselines measured in the same run, on the embedded
 //! statekeeper (`embedded`) or on Redis (`redis`), of the bucket store (`store`) and the
-//! data plane (`transfer`), with shared measuring tools (`measure`).
+//! data plane (`transfer`), of workflows (`workflow`), with shared measuring tools
+//! (`measure`).
 
 mod args;
 mod embedded;
@@ -8,6 +9,7 @@ mod measure;
 mod redis;
 mod store;
 mod transfer;
+mod workflow;
 
 pub use args::BenchArgs;
 
@@ -15,6 +17,9 @@ use girder::Registry;
 
 /// Runs the benchmarks `args` ask for.
 pub async fn run(registry: Registry, args: BenchArgs) -> anyhow::Result<()> {
+    if args.workflows {
+        return workflow::run().await;
+    }
     if args.transfer {
         return transfer::run(usize::try_from(args.transfer_mib << 20)?).await;
     }

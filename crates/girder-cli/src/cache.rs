@@ -47,16 +47,20 @@ enum CacheOp {
     },
 }
 
-fn url(base: &str, key: &str) -> String {
-    // Keys are one path segment: escape what would break it.
+/// `text` as one URL path segment: everything but unreserved characters percent-escaped.
+pub(crate) fn segment(text: &str) -> String {
     let mut escaped = String::new();
-    for byte in key.bytes() {
+    for byte in text.bytes() {
         match byte {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => escaped.push(byte as char),
             other => escaped.push_str(&format!("%{other:02X}")),
         }
     }
-    format!("{}/v1/cache/{escaped}", base.trim_end_matches('/'))
+    escaped
+}
+
+fn url(base: &str, key: &str) -> String {
+    format!("{}/v1/cache/{}", base.trim_end_matches('/'), segment(key))
 }
 
 pub async fn run(args: CacheArgs) -> anyhow::Result<()> {

@@ -25,6 +25,7 @@ mod map;
 mod serve;
 mod status;
 mod store;
+mod workflow;
 
 use std::process::ExitCode;
 
@@ -57,6 +58,8 @@ enum Command {
     Cache(cache::CacheArgs),
     /// Read and write the bucket store through a node: items by bucket and key, streamed.
     Store(store::StoreArgs),
+    /// Send to a workflow instance, or read its state, through a node.
+    Workflow(workflow::WorkflowArgs),
     /// Drive the grid's data structures directly: contention and failure drills.
     Ds(ds::DsArgs),
     /// Read and change per-node configuration; running nodes pick it up.
@@ -92,6 +95,7 @@ pub fn main_with(registry: Registry) -> ExitCode {
             Command::Functions(args) => functions::run(args).await,
             Command::Cache(args) => cache::run(args).await,
             Command::Store(args) => store::run(args).await,
+            Command::Workflow(args) => workflow::run(args).await,
             Command::Ds(args) => ds::run(args).await,
             Command::Config(args) => config::run(args).await,
             Command::Bench(args) => bench::run(registry, args).await,

@@ -10,6 +10,18 @@ use std::time::{Duration, Instant};
 use common::NodeProcess;
 use girder::testing::RedisServer;
 
+/// `girder workflow ARGS --node NODE`'s stdout; fails the test when it fails.
+fn cli(node: &NodeProcess, args: &[&str]) -> String {
+    let out = std::process::Command::new(common::GIRDER)
+        .arg("workflow")
+        .args(args)
+        .args(["--node", &node.url])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "girder workflow {args:?}: {}", common::text(&out.stderr));
+    common::text(&out.stdout)
+}
+
 fn start(redis: &str, id: &str) -> NodeProcess {
     NodeProcess::on_redis(redis, id, &["--workers", "1", "--slots", "2", "--workflows"])
 }
@@ -106,6 +118,18 @@ fn an_owner_frozen_past_its_lease_cannot_commit_when_it_resumes() {
     let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
     let f1 = start(&url, "f1");
     let f2 = start(&url, "f2");
+    // The CLI: send twice, then read the count back.
+    for _ in 0..2 {
+        let out = cli(&f1, &["send", "examples/counter", "by-cli", "\"hello\""]);
+        assert!(out.parse::<u64>().is_ok(), "send printed {out:?}");
+    }
+    let begun = Instant::now();
+    while counted(&record(&client, &f2.url, "by-cli")) < 2 {
+        assert!(begun.elapsed() < Duration::from_secs(30), "by-cli never counted 2");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let got: serde_json::Value = serde_json::from_str(&cli(&f2, &["get", "examples/counter", "by-cli"])).unwrap();
+    assert_eq!((got["state"]["counts"]["mailbox"].as_u64(), got["status"].as_str()), (Some(2), Some("running")));
     let (ids, mut sent) = (30, BTreeMap::new());
     send_all(&client, &[f1.url.clone(), f2.url.clone()], ids, 300, &mut sent);
     all_counted(&client, &f2.url, &sent);

@@ -29,8 +29,8 @@ pub struct BenchArgs {
     /// Benchmark only the data plane's node-to-node transfer (beside a bare TCP copy).
     #[arg(long, conflicts_with_all = ["redis", "store"])]
     pub(crate) transfer: bool,
-    /// Benchmark workflows instead: step latency and throughput on the embedded statekeeper.
-    #[arg(long, conflicts_with_all = ["redis", "store", "transfer"])]
+    /// Benchmark workflows instead: step latency and throughput (embedded, or on --redis).
+    #[arg(long, conflicts_with_all = ["store", "transfer"])]
     pub(crate) workflows: bool,
     /// Bytes the data-plane transfer benchmark moves, in MiB.
     #[arg(long, default_value_t = 1_024, value_parser = clap::value_parser!(u64).range(16..=65_536))]

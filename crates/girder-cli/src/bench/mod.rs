@@ -18,7 +18,7 @@ use girder::Registry;
 /// Runs the benchmarks `args` ask for.
 pub async fn run(registry: Registry, args: BenchArgs) -> anyhow::Result<()> {
     if args.workflows {
-        return workflow::run().await;
+        return workflow::run(args.redis.as_deref()).await;
     }
     if args.transfer {
         return transfer::run(usize::try_from(args.transfer_mib << 20)?).await;

@@ -665,12 +665,16 @@ pub(super) fn store_bucket_delete(docs: &Docs) -> Value {
 
 fn workflow_params() -> Vec<Value> {
     let name = |name: &str, what: &str| {
-        let description = format!("The {what}: 1 to {} bytes, no control characters.", crate::workflow::NAME_BYTES_MAX);
-        path_param(
-            name,
-            &description,
-            json!({ "type": "string", "minLength": 1, "maxLength": crate::workflow::NAME_BYTES_MAX }),
-        )
+        let description =
+            format!("The {what}: 1 to {} characters, no control characters.", crate::workflow::NAME_CHARS_MAX);
+        // Control characters (C0, DEL, C1: what `char::is_control` says) are refused.
+        let schema = json!({
+            "type": "string",
+            "minLength": 1,
+            "maxLength": crate::workflow::NAME_CHARS_MAX,
+            "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]+$",
+        });
+        path_param(name, &description, schema)
     };
     vec![name("workflow", "workflow type (its `/` as `%2F`)"), name("id", "instance id")]
 }

@@ -45,8 +45,9 @@ use crate::structures::{DsError, Retention};
 pub const STEP_ATTEMPTS_MAX: u32 = 5;
 /// Largest encoded state or message, in bytes.
 pub const STATE_BYTES_MAX: usize = 1 << 20;
-/// Longest workflow type name or instance id, in bytes.
-pub const NAME_BYTES_MAX: usize = 256;
+/// Longest workflow type name or instance id, in characters (at most 4 bytes each, so an
+/// instance's record key stays within the statekeeper's key limit).
+pub const NAME_CHARS_MAX: usize = 100;
 /// Messages a mailbox keeps (per flock of ids): room for owners to be away a long time.
 pub const MAILBOX_RETENTION: Retention = Retention { count_max: 1_000_000, age_ms_max: None };
 
@@ -230,8 +231,9 @@ pub fn flock_of(id: &str) -> u32 {
 }
 
 pub(crate) fn check_name(what: &str, name: &str) -> Result<(), WorkflowError> {
-    if name.is_empty() || name.len() > NAME_BYTES_MAX {
-        return Err(WorkflowError::Invalid(format!("a {what} is 1 to {NAME_BYTES_MAX} bytes, got {}", name.len())));
+    let chars = name.chars().count();
+    if chars == 0 || chars > NAME_CHARS_MAX {
+        return Err(WorkflowError::Invalid(format!("a {what} is 1 to {NAME_CHARS_MAX} characters, got {chars}")));
     }
     if name.chars().any(char::is_control) {
         return Err(WorkflowError::Invalid(format!("a {what} has no control characters")));

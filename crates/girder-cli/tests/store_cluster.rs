@@ -530,13 +530,19 @@ async fn frozen_load(
     acked
 }
 
-/// The nodes (by id) that hold `bucket`'s flock completely, from each node's `/v1/flocks`.
+/// The nodes (by id) that own `bucket`'s flock and hold it completely, from each node's
+/// `/v1/flocks`.
 fn holders(nodes: &[&NodeProcess], ids: &[&str], bucket: &str) -> Vec<String> {
     let flock = u64::from(girder::placement::flock_of(bucket.as_bytes()));
     let holds = |node: &NodeProcess| {
         let body = reqwest::blocking::get(format!("{}/v1/flocks", node.url)).unwrap().text().unwrap();
         let flocks: serde_json::Value = serde_json::from_str(&body).unwrap();
-        flocks["flocks"].as_array().unwrap().iter().any(|f| f["flock"] == flock && f["ready"] == true)
+        // An owner that is ready: a node handing the flock over may still say ready a moment.
+        flocks["flocks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["flock"] == flock && f["ready"] == true && f["owner"] == true)
     };
     nodes.iter().zip(ids).filter(|(node, _)| holds(node)).map(|(_, id)| (*id).to_owned()).collect()
 }

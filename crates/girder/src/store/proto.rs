@@ -65,6 +65,11 @@ pub(crate) enum Msg {
     Meta { flock: Flock, after: Option<ItemKey>, limit: u32 },
     /// These records, whole (the body holds them).
     Fetch { keys: Vec<ItemKey> },
+    /// From a node about to copy `flocks` as an owner in table `epoch`: read that table (or
+    /// a newer one), and finish the writes of these flocks already begun under an older
+    /// one. Afterwards this node acknowledges no write of them from an older table, so
+    /// what the copier reads next holds every write acknowledged before.
+    Seal { epoch: u64, flocks: Vec<Flock> },
 }
 
 /// Why a node refused or failed a request: what the caller does next depends on it.

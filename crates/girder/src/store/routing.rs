@@ -107,6 +107,15 @@ impl View {
         !owners.is_empty() && owners.iter().filter(|n| **n != me).all(|n| self.ready(n, flock))
     }
 
+    /// Every live node with a data plane, by id: the nodes that may hold a flock's data,
+    /// whatever the table says.
+    pub(crate) fn stores(&self) -> Vec<String> {
+        let mut stores: Vec<String> =
+            self.nodes.keys().filter(|n| self.address(n).is_some()).map(String::clone).collect();
+        stores.sort();
+        stores
+    }
+
     /// A node's data-plane address.
     pub(crate) fn address(&self, node: &str) -> Option<&str> {
         self.live(node).and_then(|n| n.data.as_deref())

@@ -95,7 +95,7 @@ pub(crate) struct StoreNode {
     pub(crate) counters: Counters,
     /// Decoded values of typed reads in this process.
     pub(crate) near: Arc<super::near::NearCache>,
-    node_ttl_ms: u64,
+    pub(crate) node_ttl_ms: u64,
     refreshed: tokio::sync::Mutex<Instant>,
 }
 
@@ -249,6 +249,20 @@ impl StoreNode {
         old: Option<RecordMeta>,
         record: Record,
     ) -> Result<(), super::EngineError> {
+        let Some(lock) = self.flock_locks.get(key.flock as usize) else {
+            return Err(super::EngineError::Io(format!("flock {} out of range", key.flock)));
+        };
+        let _shared = lock.read().await;
+        self.store_shared(key, old, record).await
+    }
+
+    /// [`Self::store_local`] for a caller that holds the flock's lock shared already.
+    async fn store_shared(
+        &self,
+        key: &ItemKey,
+        old: Option<RecordMeta>,
+        record: Record,
+    ) -> Result<(), super::EngineError> {
         if self.config.data_dir.is_none() {
             let stored: u64 = self.engine.usage().iter().map(|u| u.bytes).sum();
             if stored.saturating_add(record.value.len() as u64) > self.config.memory_bytes_max {
@@ -260,10 +274,6 @@ impl StoreNode {
         }
         let meta = record.meta();
         let batch = vec![(key.clone(), record)];
-        let Some(lock) = self.flock_locks.get(key.flock as usize) else {
-            return Err(super::EngineError::Io(format!("flock {} out of range", key.flock)));
-        };
-        let _shared = lock.read().await;
         blocking(&self.engine, move |engine| engine.write(&batch)).await?;
         self.flocks.lock().wrote(key, old.as_ref(), &meta);
         Ok(())
@@ -310,6 +320,13 @@ impl StoreNode {
         // replaced, and a write it could not fence must not be reported as done.
         if !self.lease_held() {
             return fault(Fault::LeaseLapsed);
+        }
+        // Nor once this node has seen a newer table: a new owner may have sealed the flock
+        // here and copied it before this write landed (see `Msg::Seal`). The writer retries
+        // under the new table, where the op id keeps it from being applied twice.
+        let now = self.view().epoch();
+        if now != view.epoch() {
+            return fault(Fault::StaleEpoch { epoch: now });
         }
         self.counters.writes.fetch_add(1, Ordering::Relaxed);
         (Reply::Written { version, existed }, Bytes::new())
@@ -390,6 +407,9 @@ impl StoreNode {
         if ready && !corrupt {
             return Ok(local);
         }
+        // What a holder has of the item may still change under an older table until the
+        // flock is sealed at this one.
+        self.seal(view, vec![key.flock]).await?;
         let mut best = local;
         for reader in view.readers(key.flock).into_iter().filter(|n| *n != self.id) {
             match self.fetch_one(view, &reader, key).await {
@@ -539,6 +559,20 @@ impl StoreNode {
         self.send_address(target, address, message, body).await
     }
 
+    /// [`Self::send`] of a message without a body, answered within `timeout`.
+    pub(crate) async fn send_within(
+        &self,
+        view: &View,
+        target: &str,
+        message: &Msg,
+        timeout: Duration,
+    ) -> Result<Hop, Fault> {
+        match tokio::time::timeout(timeout, self.send(view, target, message, Bytes::new())).await {
+            Ok(hop) => hop,
+            Err(_) => Err(Fault::Unavailable(format!("node {target} did not answer in {timeout:?}"))),
+        }
+    }
+
     /// Sends `message` with `body` to the data plane at `address` (node `target`'s).
     pub(crate) async fn send_address(
         &self,
@@ -568,10 +602,22 @@ impl StoreNode {
         else {
             return fault(Fault::Unavailable("not a replica write".into()));
         };
-        let mut view = self.view();
-        if epoch > view.epoch() {
-            view = self.refresh_to(epoch).await;
+        if epoch > self.view().epoch() {
+            self.refresh_to(epoch).await;
         }
+        // A replica whose own lease ran out may have been replaced: it stores nothing.
+        if !self.lease_held() {
+            return fault(Fault::LeaseLapsed);
+        }
+        let _local = self.local_of(&key).lock().await;
+        let Some(gate) = self.flock_locks.get(key.flock as usize) else {
+            return fault(Fault::Final(FinalFault::Invalid(format!("flock {} out of range", key.flock))));
+        };
+        // The table is checked and the record stored under the flock's lock, shared: a seal
+        // (`Msg::Seal`) reads the newer table, then takes the lock alone, so either it waits
+        // for this write or this write sees the newer table and is refused.
+        let _shared = gate.read().await;
+        let view = self.view();
         if epoch > view.epoch() {
             return fault(Fault::Unavailable(format!("replica {} has not seen table {epoch} yet", self.id)));
         }
@@ -580,7 +626,6 @@ impl StoreNode {
             tracing::debug!(%primary, epoch, mine = view.epoch(), flock = key.flock, "store: replica write fenced");
             return fault(Fault::StaleEpoch { epoch: view.epoch() });
         }
-        let _local = self.local_of(&key).lock().await;
         let local = match self.local(&key).await {
             Ok(local) => local,
             Err(super::EngineError::Corrupt { .. }) => None,
@@ -607,7 +652,7 @@ impl StoreNode {
             (Some(_), _) => return fault(Fault::NeedWhole),
         };
         let record = Record { version, tombstone, written_ms, value };
-        if let Err(err) = self.store_local(&key, local.as_ref().map(Record::meta), record).await {
+        if let Err(err) = self.store_shared(&key, local.as_ref().map(Record::meta), record).await {
             return fault(engine_fault(err));
         }
         // Extending the record keeps its memos; a whole value need not descend from it.
@@ -835,6 +880,7 @@ impl StoreNode {
             }
             Msg::Meta { flock, after, limit } => self.serve_meta(flock, after, limit).await,
             Msg::Fetch { keys } => self.serve_fetch(keys).await,
+            Msg::Seal { epoch, flocks } => self.serve_seal(epoch, flocks).await,
         }
     }
 }
@@ -871,7 +917,9 @@ fn valid(message: &Msg) -> bool {
         Msg::Scan { flock, bucket, .. } | Msg::DeleteBucket { flock, bucket, .. } => {
             super::check_key("bucket", bucket).is_ok() && crate::placement::flock_of(bucket.as_bytes()) == *flock
         }
-        Msg::Digests { flocks } => flocks.len() <= FLOCKS as usize && flocks.iter().all(|f| *f < FLOCKS),
+        Msg::Digests { flocks } | Msg::Seal { flocks, .. } => {
+            flocks.len() <= FLOCKS as usize && flocks.iter().all(|f| *f < FLOCKS)
+        }
         Msg::Meta { flock, after, .. } => *flock < FLOCKS && after.as_ref().is_none_or(key_ok),
         Msg::Fetch { keys } => keys.iter().all(key_ok),
     }

@@ -65,6 +65,8 @@ pub(crate) struct Flocks {
     pub(crate) registrations: u64,
     /// Local readers of each flock ([`super::LocalBucket`]): a pinned flock is not dropped.
     pins: Vec<u32>,
+    /// The newest table at which this node sealed each flock on every node (`Msg::Seal`).
+    sealed: Vec<u64>,
 }
 
 fn entry_hash(key: &ItemKey, meta: &RecordMeta) -> [u8; 16] {
@@ -101,6 +103,7 @@ impl Flocks {
             digests: vec![[0; 16]; n],
             items: vec![0; n],
             pins: vec![0; n],
+            sealed: vec![0; n],
             registrations: 0,
         }
     }
@@ -325,11 +328,75 @@ impl StoreNode {
         }
     }
 
+    /// Seals `flocks` at `view`'s table on every node that may hold them (this one too),
+    /// unless that was done already: afterwards no node acknowledges a write of them from
+    /// an older table, so a copy read next holds every write ever acknowledged. Seals with
+    /// them the other flocks waiting for a copy here, to spare messages during a join.
+    pub(crate) async fn seal(&self, view: &View, flocks: Vec<Flock>) -> Result<(), Fault> {
+        let epoch = view.epoch();
+        let flocks: Vec<Flock> = {
+            let state = self.flocks.lock();
+            let unsealed = |f: &Flock| state.sealed.get(*f as usize).is_some_and(|s| *s < epoch);
+            if !flocks.iter().any(unsealed) {
+                return Ok(());
+            }
+            let waiting = state.syncing.keys().copied().filter(|f| !flocks.contains(f));
+            flocks.iter().copied().chain(waiting).filter(unsealed).collect()
+        };
+        // Dead nodes are left out: a node the others count dead has lost its lease by its
+        // own clock before, so it acknowledges nothing. A live one that does not answer
+        // within the time after which it would count dead fails the seal; it is tried again.
+        let within = Duration::from_millis(self.config.request_timeout_ms.min(self.node_ttl_ms));
+        let message = Msg::Seal { epoch, flocks: flocks.clone() };
+        let others = view.stores().into_iter().filter(|n| *n != self.id);
+        let sends = others.map(|node| {
+            let message = &message;
+            async move { (self.send_within(view, &node, message, within).await, node) }
+        });
+        let (mine, theirs) = tokio::join!(self.serve_seal(epoch, flocks.clone()), futures::future::join_all(sends));
+        for (hop, node) in std::iter::once((Ok(mine), self.id.clone())).chain(theirs) {
+            match hop {
+                Ok((Reply::Stored, _)) => {}
+                Ok((Reply::Fault(fault), _)) | Err(fault) => {
+                    tracing::debug!(%node, epoch, ?fault, "store: sealing flocks failed");
+                    return Err(fault);
+                }
+                Ok((other, _)) => return Err(Fault::Unavailable(format!("node {node}: unexpected reply {other:?}"))),
+            }
+        }
+        let mut state = self.flocks.lock();
+        for flock in flocks {
+            if let Some(sealed) = state.sealed.get_mut(flock as usize) {
+                *sealed = (*sealed).max(epoch);
+            }
+        }
+        Ok(())
+    }
+
+    /// Serves `Seal`: reads table `epoch` (or a newer one), then waits out the writes of
+    /// `flocks` that checked an older table (they hold the flock's lock shared).
+    pub(crate) async fn serve_seal(&self, epoch: u64, flocks: Vec<Flock>) -> super::service::Hop {
+        let view = self.refresh_to(epoch).await;
+        if view.epoch() < epoch {
+            let why = format!("node {} cannot read table {epoch} yet", self.id);
+            return (Reply::Fault(Fault::Unavailable(why)), Bytes::new());
+        }
+        for flock in flocks {
+            if let Some(lock) = self.flock_locks.get(flock as usize) {
+                drop(lock.write().await);
+            }
+        }
+        (Reply::Stored, Bytes::new())
+    }
+
     /// Copies `flock` from the nodes that hold it, then serves it.
     async fn sync_flock(&self, flock: Flock) {
         let view = self.view();
         let (ready, owners) = view.sources(flock, &self.id);
-        let done = if let Some(source) = ready.first() {
+        let done = if let Err(fault) = self.seal(&view, vec![flock]).await {
+            tracing::debug!(flock, ?fault, "store: sealing before a copy failed");
+            false
+        } else if let Some(source) = ready.first() {
             self.pull(&view, source, flock)
                 .await
                 .map_err(|e| tracing::debug!(flock, %source, ?e, "store: copy failed"))

@@ -25,6 +25,9 @@ use crate::placement::{Placement, FLOCKS};
 const STRIPES: usize = 1_024;
 /// Keys one `Fetch` asks for.
 pub(crate) const FETCH_KEYS_MAX: usize = 256;
+/// Record bytes after which a `Fetch` reply ends (it holds at least one record); the asker
+/// then asks for the rest.
+pub(crate) const FETCH_BYTES_MAX: usize = 32 << 20;
 /// Items one page of a bucket or a flock carries.
 pub(crate) const PAGE_ITEMS_MAX: u32 = 1_000;
 /// Value bytes after which a page of a bucket ends (it holds at least one item), so a page
@@ -713,53 +716,70 @@ impl StoreNode {
         Ok(records.pop().map(|(_, r, memos)| (r, memos)))
     }
 
-    /// Records from `node` with their memos, each checked against its checksum.
+    /// Records from `node` with their memos, each checked against its checksum; asks again
+    /// for the keys after a reply that ended at the sender's byte limit.
     pub(crate) async fn fetch(
         &self,
         view: &View,
         node: &str,
-        keys: Vec<ItemKey>,
+        mut keys: Vec<ItemKey>,
     ) -> Result<Vec<(ItemKey, Record, Vec<Memo>)>, Fault> {
-        let (reply, body) = self.send(view, node, &Msg::Fetch { keys }, Bytes::new()).await?;
-        match reply {
-            Reply::Page { .. } => {}
-            Reply::Fault(fault) => return Err(fault),
-            other => return Err(Fault::Unavailable(format!("unexpected reply {other:?}"))),
+        let mut records = Vec::with_capacity(keys.len());
+        while !keys.is_empty() {
+            let (reply, body) = self.send(view, node, &Msg::Fetch { keys: keys.clone() }, Bytes::new()).await?;
+            let more = match reply {
+                Reply::Page { more } => more,
+                Reply::Fault(fault) => return Err(fault),
+                other => return Err(Fault::Unavailable(format!("unexpected reply {other:?}"))),
+            };
+            let page: proto::RecordPage = proto::decode(&body).map_err(Fault::Unavailable)?;
+            // Cut short, the page ends with the last key the sender looked at.
+            let rest = match page.0.last().map(|(last, _, _)| keys.iter().position(|k| k == last)) {
+                Some(Some(at)) if more => keys.split_off(at + 1),
+                _ if more => return Err(Fault::Unavailable(format!("node {node} cut a fetch short wrongly"))),
+                _ => Vec::new(),
+            };
+            for (key, bytes, memos) in page.0 {
+                let record = Record::decode(&bytes)
+                    .map_err(|e| Fault::Unavailable(format!("node {node} sent a bad record: {e}")))?;
+                records.push((key, record, memos));
+            }
+            keys = rest;
         }
-        let page: proto::RecordPage = proto::decode(&body).map_err(Fault::Unavailable)?;
-        page.0
-            .into_iter()
-            .map(|(key, bytes, memos)| {
-                Record::decode(&bytes)
-                    .map(|r| (key, r, memos))
-                    .map_err(|e| Fault::Unavailable(format!("node {node} sent a bad record: {e}")))
-            })
-            .collect()
+        Ok(records)
     }
 
-    /// Serves `Fetch`: the records this node has of `keys` (corrupt ones left out).
+    /// Serves `Fetch`: the records this node has of `keys` (corrupt ones left out), in their
+    /// order, ending (`more`) once they pass [`FETCH_BYTES_MAX`] bytes.
     async fn serve_fetch(&self, keys: Vec<ItemKey>) -> Hop {
         if keys.len() > FETCH_KEYS_MAX {
             return fault(Fault::Final(FinalFault::Invalid(format!("at most {FETCH_KEYS_MAX} keys per fetch"))));
         }
         let found = blocking(&self.engine, move |engine| {
-            let mut found = Vec::with_capacity(keys.len());
-            for key in keys {
+            let (mut found, mut bytes, mut more) = (Vec::with_capacity(keys.len()), 0usize, false);
+            let last = keys.len().saturating_sub(1);
+            for (at, key) in keys.into_iter().enumerate() {
                 if let Ok(Some(record)) = engine.get(&key) {
-                    found.push((key, Bytes::from(record.encode()), Vec::new()));
+                    let encoded = Bytes::from(record.encode());
+                    bytes += encoded.len();
+                    found.push((key, encoded, Vec::new()));
+                    if bytes >= FETCH_BYTES_MAX && at < last {
+                        more = true;
+                        break;
+                    }
                 }
             }
-            Ok(found)
+            Ok((found, more))
         })
         .await;
         match found {
-            Ok(mut found) => {
+            Ok((mut found, more)) => {
                 // Memos read after the records: one that arrived meanwhile is left out,
                 // which only risks a repeat, never a memo of a write the copy lacks.
                 let ops = self.ops.lock();
                 found.iter_mut().for_each(|(key, _, memos)| *memos = ops.of(key));
                 drop(ops);
-                (Reply::Page { more: false }, proto::encode(&proto::RecordPage(found)))
+                (Reply::Page { more }, proto::encode(&proto::RecordPage(found)))
             }
             Err(err) => fault(engine_fault(err)),
         }
@@ -981,6 +1001,39 @@ mod tests {
         assert_eq!(target.counters.fenced.load(Ordering::Relaxed), 2);
         let stored = target.local(&key).await.expect("a read").expect("the replica holds it");
         assert_eq!(&stored.value[..], b"good");
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fetch_past_the_byte_limit_is_answered_in_parts_and_the_asker_gets_every_record() {
+        let sk: Arc<dyn Statekeeper> =
+            Arc::new(Embedded::new(EmbeddedConfig { node_ttl_ms: 1_000, ..Default::default() }));
+        let (a, b) = (node(&sk, "a").await, node(&sk, "b").await);
+        let begun = Instant::now();
+        while a.placement().table().nodes.len() < 2 || b.placement().table().nodes.len() < 2 {
+            assert!(begun.elapsed() < Duration::from_secs(10), "the table never held both nodes");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let store = a.store().expect("a store");
+        let item_bytes = 12 << 20;
+        let mut keys = Vec::new();
+        for i in 0..4u8 {
+            let value = Bytes::from(vec![i; item_bytes]);
+            store.put("big", &format!("item-{i}"), value).await.expect("a write");
+            keys.push(super::super::item_key("big", &format!("item-{i}")).expect("a key"));
+        }
+        // Both nodes own every flock, so both hold every record.
+        let (a_node, b_node) = (a.farm().expect("a farm").node.clone(), b.farm().expect("a farm").node.clone());
+        let (reply, body) = b_node.serve_fetch(keys.clone()).await;
+        let page: proto::RecordPage = proto::decode(&body).expect("a page");
+        assert!(matches!(reply, Reply::Page { more: true }), "{reply:?}");
+        assert_eq!(page.0.len(), FETCH_BYTES_MAX.div_ceil(item_bytes), "the reply ends past the limit");
+        let view = a_node.view();
+        let records = a_node.fetch(&view, "b", keys.clone()).await.expect("a fetch");
+        let got: Vec<_> = records.iter().map(|(k, r, _)| (k.clone(), r.value[0], r.value.len())).collect();
+        let want: Vec<_> = keys.iter().enumerate().map(|(i, k)| (k.clone(), i as u8, item_bytes)).collect();
+        assert_eq!(got, want);
         a.shutdown().await;
         b.shutdown().await;
     }

@@ -13,11 +13,9 @@ use super::engine::{Flock, ItemKey};
 use super::proto::{Fault, MetaPage, Msg, Reply};
 use super::record::RecordMeta;
 use super::routing::{bitmap, View};
-use super::service::{blocking, StoreNode, FETCH_KEYS_MAX, PAGE_ITEMS_MAX};
+use super::service::{blocking, StoreNode, FETCH_BYTES_MAX, FETCH_KEYS_MAX, PAGE_ITEMS_MAX};
 use crate::placement::FLOCKS;
 
-/// Bytes of values one copy request asks for (an item larger than this goes alone).
-const FETCH_BYTES_MAX: u64 = 32 << 20;
 /// How long a node that handed a flock over keeps taking its writes after it stopped
 /// serving its reads, so that writers with an older view still reach it.
 const HANDOVER_GRACE: Duration = Duration::from_secs(3);
@@ -482,7 +480,7 @@ impl StoreNode {
         let mut bytes = 0u64;
         let mut batches = Vec::new();
         for (key, len) in wanted {
-            if !batch.is_empty() && (batch.len() >= FETCH_KEYS_MAX || bytes + len > FETCH_BYTES_MAX) {
+            if !batch.is_empty() && (batch.len() >= FETCH_KEYS_MAX || bytes + len > FETCH_BYTES_MAX as u64) {
                 batches.push(std::mem::take(&mut batch));
                 bytes = 0;
             }

@@ -118,6 +118,10 @@ pub struct NodeArgs {
     /// the instances of the flocks it is the primary of.
     #[arg(long)]
     workflows: bool,
+    /// Feed `examples/counter` the messages of this reliable topic, each to the instance its
+    /// `id` field names (repeatable; every node running workflows must name the same ones).
+    #[arg(long = "counter-topic", value_name = "TOPIC", requires = "workflows")]
+    counter_topics: Vec<String>,
     /// Address of the data plane other nodes move store bytes over; port 0 picks one.
     #[arg(long, default_value = "127.0.0.1:0")]
     data_listen: String,
@@ -354,9 +358,15 @@ pub async fn run(registry: Registry, args: NodeArgs) -> anyhow::Result<()> {
         .await
         .context("cannot start the node")?;
     let node = Arc::new(node);
-    let workflows = args
-        .workflows
-        .then(|| girder::workflow::WorkflowRuntime::start(&node, girder::workflow::Workflows::new().with_examples()));
+    let workflows = if args.workflows {
+        let mut types = girder::workflow::Workflows::new().with_examples();
+        for topic in &args.counter_topics {
+            types = types.with_counter_topic(topic).context("--counter-topic")?;
+        }
+        Some(girder::workflow::WorkflowRuntime::start(&node, types))
+    } else {
+        None
+    };
     {
         // The address line is the ready signal; a node whose stdout is closed keeps serving.
         use std::io::Write;

@@ -10,6 +10,10 @@ use girder::workflow::{self, CounterState, Status, WorkflowRuntime, Workflows, M
 use girder::{Embedded, EmbeddedConfig, Node, PoolSpec, Statekeeper, WorkerSpec};
 
 async fn node(sk: &Arc<dyn Statekeeper>, id: &str) -> (Node, WorkflowRuntime) {
+    node_with(sk, id, Workflows::new().with_examples()).await
+}
+
+async fn node_with(sk: &Arc<dyn Statekeeper>, id: &str, workflows: Workflows) -> (Node, WorkflowRuntime) {
     let node = Node::builder()
         .id(id)
         .statekeeper(sk.clone())
@@ -19,7 +23,7 @@ async fn node(sk: &Arc<dyn Statekeeper>, id: &str) -> (Node, WorkflowRuntime) {
         .start()
         .await
         .unwrap_or_else(|e| panic!("node {id} starts: {e}"));
-    let runtime = WorkflowRuntime::start(&node, Workflows::new().with_examples());
+    let runtime = WorkflowRuntime::start(&node, workflows);
     (node, runtime)
 }
 
@@ -35,6 +39,37 @@ async fn count(sk: &Arc<dyn Statekeeper>, id: &str) -> u64 {
     let Some(state) = instance.state else { return 0 };
     let state: CounterState = rmp_serde::from_slice(&state).unwrap();
     state.counts.get(MAILBOX).copied().unwrap_or(0)
+}
+
+/// The instance's counts by source (empty before its first step).
+async fn counts(sk: &Arc<dyn Statekeeper>, id: &str) -> BTreeMap<String, u64> {
+    let Some(instance) = workflow::instance(&sk.structures(), "examples/counter", id).await.unwrap() else {
+        return BTreeMap::new();
+    };
+    let Some(state) = instance.state else { return BTreeMap::new() };
+    rmp_serde::from_slice::<CounterState>(&state).unwrap().counts
+}
+
+/// Waits until every instance of `want` counted exactly what it lists, by source (at most
+/// 60 s); panics at once when one counted more than it was sent.
+async fn all_counted_by_source(sk: &Arc<dyn Statekeeper>, want: &BTreeMap<String, BTreeMap<String, u64>>) {
+    let begun = Instant::now();
+    loop {
+        let mut behind = None;
+        for (id, wanted) in want {
+            let got = counts(sk, id).await;
+            for (source, n) in &got {
+                let sent = wanted.get(source).copied().unwrap_or(0);
+                assert!(*n <= sent, "{id} counted {n} messages from {source} of {sent}: one was handled twice");
+            }
+            if &got != wanted && behind.is_none() {
+                behind = Some((id.clone(), got));
+            }
+        }
+        let Some((id, got)) = behind else { return };
+        assert!(begun.elapsed() < Duration::from_secs(60), "{id} counted {got:?}, not {:?}", want[&id]);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Waits until every instance of `sent` counted what was sent to it (at most 60 s);
@@ -140,4 +175,57 @@ async fn a_panicking_message_parks_its_instance_and_the_others_go_on() {
     assert!(ra.stats().handler_errors >= u64::from(workflow::STEP_ATTEMPTS_MAX));
     ra.shutdown();
     a.shutdown().await;
+}
+
+/// Two topics, mailboxes, sends between instances and timers, while a node leaves and
+/// another joins: every instance counts each input once, by source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_sends_and_timers_reach_each_instance_once_while_ownership_moves() {
+    let sk = grid();
+    let types =
+        || Workflows::new().with_examples().with_counter_topic("feed-a").unwrap().with_counter_topic("feed-b").unwrap();
+    let (a, ra) = node_with(&sk, "a", types()).await;
+    let (b, rb) = node_with(&sk, "b", types()).await;
+    for (runtime, name) in [(&ra, "a"), (&rb, "b")] {
+        wait_for(|| runtime.stats().flocks_owned > 0, &format!("{name} never took a flock")).await;
+    }
+    let store = sk.structures();
+    let ids = 20;
+    let mut want: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    let retention = girder::structures::Retention { count_max: 100_000, age_ms_max: None };
+    let mut c = None;
+    for i in 0..1_000u64 {
+        let id = format!("c{}", (i * 7) % ids);
+        let topic = if i % 3 == 0 { "feed-b" } else { "feed-a" };
+        let message = rmp_serde::to_vec_named(&serde_json::json!({ "id": id, "i": i })).unwrap();
+        store.reliable_publish(topic, &message, retention).await.unwrap();
+        *want.entry(id.clone()).or_default().entry(format!("topic:{topic}")).or_default() += 1;
+        if i < ids {
+            // Each counter sets a timer and sends to its peer, through its mailbox.
+            let id = format!("c{i}");
+            workflow::send(&store, "examples/counter", &id, &serde_json::json!({ "after_ms": 300 })).await.unwrap();
+            let peer = format!("peer{i}");
+            workflow::send(&store, "examples/counter", &id, &serde_json::json!({ "send_to": peer })).await.unwrap();
+            let counts = want.entry(id.clone()).or_default();
+            *counts.entry(MAILBOX.to_owned()).or_default() += 2;
+            counts.insert("timer:t".to_owned(), 1);
+            want.entry(peer).or_default().insert(format!("wf:examples/counter/{id}"), 1);
+        }
+        if i == 400 {
+            // a leaves (with its timers and forwarders), c joins.
+            ra.shutdown();
+            a.shutdown().await;
+            let (cn, cr) = node_with(&sk, "c", types()).await;
+            wait_for(|| cr.stats().flocks_owned > 0, "c never took a flock").await;
+            c = Some((cn, cr));
+        }
+    }
+    all_counted_by_source(&sk, &want).await;
+    let (cn, cr) = c.expect("c joined");
+    let fired = rb.stats().timers_fired + cr.stats().timers_fired + ra.stats().timers_fired;
+    assert!(fired >= ids, "{fired} timers fired of {ids}");
+    for (n, r) in [(b, rb), (cn, cr)] {
+        r.shutdown();
+        n.shutdown().await;
+    }
 }

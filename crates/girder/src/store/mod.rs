@@ -31,6 +31,7 @@ pub use local::LocalBucket;
 pub use near::{Typed, NEAR_AGE_MAX, NEAR_ENTRIES_MAX};
 pub use proto::Expect;
 pub use record::{Record, RecordMeta, Version};
+pub(crate) use service::now_ms;
 pub use service::StoreStats;
 pub use shuffle::{Shuffle, SHUFFLE_ITEM};
 pub use sync::FlockState;

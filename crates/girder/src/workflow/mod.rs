@@ -26,17 +26,30 @@
 //! the message is retried with backoff, and after [`STEP_ATTEMPTS_MAX`] attempts the
 //! instance is *parked* with the error in its record; its later messages wait (they stay
 //! in the mailbox) and other instances go on.
+//!
+//! **Inputs and effects.** Besides its mailbox, a type may subscribe to reliable topics
+//! ([`Workflows::subscribe`]): a forwarder copies each topic message into the mailbox of
+//! the instance it routes to, tagged with the topic and its sequence id, so every input
+//! reaches an instance through one ordered path and is deduplicated by its source's
+//! position. A step may send to other instances, publish to topics and set durable timers
+//! ([`Step::send`], [`Step::publish`], [`Step::set_timer`]): these are committed with the
+//! new state and carried out after the commit, so none is lost; sends are numbered per
+//! sender and deduplicated by the receiver, publishes are at least once, and a timer fires
+//! once (its firing is the commit that removes it).
 
+mod forward;
 mod record;
 mod runtime;
+mod timers;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-pub use record::{instance, Instance, Status};
+pub use record::{instance, Instance, Outgoing, Status, Timer};
 pub use runtime::{WorkflowRuntime, WorkflowStats, MAILBOX};
 
 use crate::structures::{DsError, Retention};
@@ -50,6 +63,14 @@ pub const STATE_BYTES_MAX: usize = 1 << 20;
 pub const NAME_CHARS_MAX: usize = 100;
 /// Messages a mailbox keeps (per flock of ids): room for owners to be away a long time.
 pub const MAILBOX_RETENTION: Retention = Retention { count_max: 1_000_000, age_ms_max: None };
+/// Messages a topic a step publishes to keeps.
+pub const PUBLISH_RETENTION: Retention = Retention { count_max: 1_000_000, age_ms_max: None };
+/// Sends, publishes and timer changes one step may make.
+pub const EFFECTS_MAX: usize = 1_000;
+/// Timers one instance may have set at once.
+pub const TIMERS_MAX: usize = 64;
+/// Longest delay of a timer (a year).
+pub const TIMER_DELAY_MS_MAX: u64 = 365 * 24 * 3_600 * 1_000;
 
 /// What went wrong with a workflow operation.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +109,21 @@ pub struct Step {
     /// How many times this message was tried before (0 the first time).
     pub attempt: u32,
     client: Option<crate::Client>,
+    /// What the handler asked for besides its new state, in order.
+    effects: Arc<parking_lot::Mutex<Vec<Effect>>>,
+}
+
+/// What a step asks for besides its new state: committed with it, carried out after.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Effect {
+    /// A message (MessagePack) to instance `id` of `workflow`.
+    Send { workflow: String, id: String, message: Vec<u8> },
+    /// A message (MessagePack) to reliable topic `topic`.
+    Publish { topic: String, message: Vec<u8> },
+    /// Timer `name` fires `message` (MessagePack) at `due_ms` (Unix milliseconds).
+    SetTimer { name: String, due_ms: u64, message: Vec<u8> },
+    /// Timer `name` no longer fires.
+    CancelTimer { name: String },
 }
 
 impl std::fmt::Debug for Step {
@@ -113,6 +149,81 @@ impl Step {
     pub fn client(&self) -> Option<&crate::Client> {
         self.client.as_ref()
     }
+
+    /// A step for `workflow`/`id` handling message `seq` of `source`.
+    pub(crate) fn new(workflow: &str, id: &str, source: &str, seq: u64, attempt: u32, client: crate::Client) -> Step {
+        Step {
+            workflow: workflow.to_owned(),
+            id: id.to_owned(),
+            source: source.to_owned(),
+            seq,
+            attempt,
+            client: Some(client),
+            effects: Arc::default(),
+        }
+    }
+
+    /// Sends `message` to instance `id` of `workflow` once this step commits. The receiver
+    /// sees it from source `wf:{type}/{id}` of this instance, in the order sent, once even
+    /// if this step or its delivery is repeated.
+    pub fn send<M: Serialize>(&self, workflow: &str, id: &str, message: &M) -> Result<(), WorkflowError> {
+        check_name("workflow type", workflow)?;
+        check_name("workflow id", id)?;
+        let message = encode_message(message)?;
+        self.push(Effect::Send { workflow: workflow.to_owned(), id: id.to_owned(), message })
+    }
+
+    /// Publishes `message` to reliable topic `topic` once this step commits (at least once:
+    /// a step repeated after a failover may publish it again; [`Step::idempotency_key`]
+    /// tells copies apart).
+    pub fn publish<M: Serialize>(&self, topic: &str, message: &M) -> Result<(), WorkflowError> {
+        check_name("topic", topic)?;
+        let message = encode_message(message)?;
+        self.push(Effect::Publish { topic: topic.to_owned(), message })
+    }
+
+    /// Sets timer `name` of this instance to hand it `message` after `delay` (replacing a
+    /// timer of that name). It survives failover and fires once, from source `timer`.
+    pub fn set_timer<M: Serialize>(&self, name: &str, delay: Duration, message: &M) -> Result<(), WorkflowError> {
+        check_name("timer name", name)?;
+        let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        if delay_ms > TIMER_DELAY_MS_MAX {
+            return Err(WorkflowError::Invalid(format!("a timer's delay is at most {TIMER_DELAY_MS_MAX} ms")));
+        }
+        let message = encode_message(message)?;
+        let due_ms = crate::store::now_ms().saturating_add(delay_ms);
+        self.push(Effect::SetTimer { name: name.to_owned(), due_ms, message })
+    }
+
+    /// Cancels timer `name` of this instance, if set.
+    pub fn cancel_timer(&self, name: &str) -> Result<(), WorkflowError> {
+        check_name("timer name", name)?;
+        self.push(Effect::CancelTimer { name: name.to_owned() })
+    }
+
+    fn push(&self, effect: Effect) -> Result<(), WorkflowError> {
+        let mut effects = self.effects.lock();
+        if effects.len() >= EFFECTS_MAX {
+            return Err(WorkflowError::Invalid(format!(
+                "a step makes at most {EFFECTS_MAX} sends, publishes and timer changes"
+            )));
+        }
+        effects.push(effect);
+        Ok(())
+    }
+
+    /// The effects asked for so far, taken.
+    pub(crate) fn take_effects(&self) -> Vec<Effect> {
+        std::mem::take(&mut *self.effects.lock())
+    }
+}
+
+fn encode_message<M: Serialize>(message: &M) -> Result<Vec<u8>, WorkflowError> {
+    let bytes = rmp_serde::to_vec_named(message).map_err(|e| WorkflowError::Invalid(e.to_string()))?;
+    if bytes.len() > STATE_BYTES_MAX {
+        return Err(WorkflowError::Invalid(format!("a message is at most {STATE_BYTES_MAX} bytes")));
+    }
+    Ok(bytes)
 }
 
 /// A workflow type: its state and how a message changes it.
@@ -163,10 +274,22 @@ impl<W: Workflow> Handler for Typed<W> {
     }
 }
 
-/// The workflow types a node runs, by name.
+/// How a topic message finds its instance: its id, or `None` to skip it.
+pub(crate) type Route = Arc<dyn Fn(&[u8]) -> Option<String> + Send + Sync>;
+
+/// A reliable topic a workflow type takes messages from.
+#[derive(Clone)]
+pub(crate) struct Subscription {
+    pub(crate) topic: String,
+    pub(crate) workflow: String,
+    pub(crate) route: Route,
+}
+
+/// The workflow types a node runs, by name, and the topics they subscribe to.
 #[derive(Clone, Default)]
 pub struct Workflows {
     types: std::collections::HashMap<String, Arc<dyn Handler>>,
+    subscriptions: Vec<Subscription>,
 }
 
 impl Workflows {
@@ -181,9 +304,29 @@ impl Workflows {
         self
     }
 
+    /// Feeds type `W` the messages of reliable topic `topic`: each goes to the instance
+    /// whose id `route` gives (`None`: skipped), in the topic's order, once, from source
+    /// `topic:{topic}`. Every node that runs `W` must subscribe it alike.
+    pub fn subscribe<W: Workflow>(
+        mut self,
+        topic: &str,
+        route: impl Fn(&W::Message) -> Option<String> + Send + Sync + 'static,
+    ) -> Result<Workflows, WorkflowError> {
+        check_name("topic", topic)?;
+        let route: Route = Arc::new(move |bytes: &[u8]| route(&rmp_serde::from_slice::<W::Message>(bytes).ok()?));
+        self.subscriptions.push(Subscription { topic: topic.to_owned(), workflow: W::NAME.to_owned(), route });
+        Ok(self)
+    }
+
     /// The built-in example types (`examples/counter`).
     pub fn with_examples(self) -> Workflows {
         self.with(Counter)
+    }
+
+    /// Feeds `examples/counter` the messages of `topic`, each to the instance its `id`
+    /// field names (e.g. `{"id": "c1"}`).
+    pub fn with_counter_topic(self, topic: &str) -> Result<Workflows, WorkflowError> {
+        self.subscribe::<Counter>(topic, Counter::route)
     }
 
     /// The names of the registered types.
@@ -196,15 +339,34 @@ impl Workflows {
     pub(crate) fn get(&self, name: &str) -> Option<&Arc<dyn Handler>> {
         self.types.get(name)
     }
+
+    pub(crate) fn subscriptions(&self) -> &[Subscription] {
+        &self.subscriptions
+    }
 }
 
-/// One message in a mailbox: whom it is for, and its bytes (MessagePack).
+/// One message in a mailbox: whom it is for, its bytes (MessagePack), and where it came
+/// from when it was not sent to the mailbox directly.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct Envelope {
     pub(crate) workflow: String,
     pub(crate) id: String,
     #[serde(with = "serde_bytes_compat")]
     pub(crate) message: Vec<u8>,
+    /// The message's source and its sequence id there (`None`: the mailbox, at the
+    /// message's place in it).
+    #[serde(default)]
+    pub(crate) origin: Option<(String, u64)>,
+}
+
+/// The source name of messages forwarded from reliable topic `topic`.
+pub fn topic_source(topic: &str) -> String {
+    format!("topic:{topic}")
+}
+
+/// The source name of messages sent by instance `id` of `workflow`.
+pub fn instance_source(workflow: &str, id: &str) -> String {
+    format!("wf:{workflow}/{id}")
 }
 
 /// MessagePack `bin` for the message bytes.
@@ -265,14 +427,31 @@ pub async fn send_bytes(
     if message.len() > STATE_BYTES_MAX {
         return Err(WorkflowError::Invalid(format!("a message is at most {STATE_BYTES_MAX} bytes")));
     }
-    let envelope = Envelope { workflow: workflow.to_owned(), id: id.to_owned(), message };
+    post(structures, Envelope { workflow: workflow.to_owned(), id: id.to_owned(), message, origin: None }).await
+}
+
+/// Puts `envelope` in its instance's mailbox; its place there.
+pub(crate) async fn post(structures: &crate::structures::Store, envelope: Envelope) -> Result<u64, WorkflowError> {
+    let flock = flock_of(&envelope.id);
     let bytes = rmp_serde::to_vec_named(&envelope).map_err(|e| WorkflowError::Invalid(e.to_string()))?;
-    Ok(structures.reliable_publish(&inbox_of(flock_of(id)), &bytes, MAILBOX_RETENTION).await?)
+    Ok(structures.reliable_publish(&inbox_of(flock), &bytes, MAILBOX_RETENTION).await?)
 }
 
 /// The example workflow type `examples/counter`: counts the messages it handled, by
-/// source. Any message will do; the text `"finish"` finishes it.
+/// source. Any message will do; the text `"finish"` finishes it, `"panic"` panics. A map
+/// may also ask for effects: `{"after_ms": N}` sets timer `t` to fire in N ms (counted
+/// from source `timer:t`), `{"send_to": ID}` sends a message to counter `ID` (counted there
+/// from source `wf:examples/counter/{this id}`).
 pub struct Counter;
+
+impl Counter {
+    /// The instance a topic message is for: its `id` field.
+    pub fn route(message: &rmpv::Value) -> Option<String> {
+        let map = message.as_map()?;
+        let (_, id) = map.iter().find(|(k, _)| k.as_str() == Some("id"))?;
+        id.as_str().map(str::to_owned)
+    }
+}
 
 /// The state of an `examples/counter` instance.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -294,6 +473,13 @@ impl Workflow for Counter {
         step: &Step,
     ) -> Result<Next<CounterState>, String> {
         *state.counts.entry(step.source.clone()).or_default() += 1;
+        let field = |name: &str| message.as_map()?.iter().find(|(k, _)| k.as_str() == Some(name)).map(|(_, v)| v);
+        if let Some(after_ms) = field("after_ms").and_then(rmpv::Value::as_u64) {
+            step.set_timer("t", Duration::from_millis(after_ms), &"tick").map_err(|e| e.to_string())?;
+        }
+        if let Some(to) = field("send_to").and_then(rmpv::Value::as_str) {
+            step.send(Self::NAME, to, &"hello").map_err(|e| e.to_string())?;
+        }
         if message.as_str() == Some("panic") {
             panic!("examples/counter was told to panic");
         }

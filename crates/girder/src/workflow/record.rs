@@ -8,6 +8,9 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::{WorkflowError, STATE_BYTES_MAX};
+
+/// Largest encoded record: its state, plus the outbox and timers of a step.
+pub const RECORD_BYTES_MAX: usize = 8 << 20;
 use crate::structures::{Kind, Store};
 
 /// Whether an instance takes messages.
@@ -21,11 +24,48 @@ pub enum Status {
     Parked {
         /// The last attempt's error.
         error: String,
-        /// The source and sequence id of the message that failed.
+        /// The source of the message that failed.
         source: String,
-        /// Its sequence id.
+        /// Its sequence id in its source.
+        seq: u64,
+        /// Its place in the flock's mailbox (0 for a timer): the mailbox is kept from there.
+        #[serde(default)]
+        at: u64,
+    },
+}
+
+/// An effect of a committed step still to be carried out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outgoing {
+    /// A message to another instance, the `seq`th this instance sent.
+    Send {
+        /// The receiver's type.
+        workflow: String,
+        /// The receiver's id.
+        id: String,
+        /// The message (MessagePack).
+        message: Bytes,
+        /// Its number among this instance's sends (the receiver's position for it).
         seq: u64,
     },
+    /// A message to a reliable topic.
+    Publish {
+        /// The topic.
+        topic: String,
+        /// The message (MessagePack).
+        message: Bytes,
+    },
+}
+
+/// A durable timer of an instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timer {
+    /// When it fires (Unix milliseconds).
+    pub due_ms: u64,
+    /// What it hands the instance (MessagePack).
+    pub message: Bytes,
+    /// Its number among this instance's timers (the step's sequence id when it fires).
+    pub seq: u64,
 }
 
 /// An instance as stored.
@@ -43,6 +83,36 @@ pub struct Instance {
     pub handled: u64,
     /// Whether it runs, finished or is parked.
     pub status: Status,
+    /// Effects of the last step not yet carried out (a new owner carries them out first).
+    #[serde(default)]
+    pub outbox: Vec<Outgoing>,
+    /// Messages this instance sent to other instances so far.
+    #[serde(default)]
+    pub sent: u64,
+    /// Timers set, by name.
+    #[serde(default)]
+    pub timers: BTreeMap<String, Timer>,
+    /// Timers set so far.
+    #[serde(default)]
+    pub timers_set: u64,
+}
+
+impl Instance {
+    /// A new instance, owned by nobody yet.
+    pub(crate) fn new() -> Instance {
+        Instance {
+            state: None,
+            positions: BTreeMap::new(),
+            owner: String::new(),
+            epoch: 0,
+            handled: 0,
+            status: Status::Running,
+            outbox: Vec::new(),
+            sent: 0,
+            timers: BTreeMap::new(),
+            timers_set: 0,
+        }
+    }
 }
 
 /// A record read with its version (0: absent).
@@ -81,6 +151,10 @@ pub(crate) async fn commit(
         return Err(WorkflowError::Invalid(format!("a state is at most {STATE_BYTES_MAX} bytes")));
     }
     let bytes = rmp_serde::to_vec_named(instance).map_err(|e| WorkflowError::Invalid(e.to_string()))?;
+    if bytes.len() > RECORD_BYTES_MAX {
+        let why = format!("a record (state, outbox and timers) is at most {RECORD_BYTES_MAX} bytes");
+        return Err(WorkflowError::Invalid(why));
+    }
     let expected = (version != 0).then_some(version);
     Ok(store.value_cas(Kind::Atom, &key_of(workflow, id), expected, &bytes).await?)
 }
@@ -102,7 +176,7 @@ mod tests {
             owner: owner.to_owned(),
             epoch,
             handled,
-            status: Status::Running,
+            ..Instance::new()
         }
     }
 

@@ -1,5 +1,6 @@
 //! The workflow runtime of one node: it runs the instances of the flocks this node is the
-//! primary of, one task per flock reading that flock's mailbox in order.
+//! primary of, one task per flock reading that flock's mailbox in order and firing its
+//! timers, and the forwarders of the subscriptions whose flock it is the primary of.
 //!
 //! A flock's task reads from the flock's cursor (`wf/cursor/{flock}`: every message at or
 //! below it was handled, or waits in a parked instance that is at or below it too), hands
@@ -15,23 +16,31 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 
-use super::record::{self, Instance, Status};
-use super::{inbox_of, Envelope, Handler, Step, WorkflowError, Workflows, STEP_ATTEMPTS_MAX};
+use super::record::{self, Instance, Outgoing, Status, Timer};
+use super::timers::{self, Due};
+use super::{
+    inbox_of, instance_source, post, Effect, Envelope, Handler, Step, WorkflowError, Workflows, PUBLISH_RETENTION,
+    STEP_ATTEMPTS_MAX, TIMERS_MAX,
+};
 use crate::placement::{Placement, FLOCKS};
 use crate::retry::Backoff;
 use crate::structures::Store;
 
 /// The source name of messages sent to an instance.
 pub const MAILBOX: &str = "mailbox";
-/// Messages read from a mailbox at once.
-const READ_BATCH_MAX: usize = 256;
+/// The source name of timers firing.
+pub const TIMER: &str = "timer";
+/// Messages read from a mailbox or topic at once.
+pub(crate) const READ_BATCH_MAX: usize = 256;
 /// How long an idle flock waits for its mailbox's change notice before it reads again
 /// (a notice that raced the read is caught no later than this).
-const READ_WAIT_MS: u64 = 1_000;
+pub(crate) const READ_WAIT_MS: u64 = 1_000;
 /// How often the runtime looks at the placement table.
 const SUPERVISE_EVERY: Duration = Duration::from_millis(100);
 /// Messages handled between two cursor moves.
 const CURSOR_EVERY: u64 = 64;
+/// Characters of a handler's error kept in a parked instance's record.
+const ERROR_CHARS_MAX: usize = 4_096;
 /// Instance records a flock's task keeps decoded.
 const CACHED_MAX: usize = 4_096;
 
@@ -48,6 +57,14 @@ pub struct WorkflowStats {
     pub parked: u64,
     /// Commits refused because a newer owner had written the record.
     pub fenced: u64,
+    /// Timers fired.
+    pub timers_fired: u64,
+    /// Sends and publishes of committed steps carried out.
+    pub effects: u64,
+    /// Topic messages forwarded into mailboxes by this node.
+    pub forwarded: u64,
+    /// Subscriptions whose forwarder runs here now.
+    pub forwarders: u64,
 }
 
 #[derive(Default)]
@@ -56,6 +73,9 @@ struct Counters {
     handler_errors: AtomicU64,
     parked: AtomicU64,
     fenced: AtomicU64,
+    timers_fired: AtomicU64,
+    effects: AtomicU64,
+    forwarded: Arc<AtomicU64>,
 }
 
 struct Inner {
@@ -70,6 +90,8 @@ struct Inner {
     /// The running flock tasks, with the epoch each may claim under (moved on by the
     /// supervisor when this node stays the primary through a new table).
     flocks: Mutex<HashMap<u32, FlockTask>>,
+    /// The running forwarders, by subscription index.
+    forwarders: Mutex<HashMap<usize, JoinHandle<()>>>,
 }
 
 /// A running flock task and the epoch it claims under.
@@ -108,6 +130,7 @@ impl WorkflowRuntime {
             lease_ok,
             counters: Counters::default(),
             flocks: Mutex::new(HashMap::new()),
+            forwarders: Mutex::new(HashMap::new()),
         });
         let supervisor = tokio::spawn(supervise(inner.clone()));
         WorkflowRuntime { inner, supervisor }
@@ -118,6 +141,9 @@ impl WorkflowRuntime {
     pub fn shutdown(&self) {
         self.supervisor.abort();
         for (_, (_, task)) in self.inner.flocks.lock().drain() {
+            task.abort();
+        }
+        for (_, task) in self.inner.forwarders.lock().drain() {
             task.abort();
         }
     }
@@ -131,6 +157,10 @@ impl WorkflowRuntime {
             handler_errors: c.handler_errors.load(Ordering::Relaxed),
             parked: c.parked.load(Ordering::Relaxed),
             fenced: c.fenced.load(Ordering::Relaxed),
+            timers_fired: c.timers_fired.load(Ordering::Relaxed),
+            effects: c.effects.load(Ordering::Relaxed),
+            forwarded: c.forwarded.load(Ordering::Relaxed),
+            forwarders: self.inner.forwarders.lock().len() as u64,
         }
     }
 }
@@ -169,12 +199,39 @@ async fn supervise(inner: Arc<Inner>) {
                 (false, None) => {}
             }
         }
+        drop(flocks);
+        supervise_forwarders(&inner, &table, lease_ok);
+    }
+}
+
+/// Starts the forwarder of each subscription whose flock this node is the primary of,
+/// stops the others.
+fn supervise_forwarders(inner: &Arc<Inner>, table: &crate::placement::FlockTable, lease_ok: bool) {
+    let mut forwarders = inner.forwarders.lock();
+    forwarders.retain(|_, task| !task.is_finished());
+    for (at, subscription) in inner.workflows.subscriptions().iter().enumerate() {
+        let flock = crate::placement::flock_of(super::forward::cursor_key(subscription).as_bytes());
+        let mine = lease_ok && table.owners_of(flock).next() == Some(inner.node.as_str());
+        match (mine, forwarders.contains_key(&at)) {
+            (true, false) => {
+                let (store, forwarded) = (inner.store.clone(), inner.counters.forwarded.clone());
+                let task = tokio::spawn(super::forward::run(store, subscription.clone(), forwarded));
+                forwarders.insert(at, task);
+            }
+            (false, true) => {
+                if let Some(task) = forwarders.remove(&at) {
+                    task.abort();
+                }
+            }
+            _ => {}
+        }
     }
 }
 
 /// One flock's task: reads its mailbox from the cursor and hands each message on.
 async fn run_flock(inner: Arc<Inner>, flock: u32, epoch: Arc<AtomicU64>) {
-    let mut flock_run = FlockRun { inner: inner.clone(), flock, epoch, cached: lru_cache(), parked_min: None };
+    let mut flock_run =
+        FlockRun { inner: inner.clone(), flock, epoch, cached: lru_cache(), parked_min: None, due: Due::default() };
     let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(2));
     loop {
         match flock_run.run().await {
@@ -203,6 +260,17 @@ struct FlockRun {
     cached: lru::LruCache<(String, String), (Instance, u64)>,
     /// The lowest mailbox sequence id waiting in a parked instance: the cursor stays below.
     parked_min: Option<u64>,
+    /// The flock's timers by due time.
+    due: Due,
+}
+
+/// One input to an instance: where it came from and its bytes.
+struct Input<'a> {
+    source: &'a str,
+    seq: u64,
+    /// Its place in the mailbox (0 for a timer).
+    at: u64,
+    message: &'a [u8],
 }
 
 impl FlockRun {
@@ -213,8 +281,15 @@ impl FlockRun {
             Ok(at) => at,
             Err(err) => return err.into(),
         };
+        self.due = match Due::load(&self.inner.store, self.flock).await {
+            Ok(due) => due,
+            Err(err) => return err.into(),
+        };
         let mut moved_at = after;
         loop {
+            if let Err(stop) = self.fire_due().await {
+                return stop;
+            }
             // A read that does not block, then a wait for the topic's change notice: no
             // connection of its own per flock (a blocking read would take one on Redis).
             let batch = match self.inner.store.reliable_read(&topic, after, READ_BATCH_MAX, 0).await {
@@ -222,7 +297,9 @@ impl FlockRun {
                 Err(err) => return Stop::Failed(err.into()),
             };
             if batch.messages.is_empty() {
-                self.inner.store.wait_change(&topic, READ_WAIT_MS).await;
+                let wait_ms =
+                    self.due.wait_ms(crate::store::now_ms()).map_or(READ_WAIT_MS, |w| w.clamp(1, READ_WAIT_MS));
+                self.inner.store.wait_change(&topic, wait_ms).await;
                 continue;
             }
             if batch.first_retained > after + 1 && after > 0 {
@@ -249,27 +326,56 @@ impl FlockRun {
         }
     }
 
-    /// Hands the message `seq` to its instance.
+    /// Hands the mailbox message `seq` to its instance.
     async fn deliver(&mut self, seq: u64, bytes: &[u8]) -> Result<(), Stop> {
         let Ok(envelope) = rmp_serde::from_slice::<Envelope>(bytes) else {
             tracing::warn!(flock = self.flock, seq, "workflow: a mailbox message that is not an envelope, skipped");
             return Ok(());
         };
         let key = (envelope.workflow.clone(), envelope.id.clone());
+        let (source, source_seq) = envelope.origin.clone().unwrap_or_else(|| (MAILBOX.to_owned(), seq));
+        let input = Input { source: &source, seq: source_seq, at: seq, message: &envelope.message };
+        self.handle(&key, &input).await
+    }
+
+    /// Fires every timer of the flock that is due.
+    async fn fire_due(&mut self) -> Result<(), Stop> {
+        while let Some((due_ms, (key, name))) = self.due.pop_due(crate::store::now_ms()) {
+            let (instance, _) = self.owned(&key).await?;
+            // The record is the truth: a timer moved, cancelled or fired since is not due.
+            let Some(timer) = instance.timers.get(&name).filter(|t| t.due_ms == due_ms).cloned() else {
+                if !instance.timers.contains_key(&name) {
+                    timers::unindex(&self.inner.store, self.flock, &(key, name)).await?;
+                }
+                continue;
+            };
+            let source = format!("{TIMER}:{name}");
+            self.handle(&key, &Input { source: &source, seq: timer.seq, at: 0, message: &timer.message }).await?;
+            let (instance, _) = self.owned(&key).await?;
+            if !instance.timers.contains_key(&name) {
+                timers::unindex(&self.inner.store, self.flock, &(key, name)).await?;
+                self.inner.counters.timers_fired.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs one input through its instance until a commit goes through.
+    async fn handle(&mut self, key: &(String, String), input: &Input<'_>) -> Result<(), Stop> {
         loop {
-            let (instance, version) = self.owned(&key).await?;
-            match self.step(&key, instance, version, seq, &envelope.message).await? {
+            let (instance, version) = self.owned(key).await?;
+            match self.step(key, instance, version, input).await? {
                 Some(()) => return Ok(()),
                 None => {
                     // Someone wrote the record meanwhile: read it again, and claim it again
                     // if this node still may.
-                    self.cached.pop(&key);
+                    self.cached.pop(key);
                 }
             }
         }
     }
 
-    /// The instance's record, claimed by this node under its epoch.
+    /// The instance's record, claimed by this node under its epoch, its outbox carried out.
     async fn owned(&mut self, key: &(String, String)) -> Result<(Instance, u64), Stop> {
         let epoch = self.epoch.load(Ordering::Acquire);
         if let Some((instance, version)) = self.cached.get(key) {
@@ -279,14 +385,7 @@ impl FlockRun {
         }
         loop {
             let loaded = record::load(&self.inner.store, &key.0, &key.1).await?;
-            let mut instance = loaded.instance.unwrap_or_else(|| Instance {
-                state: None,
-                positions: Default::default(),
-                owner: String::new(),
-                epoch: 0,
-                handled: 0,
-                status: Status::Running,
-            });
+            let mut instance = loaded.instance.unwrap_or_else(Instance::new);
             if instance.epoch > epoch
                 || (instance.epoch == epoch && instance.owner != self.inner.node && !instance.owner.is_empty())
             {
@@ -302,85 +401,106 @@ impl FlockRun {
                 return Err(Stop::Fenced);
             }
             if let Some(version) = record::commit(&self.inner.store, &key.0, &key.1, loaded.version, &instance).await? {
+                // What the last owner committed but may not have carried out.
+                let Some(version) = self.carry_out(key, &mut instance, version).await? else { continue };
                 self.cached.put(key.clone(), (instance.clone(), version));
                 return Ok((instance, version));
             }
         }
     }
 
-    /// Runs one message through the instance and commits; `None` when the commit was
+    /// Runs one input through the instance and commits; `None` when the commit was
     /// refused (the record changed).
     async fn step(
         &mut self,
         key: &(String, String),
         mut instance: Instance,
         version: u64,
-        seq: u64,
-        message: &[u8],
+        input: &Input<'_>,
     ) -> Result<Option<()>, Stop> {
-        let done = instance.positions.get(MAILBOX).copied().unwrap_or(0);
+        let done = instance.positions.get(input.source).copied().unwrap_or(0);
         match &instance.status {
             Status::Finished => return Ok(Some(())),
-            Status::Parked { seq: at, .. } => {
-                self.parked_min = Some(self.parked_min.map_or(*at, |p| p.min(*at)));
+            Status::Parked { at, seq, source, .. } => {
+                let at = if *at == 0 && source == MAILBOX { *seq } else { *at };
+                if at > 0 {
+                    self.parked_min = Some(self.parked_min.map_or(at, |p| p.min(at)));
+                }
                 return Ok(Some(()));
             }
-            Status::Running if seq <= done => return Ok(Some(())),
+            // Timers are deduplicated by their removal from the record, not by position.
+            Status::Running if input.at > 0 && input.seq <= done => return Ok(Some(())),
             Status::Running => {}
         }
         let Some(handler) = self.inner.workflows.get(&key.0).cloned() else {
-            instance.status = parked(format!("no workflow type {:?} runs on node {}", key.0, self.inner.node), seq);
-            return self.commit(key, instance, version, seq, true).await;
+            let why = format!("no workflow type {:?} runs on node {}", key.0, self.inner.node);
+            instance.status = parked(why, input);
+            return self.commit(key, instance, version, input.at, true).await;
         };
-        match self.attempts(handler, key, &instance, seq, message).await {
-            Ok((state, finished)) => {
-                instance.state = Some(Bytes::from(state));
-                instance.positions.insert(MAILBOX.to_owned(), seq);
-                instance.handled += 1;
-                if finished {
-                    instance.status = Status::Finished;
-                }
-                self.commit(key, instance, version, seq, false).await
-            }
+        let applied = match self.attempts(handler, key, &instance, input).await {
+            Ok((state, finished, effects)) => apply(&mut instance, input, state, finished, effects),
+            Err(error) => Err(error),
+        };
+        let new_timers = match applied {
+            Ok(new_timers) => new_timers,
             Err(error) => {
-                instance.status = parked(error, seq);
-                self.commit(key, instance, version, seq, true).await
+                instance.status = parked(error, input);
+                return self.commit(key, instance, version, input.at, true).await;
+            }
+        };
+        for (name, due_ms) in &new_timers {
+            if let Err(err) = timers::index(&self.inner.store, self.flock, &(key.clone(), name.clone()), *due_ms).await
+            {
+                return self.refuse(key, version, input, err).await;
             }
         }
+        let Some(()) = self.commit(key, instance, version, input.at, false).await? else { return Ok(None) };
+        for (name, due_ms) in new_timers {
+            self.due.push(due_ms, (key.clone(), name));
+        }
+        Ok(Some(()))
     }
 
-    /// Tries the handler up to [`STEP_ATTEMPTS_MAX`] times with backoff; its output, or the
-    /// last error.
+    /// Parks the instance of `key` on `input` because `err` keeps its step from committing.
+    async fn refuse(
+        &mut self,
+        key: &(String, String),
+        version: u64,
+        input: &Input<'_>,
+        err: WorkflowError,
+    ) -> Result<Option<()>, Stop> {
+        let WorkflowError::Invalid(why) = err else { return Err(Stop::Failed(err)) };
+        let Some((mut instance, _)) = self.cached.get(key).cloned() else { return Ok(None) };
+        instance.status = parked(why, input);
+        self.commit(key, instance, version, input.at, true).await
+    }
+
+    /// Tries the handler up to [`STEP_ATTEMPTS_MAX`] times with backoff; its output and
+    /// effects, or the last error.
     async fn attempts(
         &self,
         handler: Arc<dyn Handler>,
         key: &(String, String),
         instance: &Instance,
-        seq: u64,
-        message: &[u8],
-    ) -> Result<(Vec<u8>, bool), String> {
+        input: &Input<'_>,
+    ) -> Result<(Vec<u8>, bool, Vec<Effect>), String> {
         let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(1));
         let mut last = String::new();
         for attempt in 0..STEP_ATTEMPTS_MAX {
-            let step = Step {
-                workflow: key.0.clone(),
-                id: key.1.clone(),
-                source: MAILBOX.to_owned(),
-                seq,
-                attempt,
-                client: Some(self.inner.client.clone()),
-            };
-            let (handler, state, message) = (handler.clone(), instance.state.clone(), message.to_vec());
+            let step = Step::new(&key.0, &key.1, input.source, input.seq, attempt, self.inner.client.clone());
+            let effects = step.clone();
+            let (handler, state, message) = (handler.clone(), instance.state.clone(), input.message.to_vec());
             // Its own task, so a panic is caught and reported, and the node lives.
             let ran = tokio::spawn(async move { handler.step(state.as_deref(), &message, &step).await }).await;
             last = match ran {
-                Ok(Ok(done)) => return Ok(done),
+                Ok(Ok((state, finished))) => return Ok((state, finished, effects.take_effects())),
                 Ok(Err(error)) => error,
                 Err(join) if join.is_panic() => format!("the handler panicked: {}", panic_text(join)),
                 Err(join) => format!("the handler task failed: {join}"),
             };
             self.inner.counters.handler_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(workflow = %key.0, id = %key.1, seq, attempt, error = %last, "workflow: a step failed");
+            tracing::warn!(workflow = %key.0, id = %key.1, source = input.source, seq = input.seq, attempt,
+                error = %last, "workflow: a step failed");
             if attempt + 1 < STEP_ATTEMPTS_MAX {
                 tokio::time::sleep(backoff.failed()).await;
             }
@@ -391,9 +511,9 @@ impl FlockRun {
     async fn commit(
         &mut self,
         key: &(String, String),
-        instance: Instance,
+        mut instance: Instance,
         version: u64,
-        seq: u64,
+        at: u64,
         parking: bool,
     ) -> Result<Option<()>, Stop> {
         // Commit only while the lease holds by this node's own clock: past it, another node
@@ -401,23 +521,115 @@ impl FlockRun {
         if !(self.inner.lease_ok)() {
             return Err(Stop::Fenced);
         }
-        match record::commit(&self.inner.store, &key.0, &key.1, version, &instance).await? {
-            Some(version) => {
-                let counter = if parking { &self.inner.counters.parked } else { &self.inner.counters.steps };
-                counter.fetch_add(1, Ordering::Relaxed);
-                if parking {
-                    self.parked_min = Some(self.parked_min.map_or(seq, |p| p.min(seq)));
-                }
-                self.cached.put(key.clone(), (instance, version));
-                Ok(Some(()))
+        let committed = match record::commit(&self.inner.store, &key.0, &key.1, version, &instance).await {
+            Err(WorkflowError::Invalid(why)) if !parking => {
+                // Too large to store: park on it rather than retry forever.
+                let Some((mut parked_instance, _)) = self.cached.get(key).cloned() else { return Ok(None) };
+                parked_instance.status = Status::Parked { error: why, source: String::new(), seq: 0, at };
+                return Box::pin(self.commit(key, parked_instance, version, at, true)).await;
             }
-            None => Ok(None),
+            other => other?,
+        };
+        let Some(version) = committed else { return Ok(None) };
+        let counter = if parking { &self.inner.counters.parked } else { &self.inner.counters.steps };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if parking && at > 0 {
+            self.parked_min = Some(self.parked_min.map_or(at, |p| p.min(at)));
         }
+        let Some(version) = self.carry_out(key, &mut instance, version).await? else { return Ok(None) };
+        self.cached.put(key.clone(), (instance, version));
+        Ok(Some(()))
+    }
+
+    /// Carries out the committed outbox of `instance` (at `version`), then commits it
+    /// empty; the new version, or `None` when a newer owner wrote the record meanwhile
+    /// (it carries the outbox out again; receivers skip what they had).
+    async fn carry_out(
+        &self,
+        key: &(String, String),
+        instance: &mut Instance,
+        version: u64,
+    ) -> Result<Option<u64>, Stop> {
+        if instance.outbox.is_empty() {
+            return Ok(Some(version));
+        }
+        let store = &self.inner.store;
+        for outgoing in &instance.outbox {
+            match outgoing {
+                Outgoing::Send { workflow, id, message, seq } => {
+                    let origin = Some((instance_source(&key.0, &key.1), *seq));
+                    let envelope =
+                        Envelope { workflow: workflow.clone(), id: id.clone(), message: message.to_vec(), origin };
+                    post(store, envelope).await?;
+                }
+                Outgoing::Publish { topic, message } => {
+                    store.reliable_publish(topic, message, PUBLISH_RETENTION).await.map_err(WorkflowError::from)?;
+                }
+            }
+            self.inner.counters.effects.fetch_add(1, Ordering::Relaxed);
+        }
+        instance.outbox.clear();
+        if !(self.inner.lease_ok)() {
+            return Err(Stop::Fenced);
+        }
+        Ok(record::commit(store, &key.0, &key.1, version, instance).await?)
     }
 }
 
-fn parked(error: String, seq: u64) -> Status {
-    Status::Parked { error, source: MAILBOX.to_owned(), seq }
+/// Puts a step's output into the instance: its state, its position, its effects. The
+/// timers it set, with when they fall due; an error when it sets too many.
+fn apply(
+    instance: &mut Instance,
+    input: &Input<'_>,
+    state: Vec<u8>,
+    finished: bool,
+    effects: Vec<Effect>,
+) -> Result<Vec<(String, u64)>, String> {
+    instance.state = Some(Bytes::from(state));
+    if input.at > 0 {
+        instance.positions.insert(input.source.to_owned(), input.seq);
+    } else if let Some(name) = input.source.strip_prefix(TIMER).and_then(|s| s.strip_prefix(':')) {
+        // A timer fires by the commit that removes it.
+        instance.timers.remove(name);
+    }
+    instance.handled += 1;
+    if finished {
+        instance.status = Status::Finished;
+    }
+    let mut new_timers = Vec::new();
+    for effect in effects {
+        match effect {
+            Effect::Send { workflow, id, message } => {
+                instance.sent += 1;
+                instance.outbox.push(Outgoing::Send { workflow, id, message: message.into(), seq: instance.sent });
+            }
+            Effect::Publish { topic, message } => {
+                instance.outbox.push(Outgoing::Publish { topic, message: message.into() })
+            }
+            Effect::SetTimer { name, due_ms, message } => {
+                instance.timers_set += 1;
+                let timer = Timer { due_ms, message: message.into(), seq: instance.timers_set };
+                instance.timers.insert(name.clone(), timer);
+                new_timers.retain(|(n, _)| *n != name);
+                new_timers.push((name, due_ms));
+            }
+            Effect::CancelTimer { name } => {
+                instance.timers.remove(&name);
+                new_timers.retain(|(n, _)| *n != name);
+            }
+        }
+    }
+    if instance.timers.len() > TIMERS_MAX {
+        return Err(format!("an instance has at most {TIMERS_MAX} timers set"));
+    }
+    Ok(new_timers)
+}
+
+fn parked(mut error: String, input: &Input<'_>) -> Status {
+    if let Some((cut, _)) = error.char_indices().nth(ERROR_CHARS_MAX) {
+        error.truncate(cut);
+    }
+    Status::Parked { error, source: input.source.to_owned(), seq: input.seq, at: input.at }
 }
 
 fn panic_text(join: tokio::task::JoinError) -> String {
@@ -430,12 +642,12 @@ fn panic_text(join: tokio::task::JoinError) -> String {
 }
 
 /// The flock's cursor (0 when never moved).
-async fn cursor(store: &Store, key: &str) -> Result<u64, WorkflowError> {
+pub(crate) async fn cursor(store: &Store, key: &str) -> Result<u64, WorkflowError> {
     Ok(u64::try_from(store.counter_add(key, 0).await?).unwrap_or(0))
 }
 
 /// Moves the flock's cursor up to `to`, never down (a slower former owner may write late).
-async fn move_cursor(store: &Store, key: &str, to: u64) -> Result<(), WorkflowError> {
+pub(crate) async fn move_cursor(store: &Store, key: &str, to: u64) -> Result<(), WorkflowError> {
     let to = i64::try_from(to).unwrap_or(i64::MAX);
     loop {
         let now = store.counter_add(key, 0).await?;

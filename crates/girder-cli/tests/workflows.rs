@@ -83,32 +83,162 @@ fn all_counted(client: &reqwest::blocking::Client, url: &str, sent: &BTreeMap<St
     }
 }
 
+/// Nodes that run counters fed by topics `feed-a` and `feed-b` too.
+fn start_fed(redis: &str, id: &str) -> NodeProcess {
+    let args =
+        ["--workers", "1", "--slots", "2", "--workflows", "--counter-topic", "feed-a", "--counter-topic", "feed-b"];
+    NodeProcess::on_redis(redis, id, &args)
+}
+
+/// The grid's data structures, as the nodes on `redis` see them.
+async fn structures(redis: &str) -> girder::structures::Store {
+    use girder::Statekeeper;
+    let sk = girder::RedisStatekeeper::connect(girder::RedisConfig::new(redis)).await.unwrap();
+    sk.structures()
+}
+
+/// Sends `count` inputs round-robin over `ids` instances, starting at input `first`: two in
+/// five to each topic, one in five to the mailbox, 16 at a time; adds them to `sent` by
+/// instance and source.
+async fn feed(
+    store: &girder::structures::Store,
+    first: u64,
+    count: u64,
+    ids: u64,
+    sent: &mut BTreeMap<String, BTreeMap<String, u64>>,
+) {
+    let retention = girder::structures::Retention { count_max: 1_000_000, age_ms_max: None };
+    let inputs: Vec<(String, &str)> = (first..first + count)
+        .map(|i| {
+            (format!("c{}", (i * 7_919) % ids), ["feed-a", "feed-b", "feed-a", "feed-b", "mailbox"][i as usize % 5])
+        })
+        .collect();
+    for chunk in inputs.chunks(16) {
+        let sends = chunk.iter().map(|(id, source)| async move {
+            if *source == "mailbox" {
+                girder::workflow::send(store, "examples/counter", id, &"m").await.map(|_| ()).map_err(|e| e.to_string())
+            } else {
+                let message = rmp_serde::to_vec_named(&serde_json::json!({ "id": id })).unwrap();
+                store.reliable_publish(source, &message, retention).await.map(|_| ()).map_err(|e| e.to_string())
+            }
+        });
+        for result in futures::future::join_all(sends).await {
+            result.unwrap();
+        }
+        for (id, source) in chunk {
+            let source = if *source == "mailbox" { "mailbox".to_owned() } else { format!("topic:{source}") };
+            *sent.entry(id.clone()).or_default().entry(source).or_default() += 1;
+        }
+    }
+}
+
+/// Waits until every instance counted exactly what was sent to it, by source (at most
+/// 180 s); a count above it fails at once. The instances' records, by id.
+async fn all_counted_by_source(
+    store: &girder::structures::Store,
+    sent: &BTreeMap<String, BTreeMap<String, u64>>,
+) -> BTreeMap<String, girder::workflow::Instance> {
+    let begun = Instant::now();
+    loop {
+        let mut behind = None;
+        let mut records = BTreeMap::new();
+        for (id, want) in sent {
+            let Some(instance) = girder::workflow::instance(store, "examples/counter", id).await.unwrap() else {
+                behind = behind.or(Some((id.clone(), BTreeMap::new())));
+                continue;
+            };
+            let state: girder::workflow::CounterState =
+                instance.state.as_ref().map(|s| rmp_serde::from_slice(s).unwrap()).unwrap_or_default();
+            for (source, got) in &state.counts {
+                let sent = want.get(source).copied().unwrap_or(0);
+                assert!(*got <= sent, "{id} counted {got} from {source} of {sent}: a message was applied twice");
+            }
+            if &state.counts != want {
+                behind = behind.or(Some((id.clone(), state.counts)));
+            }
+            records.insert(id.clone(), instance);
+        }
+        let Some((id, got)) = behind else { return records };
+        assert!(begun.elapsed() < Duration::from_secs(180), "{id} counted {got:?} of {:?}: messages lost", sent[&id]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The test: 1,000 counters over 3 nodes fed 50,000 messages from two topics and
+/// their mailboxes while nodes are SIGKILLed, SIGTERMed and restarted and a 4th joins.
 #[test]
-fn counters_count_every_message_once_across_kills_drains_restarts_and_a_join() {
+fn counters_count_every_input_once_across_kills_drains_restarts_and_a_join() {
     let redis = RedisServer::start(false).unwrap_or_else(|e| panic!("{e}"));
     let url = redis.url();
-    let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
-    let mut w1 = start(&url, "w1");
-    let w2 = start(&url, "w2");
-    let mut w3 = start(&url, "w3");
-    let (ids, mut sent) = (60, BTreeMap::new());
-    let urls = |nodes: &[&NodeProcess]| nodes.iter().map(|n| n.url.clone()).collect::<Vec<_>>();
-    send_all(&client, &urls(&[&w1, &w2, &w3]), ids, 600, &mut sent);
-    // SIGKILL mid-stream: w3's instances move after its lease.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let store = runtime.block_on(structures(&url));
+    let mut w1 = start_fed(&url, "w1");
+    let _w2 = start_fed(&url, "w2");
+    let mut w3 = start_fed(&url, "w3");
+    let (ids, per_phase) = (1_000, 12_500);
+    let mut sent = BTreeMap::new();
+    runtime.block_on(feed(&store, 0, per_phase, ids, &mut sent));
+    // SIGKILL mid-stream: w3's instances and forwarders move after its lease.
     w3.kill();
-    send_all(&client, &urls(&[&w1, &w2]), ids, 600, &mut sent);
-    // SIGTERM: w1 stops its steps and leaves; w3 comes back; w4 joins.
+    runtime.block_on(feed(&store, per_phase, per_phase, ids, &mut sent));
+    // SIGTERM: w1 stops its steps and leaves; w3 comes back.
     assert!(w1.terminate(Duration::from_secs(30)), "w1 did not exit after SIGTERM");
-    let w3 = start(&url, "w3");
-    send_all(&client, &urls(&[&w2, &w3]), ids, 600, &mut sent);
-    let w4 = start(&url, "w4");
-    send_all(&client, &urls(&[&w2, &w3, &w4]), ids, 600, &mut sent);
-    all_counted(&client, &w4.url, &sent);
-    let owners: std::collections::BTreeSet<String> = sent
-        .keys()
-        .filter_map(|id| record(&client, &w2.url, id).and_then(|r| r["owner"].as_str().map(str::to_owned)))
-        .collect();
+    let _w3 = start_fed(&url, "w3");
+    runtime.block_on(feed(&store, 2 * per_phase, per_phase, ids, &mut sent));
+    // A 4th joins.
+    let _w4 = start_fed(&url, "w4");
+    runtime.block_on(feed(&store, 3 * per_phase, per_phase, ids, &mut sent));
+    assert_eq!(sent.values().flat_map(|s| s.values()).sum::<u64>(), 4 * per_phase);
+    let records = runtime.block_on(all_counted_by_source(&store, &sent));
+    let moves: u64 = records.values().map(|r| r.claims.saturating_sub(1)).sum();
+    eprintln!("{moves} ownership changes over {} instances", records.len());
+    assert!(moves >= 100, "only {moves} ownership changes");
+    let owners: std::collections::BTreeSet<&str> = records.values().map(|r| r.owner.as_str()).collect();
     assert!(owners.len() >= 2, "the instances ended on one node only: {owners:?}");
+}
+
+/// Timers set before their owner dies fire once, on the new owner.
+#[test]
+fn a_timer_set_before_its_owner_is_sigkilled_fires_once_on_the_new_owner() {
+    let redis = RedisServer::start(false).unwrap_or_else(|e| panic!("{e}"));
+    let url = redis.url();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let store = runtime.block_on(structures(&url));
+    let mut nodes: Vec<(&str, NodeProcess)> = ["t1", "t2", "t3"].into_iter().map(|n| (n, start(&url, n))).collect();
+    let ids: Vec<String> = (0..30).map(|i| format!("timed-{i}")).collect();
+    for id in &ids {
+        let arm = serde_json::json!({ "after_ms": 4_000 });
+        runtime.block_on(girder::workflow::send(&store, "examples/counter", id, &arm)).unwrap();
+    }
+    // Every timer is committed; kill the node that owns the most of them.
+    let begun = Instant::now();
+    let owners = loop {
+        let records: Vec<_> = ids
+            .iter()
+            .map(|id| runtime.block_on(girder::workflow::instance(&store, "examples/counter", id)).unwrap())
+            .collect();
+        if records.iter().all(|r| r.as_ref().is_some_and(|r| r.timers.contains_key("t"))) {
+            break records.into_iter().flatten().map(|r| r.owner).collect::<Vec<_>>();
+        }
+        assert!(begun.elapsed() < Duration::from_secs(30), "the timers were never all set");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let victim = ["t1", "t2", "t3"].into_iter().max_by_key(|n| owners.iter().filter(|o| o == n).count()).unwrap();
+    let orphans: Vec<&String> = ids.iter().zip(&owners).filter(|(_, o)| *o == victim).map(|(id, _)| id).collect();
+    assert!(!orphans.is_empty());
+    nodes.iter_mut().find(|(name, _)| *name == victim).expect("the victim").1.kill();
+    let mut sent: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+    for id in &ids {
+        sent.insert(id.clone(), BTreeMap::from([("mailbox".to_owned(), 1), ("timer:t".to_owned(), 1)]));
+    }
+    let records = runtime.block_on(all_counted_by_source(&store, &sent));
+    for id in &ids {
+        let record = &records[id];
+        assert!(record.timers.is_empty(), "{id}'s timer is still set after it fired: it could fire again");
+    }
+    for id in orphans {
+        assert_ne!(records[id].owner, victim, "{id} fired on its dead owner");
+    }
 }
 
 #[test]

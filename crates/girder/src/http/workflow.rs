@@ -66,6 +66,8 @@ async fn read(
         "id": id,
         "owner": instance.owner,
         "epoch": instance.epoch,
+        "claims": instance.claims,
+        "timers": instance.timers.iter().map(|(name, t)| (name.clone(), t.due_ms)).collect::<std::collections::BTreeMap<_, _>>(),
         "handled": instance.handled,
         "positions": instance.positions,
         "status": status,

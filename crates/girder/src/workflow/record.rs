@@ -79,6 +79,9 @@ pub struct Instance {
     pub owner: String,
     /// The placement table epoch its owner claimed it under.
     pub epoch: u64,
+    /// How many times an owner claimed it (its first owner's claim included).
+    #[serde(default)]
+    pub claims: u64,
     /// Messages handled.
     pub handled: u64,
     /// Whether it runs, finished or is parked.
@@ -105,6 +108,7 @@ impl Instance {
             positions: BTreeMap::new(),
             owner: String::new(),
             epoch: 0,
+            claims: 0,
             handled: 0,
             status: Status::Running,
             outbox: Vec::new(),

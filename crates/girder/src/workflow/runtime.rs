@@ -397,6 +397,7 @@ impl FlockRun {
             }
             instance.owner = self.inner.node.clone();
             instance.epoch = epoch;
+            instance.claims += 1;
             if !(self.inner.lease_ok)() {
                 return Err(Stop::Fenced);
             }

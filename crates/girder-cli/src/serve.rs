@@ -122,6 +122,11 @@ pub struct NodeArgs {
     /// `id` field names (repeatable; every node running workflows must name the same ones).
     #[arg(long = "counter-topic", value_name = "TOPIC", requires = "workflows")]
     counter_topics: Vec<String>,
+    /// Run the example components here: the singleton `examples/ticker` (a fenced counter
+    /// ticking on one node at a time) and the cluster watch (node events on
+    /// `girder/events`).
+    #[arg(long)]
+    components: bool,
     /// Address of the data plane other nodes move store bytes over; port 0 picks one.
     #[arg(long, default_value = "127.0.0.1:0")]
     data_listen: String,
@@ -367,6 +372,14 @@ pub async fn run(registry: Registry, args: NodeArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    let components = match args.components {
+        true => Some(
+            girder::component::ComponentSystem::start(&node, girder::component::Components::new().with_examples())
+                .await
+                .context("cannot start the components")?,
+        ),
+        false => None,
+    };
     {
         // The address line is the ready signal; a node whose stdout is closed keeps serving.
         use std::io::Write;
@@ -410,6 +423,10 @@ pub async fn run(registry: Registry, args: NodeArgs) -> anyhow::Result<()> {
     // Workflow steps stop first: what they committed stands, the next owner goes on.
     if let Some(workflows) = &workflows {
         workflows.shutdown();
+    }
+    // Singletons stop and give their locks up, so another node starts them at once.
+    if let Some(components) = &components {
+        components.shutdown().await;
     }
     node.drain(Duration::from_millis(args.drain_timeout_ms)).await;
     // Connections that still linger (slow clients) do not hold the process.

@@ -32,6 +32,7 @@
 extern crate self as girder;
 
 pub mod codec;
+pub mod component;
 pub mod control;
 pub mod dataplane;
 mod error;

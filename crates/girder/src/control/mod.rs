@@ -288,6 +288,10 @@ pub struct NodeInfo {
     /// It is draining: it takes no new work and hands its flocks over.
     #[serde(default)]
     pub draining: bool,
+    /// How many times it registered again after its lease ran out (paused, cut off): each
+    /// time, the grid counted it dead and re-ran its work meanwhile.
+    #[serde(default)]
+    pub rejoins: u64,
 }
 
 /// What a node's bucket store reports with each heartbeat: which flocks it can serve reads

@@ -568,6 +568,7 @@ impl NodeCore {
             health: crate::control::Health::Alive,
             store: self.membership.farm.get().map(|farm| farm.node.report()),
             draining: self.work.draining.load(Ordering::Acquire),
+            rejoins: self.membership.rejoins.load(Ordering::Acquire),
         }
     }
 }

@@ -33,6 +33,7 @@
 //!   `conflict`), `POST` to append, `DELETE` it; `GET /v1/store/{bucket}` streams the whole
 //!   bucket as NDJSON, `DELETE` deletes it. Bodies up to [`HttpConfig::store_bytes_max`].
 //!   `GET /v1/flocks`: the flocks this node owns or holds, with their digests.
+//! - `GET /v1/events`: cluster lifecycle events after a sequence id.
 //! - `/v1/workflows/{workflow}/{id}` (the type's `/` sent as `%2F`): `POST` a JSON message
 //!   to the instance (`202 {"seq": N}`, its place in the mailbox), `GET` its record (state
 //!   as JSON, owner, epoch, positions, `running`/`finished`/`parked` with the error).
@@ -55,6 +56,7 @@ use crate::error::{CallError, ErrorKind};
 
 mod admission;
 mod cache;
+mod events;
 pub use cache::USER_KEY_PREFIX;
 mod calls;
 pub mod catalogue;
@@ -191,6 +193,7 @@ pub const ROUTES: &[Route] = &[
     Route { method: "GET", path: "/v1/flocks", doc: openapi::flocks },
     Route { method: "GET", path: "/v1/workflows/{workflow}/{id}", doc: openapi::workflow_get },
     Route { method: "POST", path: "/v1/workflows/{workflow}/{id}", doc: openapi::workflow_send },
+    Route { method: "GET", path: "/v1/events", doc: openapi::events },
 ];
 
 /// The JSON body of every error response.
@@ -332,6 +335,7 @@ pub fn router(node: Arc<Node>, config: HttpConfig) -> Router {
         .merge(results::routes(state.clone()))
         .merge(store::routes(limits.store))
         .merge(workflow::routes())
+        .merge(events::routes())
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .merge(guarded)

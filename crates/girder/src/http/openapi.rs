@@ -710,6 +710,24 @@ pub(super) fn workflow_send(docs: &Docs) -> Value {
     operation
 }
 
+/// `GET /v1/events`.
+pub(super) fn events(docs: &Docs) -> Value {
+    let ok = json_ok(
+        "The events after `after`, each with its `seq`, and `next` (the `after` of the next read).",
+        json!({
+            "type": "object", "required": ["events", "next"],
+            "properties": { "events": { "type": "array", "items": { "type": "object" } }, "next": counter() },
+        }),
+    );
+    let params = vec![
+        query_param("after", "Return events after this sequence id (default 0).", counter()),
+        query_param("limit", "At most this many events (1 to 1,000; default 100).", counter()),
+        query_param("wait_ms", "Wait up to this long for an event when there is none (at most 30,000).", counter()),
+    ];
+    let about = "Nodes joining, leaving and dying; components starting, stopping and moving.";
+    operation(docs, ["events", "Cluster lifecycle events", about], params, (200, ok), &[400, 503])
+}
+
 /// `GET /v1/flocks`.
 pub(super) fn flocks(docs: &Docs) -> Value {
     let ok = json_ok("Each flock this node owns or holds, and the store's figures.", json!({ "type": "object" }));

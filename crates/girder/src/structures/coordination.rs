@@ -202,15 +202,24 @@ impl LockGuard {
         self.lease.is_held()
     }
 
+    /// A check of [`LockGuard::is_held`] that outlives the guard's borrow (it says false
+    /// once the guard is released or dropped, since renewal stops).
+    pub fn held_check(&self) -> Arc<dyn Fn() -> bool + Send + Sync> {
+        let lease = self.lease.clone();
+        Arc::new(move || lease.is_held())
+    }
+
     /// Releases the lock; returns whether it was still held.
     pub async fn release(self) -> DsResult<bool> {
         self.renewal.abort();
+        self.lease.lose();
         self.store.lock_release(&self.key, &self.holder, self.token).await
     }
 }
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
+        self.lease.lose();
         let (store, key, holder, token) = (self.store.clone(), self.key.clone(), self.holder.clone(), self.token);
         release_on_drop(&self.renewal, async move { store.lock_release(&key, &holder, token).await });
     }

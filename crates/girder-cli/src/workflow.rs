@@ -1,4 +1,5 @@
-//! `girder workflow send|get TYPE ID`: workflow instances through a node's HTTP API.
+//! `girder workflow send|get TYPE ID`, `girder workflow list TYPE`: workflow instances
+//! through a node's HTTP API.
 
 use anyhow::{bail, Context};
 
@@ -25,12 +26,20 @@ enum WorkflowOp {
         /// The message, as JSON (`1`, `'"text"'`, `'{"a": 1}'`).
         message: String,
     },
-    /// Print the instance's record as JSON: state, owner, epoch, positions, status.
+    /// Print the instance's record as JSON: state, owner, epoch, positions, timers, status.
     Get {
         /// The workflow type.
         workflow: String,
         /// The instance id.
         id: String,
+    },
+    /// Print how many instances TYPE has, then their ids (up to --limit), one a line.
+    List {
+        /// The workflow type.
+        workflow: String,
+        /// At most this many ids (1 to 1,000).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
     },
 }
 
@@ -47,6 +56,9 @@ pub async fn run(args: WorkflowArgs) -> anyhow::Result<()> {
             client.post(path(workflow, id)).json(&json)
         }
         WorkflowOp::Get { workflow, id } => client.get(path(workflow, id)),
+        WorkflowOp::List { workflow, limit } => {
+            client.get(format!("{base}/v1/workflows/{}", crate::cache::segment(workflow))).query(&[("limit", limit)])
+        }
     };
     let response = request
         .send()
@@ -61,6 +73,10 @@ pub async fn run(args: WorkflowArgs) -> anyhow::Result<()> {
     let out = match args.op {
         WorkflowOp::Send { .. } => body["seq"].to_string(),
         WorkflowOp::Get { .. } => serde_json::to_string_pretty(&body)?,
+        WorkflowOp::List { .. } => {
+            let ids = body["ids"].as_array().into_iter().flatten().filter_map(|id| id.as_str());
+            std::iter::once(body["count"].to_string()).chain(ids.map(str::to_owned)).collect::<Vec<_>>().join("\n")
+        }
     };
     println!("{out}");
     Ok(())

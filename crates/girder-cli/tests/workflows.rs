@@ -190,11 +190,17 @@ fn counters_count_every_input_once_across_kills_drains_restarts_and_a_join() {
     runtime.block_on(feed(&store, 3 * per_phase, per_phase, ids, &mut sent));
     assert_eq!(sent.values().flat_map(|s| s.values()).sum::<u64>(), 4 * per_phase);
     let records = runtime.block_on(all_counted_by_source(&store, &sent));
+    let (count, ids) = runtime.block_on(girder::workflow::list(&store, "examples/counter", 10)).unwrap();
+    assert_eq!((count, ids.len()), (ids_count(&sent), 10), "the listing");
     let moves: u64 = records.values().map(|r| r.claims.saturating_sub(1)).sum();
     eprintln!("{moves} ownership changes over {} instances", records.len());
     assert!(moves >= 100, "only {moves} ownership changes");
     let owners: std::collections::BTreeSet<&str> = records.values().map(|r| r.owner.as_str()).collect();
     assert!(owners.len() >= 2, "the instances ended on one node only: {owners:?}");
+}
+
+fn ids_count(sent: &BTreeMap<String, BTreeMap<String, u64>>) -> u64 {
+    sent.len() as u64
 }
 
 /// Timers set before their owner dies fire once, on the new owner.
@@ -260,6 +266,24 @@ fn an_owner_frozen_past_its_lease_cannot_commit_when_it_resumes() {
     }
     let got: serde_json::Value = serde_json::from_str(&cli(&f2, &["get", "examples/counter", "by-cli"])).unwrap();
     assert_eq!((got["state"]["counts"]["mailbox"].as_u64(), got["status"].as_str()), (Some(2), Some("running")));
+    let listed = cli(&f1, &["list", "examples/counter"]);
+    assert_eq!(listed.lines().collect::<Vec<_>>(), ["1", "by-cli"], "girder workflow list");
+    // Metrics: the owner's steps, their latency, and nothing waiting in its mailboxes.
+    let owner = got["owner"].as_str().unwrap().to_owned();
+    let url = if owner == "f1" { &f1.url } else { &f2.url };
+    let metrics = client.get(format!("{url}/metrics")).send().unwrap().text().unwrap();
+    let sample = |name: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in the metrics:\n{metrics}"))
+    };
+    assert!(sample("girder_workflow_steps_total{") >= 2.0);
+    assert!(sample("girder_workflow_step_duration_seconds_count{") >= 2.0);
+    assert!(sample("girder_workflow_instances_owned{") >= 1.0);
+    assert_eq!(sample("girder_workflow_lag_messages{node=\"") as u64, 0);
     let (ids, mut sent) = (30, BTreeMap::new());
     send_all(&client, &[f1.url.clone(), f2.url.clone()], ids, 300, &mut sent);
     all_counted(&client, &f2.url, &sent);

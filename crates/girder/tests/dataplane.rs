@@ -555,10 +555,11 @@ async fn a_request_that_meets_a_goodbye_goes_again_only_if_it_can() {
     let two = request(b"two", Body::empty()).await.unwrap();
     assert_eq!((&two.header[..], two.body.collect(10).await.unwrap().len()), (&b"two"[..], 0));
     assert_eq!(client.stats().conns_opened, 2);
-    // A streamed body cannot go again: the request fails, and is not sent twice.
+    // A streamed body cannot go again: the request fails, and is not sent twice. (The
+    // server closes right after its goodbye, so the client may meet the reset first.)
     let stream = futures::stream::iter([Ok(Bytes::from_static(b"three"))]);
     let three = request(b"three", Body::from_stream(stream)).await;
-    assert!(matches!(three, Err(DataError::Closed)), "{:?}", three.err());
+    assert!(matches!(three, Err(DataError::Closed | DataError::Io(_))), "{:?}", three.err());
     assert_eq!(client.stats().conns_opened, 2);
     serving.await.unwrap().unwrap();
 }

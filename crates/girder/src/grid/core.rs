@@ -90,6 +90,8 @@ pub(crate) struct Calls {
     pub(crate) latency: super::metrics::Latency,
     /// Calls with an id in flight here, which callers may cancel by id.
     pub(crate) in_flight: Arc<super::inflight::InFlight>,
+    /// Metrics of what runs beside the node (a workflow runtime), added to its own.
+    pub(crate) extra_metrics: parking_lot::Mutex<Vec<super::metrics::Source>>,
 }
 
 /// Evaluation: the workers and what runs on them.

@@ -44,6 +44,10 @@ fn label(value: &str) -> String {
     value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
+/// Metrics of something that runs beside a node: given the exposition and the node's id,
+/// it adds its families; it returns false once its owner is gone (it is then dropped).
+pub(crate) type Source = Box<dyn Fn(&mut Exposition, &str) -> bool + Send + Sync>;
+
 /// A metric family: its help and type lines, then samples.
 pub(crate) struct Exposition {
     out: String,

@@ -22,7 +22,7 @@ mod forget;
 pub mod function;
 mod inflight;
 mod map;
-mod metrics;
+pub(crate) mod metrics;
 mod node;
 mod panics;
 mod roles;

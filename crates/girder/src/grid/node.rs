@@ -207,7 +207,13 @@ impl Node {
         }
         out.family("girder_call_duration_seconds", "histogram", "Time from a top-level call to its outcome.");
         out.histogram("girder_call_duration_seconds", node, &self.core.calls.latency);
+        self.core.calls.extra_metrics.lock().retain(|source| source(&mut out, node));
         out.finish()
+    }
+
+    /// Adds metrics of something running beside this node to [`Node::metrics`].
+    pub(crate) fn add_metrics(&self, source: super::metrics::Source) {
+        self.core.calls.extra_metrics.lock().push(source);
     }
 
     /// A snapshot of the node's counters.

@@ -1,6 +1,6 @@
 //! `GET /v1/events?after=N&limit=M&wait_ms=W`: cluster lifecycle events (nodes joining,
 //! leaving, dying; components starting, stopping, moving) after sequence id `after`,
-//! waiting up to `wait_ms` (at most 30 s) for one when there is none yet.
+//! waiting up to `wait_ms` (at most 5 s) for one when there is none yet.
 
 use std::sync::Arc;
 
@@ -11,8 +11,8 @@ use axum::{Json, Router};
 use super::{bad_request, ApiError, AppState};
 use crate::component::events;
 
-/// Longest wait for an event a caller may ask for.
-const WAIT_MS_MAX: u64 = 30_000;
+/// Longest wait for an event a caller may ask for (a long poll asks again).
+pub(super) const WAIT_MS_MAX: u64 = 5_000;
 
 /// The events route.
 pub(super) fn routes() -> Router<Arc<AppState>> {
@@ -22,7 +22,7 @@ pub(super) fn routes() -> Router<Arc<AppState>> {
 #[derive(Debug, serde::Deserialize)]
 struct EventsQuery {
     after: Option<u64>,
-    limit: Option<usize>,
+    limit: Option<u32>,
     wait_ms: Option<u64>,
 }
 
@@ -33,8 +33,11 @@ async fn read(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Query(query) = query.map_err(|e| bad_request(format!("bad query string: {e}")))?;
     let after = query.after.unwrap_or(0);
-    let limit = query.limit.unwrap_or(100).clamp(1, events::EVENTS_READ_MAX);
-    let wait_ms = query.wait_ms.unwrap_or(0).min(WAIT_MS_MAX);
+    let limit = (query.limit.unwrap_or(100) as usize).clamp(1, events::EVENTS_READ_MAX);
+    let wait_ms = query.wait_ms.unwrap_or(0);
+    if wait_ms > WAIT_MS_MAX {
+        return Err(bad_request(format!("wait_ms is at most {WAIT_MS_MAX}")));
+    }
     let found = events::read(&state.node.structures(), after, limit, wait_ms).await?;
     let next = found.last().map_or(after, |(seq, _)| *seq);
     let events: Vec<serde_json::Value> = found

@@ -193,6 +193,7 @@ pub const ROUTES: &[Route] = &[
     Route { method: "GET", path: "/v1/flocks", doc: openapi::flocks },
     Route { method: "GET", path: "/v1/workflows/{workflow}/{id}", doc: openapi::workflow_get },
     Route { method: "POST", path: "/v1/workflows/{workflow}/{id}", doc: openapi::workflow_send },
+    Route { method: "GET", path: "/v1/workflows/{workflow}", doc: openapi::workflow_list },
     Route { method: "GET", path: "/v1/events", doc: openapi::events },
 ];
 

@@ -687,6 +687,29 @@ pub(super) fn workflow_get(docs: &Docs) -> Value {
     operation(docs, ["workflow_get", "Read a workflow instance", about], workflow_params(), (200, ok), &[400, 404, 503])
 }
 
+/// `GET /v1/workflows/{workflow}`.
+pub(super) fn workflow_list(docs: &Docs) -> Value {
+    let ok = json_ok(
+        "How many instances the type has, and up to `limit` of their ids, sorted.",
+        json!({
+            "type": "object", "required": ["workflow", "count", "ids"],
+            "properties": {
+                "workflow": { "type": "string" }, "count": counter(),
+                "ids": { "type": "array", "items": { "type": "string" } },
+            },
+        }),
+    );
+    let mut params = workflow_params();
+    params.truncate(1);
+    params.push(query_param(
+        "limit",
+        "At most this many ids (default 100; more than 1,000 lists 1,000).",
+        json!({ "type": "integer", "minimum": 0, "maximum": u32::MAX }),
+    ));
+    let about = "Every instance that has had a message, finished and parked ones too.";
+    operation(docs, ["workflow_list", "List a workflow type's instances", about], params, (200, ok), &[400, 503])
+}
+
 /// `POST /v1/workflows/{workflow}/{id}`.
 pub(super) fn workflow_send(docs: &Docs) -> Value {
     let ok = json_ok(
@@ -720,9 +743,21 @@ pub(super) fn events(docs: &Docs) -> Value {
         }),
     );
     let params = vec![
-        query_param("after", "Return events after this sequence id (default 0).", counter()),
-        query_param("limit", "At most this many events (1 to 1,000; default 100).", counter()),
-        query_param("wait_ms", "Wait up to this long for an event when there is none (at most 30,000).", counter()),
+        query_param(
+            "after",
+            "Return events after this sequence id (default 0).",
+            json!({ "type": "integer", "minimum": 0, "maximum": u64::MAX }),
+        ),
+        query_param(
+            "limit",
+            "At most this many events (default 100; more than 1,000 reads 1,000).",
+            json!({ "type": "integer", "minimum": 0, "maximum": u32::MAX }),
+        ),
+        query_param(
+            "wait_ms",
+            "Wait up to this long for an event when there is none (at most 5,000).",
+            json!({ "type": "integer", "minimum": 0, "maximum": super::events::WAIT_MS_MAX }),
+        ),
     ];
     let about = "Nodes joining, leaving and dying; components starting, stopping and moving.";
     operation(docs, ["events", "Cluster lifecycle events", about], params, (200, ok), &[400, 503])

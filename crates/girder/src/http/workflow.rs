@@ -1,6 +1,7 @@
 //! `/v1/workflows/{workflow}/{id}`: send a message to a workflow instance (`POST`, a JSON
-//! body) and read its record (`GET`: state as JSON, owner, epoch, positions, status). The
-//! type name is one path segment: its `/` is sent as `%2F`.
+//! body) and read its record (`GET`: state as JSON, owner, epoch, positions, timers,
+//! status; how far each source lags is in the node's metrics); `GET /v1/workflows/{workflow}` lists a type's
+//! instances. The type name is one path segment: its `/` is sent as `%2F`.
 
 use std::sync::Arc;
 
@@ -15,7 +16,27 @@ use crate::workflow::{self, Status, WorkflowError};
 
 /// The workflow routes.
 pub(super) fn routes() -> Router<Arc<AppState>> {
-    Router::new().route("/v1/workflows/{workflow}/{id}", get(read).post(send))
+    Router::new()
+        .route("/v1/workflows/{workflow}/{id}", get(read).post(send))
+        .route("/v1/workflows/{workflow}", get(list))
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ListQuery {
+    limit: Option<u32>,
+}
+
+/// How many instances of the type exist and the ids of up to `limit` (default 100, at
+/// most 1,000), sorted.
+async fn list(
+    State(state): State<Arc<AppState>>,
+    PathParam(name): PathParam<String>,
+    query: Result<axum::extract::Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let axum::extract::Query(query) = query.map_err(|e| bad_request(format!("bad query string: {e}")))?;
+    let limit = (query.limit.unwrap_or(100) as usize).clamp(1, workflow::LIST_MAX);
+    let (count, ids) = workflow::list(&state.node.structures(), &name, limit).await?;
+    Ok(Json(serde_json::json!({ "workflow": name, "count": count, "ids": ids })))
 }
 
 impl From<WorkflowError> for ApiError {

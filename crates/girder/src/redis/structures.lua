@@ -310,8 +310,9 @@ return seq
 if not check(false) then return {'0'} end
 local out = {}
 local first = redis.call('XRANGE', B, '-', '+', 'COUNT', 1)
-if #first == 0 then return {'0'} end
+if #first == 0 then return {'0', '0'} end
 table.insert(out, string.match(first[1][1], '^(%d+)'))
+table.insert(out, string.match(redis.call('XREVRANGE', B, '+', '-', 'COUNT', 1)[1][1], '^(%d+)'))
 for _, entry in ipairs(redis.call('XRANGE', B, '(' .. ARGV[4] .. '-0', '+', 'COUNT', ARGV[5])) do
   local fields = entry[2]
   for i = 1, #fields, 2 do

@@ -608,13 +608,14 @@ impl RedisStructures {
             .await?;
         let number = |bytes: &[u8]| std::str::from_utf8(bytes).ok().and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
         let first_retained = reply.first().map_or(0, |b| number(b));
-        let messages = reply[1.min(reply.len())..]
+        let last = reply.get(1).map_or(0, |b| number(b));
+        let messages = reply[2.min(reply.len())..]
             .chunks(2)
             .filter_map(|pair| match pair {
                 [seq, message] => Some((number(seq), Bytes::from(message.clone()))),
                 _ => None,
             })
             .collect();
-        Ok(ReliableBatch { first_retained, messages })
+        Ok(ReliableBatch { first_retained, last, messages })
     }
 }

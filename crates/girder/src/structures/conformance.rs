@@ -404,6 +404,13 @@ async fn reliable_topics_replay_and_retain(store: Store) {
     let gap = late.next().await.unwrap().unwrap_err();
     assert!(matches!(gap, DsError::Gap { from: 2, to: 6, .. }), "{gap:?}");
     assert_eq!(late.next().await.unwrap().unwrap(), (6, 60));
+    // A read says what is retained, first to last, even when it returns nothing.
+    let batch = store.reliable_read("log", 8, 1, 0).await.unwrap();
+    assert_eq!((batch.first_retained, batch.last, batch.messages.len()), (6, 10, 1));
+    let batch = store.reliable_read("log", 10, 1, 0).await.unwrap();
+    assert_eq!((batch.first_retained, batch.last, batch.messages.len()), (6, 10, 0));
+    let empty = store.reliable_read("nothing-here", 0, 1, 0).await.unwrap();
+    assert_eq!((empty.first_retained, empty.last), (0, 0));
 }
 
 /// Waits until `store` delivers change notices (on Redis: its change subscription is live,

@@ -1134,6 +1134,7 @@ impl Structures for InMemory {
                 None => Ok(ReliableBatch::default()),
                 Some(entry) => data!(entry, topic, Kind::ReliableTopic, Data::Reliable { items, .. } => Ok(ReliableBatch {
                     first_retained: items.front().map_or(0, |(seq, _, _)| *seq),
+                    last: items.back().map_or(0, |(seq, _, _)| *seq),
                     messages: items.iter().filter(|(seq, _, _)| *seq > after).take(max).map(|(s, _, m)| (*s, m.clone())).collect(),
                 })),
             })?;

@@ -225,6 +225,9 @@ pub struct Versioned {
 pub struct ReliableBatch {
     /// The oldest sequence id still retained (0 when the topic is empty).
     pub first_retained: u64,
+    /// The newest sequence id retained (0 when the topic is empty): with the position a
+    /// reader is at, how far it lags.
+    pub last: u64,
     /// Messages after the requested sequence id, in order.
     pub messages: Vec<(u64, Bytes)>,
 }

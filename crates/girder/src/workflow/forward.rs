@@ -9,6 +9,7 @@
 //! first copy of every message reaches its instance after the first copies of those before
 //! it: order per source holds.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,10 +25,10 @@ pub(crate) fn cursor_key(subscription: &Subscription) -> String {
 }
 
 /// Runs a subscription's forwarder until aborted, starting over after failures.
-pub(crate) async fn run(store: Store, subscription: Subscription, forwarded: Arc<std::sync::atomic::AtomicU64>) {
+pub(crate) async fn run(store: Store, subscription: Subscription, forwarded: Arc<AtomicU64>, lag: Arc<AtomicU64>) {
     let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(2));
     loop {
-        if let Err(err) = forward(&store, &subscription, &forwarded).await {
+        if let Err(err) = forward(&store, &subscription, &forwarded, &lag).await {
             tracing::warn!(topic = %subscription.topic, workflow = %subscription.workflow, error = %err,
                 "workflow: forwarding a topic failed, retrying");
             tokio::time::sleep(backoff.failed()).await;
@@ -38,13 +39,15 @@ pub(crate) async fn run(store: Store, subscription: Subscription, forwarded: Arc
 async fn forward(
     store: &Store,
     subscription: &Subscription,
-    forwarded: &std::sync::atomic::AtomicU64,
+    forwarded: &AtomicU64,
+    lag: &AtomicU64,
 ) -> Result<(), WorkflowError> {
     let key = cursor_key(subscription);
     let source = topic_source(&subscription.topic);
     let mut after = cursor(store, &key).await?;
     loop {
         let batch = store.reliable_read(&subscription.topic, after, READ_BATCH_MAX, 0).await?;
+        lag.store(batch.last.saturating_sub(after), Ordering::Relaxed);
         if batch.messages.is_empty() {
             store.wait_change(&subscription.topic, READ_WAIT_MS).await;
             continue;
@@ -63,7 +66,7 @@ async fn forward(
             let origin = Some((source.clone(), seq));
             post(store, Envelope { workflow: subscription.workflow.clone(), id, message: bytes.to_vec(), origin })
                 .await?;
-            forwarded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            forwarded.fetch_add(1, Ordering::Relaxed);
         }
         move_cursor(store, &key, after).await?;
     }

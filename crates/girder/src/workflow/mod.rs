@@ -49,7 +49,7 @@ use async_trait::async_trait;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-pub use record::{instance, Instance, Outgoing, Status, Timer};
+pub use record::{instance, list, Instance, Outgoing, Status, Timer, LIST_MAX};
 pub use runtime::{WorkflowRuntime, WorkflowStats, MAILBOX};
 
 use crate::structures::{DsError, Retention};

@@ -163,6 +163,31 @@ pub(crate) async fn commit(
     Ok(store.value_cas(Kind::Atom, &key_of(workflow, id), expected, &bytes).await?)
 }
 
+/// Instances a listing returns at most.
+pub const LIST_MAX: usize = 1_000;
+
+fn list_key(workflow: &str) -> String {
+    format!("wf/ids/{workflow}")
+}
+
+/// Adds an instance to its type's listing.
+pub(crate) async fn list_add(store: &Store, workflow: &str, id: &str) -> Result<(), WorkflowError> {
+    store.set_add(&list_key(workflow), id.as_bytes()).await?;
+    Ok(())
+}
+
+/// How many instances of `workflow` exist, and the ids of up to `limit` of them (at most
+/// [`LIST_MAX`], in no particular order).
+pub async fn list(store: &Store, workflow: &str, limit: usize) -> Result<(u64, Vec<String>), WorkflowError> {
+    super::check_name("workflow type", workflow)?;
+    let key = list_key(workflow);
+    let count = store.set_len(&key).await?;
+    let members = store.set_members(&key, limit.min(LIST_MAX)).await?;
+    let mut ids: Vec<String> = members.iter().map(|m| String::from_utf8_lossy(m).into_owned()).collect();
+    ids.sort();
+    Ok((count, ids))
+}
+
 /// Reads an instance and reports it, for status and tests (`None`: never sent anything).
 pub async fn instance(store: &Store, workflow: &str, id: &str) -> Result<Option<Instance>, WorkflowError> {
     Ok(load(store, workflow, id).await?.instance)

@@ -65,6 +65,11 @@ pub struct WorkflowStats {
     pub forwarded: u64,
     /// Subscriptions whose forwarder runs here now.
     pub forwarders: u64,
+    /// Instances claimed here since this node took their flocks.
+    pub instances_owned: u64,
+    /// Messages waiting, by source: `mailbox` (the mailboxes of the flocks run here, past
+    /// what their tasks read) and `topic:{name}` (past what this node's forwarders copied).
+    pub lag: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Default)]
@@ -76,6 +81,31 @@ struct Counters {
     timers_fired: AtomicU64,
     effects: AtomicU64,
     forwarded: Arc<AtomicU64>,
+    /// From taking an input up to its commit.
+    step_latency: crate::grid::metrics::Latency,
+}
+
+/// What a flock's task reports while it runs.
+#[derive(Default)]
+struct FlockGauges {
+    /// Messages in the mailbox past what the task read.
+    lag: AtomicU64,
+    /// Instances the task claimed.
+    claimed: AtomicU64,
+}
+
+/// A running flock task: the epoch it claims under (moved on by the supervisor when this
+/// node stays the primary through a new table) and what it reports.
+struct FlockTask {
+    epoch: Arc<AtomicU64>,
+    gauges: Arc<FlockGauges>,
+    task: JoinHandle<()>,
+}
+
+/// A running forwarder and how far it lags.
+struct ForwarderTask {
+    lag: Arc<AtomicU64>,
+    task: JoinHandle<()>,
 }
 
 struct Inner {
@@ -87,15 +117,11 @@ struct Inner {
     /// Whether the node's lease holds by its own clock.
     lease_ok: Arc<dyn Fn() -> bool + Send + Sync>,
     counters: Counters,
-    /// The running flock tasks, with the epoch each may claim under (moved on by the
-    /// supervisor when this node stays the primary through a new table).
+    /// The running flock tasks.
     flocks: Mutex<HashMap<u32, FlockTask>>,
     /// The running forwarders, by subscription index.
-    forwarders: Mutex<HashMap<usize, JoinHandle<()>>>,
+    forwarders: Mutex<HashMap<usize, ForwarderTask>>,
 }
-
-/// A running flock task and the epoch it claims under.
-type FlockTask = (Arc<AtomicU64>, JoinHandle<()>);
 
 /// A node's workflow runtime; stops when shut down or dropped.
 pub struct WorkflowRuntime {
@@ -132,6 +158,12 @@ impl WorkflowRuntime {
             flocks: Mutex::new(HashMap::new()),
             forwarders: Mutex::new(HashMap::new()),
         });
+        let weak = Arc::downgrade(&inner);
+        node.add_metrics(Box::new(move |out, node| {
+            let Some(inner) = weak.upgrade() else { return false };
+            render(&inner, &stats_of(&inner), out, node);
+            true
+        }));
         let supervisor = tokio::spawn(supervise(inner.clone()));
         WorkflowRuntime { inner, supervisor }
     }
@@ -140,29 +172,87 @@ impl WorkflowRuntime {
     /// next owner).
     pub fn shutdown(&self) {
         self.supervisor.abort();
-        for (_, (_, task)) in self.inner.flocks.lock().drain() {
-            task.abort();
+        for (_, flock) in self.inner.flocks.lock().drain() {
+            flock.task.abort();
         }
-        for (_, task) in self.inner.forwarders.lock().drain() {
-            task.abort();
+        for (_, forwarder) in self.inner.forwarders.lock().drain() {
+            forwarder.task.abort();
         }
     }
 
     /// What the runtime did.
     pub fn stats(&self) -> WorkflowStats {
-        let c = &self.inner.counters;
-        WorkflowStats {
-            flocks_owned: self.inner.flocks.lock().len() as u64,
-            steps: c.steps.load(Ordering::Relaxed),
-            handler_errors: c.handler_errors.load(Ordering::Relaxed),
-            parked: c.parked.load(Ordering::Relaxed),
-            fenced: c.fenced.load(Ordering::Relaxed),
-            timers_fired: c.timers_fired.load(Ordering::Relaxed),
-            effects: c.effects.load(Ordering::Relaxed),
-            forwarded: c.forwarded.load(Ordering::Relaxed),
-            forwarders: self.inner.forwarders.lock().len() as u64,
+        stats_of(&self.inner)
+    }
+}
+
+fn stats_of(inner: &Inner) -> WorkflowStats {
+    let c = &inner.counters;
+    let flocks = inner.flocks.lock();
+    let mut lag = std::collections::BTreeMap::new();
+    lag.insert(MAILBOX.to_owned(), flocks.values().map(|f| f.gauges.lag.load(Ordering::Relaxed)).sum());
+    let subscriptions = inner.workflows.subscriptions();
+    for (at, forwarder) in inner.forwarders.lock().iter() {
+        if let Some(subscription) = subscriptions.get(*at) {
+            let source = super::topic_source(&subscription.topic);
+            *lag.entry(source).or_default() += forwarder.lag.load(Ordering::Relaxed);
         }
     }
+    WorkflowStats {
+        flocks_owned: flocks.len() as u64,
+        steps: c.steps.load(Ordering::Relaxed),
+        handler_errors: c.handler_errors.load(Ordering::Relaxed),
+        parked: c.parked.load(Ordering::Relaxed),
+        fenced: c.fenced.load(Ordering::Relaxed),
+        timers_fired: c.timers_fired.load(Ordering::Relaxed),
+        effects: c.effects.load(Ordering::Relaxed),
+        forwarded: c.forwarded.load(Ordering::Relaxed),
+        forwarders: inner.forwarders.lock().len() as u64,
+        instances_owned: flocks.values().map(|f| f.gauges.claimed.load(Ordering::Relaxed)).sum(),
+        lag,
+    }
+}
+
+/// The runtime's metrics, beside its node's.
+fn render(inner: &Inner, stats: &WorkflowStats, out: &mut crate::grid::metrics::Exposition, node: &str) {
+    let families: [(&str, &str, &str, u64); 9] = [
+        ("girder_workflow_flocks_owned", "gauge", "Flocks whose workflow instances run here.", stats.flocks_owned),
+        (
+            "girder_workflow_instances_owned",
+            "gauge",
+            "Instances claimed here since their flock came.",
+            stats.instances_owned,
+        ),
+        ("girder_workflow_steps_total", "counter", "Steps committed.", stats.steps),
+        (
+            "girder_workflow_handler_errors_total",
+            "counter",
+            "Handler attempts that failed or panicked.",
+            stats.handler_errors,
+        ),
+        ("girder_workflow_parked_total", "counter", "Instances parked after their last attempt.", stats.parked),
+        ("girder_workflow_fenced_total", "counter", "Flocks left because a newer owner wrote.", stats.fenced),
+        ("girder_workflow_timers_fired_total", "counter", "Timers fired.", stats.timers_fired),
+        (
+            "girder_workflow_effects_total",
+            "counter",
+            "Sends and publishes of committed steps carried out.",
+            stats.effects,
+        ),
+        ("girder_workflow_forwarded_total", "counter", "Topic messages forwarded into mailboxes.", stats.forwarded),
+    ];
+    for (name, kind, help, value) in families {
+        out.family(name, kind, help);
+        out.sample(name, &[("node", node)], value as f64);
+    }
+    let lag = "girder_workflow_lag_messages";
+    out.family(lag, "gauge", "Messages waiting, by source (mailboxes of flocks run here; topics forwarded here).");
+    for (source, waiting) in &stats.lag {
+        out.sample(lag, &[("node", node), ("source", source)], *waiting as f64);
+    }
+    let latency = "girder_workflow_step_duration_seconds";
+    out.family(latency, "histogram", "Time from taking an input to committing its step.");
+    out.histogram(latency, node, &inner.counters.step_latency);
 }
 
 impl Drop for WorkflowRuntime {
@@ -179,21 +269,21 @@ async fn supervise(inner: Arc<Inner>) {
         let table = inner.placement.table();
         let lease_ok = (inner.lease_ok)();
         let mut flocks = inner.flocks.lock();
-        flocks.retain(|_, (_, task)| !task.is_finished());
+        flocks.retain(|_, running| !running.task.is_finished());
         for flock in 0..FLOCKS {
             let mine = lease_ok && table.owners_of(flock).next() == Some(inner.node.as_str());
             match (mine, flocks.get(&flock)) {
-                (true, Some((epoch, _))) => {
-                    epoch.fetch_max(table.epoch, Ordering::AcqRel);
+                (true, Some(running)) => {
+                    running.epoch.fetch_max(table.epoch, Ordering::AcqRel);
                 }
                 (true, None) => {
-                    let epoch = Arc::new(AtomicU64::new(table.epoch));
-                    let task = tokio::spawn(run_flock(inner.clone(), flock, epoch.clone()));
-                    flocks.insert(flock, (epoch, task));
+                    let (epoch, gauges) = (Arc::new(AtomicU64::new(table.epoch)), Arc::new(FlockGauges::default()));
+                    let task = tokio::spawn(run_flock(inner.clone(), flock, epoch.clone(), gauges.clone()));
+                    flocks.insert(flock, FlockTask { epoch, gauges, task });
                 }
                 (false, Some(_)) => {
-                    if let Some((_, task)) = flocks.remove(&flock) {
-                        task.abort();
+                    if let Some(running) = flocks.remove(&flock) {
+                        running.task.abort();
                     }
                 }
                 (false, None) => {}
@@ -208,19 +298,20 @@ async fn supervise(inner: Arc<Inner>) {
 /// stops the others.
 fn supervise_forwarders(inner: &Arc<Inner>, table: &crate::placement::FlockTable, lease_ok: bool) {
     let mut forwarders = inner.forwarders.lock();
-    forwarders.retain(|_, task| !task.is_finished());
+    forwarders.retain(|_, running| !running.task.is_finished());
     for (at, subscription) in inner.workflows.subscriptions().iter().enumerate() {
         let flock = crate::placement::flock_of(super::forward::cursor_key(subscription).as_bytes());
         let mine = lease_ok && table.owners_of(flock).next() == Some(inner.node.as_str());
         match (mine, forwarders.contains_key(&at)) {
             (true, false) => {
                 let (store, forwarded) = (inner.store.clone(), inner.counters.forwarded.clone());
-                let task = tokio::spawn(super::forward::run(store, subscription.clone(), forwarded));
-                forwarders.insert(at, task);
+                let lag = Arc::new(AtomicU64::new(0));
+                let task = tokio::spawn(super::forward::run(store, subscription.clone(), forwarded, lag.clone()));
+                forwarders.insert(at, ForwarderTask { lag, task });
             }
             (false, true) => {
-                if let Some(task) = forwarders.remove(&at) {
-                    task.abort();
+                if let Some(running) = forwarders.remove(&at) {
+                    running.task.abort();
                 }
             }
             _ => {}
@@ -229,9 +320,16 @@ fn supervise_forwarders(inner: &Arc<Inner>, table: &crate::placement::FlockTable
 }
 
 /// One flock's task: reads its mailbox from the cursor and hands each message on.
-async fn run_flock(inner: Arc<Inner>, flock: u32, epoch: Arc<AtomicU64>) {
-    let mut flock_run =
-        FlockRun { inner: inner.clone(), flock, epoch, cached: lru_cache(), parked_min: None, due: Due::default() };
+async fn run_flock(inner: Arc<Inner>, flock: u32, epoch: Arc<AtomicU64>, gauges: Arc<FlockGauges>) {
+    let mut flock_run = FlockRun {
+        inner: inner.clone(),
+        flock,
+        epoch,
+        gauges,
+        cached: lru_cache(),
+        parked_min: None,
+        due: Due::default(),
+    };
     let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(2));
     loop {
         match flock_run.run().await {
@@ -256,6 +354,7 @@ struct FlockRun {
     inner: Arc<Inner>,
     flock: u32,
     epoch: Arc<AtomicU64>,
+    gauges: Arc<FlockGauges>,
     /// Decoded records with their versions, as this task last wrote or read them.
     cached: lru::LruCache<(String, String), (Instance, u64)>,
     /// The lowest mailbox sequence id waiting in a parked instance: the cursor stays below.
@@ -296,6 +395,7 @@ impl FlockRun {
                 Ok(batch) => batch,
                 Err(err) => return Stop::Failed(err.into()),
             };
+            self.gauges.lag.store(batch.last.saturating_sub(after), Ordering::Relaxed);
             if batch.messages.is_empty() {
                 let wait_ms =
                     self.due.wait_ms(crate::store::now_ms()).map_or(READ_WAIT_MS, |w| w.clamp(1, READ_WAIT_MS));
@@ -362,10 +462,14 @@ impl FlockRun {
 
     /// Runs one input through its instance until a commit goes through.
     async fn handle(&mut self, key: &(String, String), input: &Input<'_>) -> Result<(), Stop> {
+        let begun = std::time::Instant::now();
         loop {
             let (instance, version) = self.owned(key).await?;
             match self.step(key, instance, version, input).await? {
-                Some(()) => return Ok(()),
+                Some(()) => {
+                    self.inner.counters.step_latency.record(begun.elapsed());
+                    return Ok(());
+                }
                 None => {
                     // Someone wrote the record meanwhile: read it again, and claim it again
                     // if this node still may.
@@ -401,7 +505,12 @@ impl FlockRun {
             if !(self.inner.lease_ok)() {
                 return Err(Stop::Fenced);
             }
+            if loaded.version == 0 {
+                // Listed before it exists: a listed id whose claim then fails is harmless.
+                record::list_add(&self.inner.store, &key.0, &key.1).await?;
+            }
             if let Some(version) = record::commit(&self.inner.store, &key.0, &key.1, loaded.version, &instance).await? {
+                self.gauges.claimed.fetch_add(1, Ordering::Relaxed);
                 // What the last owner committed but may not have carried out.
                 let Some(version) = self.carry_out(key, &mut instance, version).await? else { continue };
                 self.cached.put(key.clone(), (instance.clone(), version));

@@ -6,6 +6,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
+
 use girder::structures::Retention;
 use girder::testing::RedisServer;
 use girder::workflow::{self, WorkflowRuntime, Workflows};
@@ -17,6 +19,8 @@ use super::measure::{histogram, record, us};
 const INSTANCES: u64 = 1_000;
 /// Messages timed one at a time.
 const TIMED: u64 = 2_000;
+/// Sends in flight at once for throughput.
+const SENDERS: usize = 64;
 /// Messages sent at once for throughput.
 const BATCH: u64 = 20_000;
 
@@ -81,15 +85,21 @@ pub(crate) async fn run(redis: Option<&str>) -> anyhow::Result<()> {
     line("reliable topic publish + read (baseline)", &bare, None);
     line("step: send until committed", &step, Some(us(bare.value_at_quantile(0.5))));
     println!("    target: p50 <= 50 µs embedded, <= 2 ms on Redis");
+    // Producers send with up to SENDERS messages in flight, as many clients would.
     let begun = Instant::now();
-    for i in 0..BATCH {
-        workflow::send(&store, "examples/counter", &format!("b{}", i % INSTANCES), &i).await?;
-    }
+    let sends = futures::stream::iter(0..BATCH).map(|i| {
+        let store = store.clone();
+        async move { workflow::send(&store, "examples/counter", &format!("b{}", i % INSTANCES), &i).await }
+    });
+    let sent: Vec<_> = sends.buffer_unordered(SENDERS).collect().await;
+    sent.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let sending = begun.elapsed();
     settle(&store, INSTANCES, 1 + (TIMED + BATCH) / INSTANCES).await?;
     let rate = BATCH as f64 / begun.elapsed().as_secs_f64();
     println!(
-        "  {:<46} {rate:>10.0} messages/s over {INSTANCES} instances",
-        "throughput: 20,000 sent at once until committed"
+        "  {:<46} {rate:>10.0} messages/s over {INSTANCES} instances (sending took {} ms, {SENDERS} in flight)",
+        "throughput: 20,000 sent at once until committed",
+        sending.as_millis()
     );
     println!("    target: >= 10,000 messages/s on Redis");
     runtime.shutdown();

@@ -45,6 +45,7 @@ async fn forward(
     let key = cursor_key(subscription);
     let source = topic_source(&subscription.topic);
     let mut after = cursor(store, &key).await?;
+    let mut moved = after;
     loop {
         let batch = store.reliable_read(&subscription.topic, after, READ_BATCH_MAX, 0).await?;
         lag.store(batch.last.saturating_sub(after), Ordering::Relaxed);
@@ -68,6 +69,7 @@ async fn forward(
                 .await?;
             forwarded.fetch_add(1, Ordering::Relaxed);
         }
-        move_cursor(store, &key, after).await?;
+        move_cursor(store, &key, moved, after).await?;
+        moved = after;
     }
 }

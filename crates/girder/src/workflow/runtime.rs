@@ -327,6 +327,7 @@ async fn run_flock(inner: Arc<Inner>, flock: u32, epoch: Arc<AtomicU64>, gauges:
         epoch,
         gauges,
         cached: lru_cache(),
+        dirty: HashMap::new(),
         parked_min: None,
         due: Due::default(),
     };
@@ -357,6 +358,10 @@ struct FlockRun {
     gauges: Arc<FlockGauges>,
     /// Decoded records with their versions, as this task last wrote or read them.
     cached: lru::LruCache<(String, String), (Instance, u64)>,
+    /// Instances with steps handled but not committed yet, with the version their commit
+    /// expects and how many steps it holds: committed together at the end of a batch (one
+    /// round trip for them all), never evicted before.
+    dirty: HashMap<(String, String), (Instance, u64, u64)>,
     /// The lowest mailbox sequence id waiting in a parked instance: the cursor stays below.
     parked_min: Option<u64>,
     /// The flock's timers by due time.
@@ -386,6 +391,9 @@ impl FlockRun {
         };
         let mut moved_at = after;
         loop {
+            if let Err(stop) = self.flush().await {
+                return stop;
+            }
             if let Err(stop) = self.fire_due().await {
                 return stop;
             }
@@ -416,9 +424,16 @@ impl FlockRun {
                 }
                 after = seq;
             }
+            // The cursor moves only past committed steps.
+            if let Err(stop) = self.flush().await {
+                return stop;
+            }
+            // Under load the cursor moves every CURSOR_EVERY messages; once the mailbox is
+            // read to its end, at once (a new owner then starts where this one stopped).
             let safe = self.parked_min.map_or(after, |p| after.min(p.saturating_sub(1)));
-            if safe >= moved_at + CURSOR_EVERY || (safe > moved_at && after == safe) {
-                if let Err(err) = move_cursor(&self.inner.store, &cursor_key, safe).await {
+            let caught_up = batch.last <= after;
+            if safe >= moved_at + CURSOR_EVERY || (safe > moved_at && caught_up) {
+                if let Err(err) = move_cursor(&self.inner.store, &cursor_key, moved_at, safe).await {
                     return err.into();
                 }
                 moved_at = safe;
@@ -472,8 +487,12 @@ impl FlockRun {
                 }
                 None => {
                     // Someone wrote the record meanwhile: read it again, and claim it again
-                    // if this node still may.
+                    // if this node still may. Steps held for it are gone with the commit: only
+                    // a newer owner writes, and it handles them again.
                     self.cached.pop(key);
+                    if self.dirty.remove(key).is_some() {
+                        return Err(Stop::Fenced);
+                    }
                 }
             }
         }
@@ -482,6 +501,13 @@ impl FlockRun {
     /// The instance's record, claimed by this node under its epoch, its outbox carried out.
     async fn owned(&mut self, key: &(String, String)) -> Result<(Instance, u64), Stop> {
         let epoch = self.epoch.load(Ordering::Acquire);
+        if let Some((instance, version, _)) = self.dirty.get(key) {
+            if instance.epoch == epoch {
+                return Ok((instance.clone(), *version));
+            }
+            // Claimed again under a newer epoch: commit what it holds first.
+            self.flush().await?;
+        }
         if let Some((instance, version)) = self.cached.get(key) {
             if instance.owner == self.inner.node && instance.epoch == epoch {
                 return Ok((instance.clone(), *version));
@@ -580,7 +606,7 @@ impl FlockRun {
         err: WorkflowError,
     ) -> Result<Option<()>, Stop> {
         let WorkflowError::Invalid(why) = err else { return Err(Stop::Failed(err)) };
-        let Some((mut instance, _)) = self.cached.get(key).cloned() else { return Ok(None) };
+        let Some((mut instance, _)) = self.current(key) else { return Ok(None) };
         instance.status = parked(why, input);
         self.commit(key, instance, version, input.at, true).await
     }
@@ -626,21 +652,41 @@ impl FlockRun {
         at: u64,
         parking: bool,
     ) -> Result<Option<()>, Stop> {
+        // A plain step (no effects to carry out, no timer to set, a state that fits) waits
+        // for the end of the batch, to be committed with the others in one round trip.
+        // A timer's firing commits at once: its index entry goes right after.
+        let plain = !parking
+            && at > 0
+            && instance.outbox.is_empty()
+            && instance.state.as_ref().is_none_or(|s| s.len() <= super::STATE_BYTES_MAX)
+            && self.current(key).is_some_and(|(before, _)| {
+                // No timer set or moved (its index entry is written already, so the record
+                // must hold it before a failover): cancelling or firing may wait.
+                instance.timers.iter().all(|(name, timer)| before.timers.get(name) == Some(timer))
+            });
+        if plain {
+            let steps = self.dirty.get(key).map_or(0, |(_, _, steps)| *steps) + 1;
+            self.dirty.insert(key.clone(), (instance, version, steps));
+            return Ok(Some(()));
+        }
         // Commit only while the lease holds by this node's own clock: past it, another node
         // may own the flock.
         if !(self.inner.lease_ok)() {
             return Err(Stop::Fenced);
         }
+        let held = self.dirty.remove(key).map_or(0, |(_, _, steps)| steps);
         let committed = match record::commit(&self.inner.store, &key.0, &key.1, version, &instance).await {
             Err(WorkflowError::Invalid(why)) if !parking => {
-                // Too large to store: park on it rather than retry forever.
-                let Some((mut parked_instance, _)) = self.cached.get(key).cloned() else { return Ok(None) };
+                // Too large to store: park on it rather than retry forever (with the steps
+                // held before it).
+                let Some((mut parked_instance, _)) = self.current(key) else { return Ok(None) };
                 parked_instance.status = Status::Parked { error: why, source: String::new(), seq: 0, at };
                 return Box::pin(self.commit(key, parked_instance, version, at, true)).await;
             }
             other => other?,
         };
         let Some(version) = committed else { return Ok(None) };
+        self.inner.counters.steps.fetch_add(held, Ordering::Relaxed);
         let counter = if parking { &self.inner.counters.parked } else { &self.inner.counters.steps };
         counter.fetch_add(1, Ordering::Relaxed);
         if parking && at > 0 {
@@ -649,6 +695,49 @@ impl FlockRun {
         let Some(version) = self.carry_out(key, &mut instance, version).await? else { return Ok(None) };
         self.cached.put(key.clone(), (instance, version));
         Ok(Some(()))
+    }
+
+    /// The instance as this task last wrote or read it, held steps included.
+    fn current(&mut self, key: &(String, String)) -> Option<(Instance, u64)> {
+        if let Some((instance, version, _)) = self.dirty.get(key) {
+            return Some((instance.clone(), *version));
+        }
+        self.cached.get(key).cloned()
+    }
+
+    /// Commits the held steps of every instance at once (pipelined on Redis); a refused
+    /// commit means a newer owner wrote: the task stops, and that owner handles them again.
+    async fn flush(&mut self) -> Result<(), Stop> {
+        if self.dirty.is_empty() {
+            return Ok(());
+        }
+        if !(self.inner.lease_ok)() {
+            self.dirty.clear();
+            return Err(Stop::Fenced);
+        }
+        let dirty: Vec<_> = self.dirty.drain().collect();
+        let store = &self.inner.store;
+        let commits =
+            dirty.iter().map(|(key, (instance, version, _))| record::commit(store, &key.0, &key.1, *version, instance));
+        let results = futures::future::join_all(commits).await;
+        let mut fenced = false;
+        for ((key, (instance, _, steps)), result) in dirty.into_iter().zip(results) {
+            match result {
+                Ok(Some(version)) => {
+                    self.inner.counters.steps.fetch_add(steps, Ordering::Relaxed);
+                    self.cached.put(key, (instance, version));
+                }
+                Ok(None) => {
+                    self.cached.pop(&key);
+                    fenced = true;
+                }
+                Err(err) => return Err(Stop::Failed(err)),
+            }
+        }
+        if fenced {
+            return Err(Stop::Fenced);
+        }
+        Ok(())
     }
 
     /// Carries out the committed outbox of `instance` (at `version`), then commits it
@@ -757,12 +846,14 @@ pub(crate) async fn cursor(store: &Store, key: &str) -> Result<u64, WorkflowErro
 }
 
 /// Moves the flock's cursor up to `to`, never down (a slower former owner may write late).
-pub(crate) async fn move_cursor(store: &Store, key: &str, to: u64) -> Result<(), WorkflowError> {
+/// `from` is where this task last left the cursor: usually still there, so one round trip.
+pub(crate) async fn move_cursor(store: &Store, key: &str, from: u64, to: u64) -> Result<(), WorkflowError> {
     let to = i64::try_from(to).unwrap_or(i64::MAX);
+    let mut now = i64::try_from(from).unwrap_or(i64::MAX);
     loop {
-        let now = store.counter_add(key, 0).await?;
         if now >= to || store.counter_cas(key, now, to).await? {
             return Ok(());
         }
+        now = store.counter_add(key, 0).await?;
     }
 }

@@ -105,7 +105,7 @@ pub async fn read(store: &Store, after: u64, max: usize, wait_ms: u64) -> Result
 /// The cluster watch: reports nodes joining, leaving and dying.
 pub(crate) struct Watch {
     pub(crate) placement: Arc<crate::placement::Placement>,
-    pub(crate) task: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    pub(crate) task: super::TaskSlot,
 }
 
 /// Where a node says it leaves (for a minute), so the watch tells its going from a death.
@@ -185,16 +185,12 @@ impl Component for Arc<Watch> {
                 }
             }
         });
-        if let Some(old) = self.task.lock().replace(task) {
-            old.abort();
-        }
+        self.task.keep(task);
         Ok(())
     }
 
     async fn stop(&self) -> Result<(), String> {
-        if let Some(task) = self.task.lock().take() {
-            task.abort();
-        }
+        self.task.end();
         Ok(())
     }
 }

@@ -210,6 +210,26 @@ impl Components {
     }
 }
 
+/// The task a running component keeps (at most one), ended by its stop.
+#[derive(Default)]
+pub(crate) struct TaskSlot(parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>);
+
+impl TaskSlot {
+    /// Keeps `task`, ending the one kept before.
+    pub(crate) fn keep(&self, task: tokio::task::JoinHandle<()>) {
+        if let Some(old) = self.0.lock().replace(task) {
+            old.abort();
+        }
+    }
+
+    /// Ends the task kept, if any.
+    pub(crate) fn end(&self) {
+        if let Some(task) = self.0.lock().take() {
+            task.abort();
+        }
+    }
+}
+
 /// The example singleton `examples/ticker`: every 20 ms it adds one to a fenced counter,
 /// the atom `examples/ticker`, with a compare-and-set that refuses a holder whose token is
 /// older than the one stored. The atom keeps the count and the holdings seen (token, node,
@@ -217,7 +237,7 @@ impl Components {
 /// each other, one at a time.
 #[derive(Default)]
 pub struct Ticker {
-    task: parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    task: TaskSlot,
 }
 
 /// The atom the [`Ticker`] counts in.
@@ -292,16 +312,12 @@ impl Component for Ticker {
                 }
             }
         });
-        if let Some(old) = self.task.lock().replace(task) {
-            old.abort();
-        }
+        self.task.keep(task);
         Ok(())
     }
 
     async fn stop(&self) -> Result<(), String> {
-        if let Some(task) = self.task.lock().take() {
-            task.abort();
-        }
+        self.task.end();
         Ok(())
     }
 }

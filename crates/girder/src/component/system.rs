@@ -59,7 +59,7 @@ impl ComponentSystem {
     /// fails, the ones started are stopped again and its error returned), the singletons
     /// whenever this node holds them. Adds the cluster watch (a singleton).
     pub async fn start(node: &crate::Node, components: Components) -> Result<ComponentSystem, ComponentError> {
-        let watch = Arc::new(Watch { placement: node.placement(), task: parking_lot::Mutex::new(None) });
+        let watch = Arc::new(Watch { placement: node.placement(), task: super::TaskSlot::default() });
         let order = components.with(watch).ordered()?;
         let (every, singletons): (Vec<_>, Vec<_>) =
             order.into_iter().partition(|c| c.placement() == Placement::EveryNode);

@@ -19,6 +19,7 @@ mod call;
 mod config;
 mod demo;
 mod ds;
+mod events;
 mod forget;
 mod functions;
 mod map;
@@ -60,6 +61,8 @@ enum Command {
     Store(store::StoreArgs),
     /// Send to a workflow instance, or read its state, through a node.
     Workflow(workflow::WorkflowArgs),
+    /// Print the grid's lifecycle events (nodes joining, leaving, dying; components moving).
+    Events(events::EventsArgs),
     /// Drive the grid's data structures directly: contention and failure drills.
     Ds(ds::DsArgs),
     /// Read and change per-node configuration; running nodes pick it up.
@@ -96,6 +99,7 @@ pub fn main_with(registry: Registry) -> ExitCode {
             Command::Cache(args) => cache::run(args).await,
             Command::Store(args) => store::run(args).await,
             Command::Workflow(args) => workflow::run(args).await,
+            Command::Events(args) => events::run(args).await,
             Command::Ds(args) => ds::run(args).await,
             Command::Config(args) => config::run(args).await,
             Command::Bench(args) => bench::run(registry, args).await,

@@ -127,4 +127,13 @@ fn the_singleton_runs_on_one_node_at_a_time_across_kills_and_restarts_within_its
         assert!(begun.elapsed() < Duration::from_secs(20), "the events do not tell what happened: {all:#?}");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The same from the shell: one JSON object a line.
+    let (_, live) = nodes.iter().find(|(n, _)| *n == fourth).expect("the holder");
+    let out = std::process::Command::new(common::GIRDER).args(["events", "--node", &live.url]).output().unwrap();
+    assert!(out.status.success(), "girder events: {}", common::text(&out.stderr));
+    let lines: Vec<serde_json::Value> =
+        common::text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let moved = lines.iter().filter(|e| e["event"] == "component_moved" && e["component"] == TICKER_KEY).count();
+    assert!(moved >= 3, "girder events printed {} moves of the ticker", moved);
+    assert!(lines.windows(2).all(|w| w[0]["seq"].as_u64() < w[1]["seq"].as_u64()), "events out of order");
 }

@@ -93,9 +93,12 @@ impl Placement {
             // Suspect nodes keep their flocks: only dead ones (reaped) lose them.
             nodes.iter().map(|n| (n.id.clone(), strategy.weight(n))).collect()
         };
+        // The epoch this process has seen: a stored table below it was lost (a statekeeper
+        // that came back empty) and is replaced by one above it, so epochs only grow here.
+        let floor = self.snapshot.read().table.epoch;
         let current = atom.get().await?.unwrap_or_default();
         let (replicas, strategy) = settings(&current);
-        let table = if current.matches(replicas, strategy, &weights(strategy)) {
+        let table = if current.epoch >= floor && current.matches(replicas, strategy, &weights(strategy)) {
             current
         } else {
             // Recomputed from the value being replaced, so a concurrent `configure` or
@@ -104,20 +107,23 @@ impl Placement {
                 let old = old.unwrap_or_default();
                 let (replicas, strategy) = settings(&old);
                 let wanted = weights(strategy);
-                if old.matches(replicas, strategy, &wanted) {
+                if old.epoch >= floor && old.matches(replicas, strategy, &wanted) {
                     old
                 } else {
-                    FlockTable::compute(old.epoch + 1, replicas, strategy, &wanted)
+                    FlockTable::compute(old.epoch.max(floor) + 1, replicas, strategy, &wanted)
                 }
             })
             .await?
         };
-        let table = Arc::new(table);
         let mut snapshot = self.snapshot.write();
-        snapshot.table = table.clone();
+        // Refreshes run at once (heartbeats, the store, seals): one that read an older table
+        // than another already installed keeps the newer. A table's view never goes back.
+        if table.epoch >= snapshot.table.epoch {
+            snapshot.table = Arc::new(table);
+        }
         snapshot.nodes = Arc::new(nodes.into_iter().map(|n| (n.id.clone(), n)).collect());
         snapshot.node_ttl_ms = node_ttl_ms;
-        Ok(table)
+        Ok(snapshot.table.clone())
     }
 
     /// Sets the strategy and replication factor; the next refresh recomputes the table.

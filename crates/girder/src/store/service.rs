@@ -413,17 +413,28 @@ impl StoreNode {
         // What a holder has of the item may still change under an older table until the
         // flock is sealed at this one.
         self.seal(view, vec![key.flock]).await?;
+        // Every holder that may serve it is asked, and the newest copy wins: one holder's
+        // report of readiness may be stale. A write on this node's partial copy alone could
+        // make an older version than the one acknowledged, so with no answer it waits (with no
+        // holder to ask, this node's copy is all there is).
         let mut best = local;
-        for reader in view.readers(key.flock).into_iter().filter(|n| *n != self.id) {
+        let readers: Vec<String> = view.readers(key.flock).into_iter().filter(|n| *n != self.id).collect();
+        let mut answered = readers.is_empty();
+        for reader in readers {
             match self.fetch_one(view, &reader, key).await {
-                Ok(Some((remote, memos))) if best.as_ref().is_none_or(|b| b.version < remote.version) => {
-                    self.merge(key, remote.clone(), memos).await?;
-                    best = Some(remote);
-                    break;
+                Ok(Some((remote, memos))) => {
+                    answered = true;
+                    if best.as_ref().is_none_or(|b| b.version < remote.version) {
+                        self.merge(key, remote.clone(), memos).await?;
+                        best = Some(remote);
+                    }
                 }
-                Ok(_) => break,
+                Ok(None) => answered = true,
                 Err(fault) => tracing::debug!(node = %reader, ?fault, "store: fetch from a holder failed"),
             }
+        }
+        if !answered {
+            return Err(Fault::Unavailable(format!("no holder of flock {} answered for its item", key.flock)));
         }
         Ok(best)
     }

@@ -35,11 +35,14 @@ const FLAG_TOMBSTONE: u8 = 1;
 /// Where the header's own checksum starts: it covers every byte before it.
 const HEADER_CRC_AT: usize = HEADER_LEN - 4;
 
-/// An item's version: ordered by (seq, epoch).
+/// An item's version: ordered by (epoch, seq).
 ///
 /// `seq` is the user-visible version (1 for the first write, +1 per write); `epoch` is the flock
-/// table epoch the primary wrote it under, so of two writes with the same `seq` the later
-/// primary's wins.
+/// table epoch the primary wrote it under. A write of a newer table's primary wins over any
+/// of an older table's: that primary wrote on the newest acknowledged copy it could find
+/// after sealing the flock, while an old primary that had not seen the new table may have
+/// applied writes locally that were never acknowledged, with higher `seq`s. Ordered by `seq`
+/// first, such a write would replace an acknowledged one wherever copies meet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub struct Version {
     /// The item's write count.
@@ -50,7 +53,7 @@ pub struct Version {
 
 impl Ord for Version {
     fn cmp(&self, other: &Self) -> Ordering {
-        (self.seq, self.epoch).cmp(&(other.seq, other.epoch))
+        (self.epoch, self.seq).cmp(&(other.epoch, other.seq))
     }
 }
 
@@ -280,11 +283,12 @@ mod tests {
     }
 
     #[test]
-    fn versions_order_by_seq_then_epoch() {
+    fn versions_order_by_epoch_then_seq() {
         let v = |seq, epoch| Version { seq, epoch };
-        assert!(v(1, 9) < v(2, 0));
-        assert!(v(2, 1) < v(2, 3));
-        assert_eq!(v(2, 3).max(v(2, 1)), v(2, 3));
+        // An old primary's unacknowledged writes (higher seq) lose to the new primary's.
+        assert!(v(9, 1) < v(2, 2));
+        assert!(v(2, 1) < v(3, 1));
+        assert_eq!(v(2, 3).max(v(7, 1)), v(2, 3));
     }
 
     #[test]

@@ -417,7 +417,7 @@ async fn shuffle_load(
 
 /// A node dies mid-shuffle. (With a node joining too, this test found an acknowledged
 /// append missing about one run in five on a loaded machine until versions ordered by
-/// epoch first, and none in 6 runs since: the hand-over gap README names. The join is left
+/// epoch first, and none in 16 runs since: the hand-over gap README names. The join is left
 /// out here until that has held longer.)
 #[test]
 fn a_shuffle_loses_and_repeats_no_acknowledged_append_when_a_node_dies() {

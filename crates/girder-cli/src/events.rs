@@ -2,8 +2,6 @@
 //! JSON object a line (nodes joining, leaving, dying; components starting, stopping,
 //! moving).
 
-use anyhow::{bail, Context};
-
 /// Events asked for at once.
 const PAGE: u64 = 1_000;
 /// How long one request waits for an event while following.
@@ -31,18 +29,9 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
     let wait_ms = if args.follow { FOLLOW_WAIT_MS } else { 0 };
     let mut after = args.after;
     loop {
-        let response = client
-            .get(format!("{base}/v1/events"))
-            .query(&[("after", after), ("limit", PAGE), ("wait_ms", wait_ms)])
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the girder node at {base} (is `girder node` running there?)"))?;
-        let status = response.status();
-        let body: serde_json::Value = response.json().await.context("reading the node's answer")?;
-        if !status.is_success() {
-            let message = body["message"].as_str().map_or_else(|| format!("the node answered {status}"), str::to_owned);
-            bail!("{message}");
-        }
+        let request =
+            client.get(format!("{base}/v1/events")).query(&[("after", after), ("limit", PAGE), ("wait_ms", wait_ms)]);
+        let body = crate::workflow::json_answer(request, &base).await?;
         let events = body["events"].as_array().cloned().unwrap_or_default();
         for event in &events {
             outln!("{event}");

@@ -43,6 +43,21 @@ enum WorkflowOp {
     },
 }
 
+/// Sends `request` to the node at `base`; its JSON answer, or its error message.
+pub(crate) async fn json_answer(request: reqwest::RequestBuilder, base: &str) -> anyhow::Result<serde_json::Value> {
+    let response = request
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the girder node at {base} (is `girder node` running there?)"))?;
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.context("reading the node's answer")?;
+    if !status.is_success() {
+        let message = body["message"].as_str().map_or_else(|| format!("the node answered {status}"), str::to_owned);
+        bail!("{message}");
+    }
+    Ok(body)
+}
+
 pub async fn run(args: WorkflowArgs) -> anyhow::Result<()> {
     let client = args.auth.client(reqwest::Client::builder())?;
     let base = args.node.trim_end_matches('/').to_owned();
@@ -60,16 +75,7 @@ pub async fn run(args: WorkflowArgs) -> anyhow::Result<()> {
             client.get(format!("{base}/v1/workflows/{}", crate::cache::segment(workflow))).query(&[("limit", limit)])
         }
     };
-    let response = request
-        .send()
-        .await
-        .with_context(|| format!("cannot reach the girder node at {base} (is `girder node` running there?)"))?;
-    let status = response.status();
-    let body: serde_json::Value = response.json().await.context("reading the node's answer")?;
-    if !status.is_success() {
-        let message = body["message"].as_str().map_or_else(|| format!("the node answered {status}"), str::to_owned);
-        bail!("{message}");
-    }
+    let body = json_answer(request, &base).await?;
     let out = match args.op {
         WorkflowOp::Send { .. } => body["seq"].to_string(),
         WorkflowOp::Get { .. } => serde_json::to_string_pretty(&body)?,
